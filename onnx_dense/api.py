@@ -1,0 +1,57 @@
+"""Python API mirroring the command line: rewrite, verify, inspect."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import onnx
+import onnx_ir as ir
+
+from onnx_dense import model_io
+from onnx_dense.pipeline import RewriteOptions, densify
+
+
+def rewrite_model(
+    model: ir.Model | onnx.ModelProto,
+    *,
+    output_stride: int | Sequence[int] | None = None,
+    from_node: str | None = None,
+    outputs: Sequence[str] | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+) -> ir.Model:
+    """Return the dense equivalent of ``model`` (an onnx-ir Model is modified in place)."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    options = RewriteOptions(
+        output_stride=output_stride if output_stride is None or isinstance(output_stride, int) else tuple(output_stride),
+        from_node=from_node,
+        outputs=outputs,
+        input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
+    )
+    return densify(model, options)
+
+
+def rewrite(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    **kwargs,
+) -> ir.Model:
+    """Read ``src``, write its dense equivalent to ``dst`` atomically, return the dense model."""
+    model = model_io.load(src)
+    options = dict(kwargs)
+    result = rewrite_model(model, **options)
+    model_io.save(result, dst, inputs=(src,))
+    return result
+
+
+def verify(original, dense, **kwargs):
+    from onnx_dense.equivalence import verify as _verify
+
+    return _verify(original, dense, **kwargs)
+
+
+def inspect_model(model, **kwargs):
+    from onnx_dense.inspection import inspect_model as _inspect
+
+    return _inspect(model, **kwargs)

@@ -1,0 +1,370 @@
+"""Prove a dense model equivalent to its original, output by output.
+
+polygraphy compares outputs of equal shape; a dense output is a superset of the original's
+(sampled every eST positions it *is* the original), and its other phases are the original
+applied to shifted inputs. Neither fits polygraphy's comparator, which is why this exists.
+
+Checks, each a :class:`Comparison` in a :class:`Report` that is truthy when all pass:
+
+* ``subgrid``: dense output sampled every eST positions vs the original output, at the
+  static input size, on the same inputs.
+* ``phase a``: (``phases=True``) dense positions eST*o + a vs the original run on the input
+  cropped by a * (dense grid stride) at the top/left, at the positions whose receptive field
+  does not reach the cropped input's new border (there zero padding differs by design).
+* ``weights``: every weight of the original is in the dense model with the same name,
+  shape and values (what makes dpoa export possible).
+* ``any size``: the dense model also runs at a larger input.
+
+Tolerance: an output passes when max|dense - original| <= atol + rtol * max|original|
+(error relative to the output's scale; per-element relative error is meaningless where the
+original crosses zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from onnx_dense import metadata
+from onnx_dense.errors import DenseError
+from onnx_dense.runtime.session import OrtRunner
+
+DEFAULT_RTOL = 1e-5
+DEFAULT_ATOL = 1e-6
+
+
+@dataclasses.dataclass
+class Comparison:
+    output: str
+    check: str  # "subgrid", "phase 1,0", "weights", "any size"
+    passed: bool
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float = 0.0  # max_abs / max|original|
+    scale: float = 0.0
+    compared: int = 0  # number of values compared
+    worst: tuple[int, ...] | None = None  # index of the largest difference (original's indexing)
+    tolerance: float = 0.0
+    note: str = ""
+
+    def line(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        if self.compared:
+            where = f" at {list(self.worst)}" if self.worst is not None else ""
+            return (
+                f"{status}  {self.output:<24} {self.check:<12} max abs {self.max_abs:.3e}{where}  mean abs "
+                f"{self.mean_abs:.3e}  max rel {self.max_rel:.3e}  tol {self.tolerance:.3e}  ({self.compared} values)"
+                + (f"  {self.note}" if self.note else "")
+            )
+        return f"{status}  {self.output:<24} {self.check:<12} {self.note}"
+
+
+@dataclasses.dataclass
+class Report:
+    comparisons: list[Comparison]
+    rtol: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def text(self) -> str:
+        lines = [c.line() for c in self.comparisons]
+        n_fail = sum(not c.passed for c in self.comparisons)
+        lines.append(
+            f"{'PASSED' if self.passed else 'FAILED'}: {len(self.comparisons) - n_fail} of {len(self.comparisons)} checks "
+            f"passed (rtol {self.rtol:g}, atol {self.atol:g})"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "passed": self.passed,
+                "rtol": self.rtol,
+                "atol": self.atol,
+                "checks": [dataclasses.asdict(c) for c in self.comparisons],
+            },
+            indent=2,
+        )
+
+
+def _load_proto(model, what: str) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if hasattr(model, "graph") and hasattr(model, "opset_imports"):  # onnx-ir Model
+        import onnx_ir as ir
+
+        return ir.serde.serialize_model(model)
+    from onnx_dense import model_io
+
+    ir_model = model_io.load(model)  # clear errors for bad files
+    del ir_model
+    return onnx.load(str(model))
+
+
+def make_inputs(
+    proto: onnx.ModelProto, info: metadata.DenseInfo, seed: int = 0, sizes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs at the size the rewrite was computed at."""
+    rng = np.random.default_rng(seed)
+    initializers = {i.name for i in proto.graph.initializer}
+    feeds = {}
+    for vi in proto.graph.input:
+        if vi.name in initializers:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if sizes and vi.name in sizes:
+            dims = list(sizes[vi.name])
+        entry = info.inputs.get(vi.name)
+        if entry is not None:
+            for a, s in zip(entry.spatial_axes, entry.size):
+                if dims[a] is None:
+                    dims[a] = s
+        dims = [1 if d is None else d for d in dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[vi.name] = rng.integers(0, 10, dims).astype(dtype)
+    return feeds
+
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise DenseError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise DenseError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _with_outputs(proto: onnx.ModelProto, names: Iterable[str], dense: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose outputs include ``names`` (cut points of the dense model)."""
+    present = {o.name for o in proto.graph.output}
+    missing = [n for n in names if n not in present]
+    if not missing:
+        return proto
+    produced = {o for node in proto.graph.node for o in node.output}
+    dense_types = {o.name: o.type.tensor_type.elem_type for o in dense.graph.output}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for name in missing:
+        if name not in produced:
+            raise DenseError(f"dense output '{name}' is not a tensor of the original model; are these two models a pair?")
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, dense_types.get(name, 1), None))
+    return copy
+
+
+def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelProto:
+    """A copy of the original whose spatial input dims are symbolic (for shifted inputs)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.value_info[:]
+    for vi in copy.graph.input:
+        entry = info.inputs.get(vi.name)
+        if entry is None:
+            continue
+        for a in entry.spatial_axes:
+            dim = vi.type.tensor_type.shape.dim[a]
+            dim.Clear()
+            dim.dim_param = f"{vi.name}_s{a}"
+    return copy
+
+
+def compare(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float, output: str, check: str) -> Comparison:
+    if expected.shape != actual.shape:
+        return Comparison(
+            output, check, False, note=f"shape mismatch: original {list(expected.shape)}, dense sampled {list(actual.shape)}"
+        )
+    expected = expected.astype(np.float64)
+    actual = actual.astype(np.float64)
+    diff = np.abs(expected - actual)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    tolerance = atol + rtol * scale
+    if not np.all(np.isfinite(actual)) and not np.array_equal(np.isfinite(actual), np.isfinite(expected)):
+        return Comparison(output, check, False, note="non-finite values in the dense output where the original has none")
+    diff = np.where(np.isfinite(diff), diff, 0.0)
+    worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)) if diff.size else None
+    max_abs = float(diff.max()) if diff.size else 0.0
+    return Comparison(
+        output, check, max_abs <= tolerance, max_abs=max_abs, mean_abs=float(diff.mean()) if diff.size else 0.0,
+        max_rel=max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf), scale=scale,
+        compared=int(diff.size), worst=worst, tolerance=tolerance,
+    )
+
+
+def subgrid(dense: np.ndarray, out: metadata.DenseOutput, phase: tuple[int, ...] | None = None) -> np.ndarray:
+    """Dense output sampled every eST positions (starting at ``phase``) on its spatial axes."""
+    index: list[slice] = [slice(None)] * dense.ndim
+    for k, a in enumerate(out.spatial_axes):
+        index[a] = slice(phase[k] if phase else 0, None, out.est[k])
+    sampled = dense[tuple(index)]
+    if out.inserted:
+        if any(sampled.shape[a] != 1 for a in out.spatial_axes):
+            return sampled  # shape check fails and says so
+        sampled = np.squeeze(sampled, axis=tuple(out.spatial_axes))
+    return sampled
+
+
+def verify(
+    original,
+    dense,
+    *,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    seed: int = 0,
+    phases: bool = False,
+    max_phases: int = 64,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    provider: str = "cpu",
+    optimize: bool = False,
+) -> Report:
+    """Compare ``dense`` against ``original`` (paths, ModelProtos or onnx-ir Models)."""
+    orig = _load_proto(original, "original")
+    dens = _load_proto(dense, "dense")
+    info = metadata.read(dens)
+    if info is None:
+        raise DenseError("the dense model has no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
+    if inputs is None:
+        feeds = make_inputs(orig, info, seed)
+    elif isinstance(inputs, Mapping):
+        feeds = dict(inputs)
+    else:
+        feeds = load_inputs(inputs)
+    names = [o.name for o in dens.graph.output]
+    comparisons: list[Comparison] = []
+    with OrtRunner(_with_outputs(orig, names, dens), provider=provider, optimize=optimize) as run_orig:
+        missing = [n for n in run_orig.input_names if n not in feeds]
+        if missing:
+            raise DenseError(f"inputs file lacks model input(s) {', '.join(missing)}")
+        expected = run_orig({k: feeds[k] for k in run_orig.input_names}, names)
+    with OrtRunner(dens, provider=provider, optimize=optimize) as run_dense:
+        got = run_dense({k: feeds[k] for k in run_dense.input_names})
+        for name in names:
+            out = info.outputs.get(name)
+            if out is None:
+                comparisons.append(compare(expected[name], got[name], rtol, atol, name, "same"))
+                continue
+            comparisons.append(compare(expected[name], subgrid(got[name], out), rtol, atol, name, "subgrid"))
+        comparisons.append(_check_weights(orig, dens))
+        comparisons.append(_check_any_size(run_dense, feeds, info))
+        if phases:
+            comparisons.extend(_check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize))
+    return Report(comparisons, rtol, atol)
+
+
+def _check_weights(orig: onnx.ModelProto, dens: onnx.ModelProto) -> Comparison:
+    dense_inits = {i.name: i for i in dens.graph.initializer}
+    used = {name for node in orig.graph.node for name in node.input}
+    bad, n = [], 0
+    for init in orig.graph.initializer:
+        if init.name not in used or not _is_weight(init):
+            continue
+        n += 1
+        other = dense_inits.get(init.name)
+        if other is None or list(other.dims) != list(init.dims):
+            bad.append(init.name)
+            continue
+        a = onnx.numpy_helper.to_array(init)
+        b = onnx.numpy_helper.to_array(other)
+        if not np.array_equal(a, b):
+            bad.append(init.name)
+    if bad:
+        return Comparison("(weights)", "weights", False, note=f"{len(bad)} of {n} differ or are missing: {', '.join(bad[:5])}")
+    return Comparison("(weights)", "weights", True, note=f"{n} weights shared by name, shape and value")
+
+
+def _is_weight(init: onnx.TensorProto) -> bool:
+    return init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _check_any_size(run_dense: OrtRunner, feeds, info: metadata.DenseInfo) -> Comparison:
+    bigger = {}
+    for name, x in feeds.items():
+        entry = info.inputs.get(name)
+        if entry is None:
+            bigger[name] = x
+            continue
+        pad = [(0, 0)] * x.ndim
+        for a in entry.spatial_axes:
+            pad[a] = (0, max(3, x.shape[a] // 4))
+        bigger[name] = np.pad(x, pad, mode="reflect" if all(x.shape[a] > p[1] for a, p in enumerate(pad)) else "edge")
+    try:
+        outs = run_dense(bigger)
+    except DenseError as exc:
+        return Comparison("(model)", "any size", False, note=f"dense model fails on a larger input: {exc}")
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outs.items())
+    first = next(iter(bigger.values()))
+    return Comparison("(model)", "any size", True, note=f"runs at input {list(first.shape)} -> {shapes}")
+
+
+def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize) -> list[Comparison]:
+    results: list[Comparison] = []
+    checkable = [n for n in names if n in info.outputs and not info.outputs[n].inserted]
+    for n in names:
+        if n in info.outputs and info.outputs[n].inserted:
+            results.append(
+                Comparison(n, "phases", True, note="skipped: classifier head (the original pools or flattens the whole map)")
+            )
+    if not checkable:
+        return results
+    flexible = _with_outputs(_flexible(orig, info), checkable, dens)
+    with OrtRunner(flexible, provider=provider, optimize=optimize) as run_orig:
+        by_input: dict[str, list[str]] = {}
+        for n in checkable:
+            by_input.setdefault(info.outputs[n].input, []).append(n)
+        for input_name, outs in by_input.items():
+            entry = info.inputs[input_name]
+            first = info.outputs[outs[0]]
+            all_phases = [p for p in itertools.product(*(range(e) for e in first.est)) if any(p)]
+            if len(all_phases) > max_phases:
+                rng = np.random.default_rng(0)
+                pick = rng.choice(len(all_phases), size=max_phases, replace=False)
+                all_phases = [all_phases[i] for i in sorted(pick)]
+            for phase in all_phases:
+                shifted = dict(feeds)
+                x = feeds[input_name]
+                index = [slice(None)] * x.ndim
+                for k, a in enumerate(entry.spatial_axes):
+                    index[a] = slice(phase[k] * first.stride[k], None)
+                shifted[input_name] = np.ascontiguousarray(x[tuple(index)])
+                try:
+                    expected = run_orig(shifted, outs)
+                except DenseError as exc:
+                    results.append(
+                        Comparison(outs[0], "phases", True, note=f"skipped: the original does not run at other sizes ({exc})")
+                    )
+                    break
+                for n in outs:
+                    results.append(_compare_phase(n, info.outputs[n], phase, expected[n], got[n], rtol, atol))
+    return results
+
+
+def _compare_phase(name, out: metadata.DenseOutput, phase, expected, dense, rtol, atol) -> Comparison:
+    """Dense phase ``phase`` vs the original on the cropped input, away from the new border."""
+    label = "phase " + ",".join(map(str, phase))
+    sampled = subgrid(dense, out, phase)
+    e_index: list[slice] = [slice(None)] * expected.ndim
+    d_index: list[slice] = [slice(None)] * sampled.ndim
+    for k, a in enumerate(out.spatial_axes):
+        start = math.ceil(-out.rf_start[k] / out.original_stride[k]) if out.rf_start[k] < 0 else 0
+        stop = min(expected.shape[a], sampled.shape[a])
+        if stop <= start:
+            return Comparison(name, label, True, note="no position away from the border at this input size")
+        e_index[a] = slice(start, stop)
+        d_index[a] = slice(start, stop)
+    return compare(expected[tuple(e_index)], sampled[tuple(d_index)], rtol, atol, name, label)

@@ -1,0 +1,90 @@
+"""The dense model's description of itself, stored in ``metadata_props['onnx_dense']``.
+
+It records, per output, what verify and the runtime would otherwise have to recompute from
+the original model: the eST (sample every eST positions to get the original's output), the
+dense grid's stride in input pixels, which axes are spatial, and the receptive field.
+
+Prediction ``i`` of an output along a spatial axis sees input pixels
+``rf_start + i * stride`` .. ``+ rf_size - 1``; its centre is ``rf_start + i*stride + (rf_size-1)/2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+KEY = "onnx_dense"
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOutput:
+    name: str
+    spatial_axes: tuple[int, ...]  # axes of the dense output that are spatial
+    est: tuple[int, ...]
+    stride: tuple[int, ...]  # input pixels between neighbouring dense predictions
+    original_stride: tuple[int, ...]
+    rf_size: tuple[int, ...]
+    rf_start: tuple[int, ...]
+    inserted: bool  # the original output has no spatial axes (a classifier head)
+    input: str
+    size: tuple[int, ...]  # original output size at the static input size
+    dense_size: tuple[int, ...]
+
+    def centres(self, axis: int, count: int) -> list[float]:
+        """Input-pixel centre of each of ``count`` dense predictions along spatial axis ``axis``."""
+        half = (self.rf_size[axis] - 1) / 2
+        return [self.rf_start[axis] + i * self.stride[axis] + half for i in range(count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInput:
+    name: str
+    spatial_axes: tuple[int, ...]
+    size: tuple[int, ...]  # static size the rewrite was computed at
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseInfo:
+    output_stride: tuple[int, ...] | None
+    strategy: str
+    inputs: dict[str, DenseInput]
+    outputs: dict[str, DenseOutput]
+    source: str | None = None
+
+    def to_json(self) -> str:
+        data = {
+            "format": FORMAT,
+            "output_stride": list(self.output_stride) if self.output_stride else None,
+            "strategy": self.strategy,
+            "source": self.source,
+            "inputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.inputs.items()},
+            "outputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.outputs.items()},
+        }
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DenseInfo":
+        data = json.loads(text)
+        inputs = {k: DenseInput(**_tuples(v)) for k, v in data["inputs"].items()}
+        outputs = {k: DenseOutput(**_tuples(v)) for k, v in data["outputs"].items()}
+        stride = tuple(data["output_stride"]) if data.get("output_stride") else None
+        return cls(stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"))
+
+
+def read(model) -> DenseInfo | None:
+    """The DenseInfo of an onnx-ir Model or onnx ModelProto, or None if it is not a dense model."""
+    if hasattr(model, "metadata_props") and isinstance(model.metadata_props, dict):
+        text = model.metadata_props.get(KEY)
+    else:
+        text = next((p.value for p in model.metadata_props if p.key == KEY), None)
+    return DenseInfo.from_json(text) if text else None
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_dense import model_io
-from onnx_dense.pipeline import RewriteOptions, densify
+from onnx_dense.pipeline import RewriteOptions, densify, normalise, reachable_output_strides
 
 
 def rewrite_model(
@@ -30,6 +30,22 @@ def rewrite_model(
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
     )
     return densify(model, options)
+
+
+def output_strides(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
+    *,
+    outputs: Sequence[str] | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+) -> list[tuple[int, ...]]:
+    """The output strides ``rewrite`` accepts for this model (the same on every spatial axis)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = model_io.load(model)
+    elif isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
+    normalise(options)(model)
+    return reachable_output_strides(model)
 
 
 def rewrite(

@@ -1,0 +1,198 @@
+"""Per-layer view of a rewrite before (or without) doing it: `onnx-dense inspect`.
+
+Runs the normalise and analyse steps only, then reads the plans: kernel, stride,
+dilation and pads before and after, eST, receptive field, output size in the original and
+in the dense model, and totals of predictions and FLOPs (multiply-adds count 2; Conv,
+Gemm/MatMul and pooling only) at the static input size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import onnx_ir as ir
+
+from onnx_dense import model_io
+from onnx_dense.grid import GRID, PLAN, Grid, fmt
+from onnx_dense.passes.analyse import ANALYSIS, GlobalPlan, HeadConvPlan, SpatialPlan
+from onnx_dense.pipeline import RewriteOptions, analyse, normalise, resolve_output_stride
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    op: str
+    kernel: str
+    stride: str
+    dilation: str
+    pads: str
+    est: str
+    rf: str
+    size: str
+    dense_size: str
+    flops: int
+    dense_flops: int
+
+
+@dataclasses.dataclass
+class Inspection:
+    output_stride: tuple[int, ...] | None
+    rows: list[Row]
+    outputs: list[dict]
+    flops: int
+    dense_flops: int
+    predictions: int
+    dense_predictions: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def inspect_model(
+    model,
+    *,
+    output_stride=None,
+    from_node: str | None = None,
+    input_shapes: dict | None = None,
+    outputs=None,
+    all_nodes: bool = False,
+) -> Inspection:
+    if not isinstance(model, ir.Model):
+        model = model_io.load(model)
+    options = RewriteOptions(output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes)
+    normalise(options)(model)
+    stride = None
+    if output_stride is not None or from_node is not None:
+        stride = resolve_output_stride(model, options)
+    analysis = analyse(model, stride)
+    rows: list[Row] = []
+    total = dense_total = 0
+    for node in model.graph:
+        plan = node.meta.get(PLAN)
+        out = node.outputs[0].meta.get(GRID) if node.outputs else None
+        inp = node.inputs[0].meta.get(GRID) if node.inputs and node.inputs[0] is not None else None
+        flops, dense_flops = _flops(node, plan, inp, out)
+        total += flops
+        dense_total += dense_flops
+        if plan is None and not all_nodes and not flops:
+            continue
+        rows.append(_row(node, plan, inp, out, flops, dense_flops))
+    outs, preds, dense_preds = [], 0, 0
+    for info in analysis.outputs:
+        g = info.grid
+        if g is None:
+            outs.append({"name": info.name, "spatial": False})
+            continue
+        n, d = math.prod(g.size), math.prod(g.dense_size)
+        preds += n
+        dense_preds += d
+        outs.append(
+            {
+                "name": info.name, "spatial": True, "stride": list(g.stride), "dense_stride": list(g.dense_stride),
+                "est": list(g.est), "rf_size": list(g.rf_size), "size": list(g.size), "dense_size": list(g.dense_size),
+                "predictions": n, "dense_predictions": d,
+            }
+        )
+    return Inspection(analysis.target, rows, outs, total, dense_total, preds, dense_preds)
+
+
+def _row(node: ir.Node, plan, inp: Grid | None, out: Grid | None, flops: int, dense_flops: int) -> Row:
+    def arrow(before, after):
+        return fmt(before) if tuple(before) == tuple(after) else f"{fmt(before)}->{fmt(after)}"
+
+    kernel = stride = dilation = pads = "-"
+    if isinstance(plan, SpatialPlan):
+        p = plan.params
+        kernel = fmt(p.kernel)
+        stride = arrow(p.strides, plan.kept)
+        dilation = arrow(p.dilations, plan.dilations)
+        pads = arrow(p.pads_begin + p.pads_end, plan.pads_begin + plan.pads_end)
+    elif isinstance(plan, GlobalPlan):
+        kernel = f"global->{fmt(plan.kernel)}"
+        dilation = arrow((1,) * len(plan.est), plan.est)
+    elif isinstance(plan, HeadConvPlan):
+        kernel = f"fc->{fmt(tuple(plan.unflat_shape[a] for a in plan.spatial_axes))}"
+        dilation = arrow((1,) * len(plan.est), plan.est)
+    est = "-"
+    if inp is not None and out is not None and inp.axes is not None and out.axes is not None:
+        est = arrow(inp.est, out.est)
+    return Row(
+        name=node.name or "", op=node.op_type, kernel=kernel, stride=stride, dilation=dilation, pads=pads, est=est,
+        rf=fmt(out.rf_size) if out is not None and out.axes is not None else "-",
+        size=fmt(out.size) if out is not None and out.axes is not None else "-",
+        dense_size=fmt(out.dense_size) if out is not None and out.axes is not None else "-",
+        flops=flops, dense_flops=dense_flops,
+    )
+
+
+def _flops(node: ir.Node, plan, inp: Grid | None, out: Grid | None) -> tuple[int, int]:
+    """FLOPs of the original and the dense node at the static size (2 per multiply-add)."""
+    if out is None or out.axes is None:
+        return 0, 0
+    batch = 1
+    shape = node.outputs[0].shape
+    if shape is not None and isinstance(shape.dims[0], int):
+        batch = shape.dims[0]
+    positions, dense_positions = math.prod(out.size), math.prod(out.dense_size)
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1].shape is not None:
+        w = node.inputs[1].shape
+        per = 2 * math.prod(int(d) for d in w.dims)  # Cout * Cin/g * k...
+        if node.op_type == "ConvTranspose" and inp is not None:
+            positions, dense_positions = math.prod(inp.size), math.prod(inp.dense_size)
+        return batch * per * positions, batch * per * dense_positions
+    if node.op_type in ("Gemm", "MatMul") and node.inputs[1] is not None and node.inputs[1].shape is not None:
+        per = 2 * math.prod(int(d) for d in node.inputs[1].shape.dims)
+        if isinstance(plan, HeadConvPlan) or out.inserted:
+            return batch * per, batch * per * dense_positions
+        return batch * per * positions, batch * per * dense_positions
+    if node.op_type in ("MaxPool", "AveragePool", "LpPool") and isinstance(plan, SpatialPlan):
+        channels = _channels(node)
+        per = channels * math.prod(plan.params.kernel)
+        return batch * per * positions, batch * per * dense_positions
+    if isinstance(plan, GlobalPlan) or node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+        channels = _channels(node)
+        per = channels * (math.prod(inp.size) if inp is not None and inp.axes is not None else 1)
+        return batch * per, batch * per * dense_positions
+    return 0, 0
+
+
+def _channels(node: ir.Node) -> int:
+    shape = node.inputs[0].shape
+    if shape is None or len(shape.dims) < 2 or not isinstance(shape.dims[1], int):
+        return 1
+    return int(shape.dims[1])
+
+
+def render(result: Inspection, console=None) -> None:
+    """Print the table and the totals with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    title = "onnx-dense inspect" + (f" (output stride {fmt(result.output_stride)})" if result.output_stride else "")
+    table = Table(title=title, show_lines=False)
+    for col in ("node", "op", "kernel", "stride", "dilation", "pads", "eST", "RF", "size", "dense size", "GFLOPs", "dense"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("GFLOPs", "dense") else "left")
+    for r in result.rows:
+        table.add_row(
+            r.name, r.op, r.kernel, r.stride, r.dilation, r.pads, r.est, r.rf, r.size, r.dense_size,
+            f"{r.flops / 1e9:.3f}", f"{r.dense_flops / 1e9:.3f}",
+        )
+    console.print(table)
+    for o in result.outputs:
+        if not o["spatial"]:
+            console.print(f"output {o['name']}: no spatial axes")
+            continue
+        console.print(
+            f"output {o['name']}: stride {fmt(o['stride'])} -> dense grid stride {fmt(o['dense_stride'])} (eST "
+            f"{fmt(o['est'])}), receptive field {fmt(o['rf_size'])}, predictions {o['predictions']} -> "
+            f"{o['dense_predictions']}"
+        )
+    ratio = result.dense_flops / result.flops if result.flops else float("nan")
+    gain = result.dense_predictions / result.predictions if result.predictions else float("nan")
+    console.print(
+        f"total: {result.flops / 1e9:.3f} GFLOPs -> {result.dense_flops / 1e9:.3f} GFLOPs dense ({ratio:.2f}x) for "
+        f"{result.predictions} -> {result.dense_predictions} predictions ({gain:.1f}x)"
+    )

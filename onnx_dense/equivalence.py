@@ -263,6 +263,9 @@ def verify(
         comparisons.append(_check_weights(orig, dens))
         comparisons.append(_check_any_size(run_dense, feeds, info))
         if phases:
+            if inputs is None:  # random inputs: make them large enough to have an interior
+                feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info))
+                got = run_dense({k: feeds[k] for k in run_dense.input_names})
             comparisons.extend(_check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize))
     return Report(comparisons, rtol, atol)
 
@@ -310,6 +313,30 @@ def _check_any_size(run_dense: OrtRunner, feeds, info: metadata.DenseInfo) -> Co
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outs.items())
     first = next(iter(bigger.values()))
     return Comparison("(model)", "any size", True, note=f"runs at input {list(first.shape)} -> {shapes}")
+
+
+def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo) -> dict[str, tuple[int, ...]]:
+    """Input shapes with room for predictions whose receptive field misses the shifted border.
+
+    The shifted input loses up to eST * dense stride pixels at the top/left and positions within
+    a receptive field of the border are excluded, so each spatial axis grows by the largest
+    receptive field plus a few original strides.
+    """
+    sizes = {}
+    for vi in orig.graph.input:
+        entry = info.inputs.get(vi.name)
+        if entry is None:
+            continue
+        outs = [o for o in info.outputs.values() if o.input == vi.name and not o.inserted]
+        if not outs:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+        for k, a in enumerate(entry.spatial_axes):
+            rf = max(o.rf_size[k] for o in outs)
+            step = max(o.original_stride[k] for o in outs)
+            dims[a] = max(entry.size[k], 2 * rf + 4 * step)
+        sizes[vi.name] = tuple(dims)
+    return sizes
 
 
 def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize) -> list[Comparison]:

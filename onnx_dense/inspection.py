@@ -165,20 +165,32 @@ def _channels(node: ir.Node) -> int:
     return int(shape.dims[1])
 
 
+def _si(value: float) -> str:
+    """FLOPs with an SI prefix: 1.2G, 35.0M, 812k."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
 def render(result: Inspection, console=None) -> None:
-    """Print the table and the totals with rich."""
+    """Print the table and the totals with rich (wide enough not to wrap when piped)."""
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        width = max(shutil.get_terminal_size((160, 24)).columns, 160)
+        console = Console(width=width, soft_wrap=True)
     title = "onnx-dense inspect" + (f" (output stride {fmt(result.output_stride)})" if result.output_stride else "")
     table = Table(title=title, show_lines=False)
-    for col in ("node", "op", "kernel", "stride", "dilation", "pads", "eST", "RF", "size", "dense size", "GFLOPs", "dense"):
-        table.add_column(col, overflow="fold", justify="right" if col in ("GFLOPs", "dense") else "left")
+    for col in ("node", "op", "kernel", "stride", "dilation", "pads", "eST", "RF", "size", "dense size", "FLOPs", "dense"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("FLOPs", "dense") else "left")
     for r in result.rows:
         table.add_row(
             r.name, r.op, r.kernel, r.stride, r.dilation, r.pads, r.est, r.rf, r.size, r.dense_size,
-            f"{r.flops / 1e9:.3f}", f"{r.dense_flops / 1e9:.3f}",
+            _si(r.flops), _si(r.dense_flops),
         )
     console.print(table)
     for o in result.outputs:
@@ -193,6 +205,6 @@ def render(result: Inspection, console=None) -> None:
     ratio = result.dense_flops / result.flops if result.flops else float("nan")
     gain = result.dense_predictions / result.predictions if result.predictions else float("nan")
     console.print(
-        f"total: {result.flops / 1e9:.3f} GFLOPs -> {result.dense_flops / 1e9:.3f} GFLOPs dense ({ratio:.2f}x) for "
+        f"total: {_si(result.flops)}FLOPs -> {_si(result.dense_flops)}FLOPs dense ({ratio:.2f}x) for "
         f"{result.predictions} -> {result.dense_predictions} predictions ({gain:.1f}x)"
     )

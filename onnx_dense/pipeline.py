@@ -21,6 +21,7 @@ from onnx_dense.passes.densify_heads import DensifyFlattens, DensifyFullyConnect
 from onnx_dense.passes.densify_pads import DensifyPadsAndSlices
 from onnx_dense.passes.densify_reshapes import DensifyReshapes
 from onnx_dense.passes.densify_windows import DensifyWindows
+from onnx_dense.passes.fold_constants import FoldShapeArithmetic
 from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
 from onnx_dense.passes.finalise import CheckModel, DynamicSpatialDims, RecordDenseMetadata, RestoreOutputLayout
 from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputShapes
@@ -42,10 +43,24 @@ def normalise(options: RewriteOptions) -> Sequential:
         CutAtOutputs(list(options.outputs or [])),
         SetStaticInputShapes(options.input_shapes),
         InferStaticShapes(),
+        FoldShapeArithmeticToFixpoint(),
         ExplicitAutoPad(),
         ExplicitCeilMode(),
         InferStaticShapes(),
     )
+
+
+class FoldShapeArithmeticToFixpoint(ir.passes.InPlacePass):
+    """Folding reveals shapes, and shapes let more fold (an If behind a computed Pad)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for _ in range(8):
+            if not FoldShapeArithmetic()(model).modified:
+                break
+            InferStaticShapes()(model)
+            modified = True
+        return ir.passes.PassResult(model, modified)
 
 
 def rewrite() -> Sequential:

@@ -42,6 +42,7 @@ import onnx_ir as ir
 from onnx_dense.errors import DenseError, UnsupportedNodeError, node_label
 from onnx_dense.grid import GRID, PLAN, Grid, fmt, merge_rf, split_stride, trivial_grid
 from onnx_dense.passes import _ir
+from onnx_dense.passes.fold_constants import ASSUMED_DIMS
 
 ANALYSIS = "onnx_dense.analysis"
 DENSE_SHAPE = "onnx_dense.dense_shape"  # Value.meta flag: computed from the shape of a dense tensor
@@ -263,6 +264,7 @@ class _Analyser:
             self.visit(node)
         outputs = [self.check_output(v) for v in self.graph.outputs]
         self.check_globals()
+        self.check_assumed_dims()
         return Analysis(self.target_or_none(), outputs, dict(self.input_axes), set(self.context_globals))
 
     def visit(self, node: ir.Node) -> None:
@@ -457,6 +459,8 @@ class _Analyser:
         n = len(params.kernel)
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
             raise UnsupportedNodeError(node, "auto_pad left after normalisation", "report this as a bug")
+        if g.axes is not None and g.rank < n:
+            return self.window_beyond_grid(node, g, params)
         g = self.establish(node, g, x, n)
         if node.op_type == "ConvTranspose":
             return [self.conv_transpose(node, g, params)]
@@ -471,8 +475,15 @@ class _Analyser:
             kept = tuple(
                 split_stride(s, d, r, e) for s, d, r, e in zip(params.strides, g.dense_stride, target, g.est)
             )
-        plan = SpatialPlan(params, g.est, kept)
-        node.meta[PLAN] = plan
+        node.meta[PLAN] = SpatialPlan(params, g.est, kept)
+        out = self.window_grid(node, g, params, kept)
+        results = [out]
+        if len(node.outputs) > 1:
+            results.append(None)
+        return results
+
+    def window_grid(self, node: ir.Node, g: Grid, params: _ir.WindowParams, kept: tuple[int, ...]) -> Grid:
+        """The grid after a window whose axes are exactly the grid's (``params`` in grid order)."""
         est = tuple(e * s // k for e, s, k in zip(g.est, params.strides, kept))
         stride = tuple(S * s for S, s in zip(g.stride, params.strides))
         rf_size = tuple(r + (ek - 1) * S for r, ek, S in zip(g.rf_size, params.effective_kernel, g.stride))
@@ -483,14 +494,48 @@ class _Analyser:
                 g.dense_size, g.est, params.pads_begin, params.pads_end, params.effective_kernel, kept
             )
         )
-        out = g.replace(
+        return g.replace(
             stride=stride, est=est, size=self.out_size(node, g), dense_size=dense_size, rf_size=rf_size,
             rf_start=rf_start, global_from=(),
         )
-        results = [out]
-        if len(node.outputs) > 1:
-            results.append(None)
-        return results
+
+    def window_beyond_grid(self, node: ir.Node, g: Grid, params: _ir.WindowParams):
+        """A window over more axes than the image has, e.g. torch's LocalResponseNorm: an
+        AveragePool3d over (channel, H, W) with kernel (size, 1, 1). Axes that are not image
+        axes keep their window as it is; the image axes follow the usual rule."""
+        if node.op_type not in ("MaxPool", "AveragePool", "LpPool", "Conv"):
+            raise UnsupportedNodeError(node, f"works on {len(params.kernel)} axes but the image has {g.rank}")
+        rank = self.rank_of(node, node.inputs[0])
+        n = len(params.kernel)
+        window_axes = tuple(range(rank - n, rank))
+        if not set(g.axes) <= set(window_axes):
+            raise UnsupportedNodeError(
+                node, f"its window axes {list(window_axes)} do not cover the image axes {list(g.axes)}", "fix the model"
+            )
+        sel = [window_axes.index(a) for a in g.axes]
+
+        def pick(values):
+            return tuple(values[i] for i in sel)
+
+        def spread(values, fill):
+            out = list(fill)
+            for i, v in zip(sel, values):
+                out[i] = v
+            return tuple(out)
+
+        sub = _ir.WindowParams(
+            pick(params.kernel), pick(params.strides), pick(params.dilations), pick(params.pads_begin),
+            pick(params.pads_end),
+        )
+        target = self.target_for(g.rank, node)
+        kept = sub.strides if target is None else tuple(
+            split_stride(s, d, r, e) for s, d, r, e in zip(sub.strides, g.dense_stride, target, g.est)
+        )
+        if node.op_type == "LpPool" and self.opset < 18 and g.is_dense:
+            raise UnsupportedNodeError(node, "LpPool has no dilations before opset 18", "re-export with opset >= 18")
+        node.meta[PLAN] = SpatialPlan(params, spread(g.est, (1,) * n), spread(kept, params.strides))
+        results = [self.window_grid(node, g, sub, kept)]
+        return results + [None] * (len(node.outputs) - 1)
 
     def conv_transpose(self, node: ir.Node, g: Grid, params: _ir.WindowParams) -> Grid:
         if any(s > 1 for s in params.strides):
@@ -749,6 +794,20 @@ class _Analyser:
         if not keepdims:
             out = out.replace(axes=tuple(range(1, n + 1)), inserted=True)
         return out
+
+    def check_assumed_dims(self) -> None:
+        """Branches chosen at normalisation from static dims must not depend on a dense size."""
+        for value, dims, label in self.model.meta.get(ASSUMED_DIMS, []):
+            g = self.grid(value)
+            if g is None or g.axes is None or not g.is_dense:
+                continue
+            spatial = sorted(set(dims) & set(g.axes))
+            if spatial:
+                raise DenseError(
+                    f"node {label}: its branch was chosen from the size of spatial axis {spatial[0]} of '{value.name}', "
+                    f"which the dense model changes (eST {fmt(g.est)}); cut the graph before it with --outputs, "
+                    "or choose an output stride that keeps it at eST 1"
+                )
 
     def check_globals(self) -> None:
         for name, node in self.global_nodes.items():

@@ -1,0 +1,77 @@
+"""The ``onnx-dense`` command: one module per subcommand, one error convention for all.
+
+Exit codes: 0 success; 1 ``verify`` found a difference; 2 bad input (a missing or corrupt
+file, a bad option, a model the rewrite cannot make dense), printed as one line on stderr
+with no traceback; 3 an internal error (a bug in onnx-dense: set ONNX_DENSE_DEBUG=1 for the
+traceback and please report it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from onnx_dense import __version__
+from onnx_dense.cli import inspect_cmd, rewrite_cmd, verify_cmd
+from onnx_dense.errors import DenseError
+
+INTERNAL_ERROR = 3
+
+
+class DenseGroup(click.Group):
+    """Turns DenseError (and any unexpected exception) into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DenseError as exc:
+            click.echo(f"onnx-dense: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except MemoryError:
+            click.echo("onnx-dense: error: out of memory", err=True)
+            ctx.exit(INTERNAL_ERROR)
+        except Exception as exc:  # a bug in onnx-dense, not the user's fault
+            if os.environ.get("ONNX_DENSE_DEBUG"):
+                raise
+            text = (str(exc).strip().splitlines() or [""])[0][:300]
+            click.echo(
+                f"onnx-dense: internal error: {type(exc).__name__}: {text} "
+                "(a bug in onnx-dense; rerun with ONNX_DENSE_DEBUG=1 for the traceback and report it)",
+                err=True,
+            )
+            ctx.exit(INTERNAL_ERROR)
+
+
+@click.group(cls=DenseGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnx-dense")
+def cli() -> None:
+    """Dense (eConv/ePool) equivalents of CNNs exported to ONNX.
+
+    \b
+    onnx-dense rewrite model.onnx dense.onnx --output-stride 8
+    onnx-dense verify  model.onnx dense.onnx --phases
+    onnx-dense inspect model.onnx --output-stride 8
+    """
+
+
+cli.add_command(rewrite_cmd.rewrite)
+cli.add_command(verify_cmd.verify)
+cli.add_command(inspect_cmd.inspect)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code instead of raising SystemExit when called."""
+    try:
+        cli.main(args=argv, prog_name="onnx-dense", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

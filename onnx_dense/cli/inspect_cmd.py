@@ -1,0 +1,51 @@
+"""``onnx-dense inspect MODEL``: the per-layer view of a rewrite, without writing anything."""
+
+from __future__ import annotations
+
+import click
+
+from onnx_dense import api
+from onnx_dense.cli import options
+from onnx_dense.grid import fmt
+
+
+@click.command("inspect")
+@click.argument("model", type=options.model_path)
+@options.output_stride
+@options.from_node
+@options.input_shape
+@options.outputs
+@click.option("--all", "all_nodes", is_flag=True, help="list every node, not only the spatial ones")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def inspect(model, output_stride, from_node, input_shapes, outputs, all_nodes, as_json) -> None:
+    """Show, per spatial node, what the rewrite at an output stride would change.
+
+    Kernel, stride, dilation and pads before and after, eST, receptive field, output size in
+    the original and the dense model, and totals of predictions and FLOPs. Without
+    --output-stride it lists the output strides this model can be rewritten to.
+    """
+    from onnx_dense.inspection import render
+
+    shapes = options.parse_shapes(input_shapes)
+    names = options.parse_names(outputs)
+    result = api.inspect_model(
+        model, output_stride=options.parse_stride(output_stride), from_node=from_node, input_shapes=shapes,
+        outputs=names, all_nodes=all_nodes,
+    )
+    reachable = None
+    if output_stride is None and from_node is None:
+        reachable = api.output_strides(model, outputs=names, input_shapes=shapes)
+    if as_json:
+        import json
+
+        data = json.loads(result.to_json())
+        if reachable is not None:
+            data["reachable_output_strides"] = [list(r) for r in reachable]
+        click.echo(json.dumps(data, indent=2))
+        return
+    render(result)
+    if reachable is not None:
+        click.echo(
+            "reachable output strides: " + (", ".join(fmt(r) for r in reachable) or "none")
+            + " (rewrite with --output-stride R)"
+        )

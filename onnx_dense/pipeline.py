@@ -38,8 +38,24 @@ class RewriteOptions:
     source: str | None = None
 
 
-def normalise(options: RewriteOptions) -> Sequential:
-    return Sequential(
+class Step(Sequential):
+    """A named stage of the pipeline. onnx-ir's Sequential wraps whatever a pass raises in a
+    PassError; the user's one-line DenseError is taken back out of it here."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            return super().call(model)
+        except ir.passes.PassError as exc:
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, DenseError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+def normalise(options: RewriteOptions) -> Step:
+    return Step(
         CutAtOutputs(list(options.outputs or [])),
         SetStaticInputShapes(options.input_shapes),
         InferStaticShapes(),
@@ -63,8 +79,8 @@ class FoldShapeArithmeticToFixpoint(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def rewrite() -> Sequential:
-    return Sequential(
+def rewrite() -> Step:
+    return Step(
         DensifyWindows(),
         DensifyPadsAndSlices(),
         DensifyGlobalPools(),
@@ -75,8 +91,8 @@ def rewrite() -> Sequential:
     )
 
 
-def finalise(options: RewriteOptions) -> Sequential:
-    return Sequential(
+def finalise(options: RewriteOptions) -> Step:
+    return Step(
         RestoreOutputLayout(),
         RecordDenseMetadata(source=options.source),
         RemoveUnusedNodesPass(),

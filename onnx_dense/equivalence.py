@@ -170,9 +170,30 @@ def _with_outputs(proto: onnx.ModelProto, names: Iterable[str], dense: onnx.Mode
 
 
 def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelProto:
-    """A copy of the original whose spatial input dims are symbolic (for shifted inputs)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
+    """The original with its padding fixed as at the static size and symbolic spatial input dims.
+
+    Shifted inputs have other sizes, where ``auto_pad=SAME_*`` and ``ceil_mode`` would pad
+    differently (SAME moves the whole grid). The dense model was built from the original with
+    those pads made explicit at the static size, so that is the reference at every size.
+    """
+    import onnx_ir as ir
+
+    from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
+    from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputShapes
+    from onnx_dense.pipeline import Step
+
+    shapes = {}
+    for vi in proto.graph.input:
+        entry = info.inputs.get(vi.name)
+        if entry is None:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+        for a, size in zip(entry.spatial_axes, entry.size):
+            dims[a] = size
+        shapes[vi.name] = tuple(dims)
+    model = ir.serde.deserialize_model(proto)
+    Step(SetStaticInputShapes(shapes), InferStaticShapes(), ExplicitAutoPad(), ExplicitCeilMode())(model)
+    copy = ir.serde.serialize_model(model)
     del copy.graph.value_info[:]
     for vi in copy.graph.input:
         entry = info.inputs.get(vi.name)
@@ -182,6 +203,8 @@ def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelPro
             dim = vi.type.tensor_type.shape.dim[a]
             dim.Clear()
             dim.dim_param = f"{vi.name}_s{a}"
+    for vi in copy.graph.output:
+        vi.type.tensor_type.ClearField("shape")
     return copy
 
 

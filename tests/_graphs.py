@@ -87,7 +87,7 @@ def feeds_for(model: onnx.ModelProto, seed: int = 1, shapes: dict[str, tuple[int
     out = {}
     for vi in model.graph.input:
         tt = vi.type.tensor_type
-        dims = list((shapes or {}).get(vi.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim])
+        dims = (shapes or {}).get(vi.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         out[vi.name] = rng.standard_normal(dims).astype(dtype)
     return out

@@ -18,11 +18,11 @@ import functools
 import numpy as np
 import onnx
 import pytest
+from onnx_ir.passes import PassError
 
 import onnx_dense
 from tests._graphs import (
     attrs,
-    build,
     check_dense,
     const_value,
     feeds_for,
@@ -51,12 +51,6 @@ def window(model: onnx.ModelProto, name: str) -> tuple[list[int], list[int], lis
     )
 
 
-def producer(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
-    found = [n for n in model.graph.node if output in n.output]
-    assert len(found) == 1, output
-    return found[0]
-
-
 def refuse(model: onnx.ModelProto, *fragments: str, **kwargs) -> str:
     """The rewrite must raise a DenseError whose one-line message holds every fragment."""
     with pytest.raises(onnx_dense.DenseError) as caught:
@@ -79,7 +73,8 @@ CHAIN_SIG = "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2"
 
 @functools.cache
 def _chain3() -> bytes:
-    return graph(CHAIN_SIG + ", float[4,4,3,3] w3", CHAIN + "  [c3] y = Conv <pads=[1,1,1,1]> (r2, w3)").SerializeToString()
+    model = graph(CHAIN_SIG + ", float[4,4,3,3] w3", CHAIN + "  [c3] y = Conv <pads=[1,1,1,1]> (r2, w3)")
+    return model.SerializeToString()
 
 
 def chain3() -> onnx.ModelProto:
@@ -111,7 +106,7 @@ def test_auto_pad_becomes_explicit_pads(op, mode, size):
         else f'[n2] y = {op} <auto_pad="{mode}", kernel_shape=[3,3], strides=[2,2]> (h1)'
     )
     m = graph(
-        f"float[1,2,{size},{size}] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
+        f"float[1,2,{size},{size}] x, float[3,2,3,3] w1" + (", float[3,3,3,3] w2" if op == "Conv" else ""),
         f'[n1] h1 = Conv <auto_pad="{mode}", strides=[2,2]> (x, w1)\n{second}',
     )
     d = rewrite(m, 1)
@@ -123,14 +118,9 @@ def test_auto_pad_becomes_explicit_pads(op, mode, size):
     mid = (size + b1 + e1 - 3) // 2 + 1
     b2, e2 = _same_pads(mid, 3, 2, mode)
     assert window(d, "n1") == ([1, 1], [1, 1], [b1, b1, e1, e1])
-    if op == "AveragePool" and 2 * max(b2, e2) >= 3:
-        return  # pads reach the kernel: an AveragePool-as-Conv (tested below)
-    n2 = next(n for n in d.graph.node if n.op_type == op and n.name.startswith("n2"))
-    if op == "MaxPool" and 2 * max(b2, e2) >= 3:
-        assert ints(n2, "pads", [0] * 4) == [0] * 4
-        assert nodes(d, "Pad")
-        return
-    assert window(d, n2.name) == ([1, 1], [2, 2], [2 * b2, 2 * b2, 2 * e2, 2 * e2])
+    # at eST 2 the scaled pads (<= 2) stay below the kernel (3): n2 keeps its op type
+    assert node(d, "n2").op_type == op
+    assert window(d, "n2") == ([1, 1], [2, 2], [2 * b2, 2 * b2, 2 * e2, 2 * e2])
 
 
 CEIL_CASES = [
@@ -158,6 +148,21 @@ def test_ceil_mode_becomes_end_pads(op, cip, pads):
     d = rewrite(m, 1)
     check_dense(m, d, est=(4, 4))
     assert all(attrs(n).get("ceil_mode", 0) == 0 for n in d.graph.node)
+    # The pool's window (a pool, or a depthwise Conv) plus any Pad node before it pad by
+    # pads*eST at the start and (pads + 1 partial window)*eST at the end, eST 2 here.
+    pool = [
+        n for n in d.graph.node
+        if n.op_type in ("MaxPool", "AveragePool", "Conv") and ints(n, "kernel_shape") == [3, 3]
+        and (n.op_type != "Conv" or attrs(n).get("group", 1) == 3)
+    ]
+    assert len(pool) == 1, [n.name for n in pool]
+    assert ints(pool[0], "dilations") == [2, 2] and ints(pool[0], "strides", [1, 1]) == [1, 1]
+    begin = np.array(ints(pool[0], "pads", [0] * 4)[:2])
+    end = np.array(ints(pool[0], "pads", [0] * 4)[2:])
+    for pad in nodes(d, "Pad"):
+        amounts = const_value(d, pad.input[1])
+        begin, end = begin + amounts[2:4], end + amounts[6:8]
+    assert list(begin) == [2 * pads] * 2 and list(end) == [2 * pads + 2] * 2
     if op == "AveragePool" and cip == 1 and pads:
         # counted pads moved into a -0.0 Pad node, the ceil extra is not counted
         pad_nodes = nodes(d, "Pad")
@@ -170,7 +175,7 @@ def test_ceil_mode_becomes_end_pads(op, cip, pads):
 
 
 def test_input_shape_override_on_dynamic_input():
-    """SetStaticInputShapes: a dynamic input needs --input-shape; with it the rewrite is exact."""
+    """SetStaticInputShapes: --input-shape gives a dynamic input its size (errors: PIPELINE_ERRORS)."""
     m = graph(
         "float[N,2,H,W] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[4,4,3,3] w2b",
         CHAIN + "  [c3] y = Conv <pads=[1,1,1,1]> (r2, w2b)",
@@ -186,7 +191,9 @@ def test_outputs_cut_before_unsupported_head():
     """CutAtOutputs: the named tensors become the outputs, in order; the rest goes."""
     m = graph(
         CHAIN_SIG,
-        CHAIN + '  sc = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()\n  [up] y = Resize <mode="nearest"> (r2, , sc)',
+        CHAIN
+        + '  sc = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()\n'
+        + '  [up] y = Resize <mode="nearest"> (r2, , sc)',
     )
     refuse(m, "'up' (Resize)", output_stride=1)
     d = rewrite(m, 1, outputs=["r2", "r1"])
@@ -221,40 +228,14 @@ PIPELINE_ERRORS = {
 }
 
 
-def _dense_error_in_chain(exc: BaseException) -> onnx_dense.DenseError | None:
-    while exc is not None:
-        if isinstance(exc, onnx_dense.DenseError):
-            return exc
-        exc = exc.__cause__
-    return None
-
-
-@pytest.mark.parametrize("case", list(PIPELINE_ERRORS))
-def test_pipeline_errors_explain_the_problem(case):
-    """The message of errors found by normalise/rewrite passes (whatever wraps them)."""
-    make, kwargs, fragments = PIPELINE_ERRORS[case]
-    with pytest.raises(Exception) as caught:
-        rewrite(make(), output_stride=1, **kwargs)
-    error = _dense_error_in_chain(caught.value)
-    assert error is not None, repr(caught.value)
-    for fragment in fragments:
-        assert fragment in str(error), (fragment, str(error))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: onnx_ir's Sequential wraps a DenseError raised inside a pass (normalise, rewrite, "
-    "finalise) in onnx_ir.passes.PassError, so rewrite_model raises PassError, not DenseError",
-)
 @pytest.mark.parametrize("case", list(PIPELINE_ERRORS))
 def test_pipeline_errors_are_dense_errors(case):
+    """A DenseError raised inside an onnx-ir pass comes out as itself, not as onnx-ir's PassError."""
     make, kwargs, fragments = PIPELINE_ERRORS[case]
     refuse(make(), *fragments, output_stride=1, **kwargs)
 
 
 # ============================================================================ windows
-
-
 
 
 @pytest.mark.parametrize(
@@ -395,6 +376,40 @@ def test_conv_transpose_stride_1_is_dilated():
     assert window(d, "ct") == ([1, 1], [2, 2], [2] * 4)
 
 
+@pytest.mark.parametrize("opset", [17, 20])
+@pytest.mark.parametrize("op", ["AveragePool", "MaxPool"])
+@pytest.mark.parametrize("kernel, pads", [([3, 1, 1], [0, 0, 0]), ([3, 3, 3], [0, 1, 1])])
+def test_window_over_channel_and_image_axes(kernel, pads, op, opset):
+    """torch's LocalResponseNorm: a 3-D pool over (channel, H, W) of the unsqueezed map.
+
+    The channel axis keeps its window; H and W are dilated by eST. The Pad on the channel
+    axis is not scaled.
+    """
+    m = graph(
+        "float[1,2,16,16] x, float[4,2,3,3] w1, float[3,4,3,3] w2",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n"
+        "sq = Mul (h, h)\n"
+        "ax = Constant <value = int64[1] {1}> ()\n"
+        "u = Unsqueeze (sq, ax)\n"
+        "pp = Constant <value = int64[10] {0, 0, 1, 0, 0, 0, 0, 1, 0, 0}> ()\n"
+        "[pd] up = Pad (u, pp)\n"
+        f"[lrn] a = {op} <kernel_shape={kernel}, pads={pads + pads}> (up)\n"
+        "s = Squeeze (a, ax)\n"
+        "[c2] y = Conv <pads=[1,1,1,1]> (s, w2)",
+        opset=opset,
+    )
+    d = rewrite(m, 1)
+    check_dense(m, d, est=(2, 2))
+    assert list(const_value(d, node(d, "pd").input[1])) == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0]
+    window_nodes = [n for n in d.graph.node if n.op_type in (op, "Conv") and n.input[0] == "up"]
+    assert len(window_nodes) == 1 and ints(window_nodes[0], "kernel_shape") == kernel
+    if op == "AveragePool" and opset < 19:
+        assert window_nodes[0].op_type == "Conv"
+    expect_pads = [p * e for p, e in zip(pads, (1, 2, 2))]
+    assert ints(window_nodes[0], "dilations") == [1, 2, 2]
+    assert ints(window_nodes[0], "pads") == expect_pads * 2
+
+
 @pytest.mark.parametrize("first_stride, moved", [(2, False), (4, True)])
 def test_maxpool_pads_reaching_kernel_move_to_pad_node(first_stride, moved):
     """MaxPool k3 p1 at eST 4 (pads 4 >= 3): an explicit Pad with the lowest float."""
@@ -409,7 +424,7 @@ def test_maxpool_pads_reaching_kernel_move_to_pad_node(first_stride, moved):
     e = first_stride
     check_dense(m, d, est=(e, e))
     strides, dil, pads = window(d, "mp")
-    assert dil == [e, e]
+    assert strides == [1, 1] and dil == [e, e]
     pad_nodes = nodes(d, "Pad")
     if moved:
         assert pads == [0] * 4
@@ -548,6 +563,25 @@ def test_flatten_gemm_head_becomes_dilated_conv(stride, est, trans_b, alpha, bet
     assert "fc_w" in {i.name for i in d.graph.initializer}
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_vgg_classifier_head(stride):
+    """Flatten + FC + ReLU + FC + Softmax: the first FC a dilated Conv, the second a MatMul."""
+    m = graph(
+        f"{CHAIN_SIG}, float[8,64] f1, float[8] b1, float[5,8] f2, float[5] b2",
+        CHAIN
+        + "  f = Flatten (r2)\n  [fc1] z = Gemm <transB=1> (f, f1, b1)\n  zr = Relu (z)\n"
+        + "  [fc2] z2 = Gemm <transB=1> (zr, f2, b2)\n  [sm] y = Softmax (z2)",
+    )
+    d = rewrite(m, stride)
+    e = 4 // stride
+    out = check_dense(m, d, est=(e, e))["y"]
+    assert out.shape[:2] == (1, 5)
+    assert not nodes(d, "Gemm") and len(nodes(d, "MatMul")) == 1
+    head = [n for n in nodes(d, "Conv") if ints(n, "kernel_shape") == [4, 4]]
+    assert len(head) == 1 and ints(head[0], "dilations") == [e, e]
+    assert attrs(node(d, "sm"))["axis"] == 3
+
+
 @pytest.mark.parametrize("shape", [[1, -1], [-1, 64], [0, -1]])
 def test_reshape_matmul_head_becomes_dilated_conv(shape):
     m = graph(
@@ -574,18 +608,21 @@ def _reduce(op: str, opset: int, keepdims: int, axes=(2, 3)) -> str:
     return f"  [gp] g = {op} <axes=[{', '.join(map(str, axes))}], keepdims={keepdims}> (r2)\n"
 
 
+FLATTEN_FC = "  f = Flatten (g)\n  [fc] y = Gemm <transB=1> (f, fc_w, fc_b)"
+FC = "  [fc] y = Gemm <transB=1> (g, fc_w, fc_b)"
+# name: (pool kind, body reading r2 at opset o)
 GLOBAL_HEADS = {
-    "gap_flatten_gemm": ("avg", lambda o: "  [gp] g = GlobalAveragePool (r2)\n  f = Flatten (g)\n  [fc] y = Gemm <transB=1> (f, fc_w, fc_b)"),
-    "gmp_flatten_gemm": ("max", lambda o: "  [gp] g = GlobalMaxPool (r2)\n  f = Flatten (g)\n  [fc] y = Gemm <transB=1> (f, fc_w, fc_b)"),
+    "gap_flatten_gemm": ("avg", lambda o: "  [gp] g = GlobalAveragePool (r2)\n" + FLATTEN_FC),
+    "gmp_flatten_gemm": ("max", lambda o: "  [gp] g = GlobalMaxPool (r2)\n" + FLATTEN_FC),
     "gap_output": ("avg", lambda o: "  [gp] y = GlobalAveragePool (r2)"),
-    "reducemean_keepdims1": ("avg", lambda o: _reduce("ReduceMean", o, 1) + "  f = Flatten (g)\n  [fc] y = Gemm <transB=1> (f, fc_w, fc_b)"),
-    "reducemean_keepdims0": ("avg", lambda o: _reduce("ReduceMean", o, 0) + "  [fc] y = Gemm <transB=1> (g, fc_w, fc_b)"),
-    "reducemax_keepdims0": ("max", lambda o: _reduce("ReduceMax", o, 0) + "  [fc] y = Gemm <transB=1> (g, fc_w, fc_b)"),
+    "reducemean_keepdims1": ("avg", lambda o: _reduce("ReduceMean", o, 1) + FLATTEN_FC),
+    "reducemean_keepdims0": ("avg", lambda o: _reduce("ReduceMean", o, 0) + FC),
+    "reducemax_keepdims0": ("max", lambda o: _reduce("ReduceMax", o, 0) + FC),
     "nhwc_reducemean": (
         "avg",
         lambda o: "  [tr] t = Transpose <perm=[0,2,3,1]> (r2)\n"
         + _reduce("ReduceMean", o, 0, (1, 2)).replace("(r2", "(t")
-        + "  [fc] y = Gemm <transB=1> (g, fc_w, fc_b)",
+        + FC,
     ),
 }
 
@@ -665,7 +702,9 @@ POINTWISE = {
     "BatchNormalization": "[op] q = BatchNormalization (h, bn_s, bn_b, bn_mean, bn_var)",
     "LRN": "[op] q = LRN <size=3, alpha=0.1, beta=0.75, bias=1.0> (h)",
     "Relu": "[op] q = Relu (h)",
-    "Clip": "lo = Constant <value = float {-0.5}> ()\nhi = Constant <value = float {0.7}> ()\n[op] q = Clip (h, lo, hi)",
+    "Clip": "lo = Constant <value = float {-0.5}> ()\n"
+    "hi = Constant <value = float {0.7}> ()\n"
+    "[op] q = Clip (h, lo, hi)",
     "HardSwish": "[op] q = HardSwish (h)",
     "PRelu": "[op] q = PRelu (h, slope)",
 }
@@ -741,7 +780,7 @@ def test_channel_shuffle_reshapes_follow_the_dense_size():
 
 
 def test_upsampling_left_alone_at_est_1():
-    """Resize where eST = 1 (the stride removed after it would be... none here): unchanged."""
+    """Upsampling is allowed where eST = 1 (R=4 removes no stride) and refused at eST 2."""
     m = graph(
         CHAIN_SIG + ", float[4,4,3,3] w3",
         CHAIN
@@ -881,17 +920,10 @@ def test_verify_fails_on_a_changed_dilation():
     assert [c.check for c in failed] == ["subgrid"] and failed[0].output == "y"
 
 
-# ============================================================================ known bugs
-# Each is a correct model that the rewrite (or verify) mishandles today; strict xfail so a
-# fix shows up as XPASS and the marker can go.
+# ============================================================================ regressions
+# Each was a correct model that the rewrite (or verify) mishandled; the test came first.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in equivalence.verify(phases=True): the phase check runs the *original* model (with "
-    "auto_pad=SAME_UPPER) on cropped inputs, where SAME pads are recomputed for the new size and shift "
-    "its grid; the dense model is exact against the explicit-pad original",
-)
 def test_verify_phases_of_a_same_upper_model():
     m = graph(
         "float[1,2,12,12] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
@@ -904,12 +936,6 @@ def test_verify_phases_of_a_same_upper_model():
     assert report, report.text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in DensifyWindows._average_as_conv: the depthwise Conv that replaces an AveragePool "
-    "has no shape, so a second AveragePool reading it directly fails require_static (DenseError "
-    "'shape of input ... not known statically', wrapped in PassError)",
-)
 @pytest.mark.parametrize("opset", [13, 17])
 def test_average_pools_back_to_back_below_opset_19(opset):
     m = graph(
@@ -922,11 +948,6 @@ def test_average_pools_back_to_back_below_opset_19(opset):
     check_dense(m, d, est=(4, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in DensifyGlobalPools: reads node.inputs[0].shape.rank(), None when the input is a "
-    "depthwise Conv that replaced an AveragePool (AttributeError wrapped in PassError)",
-)
 def test_global_pool_after_average_pool_below_opset_19():
     m = graph(
         "float[1,2,16,16] x, float[3,2,3,3] w1",
@@ -946,11 +967,6 @@ HEAD_TAILS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in RemapHeadAxes._remap_axes: reads node.inputs[0].shape.rank() of the Gemm's "
-    "replacement (MatMul/Conv + Add), which has no shape (AttributeError wrapped in PassError)",
-)
 @pytest.mark.parametrize("tail", list(HEAD_TAILS))
 def test_slice_or_reduce_after_head_gemm(tail):
     m = graph(
@@ -961,28 +977,18 @@ def test_slice_or_reduce_after_head_gemm(tail):
     check_dense(m, d, est=(4, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in finalise (describe/DynamicSpatialDims): an inserted head output of rank 1 "
-    "(ArgMax keepdims=0 over classes: a label per position) gets spatial axes counted from the "
-    "original rank (IndexError wrapped in PassError)",
-)
 def test_argmax_label_map_head():
     m = graph(
         f"{CHAIN_SIG}, float[8,64] fc_w, float[8] fc_b",
-        CHAIN + "  f = Flatten (r2)\n  [fc] z = Gemm <transB=1> (f, fc_w, fc_b)\n  [am] y = ArgMax <axis=1, keepdims=0> (z)",
+        CHAIN
+        + "  f = Flatten (r2)\n  [fc] z = Gemm <transB=1> (f, fc_w, fc_b)\n"
+        + "  [am] y = ArgMax <axis=1, keepdims=0> (z)",
         outputs="int64 y",
     )
     d = rewrite(m, 1)
     check_dense(m, d, est=(4, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in analyse.spatial: MaxPool indices are refused at eST > 1 only when a node uses them "
-    "(Value.uses() leaves graph outputs out); as a graph output they pass and the dense model returns "
-    "indices into the dense tensor (verify: 'idx same: shape mismatch')",
-)
 def test_maxpool_indices_as_graph_output_refused():
     m = _at_est2("[mpi] y, idx = MaxPool <kernel_shape=[2,2]> (h)", outputs="float y, int64 idx")
     refuse(m, "'mpi' (MaxPool)", "indices", output_stride=1)

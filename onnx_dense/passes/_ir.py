@@ -170,10 +170,17 @@ class Editor:
 
 
 def replace_value(old: ir.Value, new: ir.Value) -> None:
-    """Point every user of ``old`` (graph outputs included, keeping the output's name) at ``new``."""
+    """Point every user of ``old`` (graph outputs included, keeping the output's name) at ``new``.
+
+    ``new`` inherits ``old``'s type and shape when it has none: during the rewrite every value
+    carries the original's shape at the static size (later passes read rank and channels from
+    it); finalise drops the intermediate shapes.
+    """
     graph = old.graph
     if new.type is None and old.type is not None:
         new.type = old.type
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
     if old.is_graph_output() and graph is not None:
         name = old.name
         old.name = None

@@ -466,7 +466,7 @@ class _Analyser:
             return [self.conv_transpose(node, g, params)]
         if node.op_type == "LpPool" and self.opset < 18 and g.is_dense:
             raise UnsupportedNodeError(node, "LpPool has no dilations before opset 18", "re-export with opset >= 18")
-        if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses() and g.is_dense:
+        if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]) and g.is_dense:
             raise UnsupportedNodeError(node, "MaxPool indices of a dense pool index a different tensor")
         target = self.target_for(n, node)
         if target is None:
@@ -1109,6 +1109,11 @@ class _Analyser:
     def model_strides(self, value: ir.Value) -> list[int]:
         g = self.grid(value)
         return strides_along(g)
+
+
+def _used(value: ir.Value) -> bool:
+    """Read by a node or returned by the graph (``Value.uses()`` does not count graph outputs)."""
+    return bool(value.uses()) or value.is_graph_output()
 
 
 def _spatial_preserving_reshape(in_dims, out_dims, axes) -> tuple[ReshapePlan, tuple[int, ...]] | None:

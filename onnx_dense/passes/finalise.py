@@ -79,9 +79,8 @@ def describe(model: ir.Model, strategy: str = "dilate", source: str | None = Non
         g: Grid | None = info.grid
         if g is None or g.axes is None:
             continue
-        if g.inserted:
-            value = next(v for v in model.graph.outputs if v.name == info.name)
-            rank = value.shape.rank() if value.shape is not None else g.rank + 2
+        if g.inserted:  # the original's axes, then the spatial ones (RestoreOutputLayout)
+            rank = (info.shape.rank() if info.shape is not None else 2) + g.rank
             axes = tuple(range(rank - g.rank, rank))
         else:
             axes = g.axes

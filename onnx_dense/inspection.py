@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
-from onnx_dense.passes.analyse import ANALYSIS, GlobalPlan, HeadConvPlan, SpatialPlan
+from onnx_dense.passes.analyse import GlobalPlan, HeadConvPlan, SpatialPlan
 from onnx_dense.pipeline import RewriteOptions, analyse, normalise, resolve_output_stride
 
 

@@ -18,7 +18,6 @@ import functools
 import numpy as np
 import onnx
 import pytest
-from onnx_ir.passes import PassError
 
 import onnx_dense
 from tests._graphs import (

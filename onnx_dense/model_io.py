@@ -1,18 +1,27 @@
 """Loading and saving models so that bad files get one clear line and nothing is half written.
 
-Loading goes through onnx-ir, which memory-maps external weights instead of copying them.
+Loading parses the file through a memory map (``onnx.load`` first reads it into one bytes
+object, then parses a second copy out of it) and hands the proto to onnx-ir, which wraps it
+without copying and memory-maps external weights.
+
 Saving writes to a temporary file beside the destination and renames it into place, so an
 interrupted or failed run never leaves a truncated model, and it refuses to write over the
-input model or the input's external-data file.
+input model or the input's external-data file. A single-file model is streamed: the graph
+without its weights, then each initializer as its own fragment of the graph message
+(protobuf merges repeated occurrences of an embedded message). ``onnx_ir.save`` and
+``onnx.save`` both build the whole serialised model in memory first, three to four times
+the weights at peak (measured in benchmarks/); streaming holds one tensor at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -33,7 +42,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if p.stat().st_size == 0:
         raise DenseError(f"{p}: empty file, expected an ONNX model")
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = _parse(p)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
         raise DenseError(
             f"{p}: not an ONNX model (protobuf could not be parsed: {_first_line(exc)})"
@@ -48,6 +57,17 @@ def load(path: str | os.PathLike) -> ir.Model:
     _check_external_data(model, p)
     model.meta["onnx_dense.path"] = str(p)
     return model
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            proto.ParseFromString(view)
+        finally:
+            view.release()
+    return proto
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -111,7 +131,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.Pat
     os.close(fd)
     try:
         if external is None:
-            ir.save(model, tmp)
+            _save_streaming(model, tmp)
         else:
             ir.save(model, tmp, external_data=external)
         os.replace(tmp, out)
@@ -122,6 +142,74 @@ def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.Pat
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+# Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _save_streaming(model: ir.Model, path: str) -> None:
+    graph = model.graph
+    initializers = list(graph.initializers.values())
+    graph.initializers.clear()
+    try:
+        skeleton = ir.serde.serialize_model(model)
+    finally:
+        for value in initializers:
+            graph.register_initializer(value)
+    with open(path, "wb") as f:
+        f.write(skeleton.SerializeToString())
+        del skeleton
+        for value in initializers:
+            _write_initializer(f, value)
+
+
+def _write_initializer(f, value: ir.Value) -> None:
+    """One ``graph { initializer { ... } }`` fragment; raw tensor bytes written from their buffer."""
+    tensor = value.const_value
+    data = _raw_bytes(tensor)
+    if data is None:  # strings and other odd tensors: the ordinary (copying) serialiser
+        body = ir.serde.serialize_tensor(tensor).SerializeToString()
+        body_len, tail = len(body), b""
+        head = body
+    else:
+        header = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy()))
+        if tensor.doc_string:
+            header.doc_string = tensor.doc_string
+        head = header.SerializeToString() + _tag(_TENSOR_RAW_DATA) + _varint(data.nbytes)
+        body_len, tail = len(head) + data.nbytes, data
+    initializer = _tag(_GRAPH_INITIALIZER) + _varint(body_len)
+    f.write(_tag(_MODEL_GRAPH) + _varint(len(initializer) + body_len) + initializer + head)
+    if data is not None:
+        f.write(tail)
+
+
+def _raw_bytes(tensor) -> memoryview | None:
+    """Little-endian raw bytes of a tensor as ONNX stores them, without a copy where possible."""
+    if tensor.dtype == ir.DataType.STRING:
+        return None
+    if tensor.dtype.bitwidth < 8 or tensor.dtype.bitwidth % 8:
+        return memoryview(tensor.tobytes())  # packed sub-byte types
+    array = tensor.numpy()
+    if array.dtype.byteorder == ">":
+        array = array.byteswap().view(array.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _tag(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -64,8 +64,9 @@ class FoldShapeArithmetic(ir.passes.InPlacePass):
         for v in node.inputs:
             if v is None:
                 continue
-            if v.is_initializer() and v.const_value is not None and v.const_value.dtype in _FLOAT:
-                return False
+            tensor = v.const_value if v.is_initializer() else None
+            if tensor is not None and (tensor.dtype in _FLOAT or tensor.nbytes > _MAX_BYTES):
+                return False  # a weight (or quantised weight): never read, never folded
             array = _ir.const_array(v)
             if array is None:
                 return False

@@ -92,15 +92,20 @@ class InferStaticShapes(ir.passes.InPlacePass):
 
 
 def _light_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as a proto with large initializers turned into typed inputs (no data copied)."""
+    """The model as a proto with large initializers turned into typed inputs (no data copied).
+
+    External-data initializers are always hidden: their location is relative to the model's
+    folder, which neither shape inference nor the checker is told.
+    """
     graph = model.graph
     hidden: list[ir.Value] = []
     n_inputs = len(graph.inputs)
     order = list(graph.initializers.values())
     for value in list(graph.initializers.values()):
         tensor = value.const_value
-        if tensor is None or tensor.nbytes <= _SMALL:
-            continue
+        if tensor is None or (tensor.nbytes <= _SMALL and not isinstance(tensor, ir.ExternalTensor)):
+            continue  # small in-memory constants stay for data propagation; external ones never
+
         value.shape = value.shape or tensor.shape
         value.dtype = value.dtype or tensor.dtype
         hidden.append(value)

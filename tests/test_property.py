@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings, note
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -207,6 +207,8 @@ def layers(draw, n: int, opset: int, channels: int, size: tuple[int, ...], total
     auto_pad = draw(st.sampled_from(["NOTSET"] * 9 + ["SAME_UPPER", "SAME_LOWER", "VALID"]))
     if auto_pad.startswith("SAME"):
         dilations = (1,) * n  # ONNX Runtime: Conv refuses, pools ignore dilation in SAME pads
+        if any(k < s for k, s in zip(kernel, strides)):
+            auto_pad = "NOTSET"  # ONNX Runtime pools: "padding values must be non-negative"
     if op == "Conv":
         pads = tuple(draw(st.integers(0, k)) for k in kernel * 2)
     else:
@@ -228,7 +230,8 @@ def layers(draw, n: int, opset: int, channels: int, size: tuple[int, ...], total
             group, out_channels = 1, draw(st.integers(1, 4))
         fields.update(out_channels=out_channels, group=group, bias=draw(st.booleans()))
     else:
-        fields["ceil_mode"] = int(draw(st.integers(0, 2)) == 0)
+        # ceil_mode with auto_pad: ONNX shape inference and ONNX Runtime disagree (k1 s2 SAME)
+        fields["ceil_mode"] = int(draw(st.integers(0, 2)) == 0 and auto_pad == "NOTSET")
         if op == "AveragePool":
             fields["count_include_pad"] = int(draw(st.booleans()))
     layer = Layer(op, **fields)
@@ -252,13 +255,35 @@ def chains(draw, n, opset, channels, size, total, small, max_len, allow_branch):
     return tuple(blocks), channels, size, total
 
 
-def _shortcut_axis(draw, L: int, out: int, s: int, op: str):
+def _offset(chain, n: int) -> tuple[int, ...]:
+    """Per axis, the A with out(L) = floor((L + A) / S) for every input size L (S: total stride).
+
+    One layer: floor((L + P - ek + s') / s) with s' = s (floor) or 2s - 1 (ceil_mode); SAME
+    is ceil(L / s). Composing floors: A = sum of a_i * (product of the strides before i).
+    """
+    total, offset = [1] * n, [0] * n
+    for layer in chain:
+        pb, pe = _auto_pads(layer, (1,) * n)
+        for i in range(n):
+            k, s, d = layer.kernel[i], layer.strides[i], layer.dilations[i]
+            if layer.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                a = s - 1
+            else:
+                a = pb[i] + pe[i] - (d * (k - 1) + 1) + s + (s - 1 if layer.ceil_mode else 0)
+            offset[i] += a * total[i]
+            total[i] *= s
+    return tuple(offset)
+
+
+def _shortcut_axis(draw, L: int, out: int, s: int, offset: int | None):
     """Kernel, dilation, pads of a stride-``s`` window taking ``L`` positions to ``out``.
 
     Solves L + P - ek = (out - 1) * s + r, 0 <= r < s, for pads P >= 0 and an effective
-    kernel ek >= 1 (k = 1, P = 0: the strided 1x1 downsample of a ResNet shortcut).
+    kernel ek >= 1 (k = 1, P = 0: the strided 1x1 downsample of a ResNet shortcut). With
+    ``offset`` (the other branch's A, see _offset), r = (L + A) mod s makes P - ek = A - s:
+    the two branches then agree at every input size, not only at L.
     """
-    r = draw(st.integers(0, s - 1))
+    r = (L + offset) % s if offset is not None else draw(st.integers(0, s - 1))
     m = L - (out - 1) * s - r
     pads = max(0, 1 - m) + draw(st.sampled_from([0, 0, 1, 2]))
     ek = m + pads
@@ -281,7 +306,10 @@ def branches(draw, n, opset, channels, size, total, small):
         b = ()
         cb = channels
     else:
-        per_axis = [_shortcut_axis(draw, L, o, s, "Conv") for L, o, s in zip(size, sa, stride)]
+        # Branches that agree only at this input size (the floor hides a difference in
+        # padding) hit a known bug; they are generated only with KNOWN_BUGS.
+        offsets = _offset(a, n) if not (KNOWN_BUGS and draw(st.booleans())) else (None,) * n
+        per_axis = [_shortcut_axis(draw, L, o, s, f) for L, o, s, f in zip(size, sa, stride, offsets)]
         kernel = tuple(p[0] for p in per_axis)
         dilations = tuple(p[1] for p in per_axis)
         pads = tuple(p[2] for p in per_axis) + tuple(p[3] for p in per_axis)
@@ -299,6 +327,8 @@ def branches(draw, n, opset, channels, size, total, small):
                 fields["count_include_pad"] = int(draw(st.booleans()))
         b = (Layer(op, **fields),)
         assert out_size(b[0], size) == sa, (b, size, sa)
+        if offsets[0] is not None:
+            assert _offset(b, n) == offsets, (a, b)
     block = Branch(tuple(a), b, join, relu=draw(st.booleans()))
     return block, (ca if join == "Add" else ca + cb), sa, ta
 
@@ -494,7 +524,11 @@ def check(spec: Spec, want: int, phases: bool) -> None:
     assert (1,) in reachable, f"output stride 1 must always be reachable; got {reachable}\n{spec.text()}"
     stride = want if (want,) in reachable else reachable[want % len(reachable)][0]
     if not KNOWN_BUGS:
-        assume(dense_join_mismatch(spec, stride) is None)
+        mismatch = dense_join_mismatch(spec, stride)
+        if mismatch:
+            event("skipped: join operands differ in dense size (known bug)")
+        assume(mismatch is None)
+    event(f"{len(spec.size)}-D, output stride {stride}")
     dense = rewrite_model(original, output_stride=stride)
     report = verify(original, ir.serde.serialize_model(dense), phases=phases)
     assert report, f"output stride {stride} (reachable {reachable}), phases={phases}\n{spec.text()}\n{report.text()}"

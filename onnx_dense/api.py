@@ -19,16 +19,34 @@ def rewrite_model(
     from_node: str | None = None,
     outputs: Sequence[str] | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
+    strategy: str = "dilate",
+    per_phase_global: bool = False,
+    tune: bool = False,
+    provider: str = "cpu",
 ) -> ir.Model:
-    """Return the dense equivalent of ``model`` (an onnx-ir Model is modified in place)."""
-    if isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
+    """Return the dense equivalent of ``model`` (an onnx-ir Model is modified in place).
+
+    ``strategy``: "dilate" (the default here; the CLI defaults to "auto"), "fragments" or
+    "auto"; ``per_phase_global``: dilate SE blocks as per-phase means; ``tune`` (with "auto"):
+    build every strategy the model allows and keep the fastest on ``provider``.
+    """
     options = RewriteOptions(
         output_stride=output_stride if output_stride is None or isinstance(output_stride, int) else tuple(output_stride),
         from_node=from_node,
         outputs=outputs,
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
+        strategy=strategy,
+        per_phase_global=per_phase_global,
     )
+    if tune:
+        from onnx_dense.errors import DenseError
+        from onnx_dense.strategies import rewrite_tuned
+
+        if strategy != "auto":
+            raise DenseError(f"--tune chooses the strategy; it needs --strategy auto, not {strategy}")
+        return rewrite_tuned(model, options, provider=provider)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
     return densify(model, options)
 
 
@@ -37,6 +55,7 @@ def output_strides(
     *,
     outputs: Sequence[str] | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
+    strategy: str = "dilate",
 ) -> list[tuple[int, ...]]:
     """The output strides ``rewrite`` accepts for this model (the same on every spatial axis)."""
     if isinstance(model, (str, os.PathLike)):
@@ -45,7 +64,7 @@ def output_strides(
         model = ir.serde.deserialize_model(model)
     options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
     normalise(options)(model)
-    return reachable_output_strides(model)
+    return reachable_output_strides(model, "fragments" if strategy == "auto" else strategy)
 
 
 def rewrite(

@@ -13,7 +13,11 @@ Checks, each a :class:`Comparison` in a :class:`Report` that is truthy when all 
   does not reach the cropped input's new border (there zero padding differs by design).
 * ``weights``: every weight of the original is in the dense model with the same name,
   shape and values (what makes dpoa export possible).
-* ``any size``: the dense model also runs at a larger input.
+* ``any size``: the dense model also runs at a larger input (skipped when the original does
+  not run at that size either, e.g. an upsampling to a baked size).
+
+A dense model cut with ``--outputs`` is compared with the same part of the original: its
+weights, and its runs, leave out what follows the cut.
 
 Tolerance: an output passes when max|dense - original| <= atol + rtol * max|original|
 (error relative to the output's scale; per-element relative error is meaningless where the
@@ -169,6 +173,48 @@ def _with_outputs(proto: onnx.ModelProto, names: Iterable[str], dense: onnx.Mode
     return copy
 
 
+def _restrict_to_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``proto`` computing exactly ``names``: the part of the original a cut dense model covers.
+
+    A dense model cut with ``--outputs`` lacks the nodes and weights after the cut; its
+    weights are checked against, and its original run as, the same part of the original
+    (whose remainder may not even run at other sizes, e.g. a neck with baked upsampling sizes).
+    """
+    if [o.name for o in proto.graph.output] == list(names):
+        return proto
+    by_name = {o.name: o for o in proto.graph.output}
+    needed = set(names)
+    kept = []
+    for node in reversed(proto.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_reads(node))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.output[:]
+    graph.output.extend(by_name[n] for n in names)
+    listed = {v.name for v in graph.input}  # old exports list weights as inputs too: keep those
+    initializers = [i for i in graph.initializer if i.name in needed or i.name in listed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return copy
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read, outer-scope ones included."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for inner in sub.node:
+                reads.update(i for i in inner.input if i)
+                reads.update(_subgraph_reads(inner))
+    return reads
+
+
 def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelProto:
     """The original with its padding fixed as at the static size and symbolic spatial input dims.
 
@@ -269,8 +315,9 @@ def verify(
     else:
         feeds = load_inputs(inputs)
     names = [o.name for o in dens.graph.output]
+    orig = _restrict_to_outputs(_with_outputs(orig, names, dens), names)
     comparisons: list[Comparison] = []
-    with OrtRunner(_with_outputs(orig, names, dens), provider=provider, optimize=optimize) as run_orig:
+    with OrtRunner(orig, provider=provider, optimize=optimize) as run_orig:
         missing = [n for n in run_orig.input_names if n not in feeds]
         if missing:
             raise DenseError(f"inputs file lacks model input(s) {', '.join(missing)}")
@@ -284,11 +331,15 @@ def verify(
                 continue
             comparisons.append(compare(expected[name], subgrid(got[name], out), rtol, atol, name, "subgrid"))
         comparisons.append(_check_weights(orig, dens))
-        comparisons.append(_check_any_size(run_dense, feeds, info))
+        comparisons.append(_check_any_size(run_dense, feeds, info, orig, provider, optimize))
         if phases:
             if inputs is None:  # random inputs: make them large enough to have an interior
                 feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info))
-                got = run_dense({k: feeds[k] for k in run_dense.input_names})
+                try:
+                    got = run_dense({k: feeds[k] for k in run_dense.input_names})
+                except DenseError:  # e.g. a U-Net, whose skip connections need sizes divisible by 8
+                    feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info, align=True))
+                    got = run_dense({k: feeds[k] for k in run_dense.input_names})
             comparisons.extend(_check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize))
     return Report(comparisons, rtol, atol)
 
@@ -318,7 +369,10 @@ def _is_weight(init: onnx.TensorProto) -> bool:
     return init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
-def _check_any_size(run_dense: OrtRunner, feeds, info: metadata.DenseInfo) -> Comparison:
+def _check_any_size(
+    run_dense: OrtRunner, feeds, info: metadata.DenseInfo, orig: onnx.ModelProto | None = None,
+    provider: str = "cpu", optimize: bool = False,
+) -> Comparison:
     bigger = {}
     for name, x in feeds.items():
         entry = info.inputs.get(name)
@@ -332,18 +386,34 @@ def _check_any_size(run_dense: OrtRunner, feeds, info: metadata.DenseInfo) -> Co
     try:
         outs = run_dense(bigger)
     except DenseError as exc:
+        if orig is not None and not _runs_at(orig, info, bigger, provider, optimize):
+            return Comparison(
+                "(model)", "any size", True,
+                note=f"skipped: the original does not run at input {list(next(iter(bigger.values())).shape)} either",
+            )
         return Comparison("(model)", "any size", False, note=f"dense model fails on a larger input: {exc}")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outs.items())
     first = next(iter(bigger.values()))
     return Comparison("(model)", "any size", True, note=f"runs at input {list(first.shape)} -> {shapes}")
 
 
-def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo) -> dict[str, tuple[int, ...]]:
+def _runs_at(orig: onnx.ModelProto, info: metadata.DenseInfo, feeds, provider: str, optimize: bool) -> bool:
+    """Whether the original itself runs at these (other) input sizes."""
+    try:
+        with OrtRunner(_flexible(orig, info), provider=provider, optimize=optimize) as run:
+            run({k: feeds[k] for k in run.input_names})
+    except DenseError:
+        return False
+    return True
+
+
+def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo, align: bool = False) -> dict[str, tuple[int, ...]]:
     """Input shapes with room for predictions whose receptive field misses the shifted border.
 
     The shifted input loses up to eST * dense stride pixels at the top/left and positions within
     a receptive field of the border are excluded, so each spatial axis grows by the largest
-    receptive field plus a few original strides.
+    receptive field plus a few original strides. ``align``: grow by multiples of the largest
+    power of two dividing the static size instead, for models that only run at such sizes.
     """
     sizes = {}
     for vi in orig.graph.input:
@@ -358,17 +428,29 @@ def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo) -> dict[str, t
             rf = max(o.rf_size[k] for o in outs)
             step = max(o.original_stride[k] for o in outs)
             dims[a] = max(entry.size[k], 2 * rf + 4 * step)
+            if align:
+                q = min(entry.size[k] & -entry.size[k], 256)
+                dims[a] = entry.size[k] + -(-(dims[a] - entry.size[k]) // q) * q
         sizes[vi.name] = tuple(dims)
     return sizes
 
 
 def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize) -> list[Comparison]:
     results: list[Comparison] = []
-    checkable = [n for n in names if n in info.outputs and not info.outputs[n].inserted]
+    checkable = [
+        n for n in names if n in info.outputs and not info.outputs[n].inserted and info.outputs[n].off_grid != "global"
+    ]
     for n in names:
         if n in info.outputs and info.outputs[n].inserted:
             results.append(
                 Comparison(n, "phases", True, note="skipped: classifier head (the original pools or flattens the whole map)")
+            )
+        elif n in info.outputs and info.outputs[n].off_grid == "global":
+            results.append(
+                Comparison(
+                    n, "phases", True, note="skipped: global context in the dense region (an off-grid phase is the "
+                    "original whose first removed-stride node reads a shifted map; no cropped input reproduces it)",
+                )
             )
     if not checkable:
         return results
@@ -379,7 +461,8 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
             by_input.setdefault(info.outputs[n].input, []).append(n)
         for input_name, outs in by_input.items():
             entry = info.inputs[input_name]
-            first = info.outputs[outs[0]]
+            # outputs cut at several strides (a detector's backbone): phases of the densest one
+            first = max((info.outputs[n] for n in outs), key=lambda o: math.prod(o.est))
             all_phases = [p for p in itertools.product(*(range(e) for e in first.est)) if any(p)]
             if len(all_phases) > max_phases:
                 rng = np.random.default_rng(0)
@@ -392,20 +475,51 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
                 for k, a in enumerate(entry.spatial_axes):
                     index[a] = slice(phase[k] * first.stride[k], None)
                 shifted[input_name] = np.ascontiguousarray(x[tuple(index)])
+                end_cropped = False
                 try:
                     expected = run_orig(shifted, outs)
                 except DenseError as exc:
-                    results.append(
-                        Comparison(outs[0], "phases", True, note=f"skipped: the original does not run at other sizes ({exc})")
-                    )
-                    break
+                    # Some originals (a U-Net's skip connections) only run at sizes divisible by
+                    # their total stride: crop the end too, keep the size's power-of-two factor,
+                    # and leave out the positions that see past the new end.
+                    try:
+                        shifted[input_name] = _aligned_crop(x, entry, phase, first)
+                        expected = run_orig(shifted, outs)
+                        end_cropped = True
+                    except DenseError:
+                        results.append(
+                            Comparison(outs[0], "phases", True, note=f"skipped: the original does not run at other sizes ({exc})")
+                        )
+                        break
+                lengths = tuple(shifted[input_name].shape[a] for a in entry.spatial_axes)
                 for n in outs:
-                    results.append(_compare_phase(n, info.outputs[n], phase, expected[n], got[n], rtol, atol))
+                    out = info.outputs[n]
+                    if out.stride != first.stride or any(p >= e for p, e in zip(phase, out.est)):
+                        continue  # a coarser output: this shift is not one of its phases
+                    results.append(_compare_phase(n, out, phase, expected[n], got[n], rtol, atol, lengths, end_cropped))
     return results
 
 
-def _compare_phase(name, out: metadata.DenseOutput, phase, expected, dense, rtol, atol) -> Comparison:
-    """Dense phase ``phase`` vs the original on the cropped input, away from the new border."""
+def _aligned_crop(x: np.ndarray, entry: metadata.DenseInput, phase, out: metadata.DenseOutput) -> np.ndarray:
+    """``x`` shifted by ``phase`` and cut at the end to a size with the same power-of-two factor."""
+    index = [slice(None)] * x.ndim
+    for k, a in enumerate(entry.spatial_axes):
+        size = x.shape[a]
+        q = min(size & -size, 256)
+        shift = phase[k] * out.stride[k]
+        length = size - -(-shift // q) * q
+        if length <= 0:
+            raise DenseError("input too small to crop")
+        index[a] = slice(shift, shift + length)
+    return np.ascontiguousarray(x[tuple(index)])
+
+
+def _compare_phase(
+    name, out: metadata.DenseOutput, phase, expected, dense, rtol, atol, lengths=None, end_cropped=False
+) -> Comparison:
+    """Dense phase ``phase`` vs the original on the cropped input, away from the new border
+    (and, for off_grid "interior" (fragments), from the end border: positions whose receptive
+    field passes the end of the cropped input are left out)."""
     label = "phase " + ",".join(map(str, phase))
     sampled = subgrid(dense, out, phase)
     e_index: list[slice] = [slice(None)] * expected.ndim
@@ -413,6 +527,8 @@ def _compare_phase(name, out: metadata.DenseOutput, phase, expected, dense, rtol
     for k, a in enumerate(out.spatial_axes):
         start = math.ceil(-out.rf_start[k] / out.original_stride[k]) if out.rf_start[k] < 0 else 0
         stop = min(expected.shape[a], sampled.shape[a])
+        if (out.off_grid == "interior" or end_cropped) and lengths is not None:
+            stop = min(stop, (lengths[k] - out.rf_start[k] - out.rf_size[k]) // out.original_stride[k] + 1)
         if stop <= start:
             return Comparison(name, label, True, note="no position away from the border at this input size")
         e_index[a] = slice(start, stop)

@@ -51,6 +51,10 @@ class Grid:
     perm: tuple[int, ...] | None = None
     # For flattened grids: the static shape of the tensor before flattening.
     unflat_shape: tuple[int, ...] | None = None
+    # Before any spatial op: per axis of the source input (its order, not this tensor's), the
+    # input pixel that position 0 shows: -p after a Pad of p (Keras' ZeroPadding2D before the
+    # first Conv). Becomes the receptive field's start once the layout is known.
+    origin: tuple[int, ...] | None = None
 
     @property
     def rank(self) -> int:

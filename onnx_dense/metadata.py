@@ -31,6 +31,13 @@ class DenseOutput:
     input: str
     size: tuple[int, ...]  # original output size at the static input size
     dense_size: tuple[int, ...]
+    # What the off-grid phases equal (verify --phases reads it):
+    # "exact": the original run on the input shifted by phase * stride, away from the start border;
+    # "interior": the same, away from both borders (strategy fragments: exact at the end border
+    #   too when every removed stride divides the map, see passes/fragments.py);
+    # "global": global context (SE, InstanceNorm) in the dense region: phase p is the original
+    #   whose first removed-stride node reads a shifted map; no cropped input reproduces it.
+    off_grid: str = "exact"
 
     def centres(self, axis: int, count: int) -> list[float]:
         """Input-pixel centre of each of ``count`` dense predictions along spatial axis ``axis``."""
@@ -52,6 +59,8 @@ class DenseInfo:
     inputs: dict[str, DenseInput]
     outputs: dict[str, DenseOutput]
     source: str | None = None
+    per_phase_global: bool = False  # strategy dilate: global context as per-phase means
+    tuning: dict[str, Any] | None = None  # --tune: median ms per candidate strategy, provider
 
     def to_json(self) -> str:
         data = {
@@ -62,6 +71,10 @@ class DenseInfo:
             "inputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.inputs.items()},
             "outputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.outputs.items()},
         }
+        if self.per_phase_global:
+            data["per_phase_global"] = True
+        if self.tuning:
+            data["tuning"] = self.tuning
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -70,7 +83,10 @@ class DenseInfo:
         inputs = {k: DenseInput(**_tuples(v)) for k, v in data["inputs"].items()}
         outputs = {k: DenseOutput(**_tuples(v)) for k, v in data["outputs"].items()}
         stride = tuple(data["output_stride"]) if data.get("output_stride") else None
-        return cls(stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"))
+        return cls(
+            stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"),
+            bool(data.get("per_phase_global", False)), data.get("tuning"),
+        )
 
 
 def read(model) -> DenseInfo | None:

@@ -16,6 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from onnx_dense.errors import DenseError
 from onnx_dense.grid import GRID, fmt
 from onnx_dense.passes.analyse import ANALYSIS, AnalyseGrid, Analysis
+from onnx_dense.passes.align_joins import AlignJoins
 from onnx_dense.passes.cut import CutAtOutputs
 from onnx_dense.passes.densify_heads import DensifyFlattens, DensifyFullyConnected, DensifyGlobalPools, RemapHeadAxes
 from onnx_dense.passes.densify_pads import DensifyPadsAndSlices
@@ -24,6 +25,8 @@ from onnx_dense.passes.densify_windows import DensifyWindows
 from onnx_dense.passes.fold_constants import FoldShapeArithmetic
 from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
 from onnx_dense.passes.finalise import CheckModel, DynamicSpatialDims, RecordDenseMetadata, RestoreOutputLayout
+from onnx_dense.passes.fragments import RecordFragmentsMetadata, SplitIntoPhases
+from onnx_dense.passes.phase_global import MarkPerPhaseGlobal, PerPhaseGlobalContext
 from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputShapes
 
 
@@ -36,6 +39,13 @@ class RewriteOptions:
     outputs: Sequence[str] | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
     source: str | None = None
+    # "dilate" (one dilated graph), "fragments" (the original per phase, passes/fragments.py) or
+    # "auto" (dilate where the analysis allows it, else fragments; onnx_dense/strategies.py tunes).
+    strategy: str = "dilate"
+    per_phase_global: bool = False  # dilate: global context as per-phase means (passes/phase_global.py)
+
+
+STRATEGIES = ("auto", "dilate", "fragments")
 
 
 class Step(Sequential):
@@ -79,10 +89,13 @@ class FoldShapeArithmeticToFixpoint(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def rewrite() -> Step:
+def rewrite(options: RewriteOptions | None = None) -> Step:
+    first = [PerPhaseGlobalContext()] if options is not None and options.per_phase_global else []
     return Step(
+        *first,
         DensifyWindows(),
         DensifyPadsAndSlices(),
+        AlignJoins(),
         DensifyGlobalPools(),
         DensifyFlattens(),
         DensifyFullyConnected(),
@@ -91,10 +104,20 @@ def rewrite() -> Step:
     )
 
 
-def finalise(options: RewriteOptions) -> Step:
+def fragments() -> Step:
+    """Strategy "fragments": space-to-batch at removed strides, the original ops, batch-to-space."""
+    return Step(DensifyReshapes(), SplitIntoPhases())
+
+
+def finalise(options: RewriteOptions, strategy: str = "dilate") -> Step:
+    if strategy == "fragments":
+        record = [RecordFragmentsMetadata(source=options.source)]
+    else:
+        record = [RestoreOutputLayout(), RecordDenseMetadata(source=options.source)]
+        if options.per_phase_global:
+            record.append(MarkPerPhaseGlobal())
     return Step(
-        RestoreOutputLayout(),
-        RecordDenseMetadata(source=options.source),
+        *record,
         RemoveUnusedNodesPass(),
         TopologicalSortPass(),
         DynamicSpatialDims(),
@@ -106,21 +129,48 @@ def densify(model: ir.Model, options: RewriteOptions) -> ir.Model:
     """Rewrite ``model`` in place into its dense equivalent and return it."""
     normalise(options)(model)
     stride = resolve_output_stride(model, options)
-    analyse(model, stride)
-    rewrite()(model)
-    finalise(options)(model)
+    strategy = choose_strategy(model, stride, options)
+    if strategy == "fragments":
+        fragments()(model)
+    else:
+        rewrite(options)(model)
+    finalise(options, strategy)(model)
     return model
 
 
-def analyse(model: ir.Model, stride) -> Analysis:
+def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> str:
+    """Analyse for the requested strategy; "auto": dilate where the analysis allows it, else fragments."""
+    if options.strategy not in STRATEGIES:
+        raise DenseError(f"--strategy '{options.strategy}': expected one of {', '.join(STRATEGIES)}")
+    if options.strategy == "fragments" and options.per_phase_global:
+        raise DenseError("--per-phase-global is a form of --strategy dilate; fragments needs no such option")
+    if options.strategy != "auto":
+        analyse(model, stride, options.strategy, options.per_phase_global)
+        return options.strategy
+    try:
+        analyse(model, stride, "dilate", options.per_phase_global)
+        return "dilate"
+    except UnreachableError:
+        raise
+    except DenseError as dilate_error:
+        try:
+            analyse(model, stride, "fragments")
+        except DenseError as exc:
+            if str(exc) == str(dilate_error):
+                raise
+            raise DenseError(f"{exc} (strategy auto; dilate refused too: {dilate_error})") from None
+        return "fragments"
+
+
+def analyse(model: ir.Model, stride, strategy: str = "dilate", per_phase_global: bool = False) -> Analysis:
     """Run the analysis; an unreachable stride gets the list of reachable ones."""
     try:
-        AnalyseGrid(stride)(model)
+        AnalyseGrid(stride, strategy, per_phase_global)(model)
     except UnreachableError:
         raise
     except DenseError as exc:
         if "is not reachable" in str(exc):
-            reachable = reachable_output_strides(model)
+            reachable = reachable_output_strides(model, strategy, per_phase_global)
             text = str(exc).rsplit("reachable output strides:", 1)[0]
             raise UnreachableError(f"{text}reachable output strides: {', '.join(map(fmt, reachable)) or 'none'}") from None
         raise
@@ -137,7 +187,8 @@ def resolve_output_stride(model: ir.Model, options: RewriteOptions):
     if options.from_node is not None:
         return stride_from_node(model, options.from_node)
     if options.output_stride is None:
-        reachable = reachable_output_strides(model)
+        strategy = "dilate" if options.strategy == "dilate" else "fragments"  # auto: the more permissive
+        reachable = reachable_output_strides(model, strategy, options.per_phase_global)
         raise DenseError(
             "give --output-stride R (reachable for this model: "
             f"{', '.join(map(fmt, reachable)) or 'none'}) or --from NODE"
@@ -165,7 +216,9 @@ def stride_from_node(model: ir.Model, name: str) -> tuple[int, ...]:
     return grid.stride
 
 
-def reachable_output_strides(model: ir.Model) -> list[tuple[int, ...]]:
+def reachable_output_strides(
+    model: ir.Model, strategy: str = "dilate", per_phase_global: bool = False
+) -> list[tuple[int, ...]]:
     """Output strides (the same on every spatial axis) for which every output ends on its grid."""
     base = AnalyseGrid(None)
     base(model)
@@ -174,7 +227,7 @@ def reachable_output_strides(model: ir.Model) -> list[tuple[int, ...]]:
     found = []
     for r in range(1, largest + 1):
         try:
-            AnalyseGrid(r)(model)
+            AnalyseGrid(r, strategy, per_phase_global)(model)
         except DenseError:
             continue
         found.append((r,))

@@ -192,16 +192,21 @@ def test_refuses_to_overwrite_input_and_never_modifies_it(net, tmp_path):
 
 
 def test_failed_write_leaves_nothing_behind(net, tmp_path, monkeypatch):
-    import onnx_ir
+    from onnx_dense import model_io
 
-    def broken_save(model, path, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
+    real_write = model_io._write_initializer
+    calls = []
 
-    monkeypatch.setattr(onnx_ir, "save", broken_save)
+    def disk_full_midway(f, value):
+        calls.append(value.name)
+        if len(calls) == 2:  # the graph and one weight are already on disk
+            raise OSError(28, "No space left on device")
+        real_write(f, value)
+
+    monkeypatch.setattr(model_io, "_write_initializer", disk_full_midway)
     code, out, err = run("rewrite", net, tmp_path / "o.onnx", "-r", "2")
     assert_clean_error(code, out, err, "could not write the model", "No space left")
+    assert len(calls) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
 
 

@@ -69,3 +69,15 @@ def test_varint(n):
     from google.protobuf.internal.decoder import _DecodeVarint
 
     assert _DecodeVarint(model_io._varint(n), 0) == (n, len(model_io._varint(n)))
+
+
+def test_saved_model_gets_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    src = tmp_path / "src.onnx"
+    onnx.save(_model(), str(src))
+    model_io.save(model_io.load(src), tmp_path / "out.onnx")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "out.onnx").st_mode) == 0o666 & ~mask

@@ -14,7 +14,9 @@ import sys
 import click
 
 from onnx_dense import __version__
-from onnx_dense.cli import inspect_cmd, rewrite_cmd, verify_cmd
+from onnx_dense.cli import bench_cmd, inspect_cmd, rewrite_cmd, verify_cmd
+from onnx_dense.cli import dpoa_cmd, train_cmd
+from onnx_dense.cli import run_cmd
 from onnx_dense.errors import DenseError
 
 INTERNAL_ERROR = 3
@@ -61,6 +63,10 @@ def cli() -> None:
 cli.add_command(rewrite_cmd.rewrite)
 cli.add_command(verify_cmd.verify)
 cli.add_command(inspect_cmd.inspect)
+cli.add_command(bench_cmd.bench)
+cli.add_command(train_cmd.train)
+cli.add_command(dpoa_cmd.export_dpoa)
+cli.add_command(run_cmd.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,26 @@ from onnx_dense.grid import fmt
 @options.from_node
 @options.input_shape
 @options.outputs
+@click.option(
+    "--strategy", type=click.Choice(["auto", "dilate", "fragments"]), default="auto", show_default=True,
+    help="dilate: one dilated graph; fragments: the original ops per phase on the batch axis (exact for SE blocks, "
+    "InstanceNorm, upsampling); auto: dilate where every node allows it, else fragments",
+)
+@click.option("--per-phase-global", is_flag=True,
+              help="dilate: global context in the dense region (SE blocks) as exact per-phase means")
+@click.option("--tune", is_flag=True, help="with --strategy auto: build every strategy the model allows, keep the fastest")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where --tune measures")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing on success")
-def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, quiet) -> None:
+def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, tune, provider,
+            quiet) -> None:
     """Rewrite the CNN in SRC into its dense equivalent and write it to DST.
 
     Strided Conv/pooling nodes whose input already sits at the requested output stride get
     stride 1; every later window gets dilations and pads multiplied by the equivalent stride
-    (eST). DST sampled every eST positions equals SRC's output. DST is written atomically;
-    SRC is never modified.
+    (eST) (--strategy dilate), or the removed strides' phases run as a batch through the
+    original ops (--strategy fragments). DST sampled every eST positions equals SRC's output.
+    DST is written atomically; SRC is never modified.
     """
     start = time.perf_counter()
     model = api.rewrite(
@@ -34,11 +46,19 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, quiet) ->
         from_node=from_node,
         outputs=options.parse_names(outputs),
         input_shapes=options.parse_shapes(input_shapes),
+        strategy=strategy,
+        per_phase_global=per_phase_global,
+        tune=tune,
+        provider=provider,
     )
     if quiet:
         return
     info = metadata.read(model)
-    click.echo(f"wrote {dst} ({time.perf_counter() - start:.1f} s)")
+    how = info.strategy + (" with per-phase global context" if info.per_phase_global else "")
+    click.echo(f"wrote {dst} ({time.perf_counter() - start:.1f} s, strategy {how})")
+    if info.tuning:
+        times = ", ".join(f"{k} {v:.2f} ms" for k, v in info.tuning["median_ms"].items())
+        click.echo(f"  tuned on {info.tuning['provider']}: {times} (median)")
     for out in info.outputs.values():
         click.echo(
             f"  output '{out.name}': eST {fmt(out.est)}, a prediction every {fmt(out.stride)} input pixels "

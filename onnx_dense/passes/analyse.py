@@ -16,18 +16,34 @@ Rules (per spatial axis; S stride, e eST, D = S/e dense grid stride, R target):
   and pads p*e; afterwards S *= s and e *= s/s'.
 * Pointwise ops (activations, BatchNormalization, LRN, elementwise arithmetic, channel
   Softmax/Concat/Split/Slice/Gather/Reduce) keep the grid; operands must agree on S and e.
-* Pad and Slice on spatial axes scale their amounts by e (constant padding only).
+* Operands of a join (Add, Concat, ...) that agree in the original but not in dense length
+  are cropped to the shortest at the end.
+* Pad and Slice on spatial axes scale their amounts by e (constant padding only). A Pad of
+  the raw input, before any spatial op says which axes are spatial (Keras' ZeroPadding2D
+  before the first Conv), moves the receptive field's start by its begin pads.
 * Global pooling (GlobalAveragePool/GlobalMaxPool, ReduceMean/ReduceMax over all spatial
   axes) in a head becomes a window of the original coarse size, dilated by e. Its result
   broadcast back onto a feature map (squeeze-and-excitation) is global context, which no
-  single dilated tensor reproduces: refused when e > 1, left alone when e = 1.
+  single dilated tensor reproduces: refused when e > 1, left alone when e = 1. The context
+  survives 1x1 windows on the 1x1 map (an SE block's Convs), a keepdims=0 vector given its
+  unit axes back (Reshape((1, 1, C)), Unsqueeze) and a Resize back to the map's size
+  (DeepLab's image pooling, a broadcast).
 * Flatten/Reshape/Squeeze that folds spatial axes: if they are 1x1 in the original the
   dense tensor moves its positions next to the batch axis ("inserted" layout, channels
   last) so Gemm/MatMul/Softmax over features work per position; otherwise the folded
   tensor must reach a Gemm/MatMul, which becomes a Conv with the original spatial size as
   kernel (the paper's fully connected -> convolution).
 * Upsampling (Resize, strided ConvTranspose, DepthToSpace) is allowed only where e = 1.
+* A head vector (N, C) reshaped or unsqueezed to (N, 1, 1, C) or (N, C, 1, 1) is a map
+  again: its dense tensor (N, positions, C) is kept or transposed to match.
 * Every output must end on a dense grid D = min(R, S).
+
+Strategy "fragments" (``AnalyseGrid(R, "fragments")``, lowered by passes/fragments.py): every
+phase runs the original ops, so global context broadcast back, whole-image normalisation,
+non-constant padding, shapes read from dense tensors and upsampling are allowed at e > 1; an
+upsampling by u leaves e/u (or 1 when u is a multiple of e; anything else is refused).
+``per_phase_global`` (dilate): global context broadcast back is allowed at e > 1 and lowered
+by passes/phase_global.py.
 """
 
 from __future__ import annotations
@@ -88,6 +104,14 @@ class GlobalPlan:
     spatial_axes: tuple[int, ...]
     keepdims: bool
     to_channels_last: tuple[int, ...] | None  # Transpose perm when the pooled axes are dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinPlan:
+    """Add/Concat/...: operands of equal original size whose dense maps differ in length are
+    cropped at the end to the shortest (the extra positions exist on one side only)."""
+
+    axes: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,16 +209,28 @@ SHAPE_OF = {"Shape", "Size"}
 class AnalyseGrid(ir.passes.InPlacePass):
     """Compute grids and plans for the requested output stride (None: keep every stride)."""
 
-    def __init__(self, output_stride: int | Sequence[int] | None) -> None:
+    def __init__(
+        self, output_stride: int | Sequence[int] | None, strategy: str = "dilate", per_phase_global: bool = False
+    ) -> None:
         super().__init__()
         self.output_stride = output_stride
+        self.strategy = strategy  # "fragments": the graph runs per phase (passes/fragments.py)
+        self.per_phase_global = per_phase_global  # dilate: SE context as per-phase means (passes/phase_global.py)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        model.meta[ANALYSIS] = _Analyser(model, self.output_stride).run()
+        analyser = _Analyser(model, self.output_stride)
+        analyser.fragments = self.strategy == "fragments"
+        analyser.per_phase_global = self.per_phase_global
+        model.meta[ANALYSIS] = analyser.run()
         return ir.passes.PassResult(model, False)
 
 
 class _Analyser:
+    # Under the "fragments" strategy every phase runs the original ops unchanged, so global
+    # context, upsampling and whole-image normalisation stay exact; see passes/fragments.py.
+    fragments = False
+    per_phase_global = False
+
     def __init__(self, model: ir.Model, output_stride) -> None:
         self.model = model
         self.graph = model.graph
@@ -269,9 +305,11 @@ class _Analyser:
 
     def visit(self, node: ir.Node) -> None:
         grids = [self.grid(v) for v in node.inputs]
+        # Upsampling a dense tensor to a size read from a dense shape: its rule says why not.
+        dense_upsampling = node.op_type in UPSAMPLING and bool(grids) and grids[0] is not None and grids[0].is_dense
         for i, v in enumerate(node.inputs):
             if v is not None and v.meta.get(DENSE_SHAPE) and any(g is not None for g in grids):
-                if not (node.op_type in ("Reshape", "Expand") and i == 1):
+                if not (node.op_type in ("Reshape", "Expand") and i == 1) and not dense_upsampling:
                     raise UnsupportedNodeError(
                         node, f"input '{v.name}' is computed from the shape of a dense tensor, which differs from the original's"
                     )
@@ -282,7 +320,7 @@ class _Analyser:
             return
         if node.op_type in SHAPE_OF:
             g = next(g for g in grids if g is not None)
-            if g.is_dense:
+            if g.is_dense and not self.fragments:  # fragments: every phase has the original's shape
                 node.outputs[0].meta[DENSE_SHAPE] = True
             return
         if node.domain not in ("", "ai.onnx"):
@@ -350,10 +388,24 @@ class _Analyser:
                 )
             self.input_axes[g.source] = source_axes
         size = tuple(int(dims[a]) for a in axes)
+        rf_start = (0,) * n
+        if g.origin is not None and source_axes is not None:
+            rf_start = tuple(g.origin[a] for a in source_axes)
         return Grid(
             axes=axes, stride=(1,) * n, est=(1,) * n, size=size, dense_size=size, rf_size=(1,) * n,
-            rf_start=(0,) * n, source=g.source, source_axes=source_axes,
+            rf_start=rf_start, source=g.source, source_axes=source_axes,
         )
+
+    def shift_origin(self, g: Grid, begin: dict[int, int]) -> Grid:
+        """A zero Pad of a tensor whose layout is not known yet (Keras' ZeroPadding2D before the
+        first Conv): the receptive field starts ``begin`` pixels before the input. A crop of
+        the raw input keeps measuring from the crop, whose edge is where padding begins."""
+        if g.perm is None or not any(b > 0 for b in begin.values()):
+            return g
+        origin = list(g.origin if g.origin is not None else (0,) * len(g.perm))
+        for a, b in begin.items():
+            origin[g.perm[a]] -= max(b, 0)
+        return g.replace(origin=tuple(origin))
 
     def out_size(self, node: ir.Node, g: Grid, index: int = 0) -> tuple[int, ...]:
         dims = _ir.require_static(node.outputs[index], "output", node)
@@ -385,9 +437,10 @@ class _Analyser:
         if not known:
             return first
         for g in grids:
-            if g.axes is None and not all(k.is_trivial for k in known):
+            if g.axes is None and not all(k.is_trivial or _aligned_with_raw(g, k) for k in known):
                 raise UnsupportedNodeError(
-                    node, "combines the raw input with a strided or convolved tensor; their positions do not line up",
+                    node, "combines the raw input with a strided tensor or one in another layout; their positions "
+                    "do not line up",
                 )
         known_sorted = sorted(known, key=lambda g: -math.prod(g.size) if g.size else 0)
         ref = known_sorted[0]
@@ -411,13 +464,14 @@ class _Analyser:
                 if g.size == ref.size:
                     continue
                 if g.global_from and all(s == 1 for s in g.size):
-                    if g.is_dense or ref.is_dense:
+                    if (g.is_dense or ref.is_dense) and not (self.fragments or self.per_phase_global):
                         names = ", ".join(f"'{n}'" for n in g.global_from)
                         raise UnsupportedNodeError(
                             node,
                             f"global context from {names} is broadcast back onto the feature map at eST {fmt(ref.est)} "
                             "(a squeeze-and-excitation block); a dilated network averages windows, not the whole "
                             "image, so this is not equivalent",
+                            "rewrite with --strategy fragments (or --per-phase-global to keep one dilated graph), "
                             "cut before it with --outputs, or choose an output stride that keeps this block at eST 1",
                         )
                     self.context_globals.update(g.global_from)
@@ -427,6 +481,12 @@ class _Analyser:
                 )
         else:
             global_from = tuple(sorted({n for g in known for n in g.global_from}))
+            dense_sizes = {g.dense_size for g in known if not g.inserted}
+            if len(dense_sizes) > 1 and not self.fragments:
+                # Equal in the original, not in the dense model: a shorter kernel or a ceil_mode
+                # window on one side ends its dense map earlier (ResNet-D's average-pool shortcut).
+                node.meta[PLAN] = JoinPlan(ref.axes)
+                ref = ref.replace(dense_size=tuple(min(d[k] for d in dense_sizes) for k in range(ref.rank)))
         rf_size, rf_start = merge_rf(known)
         return ref.replace(rf_size=rf_size, rf_start=rf_start, global_from=global_from)
 
@@ -494,9 +554,13 @@ class _Analyser:
                 g.dense_size, g.est, params.pads_begin, params.pads_end, params.effective_kernel, kept
             )
         )
+        size = self.out_size(node, g)
+        # A window over a 1x1 map of global context (the 1x1 Convs of a squeeze-and-excitation
+        # block) still carries nothing but that context.
+        still_global = g.global_from if all(s == 1 for s in g.size + size) else ()
         return g.replace(
-            stride=stride, est=est, size=self.out_size(node, g), dense_size=dense_size, rf_size=rf_size,
-            rf_start=rf_start, global_from=(),
+            stride=stride, est=est, size=size, dense_size=dense_size, rf_size=rf_size,
+            rf_start=rf_start, global_from=still_global,
         )
 
     def window_beyond_grid(self, node: ir.Node, g: Grid, params: _ir.WindowParams):
@@ -557,12 +621,15 @@ class _Analyser:
         if g.axes is None:
             raise UnsupportedNodeError(node, "upsampling the raw input is not supported", "fix the model")
         self.check_plain(node, g)
-        if g.is_dense:
+        if node.op_type in ("Resize", "Upsample") and g.global_from and all(s == 1 for s in g.size):
+            return [self.broadcast_context(node, g)]
+        if g.is_dense and not self.fragments:
             raise UnsupportedNodeError(
                 node,
                 f"upsamples at eST {fmt(g.est)}: two dense phases would claim the same output position, so there is no "
                 "single-tensor dense equivalent",
-                "cut before it with --outputs, or choose an output stride at which it stays at eST 1",
+                "rewrite with --strategy fragments, cut before it with --outputs, or choose an output stride at which "
+                "it stays at eST 1",
             )
         if node.op_type == "DepthToSpace":
             block = node.attributes.get_int("blocksize", 1)
@@ -581,7 +648,31 @@ class _Analyser:
         # each side (conservative: margins built from it stay exact).
         rf_size = tuple(r + 2 * S for r, S in zip(g.rf_size, g.stride))
         rf_start = tuple(st - S for st, S in zip(g.rf_start, g.stride))
-        return [g.replace(stride=tuple(stride), size=size, dense_size=size, rf_size=rf_size, rf_start=rf_start)]
+        est = g.est
+        if g.is_dense:  # fragments: phases whose shift is now a whole step coincide (passes/fragments.py)
+            est = _upsampled_est(node, g.est, tuple(S // s for S, s in zip(g.stride, stride)))
+        return [
+            g.replace(
+                stride=tuple(stride), est=est, size=size, dense_size=tuple(s * e for s, e in zip(size, est)),
+                rf_size=rf_size, rf_start=rf_start,
+            )
+        ]
+
+    def broadcast_context(self, node: ir.Node, g: Grid) -> Grid:
+        """Resize of a 1x1 map of global context back to a feature map's size (DeepLab's image
+        pooling branch): a broadcast, exact where eST = 1, global context mixed into the map else."""
+        if g.is_dense and not self.fragments:
+            names = ", ".join(f"'{n}'" for n in g.global_from)
+            raise UnsupportedNodeError(
+                node,
+                f"global context from {names} is resized back onto the feature map at eST {fmt(g.est)} (an image "
+                "pooling branch); a dilated network averages windows, not the whole image, so this is not equivalent",
+                "rewrite with --strategy fragments, cut before it with --outputs, or choose an output stride that "
+                "keeps this block at eST 1",
+            )
+        self.context_globals.update(g.global_from)
+        size = self.out_size(node, g)
+        return g.replace(size=size, dense_size=size)
 
     def space_to_depth(self, node: ir.Node, grids):
         g = grids[0]
@@ -648,10 +739,11 @@ class _Analyser:
     def channel_global(self, node: ir.Node, grids):
         g = grids[0]
         self.check_plain(node, g)
-        if g.is_dense:
+        if g.is_dense and not self.fragments:
             raise UnsupportedNodeError(
                 node, f"normalises over the whole image at eST {fmt(g.est)}; a dense tensor mixes phases",
-                "cut before it with --outputs, or choose an output stride that keeps it at eST 1",
+                "rewrite with --strategy fragments, cut before it with --outputs, or choose an output stride that "
+                "keeps it at eST 1",
             )
         return [g] + [None] * (len(node.outputs) - 1)
 
@@ -797,6 +889,8 @@ class _Analyser:
 
     def check_assumed_dims(self) -> None:
         """Branches chosen at normalisation from static dims must not depend on a dense size."""
+        if self.fragments:  # every phase keeps the original's sizes
+            return
         for value, dims, label in self.model.meta.get(ASSUMED_DIMS, []):
             g = self.grid(value)
             if g is None or g.axes is None or not g.is_dense:
@@ -815,11 +909,25 @@ class _Analyser:
             if name in self.context_globals:
                 node.meta.pop(PLAN, None)
                 continue
-            if isinstance(plan, GlobalPlan) and not plan.kind:
+            if isinstance(plan, GlobalPlan) and not plan.kind and not self.fragments:
                 raise UnsupportedNodeError(
                     node, f"{node.op_type} over the whole image has no windowed equivalent in onnx-dense",
                     "cut before it with --outputs",
                 )
+        if self.context_globals:
+            self.keep_context_vectors()
+
+    def keep_context_vectors(self) -> None:
+        """A global op kept as it is (context at eST 1) still yields the original's vector, not
+        a dense head vector: the nodes planned for one downstream of it stay as they are (the
+        Gemm/MatMul, Reshape((1, 1, C)) or Unsqueeze of an SE block built from a keepdims=0 mean)."""
+        for node in self.graph:
+            plan = node.meta.get(PLAN)
+            if not isinstance(plan, (VectorPlan, FlattenPlan)) or not node.inputs:
+                continue
+            g = self.grid(node.inputs[0])
+            if g is not None and g.inserted and not g.is_dense and set(g.global_from) & self.context_globals:
+                node.meta.pop(PLAN)
 
     def arg_reduce(self, node: ir.Node, grids):
         g = grids[0]
@@ -899,6 +1007,9 @@ class _Analyser:
             if len(in_dims) == 2 and len(out_dims) == 2 and same_batch:
                 node.meta[PLAN] = VectorPlan("identity", g.rank)
                 return [g]
+            unfolded = self.unfold(node, g, in_dims, out_dims) if same_batch else None
+            if unfolded is not None:
+                return [unfolded]
             raise UnsupportedNodeError(node, "reshapes a head vector")
         rank = len(in_dims)
         if len(out_dims) == 2 and same_batch and out_dims[1] == math.prod(in_dims[1:]):
@@ -955,6 +1066,11 @@ class _Analyser:
         if g.axes is None:
             return [g.replace(perm=None)]
         if g.inserted:
+            unfolded = None
+            if 0 not in axes:
+                unfolded = self.unfold(node, g, _ir.static_dims(node.inputs[0]), _ir.static_dims(node.outputs[0]))
+            if unfolded is not None:
+                return [unfolded]
             raise UnsupportedNodeError(node, "unsqueezes a head vector")
         self.check_plain(node, g)
         new_axes = []
@@ -962,6 +1078,24 @@ class _Analyser:
         for a in g.axes:
             new_axes.append(kept[a])
         return [g.replace(axes=tuple(new_axes))]
+
+    def unfold(self, node: ir.Node, g: Grid, in_dims, out_dims) -> Grid | None:
+        """A head vector (N, C) given its unit spatial axes back, as (N, 1, 1, C) or (N, C, 1, 1):
+        Keras' GlobalAveragePooling2D + Reshape((1, 1, C)) (EfficientNet's squeeze-and-excitation,
+        DeepLab's image pooling), or Unsqueeze(axes=[2, 3]). The dense tensor, positions after
+        the batch axis, is a map again: as it is (channels last) or transposed (channels first)."""
+        n = g.rank
+        if in_dims is None or out_dims is None or len(in_dims) != 2 or len(out_dims) != 2 + n or in_dims[1] is None:
+            return None
+        c = in_dims[1]
+        if tuple(out_dims[1:]) == (1,) * n + (c,):
+            perm, axes = tuple(range(n + 2)), tuple(range(1, n + 1))
+        elif tuple(out_dims[1:]) == (c,) + (1,) * n:
+            perm, axes = (0, n + 1, *range(1, n + 1)), tuple(range(2, n + 2))
+        else:
+            return None
+        node.meta[PLAN] = FlattenPlan(False, perm, False)
+        return g.replace(axes=axes, inserted=False)
 
     def matmul(self, node: ir.Node, grids):
         a, b = grids[0], grids[1] if len(grids) > 1 else None
@@ -999,29 +1133,34 @@ class _Analyser:
         if any(gr is not None for gr in grids[1:]):
             raise UnsupportedNodeError(node, "image-dependent pads", "fix the model")
         rank = self.rank_of(node, node.inputs[0])
-        if g.axes is None:
-            return [g]
-        self.check_plain(node, g)
+        if g.axes is not None:
+            self.check_plain(node, g)
         if g.inserted:
             raise UnsupportedNodeError(node, "pads a head vector")
         pads = _ir.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if pads is None:
             pads = node.attributes.get_ints("pads")
             if pads is None:
+                if g.axes is None:  # the raw input, padded at run time: nothing to scale
+                    return [g]
                 raise UnsupportedNodeError(node, "pads computed at run time", "fix the model")
         pads = np.asarray(pads).reshape(-1).tolist()
         axes = list(range(rank))
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             arr = _ir.const_array(node.inputs[3])
             if arr is None:
+                if g.axes is None:
+                    return [g]
                 raise UnsupportedNodeError(node, "pad axes computed at run time", "fix the model")
             axes = [_ir.normalise_axis(int(x), rank) for x in arr.reshape(-1)]
         k = len(axes)
         begin = {a: int(pads[i]) for i, a in enumerate(axes)}
         end = {a: int(pads[k + i]) for i, a in enumerate(axes)}
+        if g.axes is None:
+            return [self.shift_origin(g, begin)]
         mode = node.attributes.get_string("mode", "constant")
         spatial_padded = any(begin.get(a, 0) or end.get(a, 0) for a in g.axes)
-        if spatial_padded and g.is_dense and mode != "constant":
+        if spatial_padded and g.is_dense and mode != "constant" and not self.fragments:
             raise UnsupportedNodeError(
                 node, f"'{mode}' padding at eST {fmt(g.est)} copies dense neighbours, not the original's"
             )
@@ -1109,6 +1248,31 @@ class _Analyser:
     def model_strides(self, value: ir.Value) -> list[int]:
         g = self.grid(value)
         return strides_along(g)
+
+
+def _upsampled_est(node: ir.Node, est: tuple[int, ...], factor: tuple[int, ...]) -> tuple[int, ...]:
+    """eST after upsampling by ``factor`` under fragments: the phases of the last removed
+    strides now differ by whole output steps and collapse into one (passes/fragments.py)."""
+    out = []
+    for e, u in zip(est, factor):
+        if e % u == 0:
+            out.append(e // u)
+        elif u % e == 0:
+            out.append(1)
+        else:
+            raise UnsupportedNodeError(
+                node, f"upsamples by {u} at eST {e}: the phases of the removed strides would overlap unevenly",
+                "choose an output stride whose eST here is a multiple or a divisor of the upsampling factor",
+            )
+    return tuple(out)
+
+
+def _aligned_with_raw(raw: Grid, g: Grid) -> bool:
+    """A global residual (x + f(x), VDSR/DnCNN): f kept every position of the input pixel for
+    pixel (stride 1 throughout) and the raw tensor's axes are the same input axes."""
+    if any(s != 1 for s in g.stride) or raw.perm is None or g.source_axes is None or raw.source != g.source:
+        return False
+    return tuple(raw.perm[a] for a in g.axes) == g.source_axes
 
 
 def _used(value: ir.Value) -> bool:

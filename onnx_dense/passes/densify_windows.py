@@ -4,7 +4,7 @@ Rules, for each node with a :class:`SpatialPlan` that changes something:
 
 * strides become the kept strides s'; dilations d*e; pads p*e (e: eST at the node's input).
 * Conv / ConvTranspose: nothing more.
-* MaxPool whose scaled pads reach the kernel size (ORT refuses pads >= kernel, torch
+* MaxPool whose scaled pads (or the end pads ceil_mode became) reach the kernel size (ORT refuses pads >= kernel, torch
   pads > kernel/2): the pads move into a Pad node whose value is the dtype's lowest finite
   number; MaxPool reads unpadded. ORT's Pad_Fusion only folds zero pads, so it stays.
 * AveragePool: at opset >= 19 with legal pads, a dilated AveragePool. Otherwise (no
@@ -39,10 +39,12 @@ class DensifyWindows(ir.passes.InPlacePass):
         modified = False
         for node in list(graph):
             plan = node.meta.get(PLAN)
-            if not isinstance(plan, SpatialPlan) or not plan.changes:
+            if not isinstance(plan, SpatialPlan):
                 continue
-            modified = True
             legal = all(p < k for p, k in zip(plan.pads_begin + plan.pads_end, plan.params.kernel * 2))
+            if not plan.changes and (legal or node.op_type == "Conv"):
+                continue  # pools whose normalised pads reach the kernel are made legal below
+            modified = True
             if node.op_type == "AveragePool" and (opset < 19 or not legal):
                 _average_as_conv(graph, editor, node, plan)
                 continue

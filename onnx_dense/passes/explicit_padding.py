@@ -5,7 +5,8 @@ Rules:
   ``pads`` computed at the static input size (ORT leaves dilation out of SAME pooling pads,
   so SAME cannot survive into a dilated model).
 * ``ceil_mode=1`` pooling becomes ``ceil_mode=0`` with the partial last window added as end
-  padding. Max pooling pads with -inf, so this is exact. Average pooling must not count that
+  padding. The output size follows ONNX Runtime and PyTorch, which drop a last window that
+  would start in the end padding (ONNX shape inference keeps it). Max pooling pads with -inf, so this is exact. Average pooling must not count that
   extra padding: with ``count_include_pad=0`` it already does not; with
   ``count_include_pad=1`` and no pads the flag is switched off (nothing else to count);
   with ``count_include_pad=1`` and pads, the counted pads move into a zero Pad node.
@@ -72,7 +73,12 @@ class ExplicitCeilMode(ir.passes.InPlacePass):
             params = _ir.window_params(node)
             n = len(params.kernel)
             in_dims = _ir.require_static(node.inputs[0], "input", node)[-n:]
-            out_dims = _ir.require_static(node.outputs[0], "output", node)[-n:]
+            out_dims = tuple(
+                _ceil_output_size(size, k, s, pb, pe)
+                for size, k, s, pb, pe in zip(
+                    in_dims, params.effective_kernel, params.strides, params.pads_begin, params.pads_end
+                )
+            )
             extra = tuple(
                 max((o - 1) * s + ek - (size + pb + pe), 0)
                 for o, s, ek, size, pb, pe in zip(
@@ -100,3 +106,12 @@ class ExplicitCeilMode(ir.passes.InPlacePass):
             if counted:
                 _ir.set_int(node, "count_include_pad", 0)
         return ir.passes.PassResult(model, modified)
+
+
+def _ceil_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int) -> int:
+    """ceil_mode output length as ONNX Runtime and PyTorch compute it."""
+    span = size + pad_begin + pad_end - kernel
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + pad_begin:
+        out -= 1
+    return out

@@ -61,9 +61,20 @@ class SetStaticInputShapes(ir.passes.InPlacePass):
 
 
 class InferStaticShapes(ir.passes.InPlacePass):
-    """Fill in every value's shape by ONNX shape inference, failing loudly."""
+    """Fill in every value's shape by ONNX shape inference, failing loudly.
+
+    Shapes of computed values are inferred afresh: after a normalising pass changed pads the
+    old ones are stale, and a graph output may declare what ONNX, not ONNX Runtime, computes
+    (a ceil_mode window starting in the end padding); strict inference would reject either
+    disagreement. A declared shape stays where inference finds none.
+    """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        declared = {}
+        for node in model.graph:
+            for out in node.outputs:
+                declared[out] = out.shape
+                out.shape = None
         proto = _light_proto(model)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=True, data_prop=True)
@@ -88,6 +99,9 @@ class InferStaticShapes(ir.passes.InPlacePass):
                     modified = True
                 if tt.elem_type and out.dtype is None:
                     out.dtype = ir.DataType(tt.elem_type)
+        for value, shape in declared.items():
+            if value.shape is None:
+                value.shape = shape
         return ir.passes.PassResult(model, modified)
 
 

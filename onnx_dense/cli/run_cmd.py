@@ -1,0 +1,79 @@
+"""``onnx-dense run DENSE IMAGE... --out DIR``: dense maps of images, as .npy and as pictures."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from onnx_dense.cli import options
+from onnx_dense.errors import DenseError
+
+
+@click.command("run")
+@click.argument("model", type=options.model_path)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=str), metavar="DIR",
+              help="folder for <image>.<output>.npy, .png and <image>.json (created if missing)")
+@click.option("--size", metavar="N|HxW", help="resize: N for the shorter side, HxW for an exact size (default: as is)")
+@click.option("--mean", default="0", show_default=True, metavar="M[,M,M]",
+              help="subtracted per channel after scaling pixels to [0, 1] (ImageNet: 0.485,0.456,0.406)")
+@click.option("--std", default="1", show_default=True, metavar="S[,S,S]",
+              help="divided per channel after --mean (ImageNet: 0.229,0.224,0.225)")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="auto: CUDA when the installed onnxruntime has it, else CPU")
+@click.option("--tile", metavar="N|HxW",
+              help="run tiles of N input pixels (overlap included) and stitch them: same output, less memory")
+@click.option("--fp16", is_flag=True, help="run in float16 (inputs and outputs stay float32; not bit-exact)")
+@click.option("--nhwc", is_flag=True, help="CUDA: prefer channels-last convolution kernels (prefer_nhwc)")
+@click.option("--allow-cpu-nodes", is_flag=True,
+              help="CUDA: accept nodes that onnxruntime would run on the CPU instead of failing")
+@click.option("--view", type=click.Choice(["auto", "labels", "heatmap", "none"]), default="auto", show_default=True,
+              help="the PNG: argmax label map, top-class heatmap over the image, or none (auto: heatmap for "
+                   "classifiers and single-channel outputs, labels otherwise)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary")
+def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, quiet) -> None:
+    """Run the dense MODEL on each IMAGE and write its dense maps to --out.
+
+    Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
+    the size fed to the model) and <stem>.json (sizes and the grid that puts each prediction on
+    the input pixel at the centre of its receptive field). An image that cannot be read gets
+    one error line and the others still run; the exit code is then 2.
+    """
+    from tqdm import tqdm
+
+    from onnx_dense.runtime.batch import run_images
+    from onnx_dense.runtime.dense_session import DenseSession
+    from onnx_dense.runtime.images import parse_floats, parse_size
+
+    size_v = parse_size(size)
+    mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    session = DenseSession(
+        model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
+        fixed_shapes=isinstance(size_v, tuple) and tile is None, tile=tile,
+    )
+    bar = tqdm(total=len(images), unit="image", file=sys.stderr, disable=True if quiet else None, leave=False)
+
+    def error(image: str, message: str) -> None:
+        line = f"onnx-dense: error: {message}"
+        if bar.disable:
+            click.echo(line, err=True)
+        else:
+            tqdm.write(line, file=sys.stderr)
+        bar.update(1)
+
+    try:
+        summary = run_images(
+            model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, session=session,
+            on_error=error, on_done=lambda _result: bar.update(1),
+        )
+    finally:
+        bar.close()
+        session.close()
+    if not quiet:
+        n = len(summary.written)
+        failed = f", {len(summary.failed)} failed" if summary.failed else ""
+        click.echo(f"wrote {n} of {len(images)} image{'s' if len(images) != 1 else ''} to {out_dir} "
+                   f"({summary.provider}{', tiled' if session.tile else ''}){failed}")
+    if summary.failed:
+        raise click.exceptions.Exit(DenseError.exit_code)

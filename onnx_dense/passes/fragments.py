@@ -1,0 +1,553 @@
+"""Rewrite, strategy "fragments": the dense mapping as the original network run once per phase.
+
+Where the analysis removes a factor f = s/s' of a node's stride s (keeping s'), dense position
+``j = a + f*i`` (phase a in [0, f)) of that node's output is the original window at
+``i*s + a*s' - p``. So phase a is the original node (stride s, its pads made explicit) applied
+to its padded input shifted by ``a*s'`` positions. This pass stacks the ``prod(f)`` shifted
+copies on the batch axis (Pad once, one Slice per phase, Concat: space-to-batch), runs that node
+and everything downstream unchanged on batch ``N * prod(f)``, and at every dense output
+interleaves the phases back (Reshape, Transpose, Reshape: batch-to-space). A node downstream
+that removes another factor adds a level: with levels f1 (first) and f2, output position
+``j = a1 + f1*(a2 + f2*i)``. The batch is phase-major, the last level outermost:
+``batch = ((a_m * F_{m-1} + ...) + a_1) * N + n`` with a_k the row-major phase index of level k.
+
+Because every phase is the original network, global pooling, squeeze-and-excitation,
+InstanceNorm and upsampling need nothing: they run per phase.
+
+Rules:
+
+* Level of a removal node: factor f = s/s' and shift = s' * (input-pixel stride of its input)
+  per spatial axis; shifts grow along a path (each is a multiple of the previous level's
+  shift times its factor).
+* Space-to-batch: Pad by the node's pads plus ``(f-1)*s'`` at the end (zeros; the lowest finite
+  value for MaxPool), phase a = Slice ``[a*s', a*s' + L_padded)``, so every phase has phase 0's
+  number of windows, phase 0 (= the original) included. The node's own pads become 0. An
+  AveragePool that does not count pads divides by the same pool over a mask of ones.
+* Upsampling (Resize, Upsample, DepthToSpace, strided ConvTranspose) to per-phase stride S:
+  a level whose shift is a multiple of S now repeats its phase 0 a whole step further on, so
+  the outermost such levels are dropped (the batch is sliced to its first block, before the
+  upsampling); what remains must match the analysis' eST (else: refused, uneven split).
+  Levels no output keeps are not created at all (their node keeps its stride): a U-Net's
+  bottleneck is computed once per *kept* phase.
+* Operands of one node must carry the same levels. Ops that act on the batch axis (Concat,
+  Split, Gather, Slice, reductions, Softmax, Transpose, Flatten at axis 0 ...) are refused
+  downstream of a split: they would mix phases.
+* Reshapes that keep the spatial block take its dims from the running tensor (the analysis'
+  ReshapePlans, applied by densify_reshapes.py as under dilation); other Reshape targets that
+  bake the traced batch size (dynamo's ``[1, 128]``) take it from the running tensor (0 or
+  -1); constant Resize ``sizes`` become ``Shape(x) * ratio``.
+* Outputs: one Reshape/Transpose/Reshape undoes every level. Outputs with no spatial axes
+  (classifier heads) get them appended first: (N, K) -> (N, K, e_h, e_w), one prediction per
+  phase, the same layout as the dilated head.
+
+What is exact (also in the README):
+
+* Phase 0 (the subgrid verify checks) is the original network, always, at every input size.
+* When every level divides (each phase of each level has as many windows as phase 0, e.g. a
+  3x3/2 conv with pad 1 on an even map), the output equals the dilated model everywhere.
+* Otherwise the last window of a later phase reaches the zero extension; values computed from
+  it differ from the original run on the shifted input. Off-grid positions are exact wherever
+  their receptive field stays inside the image (metadata ``off_grid: "interior"``; verify
+  --phases leaves out both borders). Global context (GAP, SE, InstanceNorm) averages over the
+  phase's whole map, extension included (``off_grid: "global"``: no phase check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_dense import metadata
+from onnx_dense.errors import UnsupportedNodeError
+from onnx_dense.grid import GRID, PLAN, Grid
+from onnx_dense.passes import _ir
+from onnx_dense.passes.analyse import CHANNEL_GLOBAL, ReshapePlan, SpatialPlan
+
+INT64_MAX = np.iinfo(np.int64).max
+STRATEGY = "fragments"
+UPSAMPLING_OPS = ("Resize", "Upsample", "DepthToSpace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One removed stride: phases ``prod(factor)``, neighbouring phases ``shift`` input pixels apart."""
+
+    factor: tuple[int, ...]
+    shift: tuple[int, ...]
+
+    @property
+    def phases(self) -> int:
+        return math.prod(self.factor)
+
+
+Layout = tuple  # tuple[Level, ...], innermost (first split) first
+
+
+@dataclasses.dataclass
+class _Plan:
+    layouts: dict[ir.Value, Layout]
+    splits: list[tuple[ir.Node, Level]]
+    collapses: list[tuple[ir.Node, int]]  # (upsampling node, phases kept per entry of the dropped block)
+    reshapes: list[ir.Node]
+    resizes: list[ir.Node]
+    outputs: list[tuple[ir.Value, Layout]]
+    global_values: set[ir.Value]
+    global_outputs: set[str] = dataclasses.field(default_factory=set)  # outputs downstream of global context
+
+
+def removal(node: ir.Node) -> tuple[SpatialPlan, Grid] | None:
+    plan = node.meta.get(PLAN)
+    if not isinstance(plan, SpatialPlan) or plan.kept == plan.params.strides:
+        return None
+    return plan, node.inputs[0].meta.get(GRID)
+
+
+def _level(node: ir.Node, plan: SpatialPlan, g: Grid) -> Level:
+    n = len(plan.params.kernel)
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if g is None or rank is None:
+        raise UnsupportedNodeError(node, "removes a stride of a tensor of unknown layout")
+    if g.axes is None:  # the raw input: the grid is set up by this very node, stride 1
+        stride = (1,) * n
+    elif g.rank != n or tuple(g.axes) != tuple(range(rank - n, rank)):
+        raise UnsupportedNodeError(
+            node, "removes a stride on axes that are not exactly the image's last axes", "choose another output stride"
+        )
+    else:
+        stride = g.stride
+    factor = tuple(s // k for s, k in zip(plan.params.strides, plan.kept))
+    shift = tuple(k * S for k, S in zip(plan.kept, stride))
+    return Level(factor, shift)
+
+
+def _is_upsampling(node: ir.Node) -> bool:
+    if node.op_type in UPSAMPLING_OPS:
+        return True
+    if node.op_type == "ConvTranspose":
+        return any(s > 1 for s in (node.attributes.get_ints("strides") or ()))
+    return False
+
+
+def _plan(model: ir.Model, disabled: frozenset) -> _Plan:
+    graph = model.graph
+    layouts: dict[ir.Value, Layout] = {}
+    p = _Plan(layouts, [], [], [], [], [], set())
+    for node in graph:
+        ins = [(v, layouts.get(v, ())) for v in node.inputs if v is not None]
+        layout = _merge(node, ins)
+        if any(v in p.global_values for v, _ in ins):
+            p.global_values.update(node.outputs)
+        found = removal(node)
+        if found is not None:
+            plan, g = found
+            level = _level(node, plan, g)
+            if level not in disabled:
+                if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]):
+                    raise UnsupportedNodeError(node, "MaxPool indices of a pool computed per phase index a different tensor")
+                p.splits.append((node, level))
+                layout = layout + (level,)
+        if not layout:
+            continue
+        if node.op_type in ("Shape", "Size"):
+            continue  # a shape vector: no batch of phases
+        _check_batch_axis(node)
+        if _is_upsampling(node):
+            layout = _collapse(node, layout, p)
+        if node.op_type == "Reshape":
+            rp = node.meta.get(PLAN)
+            if isinstance(rp, ReshapePlan) and not rp.batch_from_input:
+                raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
+            p.reshapes.append(node)
+        if node.op_type == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None:
+            p.resizes.append(node)
+        if node.op_type in CHANNEL_GLOBAL or node.op_type.startswith("Global") or any(
+            node.name in getattr(o.meta.get(GRID), "global_from", ()) for o in node.outputs
+        ):
+            p.global_values.update(node.outputs)
+        for out in node.outputs:
+            layouts[out] = layout
+    for value in graph.outputs:
+        layout = layouts.get(value, ())
+        if layout:
+            p.outputs.append((value, layout))
+            if value in p.global_values:
+                p.global_outputs.add(value.name)
+    return p
+
+
+def _used(value: ir.Value) -> bool:
+    return bool(value.uses()) or value.is_graph_output()
+
+
+def _merge(node: ir.Node, ins) -> Layout:
+    """The layout of a node's operands: all that carry phases must carry the same levels."""
+    carried = [(v, lay) for v, lay in ins if lay]
+    if not carried:
+        return ()
+    first_v, first = carried[0]
+    for v, lay in carried[1:]:
+        if lay != first:
+            raise UnsupportedNodeError(
+                node, f"combines '{first_v.name}' and '{v.name}', whose phases come from different removed strides "
+                f"({_describe(first)} vs {_describe(lay)})", "choose another output stride",
+            )
+    for v, lay in ins:
+        if not lay and v.meta.get(GRID) is not None and v.meta[GRID].axes is not None and v.const_value is None:
+            raise UnsupportedNodeError(
+                node, f"combines '{first_v.name}', computed per phase, with '{v.name}', computed once",
+                "choose an output stride that removes no stride before both branches meet",
+            )
+    return first
+
+
+def _describe(layout: Layout) -> str:
+    return " then ".join("x".join(map(str, lvl.factor)) for lvl in layout) or "none"
+
+
+def _collapse(node: ir.Node, layout: Layout, p: _Plan) -> Layout:
+    """Upsampling: drop the outermost levels whose phases are now whole steps apart."""
+    g_out = node.outputs[0].meta.get(GRID)
+    if g_out is None or g_out.axes is None:
+        raise UnsupportedNodeError(node, "upsampling computed per phase with no known output grid")
+    step = g_out.stride
+    keep = len(layout)
+    while keep > 0:
+        lvl = layout[keep - 1]
+        hit = [f > 1 and sh % S == 0 for f, sh, S in zip(lvl.factor, lvl.shift, step)]
+        moving = [f > 1 for f in lvl.factor]
+        if not any(hit):
+            break
+        if hit != moving:
+            raise UnsupportedNodeError(
+                node, f"upsamples so that phases of the removed stride {'x'.join(map(str, lvl.factor))} coincide on "
+                "some axes but not on others", "choose another output stride",
+            )
+        keep -= 1
+    kept = layout[:keep]
+    est = tuple(math.prod(l.factor[t] for l in kept) for t in range(len(step)))
+    if est != tuple(g_out.est):
+        raise UnsupportedNodeError(
+            node, f"upsamples at eST {'x'.join(map(str, g_out.est))} by a factor that splits the phases of a removed "
+            f"stride unevenly (levels {_describe(layout)})", "choose another output stride",
+        )
+    if keep < len(layout):
+        p.collapses.append((node, math.prod(l.phases for l in layout[keep:])))
+    return kept
+
+
+# Ops whose attribute ``axis`` (default) or ``axes`` must not include the batch axis.
+_AXIS_OPS = {
+    "Concat": 0, "Split": 0, "Gather": 0, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "ArgMax": 0,
+    "ArgMin": 0, "TopK": -1, "LpNormalization": -1, "GatherElements": 0,
+}
+
+
+def _check_batch_axis(node: ir.Node) -> None:
+    """Ops after a split must treat batch entries (phases) independently."""
+    op = node.op_type
+    rank = node.inputs[0].shape.rank() if node.inputs and node.inputs[0] is not None and node.inputs[0].shape else None
+
+    def refuse(what: str):
+        raise UnsupportedNodeError(
+            node, f"{what} acts on the batch axis, which holds the phases under --strategy fragments",
+            "cut before it with --outputs, or use --strategy dilate",
+        )
+
+    if op in _AXIS_OPS:
+        axis = node.attributes.get_int("axis", _AXIS_OPS[op])
+        if rank is not None and _ir.normalise_axis(axis, rank) == 0:
+            refuse(op)
+    elif op == "Transpose":
+        perm = node.attributes.get_ints("perm")
+        if perm is None or perm[0] != 0:
+            refuse("Transpose that moves the batch axis")
+    elif op == "Flatten":
+        if node.attributes.get_int("axis", 1) == 0:
+            refuse("Flatten with axis=0")
+    elif op.startswith("Reduce") or op in ("Squeeze", "Unsqueeze"):
+        axes = node.attributes.get_ints("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            arr = _ir.const_array(node.inputs[1])
+            axes = None if arr is None else arr.reshape(-1).tolist()
+        if op.startswith("Reduce") and not axes:
+            if not node.attributes.get_int("noop_with_empty_axes", 0):
+                refuse(f"{op} over every axis")
+            return
+        if axes is None:
+            if op == "Squeeze":
+                refuse("Squeeze without axes")
+            return
+        r = rank if op != "Unsqueeze" else (rank or 0) + len(axes)
+        if r and any(_ir.normalise_axis(int(a), r) == 0 for a in axes):
+            refuse(op)
+    elif op == "Slice" and len(node.inputs) >= 3:
+        axes = _ir.const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        starts = _ir.const_array(node.inputs[1])
+        ends = _ir.const_array(node.inputs[2])
+        if axes is None and starts is not None:
+            axes = np.arange(len(starts.reshape(-1)))
+        if axes is not None and rank is not None and starts is not None and ends is not None:
+            for a, st, en in zip(axes.reshape(-1), starts.reshape(-1), ends.reshape(-1)):
+                if _ir.normalise_axis(int(a), rank) == 0 and (int(st) != 0 or int(en) < INT64_MAX // 2):
+                    refuse("Slice")
+
+
+def plan(model: ir.Model) -> _Plan:
+    """Layouts with unneeded levels pruned: a level no output keeps is never created."""
+    disabled: frozenset = frozenset()
+    for _ in range(8):
+        p = _plan(model, disabled)
+        needed = {lvl for _, layout in p.outputs for lvl in layout}
+        unneeded = {lvl for _, lvl in p.splits if lvl not in needed}
+        if not unneeded:
+            return p
+        disabled = disabled | unneeded
+    return p
+
+
+class SplitIntoPhases(ir.passes.InPlacePass):
+    """Apply the plan: space-to-batch at removal nodes, collapses, batch fixes, batch-to-space."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        editor = _ir.Editor(graph)
+        p = plan(model)
+        model.meta[FRAGMENTS] = p
+        for node, level in p.splits:
+            _split(graph, editor, node, level)
+        for node, dropped in p.collapses:
+            _keep_first_block(graph, editor, node, dropped)
+        for node in p.reshapes:
+            _batch_from_input(graph, editor, node)
+        for node in p.resizes:
+            _resize_sizes(graph, editor, node)
+        for value, layout in p.outputs:
+            _interleave(graph, editor, value, layout, _ir.opset(model))
+        return ir.passes.PassResult(model, True)
+
+
+FRAGMENTS = "onnx_dense.fragments"  # model.meta: the _Plan applied
+
+
+def _lowest(dtype) -> float:
+    return float(np.finfo(dtype).min) if np.issubdtype(dtype, np.floating) else float(np.iinfo(dtype).min)
+
+
+def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level) -> None:
+    plan: SpatialPlan = node.meta[PLAN]
+    params = plan.params
+    x = node.inputs[0]
+    rank = x.shape.rank()
+    n = len(params.kernel)
+    base = f"{node.name or node.op_type}_phases"
+    dtype = _ir.numpy_dtype(x)
+    ext = tuple((f - 1) * k for f, k in zip(level.factor, plan.kept))
+    nodes: list[ir.Node] = []
+    value = _lowest(dtype) if node.op_type == "MaxPool" else 0.0
+    lead = (0,) * (rank - n)
+
+    def phases_of(t: ir.Value, name: str) -> ir.Value:
+        padded = editor.pad(
+            nodes, t, lead + tuple(params.pads_begin), lead + tuple(pe + e for pe, e in zip(params.pads_end, ext)),
+            base=f"{name}_pad", value=value, dtype=dtype,
+        )
+        axes = editor.const(nodes, np.arange(rank - n, rank, dtype=np.int64), base=f"{name}_axes")
+        parts = []
+        for a in itertools.product(*(range(f) for f in level.factor)):
+            starts = [ai * k for ai, k in zip(a, plan.kept)]
+            ends = [st - e if st - e < 0 else INT64_MAX for st, e in zip(starts, ext)]
+            s = editor.const(nodes, np.array(starts, dtype=np.int64), base=f"{name}_start")
+            e = editor.const(nodes, np.array(ends, dtype=np.int64), base=f"{name}_end")
+            parts.append(editor.op(nodes, "Slice", [padded, s, e, axes], base=f"{name}_{'_'.join(map(str, a))}"))
+        return editor.op(nodes, "Concat", parts, {"axis": 0}, base=name)
+
+    stacked = phases_of(x, base)
+    node.replace_input_with(0, stacked)
+    _ir.set_ints(node, "pads", (0,) * (2 * n))
+    uncounted = (
+        node.op_type == "AveragePool"
+        and not node.attributes.get_int("count_include_pad", 0)
+        and any(params.pads_begin + params.pads_end)
+    )
+    if uncounted:  # phases padded by hand: divide by the same pool over a mask of real pixels
+        _ir.set_int(node, "count_include_pad", 1)
+        shape = editor.op(nodes, "Shape", [x], base=f"{base}_shape")
+        batch = _slice1(editor, nodes, shape, 0, 1, f"{base}_batch")
+        spatial = _slice1(editor, nodes, shape, 2, rank, f"{base}_spatial")
+        one = editor.const(nodes, np.array([1], dtype=np.int64), base=f"{base}_one")
+        mask_shape = editor.op(nodes, "Concat", [batch, one, spatial], {"axis": 0}, base=f"{base}_mask_shape")
+        ones = editor.op(
+            nodes, "ConstantOfShape", [mask_shape], {"value": ir.tensor(np.array([1], dtype=dtype), name=f"{base}_1")},
+            base=f"{base}_mask",
+        )
+        value = 0.0
+        mask = phases_of(ones, f"{base}_mask")
+    graph.insert_before(node, nodes)
+    if uncounted:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        after: list[ir.Node] = []
+        count = editor.op(after, "AveragePool", [mask], attrs, base=f"{base}_count")
+        out = node.outputs[0]
+        users = list(out.uses())
+        ratio = editor.op(after, "Div", [out, count], base=f"{base}_mean")
+        graph.insert_after(node, after)
+        ratio.shape, ratio.type = out.shape, out.type
+        for use in users:
+            use.node.replace_input_with(use.idx, ratio)
+        if out.is_graph_output():
+            _ir.replace_value(out, ratio)
+
+
+def _slice1(editor, nodes, vec: ir.Value, lo: int, hi: int, base: str) -> ir.Value:
+    s = editor.const(nodes, np.array([lo], dtype=np.int64), base=f"{base}_from")
+    e = editor.const(nodes, np.array([hi], dtype=np.int64), base=f"{base}_to")
+    return editor.op(nodes, "Slice", [vec, s, e], base=base)
+
+
+def _keep_first_block(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, dropped: int) -> None:
+    """Before an upsampling node: keep the batch entries of phase 0 of the dropped levels."""
+    x = node.inputs[0]
+    base = f"{node.name or node.op_type}_phase0"
+    nodes: list[ir.Node] = []
+    shape = editor.op(nodes, "Shape", [x], base=f"{base}_shape")
+    batch = _slice1(editor, nodes, shape, 0, 1, f"{base}_batch")
+    div = editor.const(nodes, np.array([dropped], dtype=np.int64), base=f"{base}_levels")
+    end = editor.op(nodes, "Div", [batch, div], base=f"{base}_end")
+    zero = editor.const(nodes, np.array([0], dtype=np.int64), base=f"{base}_zero")
+    axis = editor.const(nodes, np.array([0], dtype=np.int64), base=f"{base}_axis")
+    kept = editor.op(nodes, "Slice", [x, zero, end, axis], base=base)
+    kept.shape, kept.type = x.shape, x.type
+    graph.insert_before(node, nodes)
+    node.replace_input_with(0, kept)
+
+
+def _batch_from_input(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
+    """A Reshape target that bakes the traced batch takes it from the running tensor."""
+    target = _ir.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        return  # computed at run time, from Shape: follows the batch already
+    target = target.reshape(-1).astype(np.int64)
+    if len(target) == 0 or target[0] in (0, -1):
+        return
+    in_dims = _ir.static_dims(node.inputs[0])
+    if in_dims is None or in_dims[0] is None or int(target[0]) != int(in_dims[0]):
+        raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
+    new = target.copy()
+    allowzero = node.attributes.get_int("allowzero", 0)
+    if -1 not in target[1:]:
+        new[0] = -1
+    elif not allowzero:
+        new[0] = 0
+    else:
+        raise UnsupportedNodeError(node, "Reshape with allowzero=1 and a baked batch size")
+    nodes: list[ir.Node] = []
+    node.replace_input_with(1, editor.const(nodes, new, base=f"{node.name or 'Reshape'}_phase_batch"))
+    graph.insert_before(node, nodes)
+
+
+def _resize_sizes(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
+    """Constant Resize sizes (baked batch and image size) -> Shape(x) * integer ratio."""
+    sizes = _ir.const_array(node.inputs[3])
+    if sizes is None:
+        return
+    sizes = sizes.reshape(-1).astype(np.int64)
+    in_dims = _ir.static_dims(node.inputs[0])
+    axes = node.attributes.get_ints("axes")
+    if in_dims is None or any(d is None for d in in_dims) or axes is not None or len(sizes) != len(in_dims):
+        raise UnsupportedNodeError(node, "Resize to constant sizes that cannot be related to its input's shape")
+    if any(s % d for s, d in zip(sizes, in_dims)):
+        raise UnsupportedNodeError(node, "Resize to constant sizes that are not integer multiples of its input's")
+    ratio = np.array([s // d for s, d in zip(sizes, in_dims)], dtype=np.int64)
+    nodes: list[ir.Node] = []
+    base = f"{node.name or 'Resize'}_sizes"
+    shape = editor.op(nodes, "Shape", [node.inputs[0]], base=f"{base}_shape")
+    r = editor.const(nodes, ratio, base=f"{base}_ratio")
+    new = editor.op(nodes, "Mul", [shape, r], base=base)
+    graph.insert_before(node, nodes)
+    node.replace_input_with(3, new)
+
+
+def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: Layout, opset: int) -> None:
+    """Batch-to-space for one graph output: undo every level at once."""
+    g: Grid | None = value.meta.get(GRID)
+    producer = value.producer()
+    if g is None or g.axes is None:
+        raise UnsupportedNodeError(producer, f"output '{value.name}' is computed per phase but has no known spatial layout")
+    name = value.name
+    nodes: list[ir.Node] = []
+    if value.shape is None:
+        raise UnsupportedNodeError(producer, f"output '{name}' computed per phase has no known rank")
+    rank = value.shape.rank()
+    y = value
+    base = f"{name}_interleave"
+    n = g.rank
+    if g.inserted:  # (B, K) -> (B, K, 1, 1): one prediction per phase
+        new_axes = np.arange(rank, rank + n, dtype=np.int64)
+        if opset >= 13:
+            axes = editor.const(nodes, new_axes, base=f"{base}_axes")
+            y = editor.op(nodes, "Unsqueeze", [y, axes], base=f"{base}_unsqueeze")
+        else:
+            y = editor.op(nodes, "Unsqueeze", [y], {"axes": new_axes.tolist()}, base=f"{base}_unsqueeze")
+        spatial = tuple(range(rank, rank + n))
+        rank += n
+    else:
+        spatial = tuple(g.axes)
+    m = len(layout)
+    factors = [f for lvl in reversed(layout) for f in lvl.factor]  # outermost level first
+    total = math.prod(lvl.phases for lvl in layout)
+    shape = editor.op(nodes, "Shape", [y], base=f"{base}_shape")
+    rest = _slice1(editor, nodes, shape, 1, rank, f"{base}_rest")
+    head = editor.const(nodes, np.array(factors + [-1], dtype=np.int64), base=f"{base}_phases")
+    split = editor.op(nodes, "Concat", [head, rest], {"axis": 0}, base=f"{base}_split_shape")
+    y = editor.op(nodes, "Reshape", [y, split], base=f"{base}_split")
+    # axes now: level k (0 = outermost) axis t at k*n + t; batch at m*n; original axis i >= 1 at m*n + i
+    perm = [m * n]
+    for i in range(1, rank):
+        perm.append(m * n + i)
+        if i in spatial:
+            t = spatial.index(i)
+            perm.extend(k * n + t for k in range(m))
+    y = editor.op(nodes, "Transpose", [y], {"perm": perm}, base=f"{base}_order")
+    mul = np.ones(rank, dtype=np.int64)
+    for t, a in enumerate(spatial):
+        mul[a] = math.prod(lvl.factor[t] for lvl in layout)
+    div = np.ones(rank, dtype=np.int64)
+    div[0] = total
+    scaled = editor.op(nodes, "Mul", [shape, editor.const(nodes, mul, base=f"{base}_mul")], base=f"{base}_dims")
+    target = editor.op(nodes, "Div", [scaled, editor.const(nodes, div, base=f"{base}_div")], base=f"{base}_target")
+    value.name = f"{name}_phases"
+    y = editor.op(nodes, "Reshape", [y, target], base=f"{base}_merge")
+    graph.extend(nodes)
+    index = next(i for i, v in enumerate(graph.outputs) if v is value)
+    y.name = name
+    y.type = value.type
+    graph.outputs[index] = y
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+class RecordFragmentsMetadata(ir.passes.InPlacePass):
+    """The usual metadata, with strategy "fragments" and what its off-grid phases equal."""
+
+    def __init__(self, source: str | None = None) -> None:
+        super().__init__()
+        self.source = source
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnx_dense.passes.finalise import describe
+
+        info = describe(model, STRATEGY, self.source)
+        p: _Plan = model.meta[FRAGMENTS]
+        outputs = {}
+        for name, out in info.outputs.items():
+            off_grid = "global" if name in p.global_outputs else "interior"
+            dense_size = tuple(s * e for s, e in zip(out.size, out.est))
+            outputs[name] = dataclasses.replace(out, off_grid=off_grid, dense_size=dense_size)
+        info = dataclasses.replace(info, outputs=outputs)
+        model.metadata_props[metadata.KEY] = info.to_json()
+        return ir.passes.PassResult(model, True)

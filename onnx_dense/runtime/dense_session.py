@@ -1,0 +1,533 @@
+"""Serving a dense model: :class:`DenseSession`, one ONNX Runtime session set up for it.
+
+``DenseSession(model, provider="auto"|"cuda"|"cpu", ...)`` loads a model written by
+``onnx-dense rewrite``, reads its metadata, and ``session.run(image)`` returns, per output,
+a :class:`DenseMap`: the array (or an ``OrtValue`` left on the device) and the
+:class:`PixelGrid` that puts every prediction on the input pixel at the centre of its
+receptive field.
+
+Choices, and why:
+
+* Provider. ``auto`` takes CUDA when the installed onnxruntime has the CUDA execution provider
+  (the ``onnxruntime-gpu`` wheel), else the CPU. ``cuda`` asked for and absent is an error,
+  never a quiet CPU run. A CUDA provider that is present but cannot start (no driver, no
+  cuDNN) is an error too, and so is onnxruntime's own retry on the CPU: the session is built
+  with ``enable_fallback=0`` and its providers are checked after creation.
+* No silent CPU nodes. On CUDA the session option ``session.disable_cpu_ep_fallback=1`` makes
+  session creation fail when any node would be assigned to the CPU (an op without a CUDA
+  kernel at the model's opset, e.g. MaxPool at opset 22 in onnxruntime 1.31, or the shape
+  arithmetic onnxruntime prefers to keep on the CPU). ``allow_cpu_nodes=True`` accepts it.
+* Convolution settings (CUDA): ``cudnn_conv_algo_search`` is EXHAUSTIVE when every run has
+  the same shape (``fixed_shapes=True``: the search is paid once per shape) and HEURISTIC
+  otherwise (images of many sizes, tiles whose last row and column are smaller); DEFAULT
+  is never used (reported 4x-50x slower for dilated convolutions).
+  ``cudnn_conv_use_max_workspace=1`` lets cuDNN pick the faster algorithms that need memory;
+  ``nhwc=True`` sets ``prefer_nhwc=1`` (channels-last kernels, worth measuring on tensor cores).
+* fp16 (``fp16=True``): the model is converted with ``onnxruntime.transformers.float16``
+  (shipped with onnxruntime) keeping float32 inputs and outputs; ops it knows to be unsafe in
+  float16 stay in float32. Results then differ from the float32 model by fp16 round-off
+  (about 1e-3 relative), so verify and the tiling proof use float32. A hand-written cast of
+  Conv inputs was rejected: the converter already handles the blocked ops, the casts around
+  them and the constant padding values (-3.4e38 becomes -65504, still below every activation).
+* IOBinding. Inputs are copied to the device once per run as ``OrtValue`` and outputs are
+  bound to the session's device, so with ``keep_on_device=True`` nothing comes back to the
+  host until you call ``DenseMap.numpy()``.
+* Tiling (``tile=``) runs crops of the image with the overlap the receptive field needs and
+  stitches them; the result equals the untiled run (see :mod:`onnx_dense.runtime.tiling`).
+* Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
+  off, as verify does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_dense import metadata
+from onnx_dense.errors import DenseError
+from onnx_dense.runtime import tiling
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+_UNSET: Any = object()
+
+
+def resolve_provider(provider: str = "auto") -> str:
+    """'auto' -> 'cuda' when this onnxruntime has the CUDA provider, else 'cpu'; checks the others."""
+    provider = (provider or "auto").lower()
+    if provider not in PROVIDER_CHOICES:
+        raise DenseError(f"unknown provider '{provider}'; use one of {', '.join(PROVIDER_CHOICES)}")
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return "cuda" if CUDA_EP in available else "cpu"
+    if provider == "cuda" and CUDA_EP not in available:
+        raise DenseError(
+            f"provider 'cuda' was asked for, but the installed onnxruntime {ort.__version__} has no CUDA "
+            f"execution provider (it has {', '.join(available)}); install onnxruntime-gpu in place of "
+            "onnxruntime (pip install 'onnx-dense[gpu]'), or use --provider cpu"
+        )
+    return provider
+
+
+# --------------------------------------------------------------------------------------------
+# what a run returns
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelGrid:
+    """Where the predictions of one dense output sit on the input image.
+
+    Along spatial axis ``k`` (height first), prediction ``i`` sees input pixels
+    ``rf_start[k] + i*stride[k]`` to ``+ rf_size[k] - 1`` and is centred on
+    ``origin[k] + i*stride[k]`` with ``origin = rf_start + (rf_size - 1) / 2``, in pixels of
+    the array the model was fed (not of the image file before any resize).
+    """
+
+    spatial_axes: tuple[int, ...]  # axes of the output array that are spatial
+    shape: tuple[int, ...]  # predictions along each spatial axis
+    stride: tuple[int, ...]
+    rf_start: tuple[int, ...]
+    rf_size: tuple[int, ...]
+
+    @classmethod
+    def of(cls, out: metadata.DenseOutput, value_shape: Sequence[int]) -> "PixelGrid":
+        shape = tuple(int(value_shape[a]) for a in out.spatial_axes)
+        return cls(tuple(out.spatial_axes), shape, tuple(out.stride), tuple(out.rf_start), tuple(out.rf_size))
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """Input-pixel centre of prediction 0 along each spatial axis."""
+        return tuple(a + (r - 1) / 2 for a, r in zip(self.rf_start, self.rf_size))
+
+    def centres(self, axis: int | None = None):
+        """Centres along one spatial axis (1-D array), or a tuple of them for all axes."""
+        if axis is None:
+            return tuple(self.centres(k) for k in range(len(self.shape)))
+        return self.origin[axis] + self.stride[axis] * np.arange(self.shape[axis], dtype=np.float64)
+
+    def mesh(self) -> tuple[np.ndarray, ...]:
+        """One array per spatial axis, each of ``shape``: the centre of every prediction."""
+        return tuple(np.meshgrid(*self.centres(), indexing="ij"))
+
+    def pixel(self, index: Sequence[int]) -> tuple[float, ...]:
+        """Input-pixel centre of the prediction at ``index`` (one index per spatial axis)."""
+        return tuple(o + i * s for o, i, s in zip(self.origin, index, self.stride))
+
+    def nearest(self, coords, axis: int) -> np.ndarray:
+        """Index of the prediction centred nearest to input-pixel ``coords`` along ``axis``."""
+        idx = np.rint((np.asarray(coords, dtype=np.float64) - self.origin[axis]) / self.stride[axis])
+        return np.clip(idx, 0, self.shape[axis] - 1).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        return {
+            "spatial_axes": list(self.spatial_axes), "shape": list(self.shape), "stride": list(self.stride),
+            "origin": list(self.origin), "rf_start": list(self.rf_start), "rf_size": list(self.rf_size),
+        }
+
+
+@dataclasses.dataclass
+class DenseMap:
+    """One output of a run: ``value`` (numpy, or an OrtValue on the device) and its ``grid``."""
+
+    name: str
+    value: Any
+    grid: PixelGrid | None  # None for an output with no spatial axes
+    info: metadata.DenseOutput | None
+
+    def numpy(self) -> np.ndarray:
+        return self.value.numpy() if isinstance(self.value, ort.OrtValue) else np.asarray(self.value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape() if isinstance(self.value, ort.OrtValue) else self.value.shape)
+
+    @property
+    def is_classifier(self) -> bool:
+        """The original output had no spatial axes: (N, classes) became (N, classes, H', W')."""
+        return bool(self.info and self.info.inserted)
+
+
+# --------------------------------------------------------------------------------------------
+# the session
+# --------------------------------------------------------------------------------------------
+
+
+class DenseSession:
+    """An onnxruntime session for a dense model, with the settings convolution-heavy graphs need.
+
+    ``model``: a path, an ``onnx.ModelProto`` or an onnx-ir Model written by ``onnx-dense rewrite``.
+    ``tile``: default for :meth:`run`: None (whole image), an int or one int per spatial axis
+    (input pixels per tile, overlap included).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        provider: str = "auto",
+        fp16: bool = False,
+        nhwc: bool = False,
+        fixed_shapes: bool = False,
+        conv_algo_search: str | None = None,
+        max_workspace: bool = True,
+        device_id: int = 0,
+        allow_cpu_nodes: bool = False,
+        optimize: bool = True,
+        threads: int | None = None,
+        tile=None,
+    ) -> None:
+        self.provider = resolve_provider(provider)
+        self.fp16 = fp16
+        self.device_id = int(device_id)
+        self._path, self._proto, self.info = _load(model)
+        self.label = self._path or "model"
+        if nhwc and self.provider != "cuda":
+            raise DenseError("nhwc (prefer_nhwc) is an option of the CUDA provider; the CPU provider chooses its own layout")
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # errors come back as exceptions, turned into one DenseError line
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        if self.provider == "cuda":
+            if not allow_cpu_nodes:
+                so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            options = cuda_options(
+                device_id=self.device_id, fixed_shapes=fixed_shapes, conv_algo_search=conv_algo_search,
+                max_workspace=max_workspace, nhwc=nhwc,
+            )
+            providers: list = [(CUDA_EP, options)]
+            _preload_cuda()
+        else:
+            providers = [CPU_EP]
+        self.provider_options = dict(providers[0][1]) if isinstance(providers[0], tuple) else {}
+        source = self._model_bytes_or_path()
+        try:
+            self.session = ort.InferenceSession(source, so, providers=providers, enable_fallback=0)
+        except Exception as exc:
+            raise DenseError(self._creation_error(exc)) from None
+        got = self.session.get_providers()
+        if self.provider == "cuda" and (not got or got[0] != CUDA_EP):
+            raise DenseError(
+                f"{self.label}: onnxruntime did not start the CUDA provider (session providers: {', '.join(got)}); "
+                "check the NVIDIA driver, CUDA and cuDNN libraries, or use --provider cpu"
+            )
+        self.device = "cuda" if self.provider == "cuda" else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.image_input = self._image_input()
+        self._tileable: bool | None = None
+        self.tile = self.check_tile(tile) if tile is not None else None
+
+    # -- set-up helpers ---------------------------------------------------------------------
+
+    def _model_bytes_or_path(self):
+        if self.fp16:
+            proto = self._full_proto()
+            try:
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+            except ImportError as exc:
+                raise DenseError(
+                    f"fp16 needs onnxruntime.transformers.float16, which this onnxruntime lacks ({exc}); "
+                    "run in float32 or install a full onnxruntime wheel"
+                ) from None
+            try:
+                half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+            except Exception as exc:
+                raise DenseError(f"{self.label}: converting to float16 failed: {str(exc).splitlines()[0][:200]}") from None
+            return half.SerializeToString()
+        if self._path is not None:
+            return self._path
+        return self._proto.SerializeToString()
+
+    def _full_proto(self) -> onnx.ModelProto:
+        """A proto the float16 conversion may change in place (never the caller's)."""
+        if self._path is None:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self._proto)
+            return copy
+        return onnx.load(self._path)
+
+    def _structure(self) -> onnx.ModelProto:
+        """The graph without external weights loaded (for the tiling check)."""
+        if self._proto is not None:
+            return self._proto
+        return onnx.load(self._path, load_external_data=False)
+
+    def _creation_error(self, exc: Exception) -> str:
+        text = " ".join(str(exc).split())
+        if "fallback to CPU EP has been explicitly disabled" in text or "assigned to the default CPU EP" in text:
+            return (
+                f"{self.label}: onnxruntime's CUDA provider would leave some nodes to the CPU (shape arithmetic, or "
+                "an op with no CUDA kernel at this opset such as MaxPool-22; keep dense models at opset 19-21); "
+                "pass --allow-cpu-nodes (allow_cpu_nodes=True) to accept the copies between devices"
+            )
+        if "prefer_nhwc" in text:
+            return f"{self.label}: this onnxruntime's CUDA provider does not accept prefer_nhwc ({text[:200]}); run without --nhwc"
+        return f"{self.label}: onnxruntime cannot create a {self.provider} session: {text[:300]}"
+
+    def _image_input(self) -> str | None:
+        names = [n for n in self.input_names if n in self.info.inputs]
+        return names[0] if len(names) == 1 else None
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers of the onnxruntime session, in priority order."""
+        return self.session.get_providers()
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return _ORT_TYPES.get(self._input_types[name], np.dtype(np.float32))
+
+    def input_shape(self, name: str | None = None) -> list:
+        name = name or self.image_input or self.input_names[0]
+        return next(i.shape for i in self.session.get_inputs() if i.name == name)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def __enter__(self) -> "DenseSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session = None
+
+    def run(
+        self,
+        inputs,
+        *,
+        tile=_UNSET,
+        keep_on_device: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, DenseMap]:
+        """Run on ``inputs`` (an array for the image input, or a dict by input name).
+
+        Returns a DenseMap per output, in the model's output order. ``tile`` overrides the
+        session's default; ``keep_on_device`` leaves outputs as OrtValues where the session runs
+        (untiled runs only); ``progress(done, total)`` is called after each tile.
+        """
+        feeds = self._feeds(inputs)
+        tile = self.tile if tile is _UNSET else tile
+        if tile is not None:
+            if keep_on_device:
+                raise DenseError("tiled outputs are stitched on the host; keep_on_device needs an untiled run")
+            values = self._run_tiled(feeds, tile, progress)
+        else:
+            values = self.run_raw(feeds, keep_on_device=keep_on_device)
+        result = {}
+        for name in self.output_names:
+            value = values[name]
+            out = self.info.outputs.get(name)
+            shape = value.shape() if isinstance(value, ort.OrtValue) else value.shape
+            grid = PixelGrid.of(out, shape) if out is not None else None
+            result[name] = DenseMap(name, value, grid, out)
+        return result
+
+    __call__ = run
+
+    def run_raw(self, feeds: Mapping[str, Any], *, keep_on_device: bool = False) -> dict[str, Any]:
+        """One run through IOBinding: numpy (or OrtValue) feeds in, outputs by name out."""
+        if self.session is None:
+            raise DenseError("the session is closed")
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = feeds[name]
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device, self.device_id)
+        run_options = ort.RunOptions()
+        run_options.log_severity_level = 4
+        try:
+            self.session.run_with_iobinding(binding, run_options)
+        except Exception as exc:
+            shapes = ", ".join(f"{k} {list(_shape(v))}" for k, v in feeds.items())
+            raise DenseError(
+                f"onnxruntime failed to run {self.label} on {shapes}: {' '.join(str(exc).split())[:300]}"
+            ) from None
+        values = binding.get_outputs()
+        if keep_on_device:
+            return dict(zip(self.output_names, values))
+        return {name: v.numpy() for name, v in zip(self.output_names, values)}
+
+    def _feeds(self, inputs) -> dict[str, Any]:
+        if isinstance(inputs, Mapping):
+            feeds = dict(inputs)
+        else:
+            if len(self.input_names) != 1:
+                raise DenseError(
+                    f"{self.label} has inputs {', '.join(self.input_names)}; pass a dict of arrays by input name"
+                )
+            feeds = {self.input_names[0]: inputs}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise DenseError(f"no value for model input(s) {', '.join(missing)}")
+        unknown = [n for n in feeds if n not in self.input_names]
+        if unknown:
+            raise DenseError(f"{self.label} has no input(s) named {', '.join(unknown)} (it has {', '.join(self.input_names)})")
+        for name, value in list(feeds.items()):
+            shape = _shape(value)
+            entry = self.info.inputs.get(name)
+            if entry is not None and len(shape) > max(entry.spatial_axes):
+                size = tuple(shape[a] for a in entry.spatial_axes)
+                need = self.minimum_input(name)
+                if any(n < m for n, m in zip(size, need)):
+                    # below this some kernels divide by a zero size and kill the process (SIGFPE)
+                    raise DenseError(
+                        f"input '{name}' is {'x'.join(map(str, size))} pixels; {self.label} needs at least "
+                        f"{'x'.join(map(str, need))} (below that an output has no prediction left)"
+                    )
+            if isinstance(value, ort.OrtValue):
+                continue
+            array = np.asarray(value)
+            dtype = self.input_dtype(name)
+            if array.dtype != dtype:
+                array = array.astype(dtype)
+            feeds[name] = array
+        return feeds
+
+    def minimum_input(self, name: str | None = None) -> tuple[int, ...]:
+        """Smallest spatial size known to give every output one prediction, per spatial axis.
+
+        At the rewrite's static size ``H0`` an output has ``n0`` dense predictions ``s`` pixels
+        apart; ``H0 - (n0 - 1) * s`` leaves one. Conservative: some models run a little below.
+        """
+        name = name or self.image_input
+        entry = self.info.inputs[name]
+        need = [1] * len(entry.spatial_axes)
+        for out in self.info.outputs.values():
+            if out.input != name:
+                continue
+            for k, (h0, n0, s) in enumerate(zip(entry.size, out.dense_size, out.stride)):
+                need[k] = max(need[k], h0 - (n0 - 1) * s)
+        return tuple(need)
+
+    def _run_tiled(self, feeds, tile, progress) -> dict[str, np.ndarray]:
+        name = self.image_input
+        if name is None:
+            raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
+        if any(isinstance(v, ort.OrtValue) for v in feeds.values()):
+            raise DenseError("tiling crops numpy inputs; pass arrays, not OrtValues")
+        entry = self.info.inputs[name]
+        tile = self.check_tile(tile)
+        outputs = tiling.output_axes(self.info, name, self.output_names)
+        return tiling.run_tiled(
+            lambda f: self.run_raw(f), feeds, name, entry.spatial_axes, outputs, tile, progress=progress
+        )
+
+    def check_tile(self, tile) -> tuple[int, ...]:
+        """``tile`` per spatial axis, after checking that this model tiles exactly at that size."""
+        name = self.image_input
+        if name is None:
+            raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
+        tile = tiling.parse_tile(tile, len(self.info.inputs[name].spatial_axes))
+        if self._tileable is None:
+            tiling.check_tileable(self._structure(), self.info, name)
+            self._tileable = True
+        need = tuple(max(a, b) for a, b in zip(self.minimum_tile(), self.minimum_input(name)))
+        if any(t < m for t, m in zip(tile, need)):
+            raise DenseError(
+                f"tile {'x'.join(map(str, tile))} is smaller than this model needs for one exact prediction per tile "
+                f"(receptive field and stride); use at least {'x'.join(map(str, need))}"
+            )
+        return tile
+
+    def minimum_tile(self) -> tuple[int, ...]:
+        """The smallest tile (per spatial axis) that leaves every output an exact prediction."""
+        name = self.image_input
+        if name is None:
+            raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
+        outputs = tiling.output_axes(self.info, name, self.output_names)
+        rank = len(self.info.inputs[name].spatial_axes)
+        return tuple(tiling.minimum_tile([o.geometry[k] for o in outputs]) for k in range(rank))
+
+
+def cuda_options(
+    *, device_id: int = 0, fixed_shapes: bool = False, conv_algo_search: str | None = None,
+    max_workspace: bool = True, nhwc: bool = False,
+) -> dict[str, str]:
+    """CUDA execution provider options for a convolution-heavy dense model (see module docstring)."""
+    search = (conv_algo_search or ("EXHAUSTIVE" if fixed_shapes else "HEURISTIC")).upper()
+    if search not in ("EXHAUSTIVE", "HEURISTIC"):
+        raise DenseError(
+            f"cudnn_conv_algo_search '{conv_algo_search}': use EXHAUSTIVE (fixed shapes) or HEURISTIC (varying "
+            "shapes); DEFAULT is refused (reported 4x-50x slower for dilated convolutions)"
+        )
+    options = {
+        "device_id": str(device_id),
+        "cudnn_conv_algo_search": search,
+        "cudnn_conv_use_max_workspace": "1" if max_workspace else "0",
+        "do_copy_in_default_stream": "1",
+    }
+    if nhwc:
+        options["prefer_nhwc"] = "1"
+    return options
+
+
+def _preload_cuda() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels where onnxruntime can (onnxruntime >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # the libraries may come from the system instead; session creation will tell
+        pass
+
+
+def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo]:
+    """(path, proto, info): a path is loaded only to read its metadata (clear errors for bad files)."""
+    if isinstance(model, (str, os.PathLike)):
+        from onnx_dense import model_io
+
+        path = str(model)
+        ir_model = model_io.load(path)
+        info = metadata.read(ir_model)
+        del ir_model
+        proto = None
+    else:
+        path = None
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        elif hasattr(model, "graph") and hasattr(model, "opset_imports"):  # onnx-ir Model
+            import onnx_ir as ir
+
+            proto = ir.serde.serialize_model(model)
+        else:
+            raise DenseError(f"expected a model path, an onnx.ModelProto or an onnx-ir Model, got {type(model).__name__}")
+        info = metadata.read(proto)
+    if info is None:
+        raise DenseError(
+            f"{path or 'model'}: no onnx_dense metadata; was it written by `onnx-dense rewrite`? "
+            "(run the original model with onnxruntime directly)"
+        )
+    return path, proto, info
+
+
+def _shape(value) -> tuple:
+    if isinstance(value, ort.OrtValue):
+        return tuple(value.shape())
+    return tuple(np.shape(value))
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(bool)": np.dtype(np.bool_),
+}

@@ -1,0 +1,312 @@
+"""Images in, pictures out: reading with Pillow, normalising, and drawing dense maps.
+
+* :func:`load_image` reads a file (EXIF orientation applied), converts it to RGB or grayscale
+  as the model's input wants, optionally resizes it (``size``: shorter side, or exact
+  ``(height, width)``), scales pixels to [0, 1] and normalises with ``mean``/``std`` per
+  channel. Every way a file can be unreadable is one :class:`DenseError` line naming it.
+* :func:`render` turns one dense output into a PNG a person can look at, drawn at the size
+  of the array the model was fed: each pixel shows the prediction whose receptive field is
+  centred nearest to it (the output's :class:`PixelGrid`). Segmentation-like outputs (several
+  channels, positions in the original too) become an argmax label map (a palette PNG whose
+  pixel values are the class indices); classifier outputs (the original had no spatial axes)
+  become the top class's probability as a heatmap over the image (drawn in grey); single-channel outputs a
+  heatmap of their values.
+* :func:`write_atomic` writes through a temporary file in the same folder and renames it,
+  so no reader ever sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from onnx_dense.errors import DenseError
+
+VIEWS = ("auto", "labels", "heatmap", "none")
+
+
+def parse_size(text) -> int | tuple[int, int] | None:
+    """None, ``512`` (shorter side) or ``'480x640'`` / ``(480, 640)`` (height x width)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, np.integer)):
+        values: tuple[int, ...] = (int(text),)
+    elif isinstance(text, str):
+        parts = [p for p in text.lower().replace("x", ",").split(",") if p.strip()]
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            values = ()
+    else:
+        values = tuple(int(v) for v in text)
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise DenseError(f"--size '{text}': expected N (shorter side) or HEIGHTxWIDTH such as 480x640")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def parse_floats(text, option: str) -> tuple[float, ...]:
+    """``'0.485,0.456,0.406'`` or a number or a sequence -> a tuple of floats."""
+    if isinstance(text, (int, float)):
+        return (float(text),)
+    if isinstance(text, str):
+        try:
+            values = tuple(float(p) for p in text.split(",") if p.strip())
+        except ValueError:
+            values = ()
+    else:
+        values = tuple(float(v) for v in text)
+    if not values:
+        raise DenseError(f"{option} '{text}': expected one number or one per channel, e.g. 0.485,0.456,0.406")
+    return values
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """One image ready for a model: ``array`` (batch 1, in the model's layout) and what it came from."""
+
+    path: str
+    array: np.ndarray
+    original_size: tuple[int, int]  # (height, width) of the file
+    size: tuple[int, int]  # (height, width) fed to the model
+    rgb: np.ndarray  # (height, width, 3) uint8 of what was fed, for drawing over
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Model-input pixels per file pixel, per axis: divide grid centres by it to get file pixels."""
+        return (self.size[0] / self.original_size[0], self.size[1] / self.original_size[1])
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    size=None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    channels: int = 3,
+    spatial_axes: Sequence[int] = (2, 3),
+    dtype=np.float32,
+) -> ImageInput:
+    """Read ``path`` into a (1, C, H, W) array (or the layout ``spatial_axes`` says), see module doc."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    p = Path(path)
+    size = parse_size(size)
+    if channels not in (1, 3):
+        raise DenseError(f"the model's input has {channels} channels; images are read as RGB (3) or grayscale (1)")
+    mean_v = _per_channel(parse_floats(mean, "--mean"), channels, "--mean")
+    std_v = _per_channel(parse_floats(std, "--std"), channels, "--std")
+    if any(s == 0 for s in std_v):
+        raise DenseError("--std: a standard deviation of 0 would divide by zero")
+    if not p.exists():
+        raise DenseError(f"{p}: no such file")
+    if p.is_dir():
+        raise DenseError(f"{p}: is a directory, expected an image file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            original = (img.height, img.width)
+            rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise DenseError(f"{p}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise DenseError(f"{p}: too many pixels for Pillow's safety limit ({_first_line(exc)})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DenseError(f"{p}: cannot be decoded ({_first_line(exc)})") from None
+    if original[0] < 1 or original[1] < 1:
+        raise DenseError(f"{p}: the image is empty")
+    target = _target_size(original, size)
+    if target != original:
+        rgb = rgb.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+    rgb_array = np.asarray(rgb, dtype=np.uint8)
+    if channels == 1:
+        pixels = np.asarray(rgb.convert("L"), dtype=np.float32)[..., None]
+    else:
+        pixels = rgb_array.astype(np.float32)
+    pixels = (pixels / 255.0 - np.asarray(mean_v, np.float32)) / np.asarray(std_v, np.float32)
+    array = _to_layout(pixels, tuple(spatial_axes)).astype(dtype)
+    return ImageInput(str(p), np.ascontiguousarray(array), original, target, rgb_array)
+
+
+def _per_channel(values: tuple[float, ...], channels: int, option: str) -> tuple[float, ...]:
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise DenseError(f"{option}: {len(values)} values for a model with {channels} input channels")
+    return values
+
+
+def _target_size(original: tuple[int, int], size) -> tuple[int, int]:
+    if size is None:
+        return original
+    if isinstance(size, tuple):
+        return size
+    h, w = original
+    short = min(h, w)
+    return (max(1, round(h * size / short)), max(1, round(w * size / short)))
+
+
+def _to_layout(pixels: np.ndarray, spatial_axes: tuple[int, ...]) -> np.ndarray:
+    """(H, W, C) -> batch 1 in the model's layout: NCHW for spatial axes (2, 3), NHWC for (1, 2)."""
+    if spatial_axes == (2, 3):
+        return pixels.transpose(2, 0, 1)[None]
+    if spatial_axes == (1, 2):
+        return pixels[None]
+    raise DenseError(f"the model's input has spatial axes {list(spatial_axes)}; images fit (2, 3) (NCHW) or (1, 2) (NHWC)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+# --------------------------------------------------------------------------------------------
+# drawing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rendering:
+    image: object  # PIL.Image.Image
+    view: str  # "labels" or "heatmap"
+    top_class: int | None = None  # heatmap of a classifier: the class drawn
+    classes: int = 1
+
+
+def render(dense, image: ImageInput, view: str = "auto", alpha: float = 0.5) -> Rendering | None:
+    """The PNG of one DenseMap over ``image`` (None when the output cannot be drawn in 2-D)."""
+    from PIL import Image
+
+    if view not in VIEWS:
+        raise DenseError(f"--view '{view}': use one of {', '.join(VIEWS)}")
+    grid = dense.grid
+    if view == "none" or grid is None or len(grid.spatial_axes) != 2:
+        return None
+    value = dense.numpy()
+    scores = _scores(value, grid.spatial_axes)  # (C, h', w') of the first image in the batch
+    if scores is None:
+        return None
+    classes = scores.shape[0]
+    if view == "auto":
+        view = "heatmap" if dense.is_classifier or classes == 1 else "labels"
+    rows = grid.nearest(np.arange(image.size[0]), 0)
+    cols = grid.nearest(np.arange(image.size[1]), 1)
+    if view == "labels":
+        labels = np.argmax(scores, axis=0)[rows[:, None], cols[None, :]]
+        if classes <= 256:
+            picture = Image.fromarray(labels.astype(np.uint8), mode="P")
+            picture.putpalette(palette(256).reshape(-1).tolist())
+        else:
+            picture = Image.fromarray(palette(classes)[labels], mode="RGB")
+        return Rendering(picture, "labels", None, classes)
+    top = None
+    if classes == 1:
+        values = scores[0].astype(np.float64)
+        lo, hi = float(np.min(values)), float(np.max(values))
+        heat = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    else:
+        probs = _probabilities(scores)
+        top = int(np.argmax(probs.reshape(classes, -1).mean(axis=1)))
+        heat = probs[top]
+    heat = heat[rows[:, None], cols[None, :]]
+    colours = colormap(heat)
+    grey = image.rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # keeps the heat readable
+    blended = (1 - alpha) * grey[..., None] + alpha * colours.astype(np.float32)
+    picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    return Rendering(picture, "heatmap", top, classes)
+
+
+def _scores(value: np.ndarray, spatial_axes: Sequence[int]) -> np.ndarray | None:
+    """(C, *spatial) from the first batch item; axes other than batch and spatial are channels."""
+    if value.ndim < 3:
+        return None
+    first = value[0]
+    spatial = [a - 1 for a in spatial_axes]
+    others = [a for a in range(first.ndim) if a not in spatial]
+    if len(others) > 1:
+        return None
+    moved = np.moveaxis(first, [*others, *spatial], list(range(first.ndim)))
+    return moved if others else moved[None]
+
+
+def _probabilities(scores: np.ndarray) -> np.ndarray:
+    """Softmax over channels, unless the values already are probabilities."""
+    s = scores.astype(np.float64)
+    if s.min() >= 0 and s.max() <= 1 and np.allclose(s.sum(axis=0), 1, atol=1e-3):
+        return s
+    s = s - s.max(axis=0, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def palette(n: int) -> np.ndarray:
+    """The Pascal VOC colour map: (n, 3) uint8, class 0 black, then well separated colours."""
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+_ANCHORS = np.array(
+    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164)],
+    dtype=np.float64,
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> (..., 3) uint8 along an inferno-like ramp (dark = low, yellow = high)."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0) * (len(_ANCHORS) - 1)
+    lo = np.floor(v).astype(np.int64)
+    hi = np.minimum(lo + 1, len(_ANCHORS) - 1)
+    t = (v - lo)[..., None]
+    return np.rint(_ANCHORS[lo] * (1 - t) + _ANCHORS[hi] * t).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[object], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def save_png(path, picture) -> None:
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
+
+
+def save_text(path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,0 +1,472 @@
+"""Tiled runs of a dense model whose stitched output equals the untiled output exactly.
+
+Why it can be exact. Every op of a dense model is local and translation-equivariant, so a
+prediction computed on a crop of the image equals the whole-image prediction when two
+things hold on each side of the crop (per spatial axis, in input pixels; ``s`` the dense
+grid's stride, ``a`` = ``rf_start`` and ``R`` = ``rf_size`` from the model's metadata):
+
+* the crop starts at a multiple of every stride the model keeps (a multiple of ``s``,
+  which is their product), so every strided layer samples the same phase as on the whole
+  image, and local prediction ``j`` of a crop at ``o`` is global prediction ``j + o/s``;
+* either the crop's side is the image's side (the model pads there exactly as on the
+  whole image), or the prediction's receptive field ``[a + j*s, a + j*s + R)`` lies inside
+  the crop. ``a`` counts the padding of every layer (it is negative for padded nets), so
+  a field inside the crop never reaches a position that some layer padded at the crop's
+  edge but that is real on the whole image: such a position's own field leaves the crop.
+
+A crop of ``T`` pixels whose sides are both interior therefore gives exact predictions
+``jl = max(0, ceil(-a/s)) <= j <= jr = floor((T - R - a)/s)``: ``m = jr - jl + 1`` of them.
+Tiles step by ``m*s`` (the largest step that leaves no gap, rounded down to a common multiple
+of every output's stride), overlap by about ``R`` pixels, and each owns the predictions from
+its first exact one up to the next tile's first exact one. The last tile on an axis is moved
+back so that it ends on the image's end (its start still aligned), which keeps it at most
+``T`` pixels and never pads the image. Because of the two conditions, each prediction is
+computed on a crop it cannot tell from the whole image: the stitched map is the untiled map,
+computed by the same kernels at other sizes (on the CPU provider bit for bit in the tests; a
+kernel that picks its algorithm by size, as cuDNN does, can differ in round-off).
+
+What breaks the argument is refused before any tile runs (:func:`check_tileable`): ops that
+look at the whole map (global pooling, Resize, InstanceNorm, softmax or reductions over a
+spatial axis, concatenation along it), crops (Slice, negative Pad: they shift what a crop's
+edge padding reaches), ``auto_pad=SAME`` on strided windows (its padding depends on the
+size) and graphs with control flow. Which axes of an intermediate tensor are spatial is
+found by running ONNX shape inference at two input sizes: the axes whose size changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnx_dense import metadata
+from onnx_dense.errors import DenseError, node_label
+
+# Ops that look at the whole map, or whose output positions do not map to fixed input windows.
+NONLOCAL_OPS = {
+    "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "GlobalAveragePool", "GlobalMaxPool",
+    "GlobalLpPool", "InstanceNormalization", "GroupNormalization", "MeanVarianceNormalization",
+    "Col2Im", "RoiAlign", "MaxRoiPool", "GridSample", "AffineGrid", "NonMaxSuppression", "MaxUnpool",
+    "Loop", "If", "Scan", "DFT", "STFT", "NonZero", "Compress", "Unique", "CenterCropPad",
+    "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+}
+REDUCE_OPS = {
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+}
+# op -> (attribute, default) of the single axis it works along
+AXIS_OPS = {
+    "ArgMax": 0, "ArgMin": 0, "LpNormalization": -1, "Concat": None, "Split": 0, "Gather": 0,
+    "GatherElements": 0, "ScatterElements": 0, "TopK": -1,
+}
+WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "ConvInteger", "QLinearConv"}
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """One output's dense grid along one input axis (from the metadata)."""
+
+    stride: int
+    rf_start: int
+    rf_size: int
+
+    def first_exact(self) -> int:
+        """Local index of the first prediction whose field starts inside a crop (``jl``)."""
+        return max(0, -(self.rf_start // self.stride))  # ceil(-a / s), at least 0
+
+    def last_exact(self, extent: int) -> int:
+        """Local index of the last prediction whose field ends inside a crop of ``extent`` (``jr``)."""
+        return (extent - self.rf_size - self.rf_start) // self.stride
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisTile:
+    """A span ``[start, stop)`` of the input along one axis, and what it owns of each output."""
+
+    start: int
+    stop: int
+    own_from: tuple[int, ...]  # per output: first global prediction this tile writes
+    own_to: tuple[int | None, ...]  # per output: one past the last; None for "to the end of the tile"
+
+
+def plan_axis(extent: int, tile: int, geometries: Sequence[Geometry], axis_name: str = "axis") -> list[AxisTile]:
+    """Tiles along one axis of ``extent`` input pixels, at most ``tile`` pixels each."""
+    n_out = len(geometries)
+    if extent <= tile:
+        return [AxisTile(0, extent, (0,) * n_out, (None,) * n_out)]
+    align = math.lcm(*(g.stride for g in geometries))
+    step = _step(tile, geometries, align)
+    if step < align:
+        need = minimum_tile(geometries)
+        raise DenseError(
+            f"tile of {tile} pixels along the {axis_name} is too small for the receptive field "
+            f"({', '.join(str(g.rf_size) for g in geometries)} pixels): use a tile of at least {need}"
+        )
+    last_start = -(-(extent - tile) // align) * align  # ceil to the alignment
+    starts = list(range(0, last_start, step)) + [last_start]
+    tiles = []
+    for i, start in enumerate(starts):
+        stop = extent if i == len(starts) - 1 else start + tile
+        own_from = tuple(0 if i == 0 else start // g.stride + g.first_exact() for g in geometries)
+        if i == len(starts) - 1:
+            own_to: tuple[int | None, ...] = (None,) * n_out
+        else:
+            nxt = starts[i + 1]
+            own_to = tuple(nxt // g.stride + g.first_exact() for g in geometries)
+        tiles.append(AxisTile(start, stop, own_from, own_to))
+    return tiles
+
+
+def _step(tile: int, geometries: Sequence[Geometry], align: int) -> int:
+    step = min((g.last_exact(tile) - g.first_exact() + 1) * g.stride for g in geometries)
+    return (step // align) * align if step > 0 else 0
+
+
+def minimum_tile(geometries: Sequence[Geometry]) -> int:
+    """The smallest tile that leaves every output at least one exact prediction per tile."""
+    align = math.lcm(*(g.stride for g in geometries))
+    tile = max(g.rf_size for g in geometries)
+    while _step(tile, geometries, align) < align:
+        tile += 1
+    return tile
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputAxes:
+    """Where an output's spatial axes are, and its geometry along each input spatial axis."""
+
+    name: str
+    axes: tuple[int, ...]  # output tensor axes, in the input's spatial order
+    geometry: tuple[Geometry, ...]
+
+
+def output_axes(info: metadata.DenseInfo, input_name: str, output_names: Sequence[str]) -> list[OutputAxes]:
+    result = []
+    for name in output_names:
+        out = info.outputs.get(name)
+        if out is None:
+            raise DenseError(
+                f"output '{name}' has no dense grid in the model's metadata (no spatial axes), so tiles "
+                "cannot be stitched; run without tiling"
+            )
+        if out.input != input_name:
+            raise DenseError(f"output '{name}' is computed from input '{out.input}', not '{input_name}'; run without tiling")
+        geometry = tuple(Geometry(s, a, r) for s, a, r in zip(out.stride, out.rf_start, out.rf_size))
+        result.append(OutputAxes(name, tuple(out.spatial_axes), geometry))
+    return result
+
+
+def parse_tile(tile, rank: int) -> tuple[int, ...]:
+    """``512`` -> (512, 512); ``(512, 256)`` or ``'512x256'`` -> per spatial axis (height first)."""
+    if isinstance(tile, str):
+        parts = [p for p in tile.lower().replace("x", ",").split(",") if p.strip()]
+        try:
+            tile = tuple(int(p) for p in parts)
+        except ValueError:
+            raise DenseError(f"--tile '{tile}': expected a positive integer or one per spatial axis such as 512x384") from None
+    if isinstance(tile, (int, np.integer)):
+        tile = (int(tile),) * rank
+    tile = tuple(int(t) for t in tile)
+    if len(tile) == 1:
+        tile = tile * rank
+    if len(tile) != rank or any(t < 1 for t in tile):
+        raise DenseError(f"tile {tile}: expected a positive size for each of the {rank} spatial axes")
+    return tile
+
+
+# --------------------------------------------------------------------------------------------
+# running the plan
+# --------------------------------------------------------------------------------------------
+
+
+def run_tiled(
+    run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+    feeds: Mapping[str, np.ndarray],
+    input_name: str,
+    input_axes: Sequence[int],
+    outputs: Sequence[OutputAxes],
+    tile: Sequence[int],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``run`` on tiles of ``feeds[input_name]`` and stitch each output.
+
+    ``run`` takes a feeds dict and returns numpy outputs by name (at least those of
+    ``outputs``). Other feeds are passed whole to every tile.
+    """
+    x = feeds[input_name]
+    per_axis = []
+    for k, axis in enumerate(input_axes):
+        geometries = [o.geometry[k] for o in outputs]
+        per_axis.append(plan_axis(int(x.shape[axis]), int(tile[k]), geometries, _axis_name(k, len(input_axes))))
+    grid = np.indices([len(p) for p in per_axis]).reshape(len(per_axis), -1).T
+    order = [tuple(idx) for idx in grid]
+    # The last tile on every axis first: it tells the full size of every output.
+    order = order[-1:] + order[:-1]
+    stitched: dict[str, np.ndarray] = {}
+    for done, idx in enumerate(order):
+        spans = [per_axis[k][i] for k, i in enumerate(idx)]
+        crop = [slice(None)] * x.ndim
+        for k, axis in enumerate(input_axes):
+            crop[axis] = slice(spans[k].start, spans[k].stop)
+        tile_feeds = dict(feeds)
+        tile_feeds[input_name] = np.ascontiguousarray(x[tuple(crop)])
+        result = run(tile_feeds)
+        for j, out in enumerate(outputs):
+            value = np.asarray(result[out.name])
+            if out.name not in stitched:  # the last tile: the output's full size
+                shape = list(value.shape)
+                for k, axis in enumerate(out.axes):
+                    shape[axis] = spans[k].start // out.geometry[k].stride + value.shape[axis]
+                stitched[out.name] = np.empty(shape, dtype=value.dtype)
+            target = stitched[out.name]
+            src = [slice(None)] * value.ndim
+            dst = [slice(None)] * value.ndim
+            for k, axis in enumerate(out.axes):
+                span, g = spans[k], out.geometry[k]
+                offset = span.start // g.stride
+                lo = span.own_from[j]
+                hi = target.shape[axis] if span.own_to[j] is None else span.own_to[j]
+                if hi - offset > value.shape[axis] or lo < offset:
+                    raise RuntimeError(
+                        f"tile {span.start}:{span.stop} of output '{out.name}' has {value.shape[axis]} predictions "
+                        f"along axis {axis}, fewer than the {hi - offset} the plan needs (a bug in the tiling)"
+                    )
+                src[axis] = slice(lo - offset, hi - offset)
+                dst[axis] = slice(lo, hi)
+            target[tuple(dst)] = value[tuple(src)]
+        if progress is not None:
+            progress(done + 1, len(order))
+    return stitched
+
+
+def _axis_name(k: int, rank: int) -> str:
+    names = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}.get(rank)
+    return names[k] if names else f"spatial axis {k}"
+
+
+# --------------------------------------------------------------------------------------------
+# which graphs tile exactly
+# --------------------------------------------------------------------------------------------
+
+
+def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str) -> None:
+    """Raise DenseError naming the first node that would make a tiled run differ from an untiled one."""
+    if info.strategy != "dilate":
+        raise DenseError(
+            f"this model was rewritten with strategy '{info.strategy}', whose phases read a zero extension that "
+            "depends on the map's size, so tiles would not match the whole image; run without --tile, or "
+            "rewrite with --strategy dilate"
+        )
+    if getattr(info, "per_phase_global", False) or any(getattr(o, "off_grid", "exact") == "global" for o in info.outputs.values()):
+        raise DenseError(
+            "this model computes global context (per-phase means over the whole map), so tiles would not match "
+            "the whole image; run without --tile"
+        )
+    spatial = _spatial_axes(proto, info, input_name)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    constants = _constants(proto)
+    for node in proto.graph.node:
+        reason = _nonlocal_reason(node, spatial, constants, opset)
+        if reason:
+            raise DenseError(
+                f"node {node_label(node)}: {reason}, so tiles would not match the whole image; run without --tile"
+            )
+
+
+def _nonlocal_reason(node: onnx.NodeProto, spatial, constants, opset: int) -> str | None:
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return f"an op of domain '{node.domain}', whose reach is unknown"
+    if op in NONLOCAL_OPS:
+        return "it looks at the whole map, not a fixed window"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    data = node.input[0] if node.input else ""
+    axes_of = spatial.get(data)  # set of spatial axes of the node's first input, or None if unknown
+    rank = _rank(spatial, data)
+
+    def touches(axes: Sequence[int] | None) -> bool:
+        if axes_of is None:
+            return True  # unknown layout: assume the worst
+        if axes is None:
+            return bool(axes_of)
+        return any((a % rank if rank else a) in axes_of for a in axes)
+
+    if op in WINDOW_OPS:
+        pads = attrs.get("pads")
+        if pads is not None and any(p < 0 for p in pads):
+            return "negative pads crop the map"
+        strides = attrs.get("strides") or []
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad.startswith("SAME") and any(s > 1 for s in strides):
+            return f"auto_pad={auto_pad} with stride {list(strides)} pads by the input size"
+        if op == "ConvTranspose" and any(s > 1 for s in strides):
+            return "a strided ConvTranspose upsamples"
+        return None
+    if op in REDUCE_OPS:
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = constants.get(node.input[1])
+            if axes is None:
+                return "it reduces over axes computed at run time"
+        if axes is None or len(axes) == 0:
+            if attrs.get("noop_with_empty_axes", 0):
+                return None
+            return "it reduces over every axis" if touches(None) else None
+        return "it reduces over a spatial axis" if touches(list(axes)) else None
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
+        axis = attrs.get("axis", 1 if opset < 13 else -1)
+        if opset < 13:
+            if rank is None:
+                return "it normalises over axes whose layout is unknown"
+            return "it normalises over a spatial axis" if touches(list(range(axis % rank, rank))) else None
+        return "it normalises over a spatial axis" if touches([axis]) else None
+    if op == "LayerNormalization":
+        axis = attrs.get("axis", -1)
+        if rank is None:
+            return "it normalises over axes whose layout is unknown"
+        return "it normalises over a spatial axis" if touches(list(range(axis % rank, rank))) else None
+    if op == "Flatten":
+        return "it folds spatial axes into features" if touches(None) else None
+    if op in AXIS_OPS:
+        axis = attrs.get("axis", AXIS_OPS[op])
+        if axis is None:
+            return None
+        return f"it works along spatial axis {axis}" if touches([axis]) else None
+    if op == "CumSum":
+        axis = constants.get(node.input[1]) if len(node.input) > 1 else None
+        return "it accumulates along a spatial axis" if axis is None or touches(list(axis)) else None
+    if op == "Slice":
+        if len(node.input) > 3 and node.input[3]:
+            axes = constants.get(node.input[3])
+        elif len(node.input) > 1:
+            starts = constants.get(node.input[1])
+            axes = list(range(len(starts))) if starts is not None else None
+        else:
+            axes = attrs.get("axes") or (list(range(len(attrs.get("starts", [])))))
+        if axes is None:
+            return "it slices axes computed at run time"
+        return "it crops a spatial axis" if touches(list(axes)) else None
+    if op == "Pad":
+        pads = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("pads")
+        if pads is None:
+            return "its pads are computed at run time"
+        if any(p < 0 for p in pads):
+            return "negative pads crop the map"
+        return None
+    if op == "Tile":
+        repeats = constants.get(node.input[1]) if len(node.input) > 1 else None
+        if repeats is None:
+            return "its repeats are computed at run time"
+        return "it repeats along a spatial axis" if touches([i for i, r in enumerate(repeats) if r != 1]) else None
+    return None
+
+
+def _rank(spatial, name) -> int | None:
+    return spatial.get(("rank", name))
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Small integer constants (axes, pads, starts) by tensor name."""
+    values: dict[str, list[int]] = {}
+    for init in proto.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and _numel(init.dims) <= 64 \
+                and init.data_location != onnx.TensorProto.EXTERNAL:
+            values[init.name] = [int(v) for v in onnx.numpy_helper.to_array(init).reshape(-1)]
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                    values[node.output[0]] = [int(v) for v in onnx.numpy_helper.to_array(a.t).reshape(-1)]
+                elif a.name in ("value_int", "value_ints"):
+                    v = onnx.helper.get_attribute_value(a)
+                    values[node.output[0]] = [int(i) for i in (v if isinstance(v, list) else [v])]
+    return values
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _light_copy(proto: onnx.ModelProto, input_name: str, sizes: dict[int, int]) -> onnx.ModelProto:
+    """The graph with big weights replaced by typed inputs and the image input at a static size."""
+    light = onnx.ModelProto()
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    g = light.graph
+    g.name = proto.graph.name
+    g.node.extend(proto.graph.node)
+    g.output.extend(proto.graph.output)
+    init_names = set()
+    for init in proto.graph.initializer:
+        init_names.add(init.name)
+        if _numel(init.dims) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(init)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    for vi in proto.graph.input:
+        if vi.name in init_names:
+            continue
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(vi)
+        if vi.name == input_name:
+            for axis, size in sizes.items():
+                dim = copy.type.tensor_type.shape.dim[axis]
+                dim.Clear()
+                dim.dim_value = size
+        g.input.append(copy)
+    for out in g.output:  # stale or symbolic output shapes would only conflict
+        out.type.tensor_type.ClearField("shape")
+    return light
+
+
+def _infer(proto: onnx.ModelProto) -> dict[str, list[int | None] | None]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    shapes: dict[str, list[int | None] | None] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            shapes[vi.name] = None
+            continue
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return shapes
+
+
+def _spatial_axes(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str) -> dict:
+    """Per tensor, the set of its axes whose size follows the input's size (None: unknown).
+
+    Shape inference runs at the rewrite's static size and at a size larger by a multiple of
+    every output's stride; an axis is spatial where the two differ or either is unknown.
+    """
+    entry = info.inputs.get(input_name)
+    if entry is None:
+        raise DenseError(f"input '{input_name}' has no spatial axes in the model's metadata; run without tiling")
+    strides = [s for out in info.outputs.values() for s in out.stride] or [1]
+    delta = 2 * math.lcm(*strides)
+    small = dict(zip(entry.spatial_axes, entry.size))
+    large = {a: s + delta for a, s in small.items()}
+    a = _infer(_light_copy(proto, input_name, small))
+    b = _infer(_light_copy(proto, input_name, large))
+    spatial: dict = {}
+    for name in set(a) | set(b):
+        sa, sb = a.get(name), b.get(name)
+        if sa is None or sb is None or len(sa) != len(sb):
+            spatial[name] = None
+            continue
+        spatial[name] = {i for i, (x, y) in enumerate(zip(sa, sb)) if x is None or y is None or x != y}
+        spatial[("rank", name)] = len(sa)
+    return spatial

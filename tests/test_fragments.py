@@ -1,0 +1,379 @@
+"""Strategy "fragments" (passes/fragments.py): the original ops run once per phase.
+
+Tiny graphs from ONNX text (tests/_graphs.py) and the U-Net/FPN sample of
+samples/zoo_context.py, checked in onnxruntime with optimisations off:
+
+* the subgrid (phase 0) is the original, always, at the analysis size and at others;
+* where every removed stride divides the map, the fragments output equals the dilated one
+  at every position, borders included; where it does not, they differ only at positions
+  whose receptive field passes the end of the image (the documented border behaviour);
+* verify (with --phases) passes, leaving out both borders ("interior");
+* global context, InstanceNorm and upsampling, refused by dilation, are exact here;
+* what is still out of reach is refused with the node named.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnx_dense
+from onnx_dense import metadata
+from tests._graphs import feeds_for, graph, info, nodes, rewrite, run
+
+CHAIN = """
+  [c1] h1 = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)
+  r1 = Relu (h1)
+  [c2] h2 = Conv <strides=[2,2], pads=[1,1,1,1]> (r1, w2)
+  r2 = Relu (h2)
+  [c3] y = Conv <pads=[1,1,1,1]> (r2, w3)
+"""
+
+
+def chain(size: int, batch: int = 1) -> onnx.ModelProto:
+    return graph(f"float[{batch},2,{size},{size}] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[4,4,3,3] w3", CHAIN)
+
+
+def both(m: onnx.ModelProto, stride, feeds=None, **kwargs):
+    """Outputs of the dilated and the fragments model (dicts), the fragments model."""
+    feeds = feeds or feeds_for(m)
+    d = rewrite(m, stride, **kwargs)
+    f = rewrite(m, stride, strategy="fragments", **kwargs)
+    return run(d, feeds), run(f, feeds), f, feeds
+
+
+def sample(y: np.ndarray, est) -> np.ndarray:
+    return y[(slice(None), slice(None)) + tuple(slice(0, None, e) for e in est)]
+
+
+def verified(original, dense, **kwargs):
+    report = onnx_dense.verify(original, dense, **kwargs)
+    assert report, report.text()
+    return report
+
+
+def phase_checks(report) -> list:
+    return [c for c in report.comparisons if c.check.startswith("phase ")]
+
+
+# ============================================================================ the lowering
+
+
+def test_dividing_size_equals_dilation_everywhere():
+    """16 -> 8 -> 4 with 3x3/2 pad 1: every phase of every level has as many windows as
+    phase 0, so the two lowerings agree at every position, borders included."""
+    m = chain(16)
+    d, f, dense, feeds = both(m, 1)
+    assert d["y"].shape == f["y"].shape == (1, 4, 16, 16)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
+    out = info(dense).outputs["y"]
+    assert info(dense).strategy == "fragments" and out.est == (4, 4) and out.off_grid == "interior"
+    # space-to-batch: one Pad + 4 Slices + Concat per level, the convs keep their strides
+    assert len(nodes(dense, "Pad")) == 2
+    assert [n for n in dense.graph.node if n.op_type == "Conv" and n.name == "c1"]
+    report = verified(m, dense, phases=True)
+    assert len(phase_checks(report)) == 15 and all(c.compared for c in phase_checks(report))
+
+
+def test_non_dividing_size_differs_only_at_the_end_border():
+    """15 -> 8 -> 4: phase 1 of c1 has 7 windows, one fewer than phase 0. The fragments
+    model zero-extends the map so that every phase has 8; phase 0 stays the original, the
+    others differ from the dilated model only where the receptive field (15 pixels, starting
+    7 before the position's window) passes the end of the image."""
+    m = chain(15)
+    d, f, dense, feeds = both(m, 1)
+    assert f["y"].shape == (1, 4, 16, 16) and d["y"].shape == (1, 4, 15, 15)
+    np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
+    out = info(dense).outputs["y"]
+    diff = np.abs(f["y"][..., :15, :15] - d["y"]).max(axis=(0, 1))
+    # dense position j sees input pixels j - 7 .. j + 7: inside the image up to j = 7
+    inside = 15 - (out.rf_start[0] + out.rf_size[0])  # last j whose field ends inside
+    assert diff[: inside + 1, : inside + 1].max() <= 1e-5 * np.abs(d["y"]).max()
+    assert diff.max() > 1e-3  # the border does differ: the test would notice a wrong claim
+    report = verified(m, dense, phases=True)
+    assert all(c.compared for c in phase_checks(report))
+
+
+@pytest.mark.parametrize("size", [12, 19, 24])
+def test_subgrid_is_the_original_at_other_sizes(size):
+    m = chain(16)
+    dense = rewrite(m, 1, strategy="fragments")
+    x = np.random.default_rng(size).standard_normal((1, 2, size, size)).astype(np.float32)
+    other = chain(size)
+    for i in other.graph.initializer:  # same weights
+        i.CopyFrom(next(j for j in m.graph.initializer if j.name == i.name))
+    np.testing.assert_array_equal(sample(run(dense, {"x": x})["y"], (4, 4)), run(other, {"x": x})["y"])
+
+
+def test_batch_of_two():
+    """Phases sit next to the batch (phase-major): every image keeps its own phases."""
+    m = chain(16, batch=2)
+    d, f, dense, feeds = both(m, 2)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+
+
+def test_kept_part_of_a_stride_shifts_by_it():
+    """R=2 on a stride-4 conv keeps 2 and removes 2: phase a reads the map shifted by 2a."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,5,5] w1, float[4,3,3,3] w2",
+        "[c1] h = Conv <strides=[4,4], pads=[2,2,2,2]> (x, w1)\nr = Relu (h)\n[c2] y = Conv <pads=[1,1,1,1]> (r, w2)",
+    )
+    d, f, dense, _ = both(m, 2)
+    assert info(dense).outputs["y"].est == (2, 2) and info(dense).outputs["y"].stride == (2, 2)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    verified(m, dense, phases=True)
+
+
+def test_maxpool_pads_with_the_lowest_value():
+    """A removed MaxPool's pads move into the Pad node: -inf-like, not zero (all-negative input)."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1",
+        "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n[mp] p = MaxPool <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]> (h)"
+        "\n[mp2] y = MaxPool <kernel_shape=[2,2], strides=[2,2]> (p)",
+    )
+    feeds = {"x": -np.abs(feeds_for(m)["x"]) - 5}
+    for w in m.graph.initializer:
+        w.CopyFrom(onnx.numpy_helper.from_array(np.abs(onnx.numpy_helper.to_array(w)), w.name))
+    d, f, dense, _ = both(m, 1, feeds=feeds)
+    np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
+    pad = nodes(dense, "Pad")[0]
+    value = next(n for n in dense.graph.node if n.output[0] == pad.input[2])
+    assert onnx.numpy_helper.to_array(value.attribute[0].t) < -1e38
+    verified(m, dense, inputs=feeds, phases=True)
+
+
+def test_average_pool_that_does_not_count_pads():
+    """count_include_pad=0 with pads at a removed stride: divided by the pooled mask."""
+    m = graph(
+        "float[1,2,15,15] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
+        "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n"
+        "[ap] p = AveragePool <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1], count_include_pad=0> (h)\n"
+        "[c2] y = Conv <pads=[1,1,1,1]> (p, w2)",
+    )
+    d, f, dense, feeds = both(m, 1)
+    np.testing.assert_allclose(sample(f["y"], (2, 2)), run(m, feeds)["y"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(f["y"][..., :12, :12], d["y"][..., :12, :12], rtol=0, atol=1e-5)
+    verified(m, dense, phases=True)
+
+
+def test_classifier_head_gives_one_prediction_per_phase():
+    """GAP + Flatten + Gemm: (N, K) per phase -> (N, K, e, e), the dilated head's layout."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[5,4] wf, float[5] bf",
+        CHAIN.replace("[c3] y = Conv <pads=[1,1,1,1]> (r2, w3)", "")
+        + "  g = GlobalAveragePool (r2)\n  fl = Flatten (g)\n  [fc] y = Gemm <transB=1> (fl, wf, bf)",
+    )
+    d, f, dense, feeds = both(m, 1)
+    assert f["y"].shape == d["y"].shape == (1, 5, 4, 4)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    np.testing.assert_allclose(f["y"][:, :, 0, 0], run(m, feeds)["y"], rtol=0, atol=1e-6)
+    verified(m, dense, phases=True)
+
+
+def test_reshape_with_a_baked_batch():
+    """dynamo's Reshape(x, [1, C*H*W]) takes the batch from the running tensor."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[5,64] wf",
+        CHAIN.replace("[c3] y = Conv <pads=[1,1,1,1]> (r2, w3)", "")
+        + "  sh = Constant <value = int64[2] {1, 64}> ()\n  [rs] fl = Reshape (r2, sh)\n  [fc] y = Gemm <transB=1> (fl, wf)",
+    )
+    d, f, dense, feeds = both(m, 1)
+    assert f["y"].shape == (1, 5, 4, 4)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+
+
+# ============================================================================ global context, normalisation
+
+
+SE = """
+  [c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)
+  [gap] g = GlobalAveragePool (h)
+  [fc1] f1 = Conv (g, wa)
+  r = Relu (f1)
+  [fc2] f2 = Conv (r, wb)
+  s = HardSigmoid (f2)
+  [se_mul] m = Mul (h, s)
+  [c2] y = Conv <pads=[1,1,1,1]> (m, w2)
+"""
+SE_SIG = "float[1,2,{0},{0}] x, float[4,2,3,3] w1, float[2,4,1,1] wa, float[4,2,1,1] wb, float[3,4,3,3] w2"
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_squeeze_excitation(size):
+    m = graph(SE_SIG.format(size), SE)
+    dense = rewrite(m, 1, strategy="fragments")
+    feeds = feeds_for(m)
+    np.testing.assert_array_equal(sample(run(dense, feeds)["y"], (2, 2)), run(m, feeds)["y"])
+    out = info(dense).outputs["y"]
+    assert out.off_grid == "global"
+    report = verified(m, dense, phases=True)
+    assert any("global context" in c.note for c in report.comparisons if c.check == "phases")
+
+
+def test_instance_norm_is_exact_per_phase():
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[3] sc, float[3] bi, float[4,3,3,3] w2",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n[inorm] n = InstanceNormalization (h, sc, bi)\n"
+        "[c2] y = Conv <pads=[1,1,1,1]> (n, w2)",
+    )
+    with pytest.raises(onnx_dense.DenseError, match="--strategy fragments"):
+        rewrite(m, 1)
+    dense = rewrite(m, 1, strategy="fragments")
+    feeds = feeds_for(m)
+    np.testing.assert_allclose(sample(run(dense, feeds)["y"], (2, 2)), run(m, feeds)["y"], rtol=0, atol=1e-5)
+    verified(m, dense, phases=True)
+
+
+# ============================================================================ upsampling
+
+
+UPNET = """
+  [c1] e1 = Conv <pads=[1,1,1,1]> (x, w1)
+  [p1] q1 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (e1)
+  [c2] e2 = Conv <pads=[1,1,1,1]> (q1, w2)
+  [p2] q2 = MaxPool <kernel_shape=[2,2], strides=[2,2]> (e2)
+  [c3] e3 = Conv <pads=[1,1,1,1]> (q2, w3)
+  sc = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+  [up] u = Resize <mode="nearest"> (e3, , sc)
+  cat = Concat <axis=1> (u, e2)
+  [c4] y = Conv <pads=[1,1,1,1]> (cat, w4)
+"""
+UPNET_SIG = "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[4,4,3,3] w3, float[3,8,3,3] w4"
+
+
+def test_upsampling_collapses_the_levels_it_makes_whole_steps():
+    """Output at stride 2, bottleneck at stride 4, R=1: p1 splits 2x2 phases (1 pixel apart),
+    p2 another 2x2 (2 pixels apart) that the x2 upsampling turns into whole steps of the
+    stride-2 map; no output keeps them, so p2 is not split at all (it runs as the original,
+    once per phase of p1)."""
+    m = graph(UPNET_SIG, UPNET)
+    with pytest.raises(onnx_dense.DenseError, match="'up' \\(Resize\\).*--strategy fragments"):
+        rewrite(m, 1)
+    dense = rewrite(m, 1, strategy="fragments")
+    feeds = feeds_for(m)
+    y = run(dense, feeds)["y"]
+    assert y.shape == (1, 3, 16, 16) and info(dense).outputs["y"].est == (2, 2)
+    np.testing.assert_array_equal(sample(y, (2, 2)), run(m, feeds)["y"])
+    assert len(nodes(dense, "Pad")) == 1  # one split (p1); p2 keeps its stride per phase
+    report = verified(m, dense, phases=True)
+    assert all(c.compared for c in phase_checks(report))
+
+
+def test_upsampling_with_two_outputs_keeps_the_level_one_of_them_needs():
+    """With e3 also an output (stride 4, eST 4 at R=1), p2's level is needed: it is split and
+    the Resize reads only its phase 0 (a batch slice before the upsampling)."""
+    m = graph(UPNET_SIG, UPNET, outputs="float y, float e3")
+    dense = rewrite(m, 1, strategy="fragments")
+    feeds = feeds_for(m)
+    got, ref = run(dense, feeds), run(m, feeds)
+    assert info(dense).outputs["e3"].est == (4, 4) and info(dense).outputs["y"].est == (2, 2)
+    np.testing.assert_array_equal(sample(got["y"], (2, 2)), ref["y"])
+    np.testing.assert_array_equal(sample(got["e3"], (4, 4)), ref["e3"])
+    assert len(nodes(dense, "Pad")) == 2
+    verified(m, dense, phases=True)
+
+
+def test_uneven_upsampling_is_refused():
+    """A stride 4 removed at once (4x4 phases, 1 pixel apart) upsampled x2: phases a and a+2
+    coincide, a and a+1 do not: no layout of whole levels, refused."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
+        "[c1] h = Conv <strides=[4,4], pads=[1,1,1,1]> (x, w1)\n"
+        'sc = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()\n[up] u = Resize <mode="nearest"> (h, , sc)\n'
+        "[c2] y = Conv <pads=[1,1,1,1]> (u, w2)",
+    )
+    with pytest.raises(onnx_dense.DenseError, match="'up' \\(Resize\\).*unevenly"):
+        rewrite(m, 1, strategy="fragments")
+
+
+@functools.cache
+def _unet(mode: str) -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from samples import zoo_context
+
+    model = zoo_context.build("unet" if mode == "nearest" else "unet_bilinear")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = zoo_context.export(model, Path(tmp) / "unet.onnx")
+        return path.read_bytes()
+
+
+@pytest.mark.parametrize("mode, stride", [("nearest", 1), ("nearest", 2), ("bilinear", 1)])
+def test_unet_fpn(mode, stride, tmp_path):
+    """The U-Net/FPN sample (outputs p2 at stride 2, p4 at stride 4): exact on the subgrid and,
+    away from the borders, at every off-grid phase."""
+    src = tmp_path / "unet.onnx"
+    src.write_bytes(_unet(mode))
+    dst = tmp_path / "dense.onnx"
+    with pytest.raises(onnx_dense.DenseError, match="--strategy fragments"):
+        onnx_dense.rewrite(src, dst, output_stride=stride, strategy="dilate")
+    onnx_dense.rewrite(src, dst, output_stride=stride, strategy="auto")
+    meta = metadata.read(onnx.load(str(dst)))
+    assert meta.strategy == "fragments"
+    assert meta.outputs["p2"].est == (2 // stride,) * 2 and meta.outputs["p4"].est == (4 // stride,) * 2
+    report = verified(src, dst, phases=True, max_phases=6)
+    assert any(c.compared for c in phase_checks(report))
+    # the stride-8 pool is never split: its level is collapsed by the upsampling on every path
+    # (R=1 splits the pools to strides 2 and 4, R=2 only the one to stride 4)
+    assert len([n for n in onnx.load(str(dst)).graph.node if n.op_type == "Pad"]) == (2 if stride == 1 else 1)
+
+
+# ============================================================================ out of reach
+
+
+@pytest.mark.parametrize(
+    "body, fragments",
+    [
+        ("[cat] y = Concat <axis=0> (h, h)", ["'cat' (Concat)", "batch axis"]),
+        (
+            "ax = Constant <value = int64[1] {0}> ()\n[rs] y = ReduceSum <keepdims=1> (h, ax)",
+            ["'rs' (ReduceSum)", "batch axis"],
+        ),
+        ("[tr] y = Transpose <perm=[1,0,2,3]> (h)", ["'tr' (Transpose)", "batch axis"]),
+    ],
+)
+def test_ops_on_the_batch_axis_are_refused(body, fragments):
+    m = graph("float[1,2,16,16] x, float[3,2,3,3] w1", "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n" + body)
+    with pytest.raises(onnx_dense.DenseError) as caught:
+        rewrite(m, 1, strategy="fragments")
+    for text in fragments:
+        assert text in str(caught.value)
+
+
+# ============================================================================ strategy auto, CLI
+
+
+def test_auto_is_dilation_where_it_applies():
+    m = chain(16)
+    auto = rewrite(m, 1, strategy="auto")
+    dilate = rewrite(m, 1)
+    assert auto.SerializeToString() == dilate.SerializeToString()
+    assert info(auto).strategy == "dilate"
+
+
+def test_cli_default_is_auto_and_verify_passes(tmp_path):
+    from onnx_dense.cli import cli
+
+    src = tmp_path / "se.onnx"
+    onnx.save(graph(SE_SIG.format(16), SE), str(src))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["rewrite", str(src), str(tmp_path / "d.onnx"), "-r", "1"])
+    assert r.exit_code == 0, r.output
+    assert "strategy fragments" in r.output
+    r = runner.invoke(cli, ["verify", str(src), str(tmp_path / "d.onnx"), "--phases"])
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    r = runner.invoke(cli, ["rewrite", str(src), str(tmp_path / "e.onnx"), "-r", "1", "--strategy", "dilate"])
+    assert r.exit_code == 2 and "--strategy fragments" in r.stderr and "'se_mul' (Mul)" in r.stderr
+    r = runner.invoke(cli, ["rewrite", str(src), str(tmp_path / "t.onnx"), "-r", "1", "--tune"])
+    assert r.exit_code == 0 and "tuned on cpu" in r.output, r.output
+    meta = metadata.read(onnx.load(str(tmp_path / "t.onnx")))
+    assert set(meta.tuning["median_ms"]) == {"dilate+per-phase-global", "fragments"}
+    assert meta.tuning["chosen"] in meta.tuning["median_ms"] and "dilate" in meta.tuning["refused"]
+    r = runner.invoke(cli, ["verify", str(src), str(tmp_path / "t.onnx")])
+    assert r.exit_code == 0, r.output

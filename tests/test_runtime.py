@@ -1,0 +1,353 @@
+"""DenseSession: providers, CUDA settings, IOBinding, the pixel grid, and exact tiling.
+
+The tiling proof: on the FCN sample rewritten to output stride 4, the stitched output of
+tiles equals the untiled output (bit for bit on the CPU provider here; the test allows 1e-6
+relative) at image sizes that are not multiples of the tile, for square and rectangular
+tiles down to the smallest allowed; and a tiling whose margin is one dense stride short is
+caught by the same comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnx_dense
+from onnx_dense import DenseError, api, metadata
+from onnx_dense.runtime import DenseSession, PixelGrid, cuda_options, resolve_provider, tiling
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+NET = """
+<ir_version: 9, opset_import: ["" : 20]>
+net (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c1 = Conv <pads = [1,1,1,1]> (input, w1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
+    c2 = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
+    output = Relu (c2)
+}
+"""
+
+
+def _with_weights(text: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """NET rewritten to output stride 2: a dense grid every 2 pixels, eST 2."""
+    d = tmp_path_factory.mktemp("tiny")
+    onnx.save(_with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}), str(d / "net.onnx"))
+    onnx_dense.rewrite(d / "net.onnx", d / "dense.onnx", output_stride=2)
+    return str(d / "dense.onnx")
+
+
+@pytest.fixture(scope="module")
+def fcn(tmp_path_factory):
+    """The FCN sample, exported by the TorchScript exporter, rewritten to output stride 4."""
+    pytest.importorskip("torch")
+    from samples import export, zoo
+
+    d = tmp_path_factory.mktemp("fcn")
+    export.export_onnx(zoo.build("fcn"), None, d / "fcn.onnx")
+    onnx_dense.rewrite(d / "fcn.onnx", d / "fcn_dense.onnx", output_stride=4)
+    return str(d / "fcn_dense.onnx")
+
+
+@pytest.fixture(scope="module")
+def fcn_session(fcn):
+    with DenseSession(fcn, provider="cpu") as session:
+        yield session
+
+
+# ------------------------------------------------------------------------------------------
+# tiling
+# ------------------------------------------------------------------------------------------
+
+
+def test_fcn_tiled_equals_untiled(fcn_session):
+    out = fcn_session.info.outputs["output"]
+    assert (out.stride, out.rf_start, out.rf_size) == ((4, 4), (-30, -30), (108, 108))
+    smallest = fcn_session.minimum_tile()
+    assert smallest == (110, 110)
+    rng = np.random.default_rng(0)
+    for size in [(150, 133), (261, 97), (97, 229)]:
+        x = rng.standard_normal((1, 3, *size)).astype(np.float32)
+        whole = fcn_session.run(x)["output"].numpy()
+        for tile in [smallest, (128, 128), (141, 113)]:
+            counted = []
+            tiled = fcn_session.run(x, tile=tile, progress=lambda done, total: counted.append(total))["output"]
+            assert tiled.shape == whole.shape, (size, tile)
+            diff = float(np.max(np.abs(tiled.numpy() - whole)))
+            # 0 on onnxruntime's CPU provider here; 1e-6 relative leaves room for a kernel that
+            # picks another accumulation order at another size
+            assert diff == 0.0 or diff <= 1e-6 * float(np.max(np.abs(whole))), (size, tile, diff)
+            assert tiled.grid.shape == whole.shape[2:]
+            expected_tiles = [len(tiling.plan_axis(n, t, [tiling.Geometry(4, -30, 108)])) for n, t in zip(size, tile)]
+            assert counted[-1] == expected_tiles[0] * expected_tiles[1] > 1
+
+
+def test_a_margin_one_stride_short_is_caught(fcn_session):
+    """The comparison above has teeth: shrinking the receptive field by one stride breaks it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 3, 200, 170)).astype(np.float32)
+    whole = fcn_session.run(x)["output"].numpy()
+    short = [tiling.OutputAxes("output", (2, 3), (tiling.Geometry(4, -26, 100),) * 2)]
+    tiled = tiling.run_tiled(fcn_session.run_raw, {"input": x}, "input", (2, 3), short, (128, 128))["output"]
+    assert tiled.shape == whole.shape
+    assert np.max(np.abs(tiled - whole)) > 1e-3
+
+
+def test_plan_axis_partitions_the_predictions():
+    """Arithmetic of the plan: aligned tiles within the size, contiguous exact ownership."""
+    rnd = random.Random(0)
+    for _ in range(400):
+        stride = rnd.choice([1, 2, 4, 8])
+        geometries = [tiling.Geometry(stride, -rnd.randrange(0, 40), rnd.randrange(1, 90))]
+        if rnd.random() < 0.3:
+            geometries.append(tiling.Geometry(stride * 2, -rnd.randrange(0, 40), rnd.randrange(1, 90)))
+        smallest = tiling.minimum_tile(geometries)
+        tile = smallest + rnd.randrange(0, 60)
+        extent = rnd.randrange(1, 700)
+        plan = tiling.plan_axis(extent, tile, geometries)
+        assert plan[0].start == 0 and plan[-1].stop == extent
+        for i, span in enumerate(plan):
+            assert span.stop - span.start <= tile
+            assert span.start % max(g.stride for g in geometries) == 0
+            for j, g in enumerate(geometries):
+                offset = span.start // g.stride
+                if i > 0:
+                    assert span.own_from[j] == plan[i - 1].own_to[j]
+                    assert span.own_from[j] - offset >= g.first_exact()
+                if i < len(plan) - 1:
+                    assert span.own_to[j] - 1 - offset <= g.last_exact(span.stop - span.start)
+                    assert span.own_to[j] > span.own_from[j]
+
+
+def test_tile_smaller_than_the_receptive_field_is_refused(fcn_session):
+    with pytest.raises(DenseError, match="use at least 110x110"):
+        fcn_session.run(np.zeros((1, 3, 300, 300), np.float32), tile=100)
+    with pytest.raises(DenseError, match="--tile 'big'"):
+        fcn_session.run(np.zeros((1, 3, 300, 300), np.float32), tile="big")
+
+
+def _info(input_size=(16, 16)) -> metadata.DenseInfo:
+    return metadata.DenseInfo(
+        (1,), "dilate", {"x": metadata.DenseInput("x", (2, 3), input_size)},
+        {"y": metadata.DenseOutput("y", (2, 3), (1, 1), (1, 1), (1, 1), (3, 3), (-1, -1), False, "x", input_size, input_size)},
+    )
+
+
+def _graph(body: str, out_type: str = "float[1,4,?,?] y", extra_inits: str = "") -> onnx.ModelProto:
+    text = f"""
+    <ir_version: 9, opset_import: ["" : 20]>
+    g (float[1,3,h,w] x) => ({out_type}) <float[4,3,3,3] w{extra_inits}> {{
+        c = Conv <pads = [1,1,1,1]> (x, w)
+        {body}
+    }}
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ("y = Softmax <axis = 1> (c)", None),
+        ("y = ReduceMax <keepdims = 1> (c, ax)\n ax = Constant <value = int64[1] {1}> ()", None),
+        ("y = Concat <axis = 1> (c, c)", None),
+        ("y = Softmax <axis = -1> (c)", "normalises over a spatial axis"),
+        ("ax = Constant <value = int64[2] {2, 3}> ()\n y = ReduceMean <keepdims = 1> (c, ax)", "reduces over a spatial axis"),
+        ("y = Concat <axis = 2> (c, c)", "spatial axis 2"),
+        ("y = GlobalAveragePool (c)", "looks at the whole map"),
+        ("s = Constant <value = int64[1] {1}> ()\n e = Constant <value = int64[1] {100}> ()\n"
+         " a = Constant <value = int64[1] {3}> ()\n y = Slice (c, s, e, a)", "crops a spatial axis"),
+        ("sc = Constant <value = float[4] {1, 1, 2, 2}> ()\n y = Resize <mode = \"nearest\"> (c, , sc)",
+         "looks at the whole map"),
+        ("y = MaxPool <kernel_shape = [2,2], strides = [2,2], auto_pad = \"SAME_UPPER\"> (c)", "pads by the input size"),
+    ],
+    ids=["softmax-channels", "reduce-channels", "concat-channels", "softmax-width", "reduce-spatial",
+         "concat-height", "global-pool", "slice-width", "resize", "same-strided"],
+)
+def test_check_tileable(body, reason):
+    body = "\n".join(line for line in body.splitlines() if line.strip())
+    # Constants must come before their use in the parser's text: put them first.
+    lines = sorted(body.split("\n"), key=lambda line: "Constant" not in line)
+    model = _graph("\n".join(lines))
+    if reason is None:
+        tiling.check_tileable(model, _info(), "x")
+    else:
+        with pytest.raises(DenseError, match=reason):
+            tiling.check_tileable(model, _info(), "x")
+
+
+def test_fragments_and_global_context_models_are_not_tiled():
+    """Their phases pad or average by the map's size: refused before any tile runs."""
+    proto = _with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)})
+    fragments = ir.serde.serialize_model(api.rewrite_model(proto, output_stride=2, strategy="fragments"))
+    session = DenseSession(fragments, provider="cpu")
+    assert session.run(np.ones((1, 3, 40, 40), np.float32))["output"].shape == (1, 4, 20, 20)
+    with pytest.raises(DenseError, match="strategy 'fragments'"):
+        session.run(np.ones((1, 3, 40, 40), np.float32), tile=20)
+    info = dataclasses.replace(_info(), per_phase_global=True)
+    with pytest.raises(DenseError, match="global context"):
+        tiling.check_tileable(_graph("y = Relu (c)"), info, "x")
+
+
+# ------------------------------------------------------------------------------------------
+# the grid
+# ------------------------------------------------------------------------------------------
+
+
+def test_grid_puts_each_prediction_on_its_receptive_field(tiny):
+    """Change one input pixel: exactly the predictions whose field (from the grid) covers it can change."""
+    session = DenseSession(tiny, provider="cpu")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 40, 36)).astype(np.float32)
+    base = session.run(x)["output"]
+    grid = base.grid
+    assert grid.stride == (2, 2) and grid.spatial_axes == (2, 3)
+    assert grid.shape == base.shape[2:]
+    assert grid.origin == tuple(a + (r - 1) / 2 for a, r in zip(grid.rf_start, grid.rf_size))
+    ys, xs = grid.mesh()
+    assert ys.shape == grid.shape and xs[0, 1] - xs[0, 0] == 2
+    assert list(grid.centres(1)) == session.info.outputs["output"].centres(1, grid.shape[1])
+    for py, px in [(20, 17), (3, 30), (39, 0)]:
+        y = x.copy()
+        y[0, :, py, px] += 50.0
+        changed = np.any(session.run(y)["output"].numpy() != base.numpy(), axis=(0, 1))
+        half = [(r - 1) / 2 for r in grid.rf_size]
+        cy, cx = grid.mesh()
+        inside = (np.abs(cy - py) <= half[0]) & (np.abs(cx - px) <= half[1])
+        assert changed.any()
+        assert not np.any(changed & ~inside), (py, px)
+        iy, ix = grid.nearest(py, 0), grid.nearest(px, 1)
+        assert changed[iy, ix]
+        assert abs(grid.pixel((iy, ix))[0] - py) <= grid.stride[0] / 2 + max(0, grid.origin[0] - py)
+
+
+def test_pixel_grid_arithmetic():
+    grid = PixelGrid((2, 3), (3, 4), (4, 8), (-30, -2), (108, 5))
+    assert grid.origin == (23.5, 0.0)
+    assert list(grid.centres(0)) == [23.5, 27.5, 31.5]
+    assert grid.pixel((2, 3)) == (31.5, 24.0)
+    assert list(grid.nearest([0, 25, 29.6, 1000], 0)) == [0, 0, 2, 2]
+    assert grid.to_dict()["origin"] == [23.5, 0.0]
+
+
+# ------------------------------------------------------------------------------------------
+# providers and options
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has the CUDA provider")
+def test_cuda_requested_but_absent_is_a_clear_error(tiny):
+    assert resolve_provider("auto") == "cpu"
+    with pytest.raises(DenseError) as info:
+        DenseSession(tiny, provider="cuda")
+    message = str(info.value)
+    assert "provider 'cuda'" in message and "no CUDA execution provider" in message and "onnxruntime-gpu" in message
+    assert "\n" not in message
+
+
+def test_unknown_provider_and_cpu_only_options(tiny):
+    with pytest.raises(DenseError, match="unknown provider 'tpu'"):
+        DenseSession(tiny, provider="tpu")
+    with pytest.raises(DenseError, match="nhwc"):
+        DenseSession(tiny, provider="cpu", nhwc=True)
+
+
+def test_cuda_options():
+    assert cuda_options()["cudnn_conv_algo_search"] == "HEURISTIC"
+    fixed = cuda_options(fixed_shapes=True, device_id=1, nhwc=True)
+    assert fixed == {
+        "device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1", "prefer_nhwc": "1",
+    }
+    assert cuda_options(conv_algo_search="heuristic", fixed_shapes=True)["cudnn_conv_algo_search"] == "HEURISTIC"
+    with pytest.raises(DenseError, match="DEFAULT is refused"):
+        cuda_options(conv_algo_search="DEFAULT")
+
+
+def test_iobinding_and_inputs(tiny):
+    session = DenseSession(tiny, provider="cpu")
+    assert session.providers == ["CPUExecutionProvider"] and session.image_input == "input"
+    x = np.random.default_rng(0).standard_normal((1, 3, 24, 20))
+    plain = session.run(x)["output"]  # float64 in: cast to the model's float32
+    assert plain.value.dtype == np.float32
+    kept = session.run(x, keep_on_device=True)["output"]
+    assert isinstance(kept.value, ort.OrtValue) and kept.value.device_name() == "cpu"
+    assert np.array_equal(kept.numpy(), plain.numpy()) and kept.grid == plain.grid
+    value = ort.OrtValue.ortvalue_from_numpy(x.astype(np.float32))
+    assert np.array_equal(session.run({"input": value})["output"].numpy(), plain.numpy())
+    with pytest.raises(DenseError, match="no input"):
+        session.run({"input": x, "other": x})
+    with pytest.raises(DenseError, match="keep_on_device needs an untiled run"):
+        session.run(x, tile=16, keep_on_device=True)
+    with pytest.raises(DenseError, match="onnxruntime failed to run"):
+        session.run(np.zeros((1, 5, 24, 20), np.float32))
+    session.close()
+
+
+def test_model_in_memory_and_not_dense(tiny, tmp_path):
+    proto = onnx.load(tiny)
+    a = DenseSession(proto, provider="cpu", optimize=False).run(np.ones((1, 3, 16, 16), np.float32))
+    b = DenseSession(tiny, provider="cpu").run(np.ones((1, 3, 16, 16), np.float32))
+    np.testing.assert_allclose(a["output"].numpy(), b["output"].numpy(), rtol=1e-5, atol=1e-6)
+    plain = tmp_path / "plain.onnx"
+    onnx.save(_with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}), str(plain))
+    with pytest.raises(DenseError, match="no onnx_dense metadata"):
+        DenseSession(str(plain), provider="cpu")
+    with pytest.raises(DenseError, match="no such file"):
+        DenseSession(str(tmp_path / "missing.onnx"), provider="cpu")
+
+
+def test_fp16_runs_close_to_fp32(tiny):
+    x = np.random.default_rng(0).standard_normal((1, 3, 30, 26)).astype(np.float32)
+    full = DenseSession(tiny, provider="cpu").run(x)["output"].numpy()
+    half = DenseSession(tiny, provider="cpu", fp16=True).run(x)["output"]
+    assert half.value.dtype == np.float32  # inputs and outputs stay float32
+    assert np.max(np.abs(half.numpy() - full)) <= 1e-2 * np.max(np.abs(full))
+    proto = onnx.load(tiny)
+    before = proto.SerializeToString()
+    DenseSession(proto, provider="cpu", fp16=True)
+    assert proto.SerializeToString() == before  # the caller's model is not converted in place
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (skipped without onnxruntime-gpu and a device)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
+def test_cuda_session_matches_cpu_and_keeps_outputs_on_device(fcn):
+    x = np.random.default_rng(0).standard_normal((1, 3, 181, 150)).astype(np.float32)
+    cpu = DenseSession(fcn, provider="cpu").run(x)["output"].numpy()
+    session = DenseSession(fcn, provider="cuda")
+    assert session.providers[0] == "CUDAExecutionProvider"
+    options = session.session.get_session_options()
+    assert options.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+    assert session.session.get_provider_options()["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == "HEURISTIC"
+    kept = session.run(x, keep_on_device=True)["output"]
+    assert isinstance(kept.value, ort.OrtValue) and kept.value.device_name().lower() == "cuda"
+    gpu = kept.numpy()
+    scale = np.max(np.abs(cpu))
+    assert np.max(np.abs(gpu - cpu)) <= 1e-4 * scale
+    tiled = session.run(x, tile=128)["output"].numpy()
+    assert np.max(np.abs(tiled - gpu)) <= 1e-5 * scale
+    half = DenseSession(fcn, provider="cuda", fp16=True, nhwc=True, fixed_shapes=True).run(x)["output"].numpy()
+    assert np.max(np.abs(half - cpu)) <= 2e-2 * scale

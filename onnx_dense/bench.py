@@ -31,7 +31,12 @@ dense model; the zero pixels past ``H`` are padding for the dense model only at 
 
 Timing: one warm-up of each, then ``repeat`` rounds; each round runs all three, the order
 rotating from round to round (round-robin), so a machine shared with other work slows all
-three alike. Reported: the median (and min) per measurement; ratios are ratios of medians.
+three alike. Reported: the median (and min, and the process CPU time) per measurement;
+ratios are ratios of medians. Each timed measurement is preceded by one untimed pass of
+the same session and a pause (``settle``, 0.2 s): ONNX Runtime's intra-op worker threads
+spin-wait after a run, so on a machine with few cores the session that ran last takes a
+core from the next one for a while. Without this, whichever model follows shift-and-stitch
+(which runs the original's session eST² times) was measured up to 1.9x slower on a 2-core VM.
 FLOPs are counted on the graphs as run (ONNX shape inference at the benchmark size;
 multiply-add = 2; Conv/ConvTranspose, Gemm/MatMul and pooling, as ``inspect`` counts them).
 Shift-and-stitch costs eST² original passes.
@@ -159,6 +164,8 @@ class BenchResult:
     optimize: bool
     warmup: int
     repeat: int
+    prepass: bool
+    settle: float
     inputs: dict[str, list[int]]
     outputs: list[dict]  # per output: name, est, stride (dense grid), original_stride
     est: list[int]  # shift-and-stitch phases per spatial axis (largest eST of the outputs)
@@ -247,6 +254,8 @@ class BenchResult:
             "optimize": self.optimize,
             "warmup": self.warmup,
             "repeat": self.repeat,
+            "prepass": self.prepass,
+            "settle_s": self.settle,
             "inputs": self.inputs,
             "outputs": self.outputs,
             "est": self.est,
@@ -273,7 +282,9 @@ class BenchResult:
         lines = [
             f"onnx-dense bench: {self.provider}, {self.threads or 'default'} intra-op threads, graph optimisations "
             f"{'on' if self.optimize else 'off'}, input {', '.join(f'{k} {v}' for k, v in self.inputs.items())}, "
-            f"median of {self.repeat} round-robin rounds after {self.warmup} warm-up",
+            f"median of {self.repeat} round-robin rounds after {self.warmup} warm-up"
+            + (f", each pass after an untimed one and {self.settle:g} s pause" if self.prepass else "")
+            + (f", {self.settle:g} s pause before each" if self.settle and not self.prepass else ""),
             f"{'':<18}{'ms':>10}{'min ms':>10}{'cpu ms':>10}{'passes':>8}{'predictions':>13}{'pred/s':>12}{'GFLOPs':>10}",
         ]
         for m in self.measurements:
@@ -332,6 +343,8 @@ def bench(
     stitch: bool = True,
     profile: bool = False,
     seed: int = 0,
+    settle: float = 0.2,
+    prepass: bool = True,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     progress: Callable[[str], None] | None = None,
@@ -342,12 +355,14 @@ def bench(
     to run; default random at ``input_shapes``, or at the size the rewrite was computed at.
     At any other size the original runs as a copy with symbolic spatial dims and its
     padding fixed as at the static size (what the dense model is equivalent to).
+    ``prepass`` and ``settle``: before each timed measurement, one untimed pass of the same
+    session, then a pause of ``settle`` seconds (see the module docstring, "Timing").
     """
     if provider not in PROVIDERS:
         raise DenseError(f"unknown provider '{provider}'; use one of {', '.join(PROVIDERS)}")
     _require_provider(provider)
-    if repeat < 1 or warmup < 0:
-        raise DenseError(f"--repeat must be >= 1 and --warmup >= 0 (got {repeat} and {warmup})")
+    if repeat < 1 or warmup < 0 or settle < 0:
+        raise DenseError(f"--repeat must be >= 1, --warmup and --settle >= 0 (got {repeat}, {warmup} and {settle:g})")
     say = progress or (lambda _msg: None)
     orig_proto, orig_label = _load(original, "original")
     dense_proto, dense_label = _load(dense, "dense")
@@ -408,6 +423,10 @@ def bench(
             say(f"round {r + 1} of {repeat}")
             shift = r % len(order)
             for k in order[shift:] + order[:shift]:
+                if prepass:
+                    (one_original if k == "shift-and-stitch" else fns[k])()
+                if settle:
+                    time.sleep(settle)
                 c0 = time.process_time()
                 t0 = time.perf_counter()
                 last[k] = fns[k]()
@@ -464,7 +483,7 @@ def bench(
         )
     return BenchResult(
         original_path=orig_label, dense_path=dense_label, provider=provider, threads=threads, optimize=optimize,
-        warmup=warmup, repeat=repeat, inputs={k: list(v.shape) for k, v in feeds.items()},
+        warmup=warmup, repeat=repeat, prepass=prepass, settle=settle, inputs={k: list(v.shape) for k, v in feeds.items()},
         outputs=[
             {"name": n, "est": list(info.outputs[n].est), "stride": list(info.outputs[n].stride),
              "original_stride": list(info.outputs[n].original_stride), "inserted": info.outputs[n].inserted}

@@ -73,7 +73,7 @@ def run(*args):
 
 
 def test_bench_reports_all_three(fcn):
-    result = bench(*fcn, repeat=2, warmup=0)
+    result = bench(*fcn, repeat=2, warmup=0, settle=0)
     names = [m.name for m in result.measurements]
     assert names == ["original", "dense", "shift-and-stitch"]
     assert result.est == [4, 4] and result.stitch_passes == 16
@@ -88,7 +88,7 @@ def test_bench_reports_all_three(fcn):
 
 def test_shift_and_stitch_equals_dense(fcn):
     """The stitched map equals the dense output on every phase away from the borders, not only phase 0."""
-    result = bench(*fcn, repeat=1, warmup=0)
+    result = bench(*fcn, repeat=1, warmup=0, settle=0)
     stitch = next(c for c in result.checks if c.check == "shift-and-stitch")
     subgrid = next(c for c in result.checks if c.check == "subgrid")
     assert stitch.passed and subgrid.passed
@@ -105,13 +105,13 @@ def test_a_wrong_dense_model_fails_both_checks(fcn, tmp_path):
     w.CopyFrom(onnx.numpy_helper.from_array(arr, "w2"))
     broken = tmp_path / "broken.onnx"
     onnx.save(dense, str(broken))
-    code, out, _ = run("bench", fcn[0], broken, "-n", "1", "--warmup", "0")
+    code, out, _ = run("bench", fcn[0], broken, "-n", "1", "--warmup", "0", "--settle", "0")
     assert code == 1
     assert "FAIL  output               subgrid" in out and "FAIL  output               shift-and-stitch" in out
 
 
 def test_json_fields(fcn):
-    code, out, err = run("bench", *fcn, "-n", "2", "--warmup", "0", "--json")
+    code, out, err = run("bench", *fcn, "-n", "2", "--warmup", "0", "--settle", "0", "--json")
     assert code == 0, err
     data = json.loads(out)
     for name in ("original", "dense", "shift-and-stitch"):
@@ -143,7 +143,7 @@ def test_classifier_head(tmp_path):
     onnx.save(_model(CLASSIFIER), str(original))
     dense = tmp_path / "clf_dense.onnx"
     onnx_dense.rewrite(original, dense, output_stride=2)
-    result = bench(original, dense, repeat=1, warmup=0)
+    result = bench(original, dense, repeat=1, warmup=0, settle=0)
     assert result.passed, result.text()
     assert result.est == [2, 2]
     o, d, s = result.measurements
@@ -153,7 +153,7 @@ def test_classifier_head(tmp_path):
 
 
 def test_larger_input_runs_a_flexible_original(fcn):
-    result = bench(*fcn, input_shapes={"input": (1, 3, 64, 64)}, repeat=1, warmup=0)
+    result = bench(*fcn, input_shapes={"input": (1, 3, 64, 64)}, repeat=1, warmup=0, settle=0)
     assert result.inputs == {"input": [1, 3, 64, 64]}
     assert result.passed, result.text()
     assert result.get("original").predictions == 14 * 14

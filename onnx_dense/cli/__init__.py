@@ -14,9 +14,7 @@ import sys
 import click
 
 from onnx_dense import __version__
-from onnx_dense.cli import bench_cmd, inspect_cmd, rewrite_cmd, verify_cmd
-from onnx_dense.cli import dpoa_cmd, train_cmd
-from onnx_dense.cli import run_cmd
+from onnx_dense.cli import bench_cmd, dpoa_cmd, inspect_cmd, rewrite_cmd, run_cmd, train_cmd, verify_cmd
 from onnx_dense.errors import DenseError
 
 INTERNAL_ERROR = 3
@@ -57,6 +55,10 @@ def cli() -> None:
     onnx-dense rewrite model.onnx dense.onnx --output-stride 8
     onnx-dense verify  model.onnx dense.onnx --phases
     onnx-dense inspect model.onnx --output-stride 8
+    onnx-dense run     dense.onnx image.jpg --out maps/
+    onnx-dense bench   model.onnx dense.onnx
+    onnx-dense train   dense.onnx --task segmentation --data DIR --out trained.onnx
+    onnx-dense export-dpoa model.onnx trained.onnx model_dpoa.onnx
     """
 
 

@@ -4,7 +4,7 @@ Builds the models (random weights, nothing downloaded), exports them with the To
 exporter, rewrites them at the output strides below, and runs ``onnx_dense.bench.bench``
 on each pair: the original one pass, the dense model one pass, and shift-and-stitch (the
 original eST² times on shifted inputs, interleaved), round-robin, medians. Prints a
-markdown table (the one in benchmarks/README.md) and, with ``--json``, writes every number.
+markdown tables (the ones in benchmarks/README.md) and, with ``--json``, writes every number.
 
 Cases (see benchmarks/README.md for why the classifiers are benchmarked this way):
 
@@ -20,11 +20,18 @@ Cases (see benchmarks/README.md for why the classifiers are benchmarked this way
 * ``fcn-64`` / ``fcn-512``: the FCN-style sample (``samples.zoo.build("fcn")``, width 8)
   at its own 64x64 and at 512x512; output strides 8 and 4.
 
-Run (about 15 minutes on a 2-core VM; ~1.5 GB of models in the work folder):
+``--kernels`` instead times single layers taken from these models three ways (as in the
+original, as in the dense model: larger map and dilated, and undilated at the dense map
+size), which separates the cost of dilation from the cost of the larger map.
+
+Run (about 15 minutes on an idle 2-core VM, twice that on a busy one; ~1.5 GB of models in
+the work folder):
 
     cd /work/main && . .venv/bin/activate
     python benchmarks/dense_speed.py --workdir /tmp/onnx-dense-speed --json speed.json
     # --only vgg16-conv-224,fcn-512   --repeat N (default: per case)   --profile   --no-fc
+    python benchmarks/dense_speed.py --kernels --json kernels.json      # ~1.5 minutes
+    python benchmarks/dense_speed.py --tables speed.json                # reprint the tables
 """
 
 from __future__ import annotations
@@ -161,11 +168,13 @@ def _layer(op: str, cin: int, cout: int, k: int, n: int, d: int, stride: int = 1
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def kernels(repeat: int = 15, threads: int = 2) -> list[dict]:
+def kernels(repeat: int = 40, threads: int = 2) -> list[dict]:
     """Each layer three ways: as in the original (its map, dilation 1), as in the dense model
     (larger map, dilated), and undilated at the dense map size. Wall time with 2 ORT threads
-    (as the bench) and CPU time of a 1-thread session without spin-waiting (robust to other
-    processes taking the CPU), both the fastest of ``repeat`` round-robin runs."""
+    and CPU time of a 1-thread session (less disturbed by other processes taking the CPU),
+    both the fastest of ``repeat`` round-robin runs; no session spin-waits, so none slows the
+    next. The 1x1 row has no dilation: its "dense" and "undilated" models are the same, so its
+    dilation cost shows the noise of the measurement."""
     import numpy as np
     import onnxruntime as ort
 
@@ -180,11 +189,11 @@ def kernels(repeat: int = 15, threads: int = 2) -> list[dict]:
         }
         sessions = {}
         for name, model in variants.items():
-            for mode, (nthreads, spin) in {"wall": (threads, "1"), "cpu": (1, "0")}.items():
+            for mode, nthreads in (("wall", threads), ("cpu", 1)):
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = nthreads
                 so.log_severity_level = 3
-                so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no session slows the next
                 sessions[name, mode] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feeds = {
             name: {"x": np.random.default_rng(1).standard_normal((1, cin, n, n)).astype(np.float32)}
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         from onnx_dense.bench import machine_info
 
-        rows = kernels(repeat=args.repeat or 15, threads=args.threads)
+        rows = kernels(repeat=args.repeat or 40, threads=args.threads)
         print(kernel_table(rows))
         if args.json:
             args.json.write_text(json.dumps({"machine": machine_info(), "kernels": rows}, indent=2))

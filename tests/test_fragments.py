@@ -291,6 +291,93 @@ def test_uneven_upsampling_is_refused():
         rewrite(m, 1, strategy="fragments")
 
 
+# The Resize reads its sizes at run time: batch and channels from Shape(e3) (tf2onnx's
+# UpSampling2D), or a baked batch 1 (keras-deeplab's image pooling) with the map from Shape.
+UPNET_SIZES_FROM_SHAPE = UPNET.replace(
+    "[up] u = Resize <mode=\"nearest\"> (e3, , sc)",
+    """s = Shape (e3)
+  lo = Constant <value = int64[1] {0}> ()
+  mid = Constant <value = int64[1] {2}> ()
+  hi = Constant <value = int64[1] {4}> ()
+  nc = Slice (s, lo, mid)
+  hw = Slice (s, mid, hi)
+  two = Constant <value = int64[1] {2}> ()
+  hw2 = Mul (hw, two)
+  sz = Concat <axis=0> (nc, hw2)
+  [up] u = Resize <mode="nearest"> (e3, , , sz)""",
+)
+UPNET_SIZES_BAKED_BATCH = UPNET_SIZES_FROM_SHAPE.replace(
+    "nc = Slice (s, lo, mid)", "nc = Constant <value = int64[2] {1, 4}> ()"
+)
+
+
+@pytest.mark.parametrize("body", [UPNET_SIZES_FROM_SHAPE, UPNET_SIZES_BAKED_BATCH], ids=["from_shape", "baked"])
+@pytest.mark.parametrize("outputs", ["float y", "float y, float e3"])
+def test_upsampling_sizes_computed_at_run_time_follow_the_batch(body, outputs):
+    """Regression (tf_yolo_tiny's neck): the Resize's sizes were read from Shape of its input
+    *before* the batch slice of the collapse (or baked batch 1), so the Resize resized the
+    batch axis too and the Concat with the skip met another number of phases (ORT: "Axis 0
+    has mismatched dimensions"). The batch entry of computed sizes now comes from the tensor
+    the Resize runs on."""
+    m = graph(UPNET_SIG, body, outputs=outputs)
+    dense = rewrite(m, 1, strategy="fragments")
+    feeds = feeds_for(m)
+    got, ref = run(dense, feeds), run(m, feeds)
+    np.testing.assert_array_equal(sample(got["y"], (2, 2)), ref["y"])
+    verified(m, dense, phases=True)
+
+
+def test_reshape_to_a_shape_read_from_other_phases_is_refused():
+    """Operands of one node carry the same levels *and* the same batch: a Reshape target read
+    from a tensor of other levels (its batch is another number of phases) is refused."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n"
+        "[c2] k = Conv <strides=[2,2], pads=[1,1,1,1]> (h, w2)\n"
+        "[gp] g = GlobalAveragePool (h)\n"
+        "s = Shape (k)\n"
+        "lo = Constant <value = int64[1] {0}> ()\n"
+        "one = Constant <value = int64[1] {1}> ()\n"
+        "rest = Constant <value = int64[1] {-1}> ()\n"
+        "n = Slice (s, lo, one)\n"
+        "t = Concat <axis=0> (n, rest)\n"
+        "[rs] y = Reshape (g, t)",
+        outputs="float y, float k",
+    )
+    with pytest.raises(onnx_dense.DenseError, match="'rs' \\(Reshape\\).*'t'.*2x2 then 2x2.*batch"):
+        rewrite(m, 1, strategy="fragments")
+    rewrite(m, 1, strategy="auto")  # dilation needs no batch of phases
+
+
+def test_tf_yolo_tiny_every_output_stride(tmp_path):
+    """The detector neck (UpSampling2D whose sizes come from Shape, Concat with the stride-16
+    route): every output stride fragments reports rewrites and verifies."""
+    from onnx_dense.api import output_strides
+    from samples import foreign
+
+    src = tmp_path / "yolo.onnx"
+    onnx.save(foreign.build("tf_yolo_tiny"), str(src))
+    strides = output_strides(str(src), strategy="fragments")
+    assert strides
+    for r in strides:
+        dst = tmp_path / f"yolo_{r[0]}.onnx"
+        onnx_dense.rewrite(src, dst, output_stride=r, strategy="fragments")
+        verified(src, dst)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_tf_segmenter_image_pooling(stride, tmp_path):
+    """keras-deeplab's image pooling: Resize to Concat([1, C], Shape(feature)[2:4]), a baked
+    batch 1 that would shrink the batch of phases to one."""
+    from samples import foreign
+
+    src = tmp_path / "seg.onnx"
+    onnx.save(foreign.build("tf_segmenter", image_pooling=True), str(src))
+    dst = tmp_path / "dense.onnx"
+    onnx_dense.rewrite(src, dst, output_stride=stride, strategy="fragments", input_shapes={"input_1": (1, 64, 64, 3)})
+    verified(src, dst)
+
+
 @functools.cache
 def _unet(mode: str) -> bytes:
     import tempfile

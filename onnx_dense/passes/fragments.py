@@ -29,9 +29,17 @@ Rules:
   upsampling); what remains must match the analysis' eST (else: refused, uneven split).
   Levels no output keeps are not created at all (their node keeps its stride): a U-Net's
   bottleneck is computed once per *kept* phase.
-* Operands of one node must carry the same levels. Ops that act on the batch axis (Concat,
-  Split, Gather, Slice, reductions, Softmax, Transpose, Flatten at axis 0 ...) are refused
-  downstream of a split: they would mix phases.
+* Operands of one node must carry the same levels, and so the same batch. Ops that act on the
+  batch axis (Concat, Split, Gather, Slice, reductions, Softmax, Transpose, Flatten at axis 0
+  ...) are refused downstream of a split: they would mix phases.
+* Shape vectors count phases too: Shape/Size of a tensor of phases tags the vector (and the
+  shape arithmetic after it) with that tensor's levels. A Reshape/Expand/Tile whose shape
+  operand carries other levels than its data (read from another branch, or from before an
+  upsampling's batch slice) is refused. A Resize of a tensor of phases never resizes the
+  batch: sizes computed at run time (tf2onnx's UpSampling2D reads them from Shape of the
+  input before the slice; keras-deeplab's image pooling bakes batch 1) get their batch entry
+  from Shape of the tensor it runs on, computed scales a batch scale of 1; constant scales
+  that change the batch are refused.
 * Reshapes that keep the spatial block take its dims from the running tensor (the analysis'
   ReshapePlans, applied by densify_reshapes.py as under dilation); other Reshape targets that
   bake the traced batch size (dynamo's ``[1, 128]``) take it from the running tensor (0 or
@@ -135,10 +143,13 @@ def _is_upsampling(node: ir.Node) -> bool:
 def _plan(model: ir.Model, disabled: frozenset) -> _Plan:
     graph = model.graph
     layouts: dict[ir.Value, Layout] = {}
+    # shape vectors read from a tensor of phases: its levels (None: read from several)
+    shapes: dict[ir.Value, Layout | None] = {}
     p = _Plan(layouts, [], [], [], [], [], set())
     for node in graph:
         ins = [(v, layouts.get(v, ())) for v in node.inputs if v is not None]
         layout = _merge(node, ins)
+        read = {shapes[v] for v in node.inputs if v is not None and v in shapes}
         if any(v in p.global_values for v, _ in ins):
             p.global_values.update(node.outputs)
         found = removal(node)
@@ -151,18 +162,25 @@ def _plan(model: ir.Model, disabled: frozenset) -> _Plan:
                 p.splits.append((node, level))
                 layout = layout + (level,)
         if not layout:
+            if read:  # shape arithmetic: the vector keeps the batch (number of phases) it was read with
+                tag = read.pop() if len(read) == 1 else None
+                shapes.update((out, tag) for out in node.outputs)
             continue
         if node.op_type in ("Shape", "Size"):
-            continue  # a shape vector: no batch of phases
+            shapes.update((out, layout) for out in node.outputs)
+            continue  # a shape vector: no batch of phases, but its batch entry counts them
         _check_batch_axis(node)
         if _is_upsampling(node):
             layout = _collapse(node, layout, p)
+        _check_shape_operands(node, layout, shapes)
         if node.op_type == "Reshape":
             rp = node.meta.get(PLAN)
             if isinstance(rp, ReshapePlan) and not rp.batch_from_input:
                 raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
             p.reshapes.append(node)
-        if node.op_type == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None:
+        if node.op_type == "Resize" and any(
+            i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name for i in (2, 3)
+        ):
             p.resizes.append(node)
         if node.op_type in CHANNEL_GLOBAL or node.op_type.startswith("Global") or any(
             node.name in getattr(o.meta.get(GRID), "global_from", ()) for o in node.outputs
@@ -202,6 +220,29 @@ def _merge(node: ir.Node, ins) -> Layout:
                 "choose an output stride that removes no stride before both branches meet",
             )
     return first
+
+
+# Inputs that are shape vectors whose first entry sizes the batch axis (the phases).
+_SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,)}
+
+
+def _check_shape_operands(node: ir.Node, layout: Layout, shapes: dict) -> None:
+    """A shape vector read from a tensor of other levels sizes the batch with another number of
+    phases: refused. (Resize sizes and scales are rebuilt from the running tensor instead.)"""
+    for i in _SHAPE_OPERANDS.get(node.op_type, ()):
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is None or v not in shapes or shapes[v] == layout:
+            continue
+        if node.op_type == "Reshape":
+            rp = node.meta.get(PLAN)
+            if isinstance(rp, ReshapePlan):
+                continue  # its target is rebuilt from the running tensor (densify_reshapes.py)
+        tag = shapes[v]
+        source = "tensors of different phases" if tag is None else f"a tensor with phases {_describe(tag)}"
+        raise UnsupportedNodeError(
+            node, f"takes its shape '{v.name}' from {source}, so its batch axis (phases {_describe(layout)} under "
+            "--strategy fragments) would get another size", "choose another output stride, or use --strategy dilate",
+        )
 
 
 def _describe(layout: Layout) -> str:
@@ -450,10 +491,29 @@ def _batch_from_input(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> Non
 
 
 def _resize_sizes(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
-    """Constant Resize sizes (baked batch and image size) -> Shape(x) * integer ratio."""
-    sizes = _ir.const_array(node.inputs[3])
-    if sizes is None:
+    """Resize of a tensor of phases: its output batch must be its input's.
+
+    Constant sizes (baked batch and image size) -> Shape(x) * integer ratio. Sizes computed at
+    run time (read from another tensor, e.g. the input before a collapse's batch slice, or a
+    baked batch 1 next to a Shape) get their batch entry from Shape(x); computed scales get a
+    batch scale of 1. Constant scales must already scale the batch by 1.
+    """
+    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
+        if _ir.const_array(node.inputs[3]) is None:
+            _replace_batch_entry(graph, editor, node, 3)
+            return
+    elif len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        scales = _ir.const_array(node.inputs[2])
+        if scales is None:
+            _replace_batch_entry(graph, editor, node, 2)
+        elif scales.size and _batch_index(node) is not None and float(scales.reshape(-1)[_batch_index(node)]) != 1.0:
+            raise UnsupportedNodeError(
+                node, "Resize that scales the batch axis, which holds the phases under --strategy fragments"
+            )
         return
+    else:
+        return
+    sizes = _ir.const_array(node.inputs[3])
     sizes = sizes.reshape(-1).astype(np.int64)
     in_dims = _ir.static_dims(node.inputs[0])
     axes = node.attributes.get_ints("axes")
@@ -469,6 +529,40 @@ def _resize_sizes(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
     new = editor.op(nodes, "Mul", [shape, r], base=base)
     graph.insert_before(node, nodes)
     node.replace_input_with(3, new)
+
+
+def _batch_index(node: ir.Node) -> int | None:
+    """Where the batch axis is in a Resize's sizes/scales (None: not resized, opset-18 ``axes``)."""
+    axes = node.attributes.get_ints("axes")
+    if axes is None:
+        return 0
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if rank is None:
+        raise UnsupportedNodeError(node, "Resize with axes of an input of unknown rank, computed per phase")
+    norm = [_ir.normalise_axis(int(a), rank) for a in axes]
+    return norm.index(0) if 0 in norm else None
+
+
+def _replace_batch_entry(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, i: int) -> None:
+    """Resize sizes (i = 3) or scales (i = 2) computed at run time: batch entry = Shape(x)[0] or 1."""
+    k = _batch_index(node)
+    if k is None:
+        return
+    vec = node.inputs[i]
+    nodes: list[ir.Node] = []
+    base = f"{node.name or 'Resize'}_phase_{'sizes' if i == 3 else 'scales'}"
+    if i == 3:
+        shape = editor.op(nodes, "Shape", [node.inputs[0]], base=f"{base}_shape")
+        entry = _slice1(editor, nodes, shape, 0, 1, f"{base}_batch")
+    else:
+        entry = editor.const(nodes, np.array([1.0], dtype=_ir.numpy_dtype(vec)), base=f"{base}_one")
+    parts = [entry]
+    if k > 0:
+        parts.insert(0, _slice1(editor, nodes, vec, 0, k, f"{base}_before"))
+    parts.append(_slice1(editor, nodes, vec, k + 1, INT64_MAX, f"{base}_after"))
+    new = editor.op(nodes, "Concat", parts, {"axis": 0}, base=base)
+    graph.insert_before(node, nodes)
+    node.replace_input_with(i, new)
 
 
 def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: Layout, opset: int) -> None:

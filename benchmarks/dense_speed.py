@@ -145,7 +145,6 @@ KERNELS = [
 
 def _layer(op: str, cin: int, cout: int, k: int, n: int, d: int, stride: int = 1):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, n, n])
@@ -168,7 +167,7 @@ def _layer(op: str, cin: int, cout: int, k: int, n: int, d: int, stride: int = 1
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def kernels(repeat: int = 40, threads: int = 2) -> list[dict]:
+def kernels(repeat: int = 40, threads: int = 2, optimize: bool = True) -> list[dict]:
     """Each layer three ways: as in the original (its map, dilation 1), as in the dense model
     (larger map, dilated), and undilated at the dense map size. Wall time with 2 ORT threads
     and CPU time of a 1-thread session (less disturbed by other processes taking the CPU),
@@ -194,6 +193,8 @@ def kernels(repeat: int = 40, threads: int = 2) -> list[dict]:
                 so.intra_op_num_threads = nthreads
                 so.log_severity_level = 3
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no session slows the next
+                if not optimize:  # no NCHWc layout: MLAS im2col + GEMM
+                    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 sessions[name, mode] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feeds = {
             name: {"x": np.random.default_rng(1).standard_normal((1, cin, n, n)).astype(np.float32)}
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="per-node times (ORT profiler) too")
     ap.add_argument("--no-fc", action="store_true", help="skip vgg16-fc-512 (the slowest case)")
     ap.add_argument("--kernels", action="store_true", help="only the single-layer table (dilated vs undilated)")
+    ap.add_argument("--no-optimize", action="store_true", help="with --kernels: ORT graph optimisations off (no NCHWc)")
     ap.add_argument("--tables", type=Path, metavar="JSON", help="print the tables of an earlier --json file and exit")
     args = ap.parse_args(argv)
 
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         from onnx_dense.bench import machine_info
 
-        rows = kernels(repeat=args.repeat or 40, threads=args.threads)
+        rows = kernels(repeat=args.repeat or 40, threads=args.threads, optimize=not args.no_optimize)
         print(kernel_table(rows))
         if args.json:
             args.json.write_text(json.dumps({"machine": machine_info(), "kernels": rows}, indent=2))

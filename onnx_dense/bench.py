@@ -28,6 +28,9 @@ and phase ``k > 0`` where that window lies inside the crop and inside the real i
 positions (``compared``) out of the positions both maps have (``overlap``); the others differ
 by design (the crop's border is a padding border for the original, real pixels for the
 dense model; the zero pixels past ``H`` are padding for the dense model only at the input).
+Where global context (SE blocks, InstanceNorm) lies in the dense region, the metadata says so
+(``off_grid == "global"``): no shifted input reproduces the other phases, and only phase 0 is
+compared.
 
 Timing: one warm-up of each, then ``repeat`` rounds; each round runs all three, the order
 rotating from round to round (round-robin), so a machine shared with other work slows all
@@ -706,6 +709,8 @@ class _Stitcher:
             j = np.arange(length)
             phase, o = j % e, j // e
             inside = (out.rf_start[k] + o * e * s >= 0) & (out.rf_start[k] + j * s + out.rf_size[k] <= self.size[k])
+            if getattr(out, "off_grid", "exact") == "global":  # off-grid phases see per-phase global context
+                inside[:] = False
             per_axis.append((phase == 0) | inside)
         mask = np.ones([1] * len(dense_shape), dtype=bool)
         for k, a in enumerate(out.spatial_axes):
@@ -926,7 +931,7 @@ def _profile(model, feeds, names, provider, optimize, threads, runs, alias) -> t
             events = json.load(f)
     model_runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     per_run: dict[str, list[float]] = {}
-    ops: dict[str, str] = {}
+    ops: dict[str, list[str]] = {}
     for r, (start, end) in enumerate(model_runs[1:]):
         for e in events:
             if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not start <= e["ts"] <= end:
@@ -937,10 +942,11 @@ def _profile(model, feeds, names, provider, optimize, threads, runs, alias) -> t
                     node = alias[candidate]
                     break
             op = e.get("args", {}).get("op_name", "?")
-            ops[node] = op if node not in ops or ops[node] == op else f"{ops[node]}+{op}"
+            if op not in ops.setdefault(node, []):
+                ops[node].append(op)
             times = per_run.setdefault(node, [0.0] * (len(model_runs) - 1))
             times[r] += e["dur"] / 1000
-    return {k: float(np.min(v)) for k, v in per_run.items()}, ops
+    return {k: float(np.min(v)) for k, v in per_run.items()}, {k: "+".join(v) for k, v in ops.items()}
 
 
 # --------------------------------------------------------------------------

@@ -125,6 +125,8 @@ def test_json_fields(fcn):
     assert {c["check"] for c in data["checks"]} == {"subgrid", "shift-and-stitch"}
     assert data["passed"] is True and data["est"] == [4, 4] and data["stitch_passes"] == 16
     assert data["provider"] == "cpu" and data["threads"] == 2 and data["optimize"] is True
+    assert data["prepass"] is True and data["settle_s"] == 0
+    assert {"min", "per_round_median", "cpu_median"} <= set(data["ratios_other_statistics"])
     assert {"cpu", "cores", "onnxruntime"} <= set(data["machine"])
 
 
@@ -190,3 +192,19 @@ def test_classifier_at_another_size_is_one_line(tmp_path):
     onnx_dense.rewrite(original, dense, output_stride=2)
     code, out, err = run("bench", original, dense, "--input-shape", "input:1,3,32,32", "--json")
     _clean_error(code, out, err, "the original does not run at input input [1, 3, 32, 32]", "Gemm")
+
+
+def test_profile_matches_nodes_by_name(tmp_path):
+    model = _model(FCN)
+    for i, node in enumerate(model.graph.node):
+        node.name = f"{node.op_type.lower()}{i}"
+    original = tmp_path / "named.onnx"
+    onnx.save(model, str(original))
+    dense = tmp_path / "named_dense.onnx"
+    onnx_dense.rewrite(original, dense, output_stride=1)
+    result = bench(original, dense, repeat=1, warmup=0, settle=0, stitch=False, profile=True)
+    rows = {n.node: n for n in result.nodes}
+    last = rows["conv6"]  # the last Conv: dilation 4 in the dense model
+    assert last.op.startswith("Conv") and last.original_ms and last.dense_ms
+    assert last.dense_flops > last.original_flops > 0 and last.efficiency is not None
+    assert "per node" in result.text()

@@ -12,7 +12,8 @@ from onnx_dense.cli import options
 @click.argument("dense", type=options.model_path)
 @click.option("--inputs", "inputs", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.npz",
               help="inputs to run (one array per graph input name); default: random at the rewrite's size")
-@options.input_shape
+@click.option("--input-shape", "input_shapes", metavar="NAME:D0,D1,...", multiple=True,
+              help="run at this size instead of the rewrite's, e.g. input:1,3,512,512 (repeatable)")
 @click.option("--repeat", "-n", default=10, show_default=True, help="timed rounds (each runs all three, round-robin)")
 @click.option("--warmup", default=1, show_default=True, help="untimed runs of each before the rounds")
 @click.option("--threads", default=2, show_default=True, help="onnxruntime intra-op threads (0: its default)")

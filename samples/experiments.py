@@ -4,8 +4,8 @@
     python -m samples.experiments --config large --seeds 0,1,2 --out exp_large --device cuda
 
 For each task and seed (the paper's section 3; data from :mod:`samples.shapes_data`, drawn
-once per task from ``data_seed``; the seed changes the weight initialisation and the order
-of the training batches):
+once from ``data_seed`` and shared by every seed; the seed changes the weight initialisation
+and the order of the training batches):
 
 * **seg** (3.1): an FCN-style VGG-like net (conv stages + fc6 3x3 / fc7 1x1 / score 1x1, no
   upsampling layer) trained from scratch in plain PyTorch on per-pixel labels, its scores
@@ -35,12 +35,16 @@ output stride is ``2**stages / 2**removed``), and
 All are evaluated on a held-out generated test set with :func:`onnx_dense.train.evaluate`:
 mean IoU (scores upsampled bilinearly to the label size, each prediction at the centre of its
 receptive field), accuracy, MAE in pixels. ``OUT/results.json`` holds every number and
-timing, ``OUT/results.md`` the table (mean ± sample std over the seeds).
+timing, ``OUT/results.md`` the tables (mean ± sample std over the seeds, and the differences
+seed by seed); ``--report`` rewrites results.md from results.json. ``--set KEY=VALUE``
+overrides a field of the configuration (:class:`Config`). The generated data is kept in
+``OUT/data`` and reused by a later run with the same data settings.
 
 Units of work (task, seed) run in ``--jobs`` processes of ``--threads`` torch threads each
-(default 2 x 1: on a shared 2-core machine two single-threaded processes are much faster than
-one two-threaded one). ``loc`` runs inside the ``cls`` unit of the same seed and reuses its
-baseline.
+(default 2 x 1: on the shared 2-core machine, one process with two torch threads was measured
+7x slower per step than with one, as the threads wait for each other when the cores are
+busy). ``loc`` runs inside the ``cls`` unit of the same seed and reuses its baseline. With one
+thread per process the results are bit-identical from run to run.
 """
 
 from __future__ import annotations
@@ -120,10 +124,10 @@ class Config:
 
 
 CONFIGS = {
-    # about 20 minutes on an idle 2-core CPU (two single-threaded jobs)
+    # 16 minutes on a nearly idle 2-core CPU (two single-threaded jobs), 30 CPU-minutes
     "small": Config("small"),
-    # for a GPU: 128x128 images, a 5-stage VGG-16-like net (2-2-3-3-3 convs would be slower;
-    # 2 per stage), the paper's strides (pool4 for cls/reg, pool3 for segmentation)
+    # for a GPU (not run yet): 128x128 images, a 5-stage VGG-like net (2 convs per stage, not
+    # VGG-16's 2-2-3-3-3), the paper's strides (pool4 for cls/reg, pool3 for segmentation)
     "large": Config(
         "large", size=128, stages=5, convs=2, width=32, fc_width=256, removed=2, seg_removed=3,
         n_train=12000, n_test=2000, max_objects=4, batch=32, base_steps=6000, base_lr=1e-3, base_warmup=300,
@@ -306,12 +310,22 @@ def train_baseline(net, task: str, cfg: Config, seed: int, images, labels, geome
     return {"steps": total, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-20:]))}
 
 
-def run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str, with_loc: bool, threads: int) -> dict:
-    """Baseline, control, dense, dpoa (and loc) for one task and seed. Runs in a worker process."""
-    import onnx
+def run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str, with_loc: bool, threads: int) -> list[dict]:
+    """Baseline, control, dense, dpoa (and loc) for one task and seed, with ``threads`` torch
+    threads (the caller's setting is restored afterwards: with --jobs 1 this runs in-process)."""
     import torch
 
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_unit(task, seed, cfg, paths, out, with_loc, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str, with_loc: bool, threads: int) -> list[dict]:
+    import onnx
+
     from onnx_dense import api, metadata
     from onnx_dense import train as dt
     from samples.export import export_onnx
@@ -344,9 +358,9 @@ def run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str,
     res["dense"] = {"output_stride": stride, "original_stride": list(out_info.original_stride)[0],
                     "predictions": list(out_info.dense_size), "original_predictions": list(out_info.size)}
 
-    def evaluate(model, geometry=None) -> float:
+    def evaluate(model, geometry=None, label_mode="upsample") -> float:
         m = dt.evaluate(model, task=TRAIN_TASKS[task], data=(test_images, test_labels), batch_size=cfg.eval_batch,
-                        device=str(device), label_mode="upsample", geometry=geometry)
+                        device=str(device), label_mode=label_mode, geometry=geometry)
         return _metric(task, cfg, m)
 
     ft = dict(task=TRAIN_TASKS[task], data=(images, labels), steps=cfg.ft_steps, lr=cfg.ft_lr, batch_size=cfg.batch,
@@ -383,6 +397,18 @@ def run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str,
     res["metrics"]["dense"] = evaluate(trained.model)
     res["metrics"]["dpoa"] = evaluate(str(dpoa), geo_orig)
     res["times"]["evaluate_after"] = time.perf_counter() - t
+    if task == "seg":
+        # Secondary: each prediction scored on the label under its own receptive-field centre
+        # (no interpolation): how right the predictions are where they are, on either grid.
+        t = time.perf_counter()
+        res["at_centres"] = {
+            "baseline": evaluate(str(base), geo_orig, "sample"),
+            "control": evaluate(str(control_onnx), geo_orig, "sample"),
+            "dense": evaluate(trained.model, None, "sample"),
+            "dpoa": evaluate(str(dpoa), geo_orig, "sample"),
+            "dense0": evaluate(str(dense), None, "sample"),
+        }
+        res["times"]["evaluate_at_centres"] = time.perf_counter() - t
     results = [res]
     if with_loc:
         results.append(run_loc(net, seed, cfg, paths, work, threads))
@@ -500,14 +526,14 @@ def run_loc(net, seed: int, cfg: Config, paths: dict[str, str], work: Path, thre
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], digits: int = 1) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
     mean = float(np.mean(values))
     if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {float(np.std(values, ddof=1)):.1f}"
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
 
 
 def summarise(results: list[dict], cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
@@ -518,9 +544,9 @@ def summarise(results: list[dict], cfg: Config) -> dict[str, dict[str, dict[str,
             continue
         summary[task] = {}
         for col in COLUMNS:
-            vals = [r["metrics"][col] for r in rows if col in r["metrics"]]
             if task == "loc" and col == "dense0":
                 continue
+            vals = [r["metrics"][col] for r in rows if col in r["metrics"]]
             if vals:
                 summary[task][col] = {
                     "mean": float(np.mean(vals)),
@@ -530,7 +556,12 @@ def summarise(results: list[dict], cfg: Config) -> dict[str, dict[str, dict[str,
     return summary
 
 
+_DIGITS = {"seg": 1, "cls": 1, "reg": 2, "loc": 1}
+_PAIRS = (("control", "baseline"), ("dense", "control"), ("dpoa", "control"), ("dpoa", "baseline"))
+
+
 def table(results: list[dict], cfg: Config) -> str:
+    """The markdown report: the main table, differences per seed, secondary numbers."""
     seeds = sorted({r["seed"] for r in results})
     head = ["task", "metric"] + [COLUMN_TITLES[c] for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -544,15 +575,46 @@ def table(results: list[dict], cfg: Config) -> str:
             if task == "loc" and col in ("control", "dpoa", "dense0"):
                 cells.append("n/a")
                 continue
-            cells.append(_fmt([r["metrics"].get(col) for r in rows]))
+            cells.append(_fmt([r["metrics"].get(col) for r in rows], _DIGITS[task]))
         lines.append("| " + " | ".join(cells) + " |")
-    k = cfg.ft_steps
     lines.append("")
     lines.append(
-        f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; config `{cfg.name}`; K = {k} fine-tuning steps "
-        f"(control and dense alike); dense output stride {cfg.output_stride('cls')} for cls/reg/loc and "
-        f"{cfg.output_stride('seg')} for seg (original: {2 ** cfg.stages})."
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds))}; config `{cfg.name}`; K = {cfg.ft_steps} "
+        f"fine-tuning steps (control and dense alike, after {cfg.base_steps} baseline steps); dense output stride "
+        f"{cfg.output_stride('cls')} for cls/reg/loc and {cfg.output_stride('seg')} for seg (original: {2 ** cfg.stages})."
     )
+    # Paired differences: the seeds share the data, so seed-to-seed spread cancels out here.
+    trained = [t for t in ("seg", "cls", "reg") if any(r["task"] == t for r in results)]
+    if trained or any(r["task"] == "loc" for r in results):
+        lines += ["", "Differences, seed by seed (mean ± std of the per-seed differences):", ""]
+        head = ["task"] + [f"{a} − {b}" for a, b in _PAIRS] + ["dense − baseline"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for task in TASKS:
+            rows = [r for r in results if r["task"] == task]
+            if not rows:
+                continue
+            cells = [task]
+            for a, b in (*_PAIRS, ("dense", "baseline")):
+                diffs = [r["metrics"][a] - r["metrics"][b] for r in rows if a in r["metrics"] and b in r["metrics"]]
+                cells.append(_fmt(diffs, _DIGITS[task]) if diffs else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+    seg = [r for r in results if r["task"] == "seg" and "at_centres" in r]
+    loc = [r for r in results if r["task"] == "loc"]
+    if seg or loc:
+        lines += ["", "Secondary numbers:", ""]
+    if seg:
+        cells = [_fmt([r["at_centres"][c] for r in seg]) for c in COLUMNS]
+        lines.append(
+            "* seg, mean IoU (%) of each prediction against the label under its receptive-field centre, no "
+            "interpolation (" + ", ".join(f"{COLUMN_TITLES[c]} {v}" for c, v in zip(COLUMNS, cells)) + ")"
+        )
+    if loc:
+        lines.append(
+            f"* loc, mean box IoU (%): baseline {_fmt([100 * r['baseline_mean_iou'] for r in loc])}, "
+            f"dense {_fmt([100 * r['dense0_mean_iou'] for r in loc])}; channel-sum maps "
+            f"{'x'.join(map(str, loc[0]['baseline_map_size']))} (baseline) and "
+            f"{'x'.join(map(str, loc[0]['dense0_map_size']))} (dense)"
+        )
     return "\n".join(lines)
 
 
@@ -588,7 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     ap.add_argument("--device", default=None, help="cpu, cuda, auto (default: the config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
+    if args.report:
+        source = args.out / "results.json"
+        if not source.is_file():
+            ap.error(f"--report: {source} does not exist")
+        md = report(json.loads(source.read_text()))
+        (args.out / "results.md").write_text(md)
+        print(md)
+        return 0
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -651,7 +722,6 @@ def _run(args, cfg: Config, tasks, seeds, out: Path, pool, started: float, cpu0:
     results.sort(key=lambda r: (TASKS.index(r["task"]), r["seed"]))
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu0 + ((sum(unit_cpu) + data_cpu) if pool is not None else 0.0)
-    md = table(results, cfg)
     command = f"python -m samples.experiments --config {cfg.name} --seeds {args.seeds} --out {out} --tasks {','.join(tasks)}"
     if args.jobs != ap_defaults()["jobs"] or args.threads != 1:
         command += f" --jobs {args.jobs} --threads {args.threads}"
@@ -659,21 +729,28 @@ def _run(args, cfg: Config, tasks, seeds, out: Path, pool, started: float, cpu0:
         command += f" --device {args.device}"
     if args.set:
         command += "".join(f" --set {s}" for s in args.set)
-    footer = (
-        f"\nWall time {wall / 60:.1f} min ({args.jobs} job(s) x {args.threads} thread(s); data generation "
-        f"{data_seconds:.0f} s; CPU time of all processes {cpu / 60:.1f} min) on {_machine()}.\n\n`{command}`\n"
-    )
-    (out / "results.md").write_text(md + "\n" + footer)
     payload = {
         "config": dataclasses.asdict(cfg), "seeds": seeds, "tasks": tasks, "command": command,
         "wall_seconds": wall, "cpu_seconds": cpu, "data_seconds": data_seconds, "jobs": args.jobs,
         "threads": args.threads, "machine": _machine(), "summary": summarise(results, cfg), "runs": results,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+    md = report(payload)
+    (out / "results.md").write_text(md)
     print()
     print(md)
-    print(footer)
     return 0
+
+
+def report(payload: dict) -> str:
+    """results.md from the contents of results.json."""
+    cfg = Config(**payload["config"])
+    footer = (
+        f"Wall time {payload['wall_seconds'] / 60:.1f} min ({payload['jobs']} job(s) x {payload['threads']} "
+        f"thread(s); data generation {payload['data_seconds']:.0f} s; CPU time of all processes "
+        f"{payload['cpu_seconds'] / 60:.1f} min) on {payload['machine']}.\n\n`{payload['command']}`\n"
+    )
+    return table(payload["runs"], cfg) + "\n\n" + footer
 
 
 if __name__ == "__main__":

@@ -108,10 +108,17 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
             assert run["dpoa"]["equivalent_to_trained_dense"], run["dpoa"]
             assert run["dpoa"]["changed"] > 0  # fine-tuning changed the weights written back
             assert run["dense"]["output_stride"] < run["dense"]["original_stride"]
+    seg = next(r for r in data["runs"] if r["task"] == "seg")
+    assert set(seg["at_centres"]) == set(ex.COLUMNS)
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in seg["at_centres"].values())
     assert data["summary"]["cls"]["baseline"]["values"] == [data["runs"][1]["metrics"]["baseline"]]
     assert data["wall_seconds"] > 0
     printed = capsys.readouterr().out
-    assert "| task | metric |" in printed
+    assert "| task | metric |" in printed and "dense − control" in printed
+    # --report re-renders the same table from results.json
+    (out / "results.md").unlink()
+    assert ex.main(["--out", str(out), "--report"]) == 0
+    assert (out / "results.md").read_text() == md
 
 
 def test_sets_can_be_drawn_in_chunks():

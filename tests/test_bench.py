@@ -9,12 +9,11 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 import onnx_dense
 from onnx_dense import api, metadata
 from onnx_dense.bench import bench, count_flops
-from onnx_dense.cli import cli
+from tests._cli import run
 
 FCN = """
 <ir_version: 9, opset_import: ["" : 20]>
@@ -65,11 +64,6 @@ def fcn(tmp_path_factory):
     dense = folder / "fcn_dense.onnx"
     onnx_dense.rewrite(original, dense, output_stride=1)  # eST 4
     return str(original), str(dense)
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_bench_reports_all_three(fcn):

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from click.testing import CliRunner
 
-from onnx_dense.cli import cli, main
+from onnx_dense.cli import main
+from tests._cli import run, assert_clean_error
 
 NET = """
 <ir_version: 9, opset_import: ["" : 20]>
@@ -42,21 +42,6 @@ def _write(path, text=NET, seed=0):
 @pytest.fixture
 def net(tmp_path):
     return _write(tmp_path / "net.onnx")
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_clean_error(code, out, err, *needles):
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnx-dense: error: ")
-    assert "Traceback" not in err + out
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_rewrite_verify_inspect(net, tmp_path):

@@ -14,33 +14,17 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 import onnx_dense
-from onnx_dense.cli import cli
 from onnx_dense.errors import DenseError
 from onnx_dense.train import dpoa, train
 
 from _train_fixtures import export_zoo, shared_root
 
 import torch
+from tests._cli import run, assert_clean_error
 
 torch.set_num_threads(1)
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_clean_error(code, out, err, *needles):
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnx-dense: error: ")
-    assert "Traceback" not in err + out
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _digest(path) -> str:

@@ -10,12 +10,11 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import onnx_dense
-from onnx_dense.cli import cli
 from onnx_dense.runtime import DenseSession, load_image, run_images
+from tests._cli import run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -66,11 +65,6 @@ def _image(path, size=(37, 45), mode="RGB", seed=0):
     shape = (*size, 3) if mode == "RGB" else size
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
     return str(path)
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _digest(paths):

@@ -19,33 +19,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import onnx_dense
-from onnx_dense.cli import cli
 from onnx_dense.errors import DenseError
 from onnx_dense.train import Geometry, TaskLoss, evaluate, load_checkpoint, open_dataset, predict, train
 from onnx_dense.train.losses import sample_labels, upsample_scores
 
 from _train_fixtures import export_zoo, shared_root
+from tests._cli import run, assert_clean_error
 
 torch.set_num_threads(1)
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_clean_error(code, out, err, *needles):
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnx-dense: error: ")
-    assert "Traceback" not in err + out
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,7 @@ class BenchResult:
     checks: list[Check]
     nodes: list[NodeTime] | None = None
     machine: dict = dataclasses.field(default_factory=dict)
+    spinning: bool | None = None  # ORT worker threads spin-wait between runs; None: ORT's default (on)
 
     def get(self, name: str) -> Measurement | None:
         return next((m for m in self.measurements if m.name == name), None)
@@ -259,6 +260,7 @@ class BenchResult:
             "repeat": self.repeat,
             "prepass": self.prepass,
             "settle_s": self.settle,
+            "spinning": self.spinning,
             "inputs": self.inputs,
             "outputs": self.outputs,
             "est": self.est,
@@ -287,7 +289,8 @@ class BenchResult:
             f"{'on' if self.optimize else 'off'}, input {', '.join(f'{k} {v}' for k, v in self.inputs.items())}, "
             f"median of {self.repeat} round-robin rounds after {self.warmup} warm-up"
             + (f", each pass after an untimed one and {self.settle:g} s pause" if self.prepass else "")
-            + (f", {self.settle:g} s pause before each" if self.settle and not self.prepass else ""),
+            + (f", {self.settle:g} s pause before each" if self.settle and not self.prepass else "")
+            + (", no spin-waiting" if self.spinning is False else ""),
             f"{'':<18}{'ms':>10}{'min ms':>10}{'cpu ms':>10}{'passes':>8}{'predictions':>13}{'pred/s':>12}{'GFLOPs':>10}",
         ]
         for m in self.measurements:
@@ -348,6 +351,7 @@ def bench(
     seed: int = 0,
     settle: float = 0.2,
     prepass: bool = True,
+    spinning: bool | None = None,
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     progress: Callable[[str], None] | None = None,
@@ -360,6 +364,7 @@ def bench(
     padding fixed as at the static size (what the dense model is equivalent to).
     ``prepass`` and ``settle``: before each timed measurement, one untimed pass of the same
     session, then a pause of ``settle`` seconds (see the module docstring, "Timing").
+    ``spinning``: False stops ORT's worker threads spin-waiting between runs (None: ORT's default).
     """
     if provider not in PROVIDERS:
         raise DenseError(f"unknown provider '{provider}'; use one of {', '.join(PROVIDERS)}")
@@ -395,9 +400,8 @@ def bench(
     spatial = [n for n in names if n in info.outputs]
 
     say("loading sessions")
-    with OrtRunner(run_orig_model, provider=provider, optimize=optimize, threads=threads) as run_orig, OrtRunner(
-        _source(dense, dense_proto), provider=provider, optimize=optimize, threads=threads
-    ) as run_dense:
+    runner = dict(provider=provider, optimize=optimize, threads=threads, spinning=spinning)
+    with OrtRunner(run_orig_model, **runner) as run_orig, OrtRunner(_source(dense, dense_proto), **runner) as run_dense:
         def one_original():
             return run_orig(feeds, names)
 
@@ -486,7 +490,7 @@ def bench(
         )
     return BenchResult(
         original_path=orig_label, dense_path=dense_label, provider=provider, threads=threads, optimize=optimize,
-        warmup=warmup, repeat=repeat, prepass=prepass, settle=settle, inputs={k: list(v.shape) for k, v in feeds.items()},
+        warmup=warmup, repeat=repeat, prepass=prepass, settle=settle, spinning=spinning, inputs={k: list(v.shape) for k, v in feeds.items()},
         outputs=[
             {"name": n, "est": list(info.outputs[n].est), "stride": list(info.outputs[n].stride),
              "original_stride": list(info.outputs[n].original_stride), "inserted": info.outputs[n].inserted}

@@ -119,9 +119,19 @@ def test_json_fields(fcn):
     assert {c["check"] for c in data["checks"]} == {"subgrid", "shift-and-stitch"}
     assert data["passed"] is True and data["est"] == [4, 4] and data["stitch_passes"] == 16
     assert data["provider"] == "cpu" and data["threads"] == 2 and data["optimize"] is True
-    assert data["prepass"] is True and data["settle_s"] == 0
+    assert data["prepass"] is True and data["settle_s"] == 0 and data["spinning"] is None
     assert {"min", "per_round_median", "cpu_median"} <= set(data["ratios_other_statistics"])
     assert {"cpu", "cores", "onnxruntime"} <= set(data["machine"])
+
+
+def test_no_spin_is_recorded(fcn):
+    code, out, err = run("bench", *fcn, "-n", "1", "--warmup", "0", "--settle", "0", "--no-stitch", "--no-spin", "--json")
+    assert code == 0, err
+    assert json.loads(out)["spinning"] is False
+    code, out, err = run("bench", *fcn, "-n", "1", "--warmup", "0", "--settle", "0", "--no-stitch")
+    assert code == 0, err
+    assert "no spin-waiting" not in out
+    assert "no spin-waiting" in bench(*fcn, repeat=1, warmup=0, settle=0, stitch=False, spinning=False).text()
 
 
 def test_flops_match_inspect(fcn):

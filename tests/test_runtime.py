@@ -21,7 +21,7 @@ import pytest
 
 import onnx_dense
 from onnx_dense import DenseError, api, metadata
-from onnx_dense.runtime import DenseSession, PixelGrid, cuda_options, resolve_provider, tiling
+from onnx_dense.runtime import DenseSession, OrtRunner, PixelGrid, cuda_options, resolve_provider, tiling
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -282,6 +282,21 @@ def test_cuda_options():
         cuda_options(conv_algo_search="DEFAULT")
 
 
+def test_spinning_switch_reaches_the_session(tiny):
+    """spinning=False must end up in the session's config (both runners); None leaves ORT's default alone."""
+    keys = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+    quiet = DenseSession(tiny, provider="cpu", spinning=False).session.get_session_options()
+    assert [quiet.get_session_config_entry(k) for k in keys] == ["0", "0"]
+    with OrtRunner(tiny, spinning=False) as run:
+        options = run.session.get_session_options()
+        assert [options.get_session_config_entry(k) for k in keys] == ["0", "0"]
+    with OrtRunner(tiny, spinning=True) as run:
+        assert run.session.get_session_options().get_session_config_entry(keys[0]) == "1"
+    default = DenseSession(tiny, provider="cpu").session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_config_entry(keys[0])
+
+
 def test_iobinding_and_inputs(tiny):
     session = DenseSession(tiny, provider="cpu")
     assert session.providers == ["CPUExecutionProvider"] and session.image_input == "input"
@@ -330,6 +345,16 @@ def test_fp16_runs_close_to_fp32(tiny):
 # ------------------------------------------------------------------------------------------
 # CUDA (skipped without onnxruntime-gpu and a device)
 # ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
+def test_cuda_ort_runner_uses_cuda_settings(fcn):
+    """verify and bench on CUDA: the CUDA provider itself (no quiet CPU retry) with EXHAUSTIVE search."""
+    with OrtRunner(fcn, provider="cuda", optimize=True) as run:
+        assert run.session.get_providers()[0] == "CUDAExecutionProvider"
+        options = run.session.get_provider_options()["CUDAExecutionProvider"]
+        assert options["cudnn_conv_algo_search"] == "EXHAUSTIVE" and options["cudnn_conv_use_max_workspace"] == "1"
 
 
 @pytest.mark.gpu

@@ -23,11 +23,13 @@ from onnx_dense.cli import options
 @click.option("--settle", default=0.2, show_default=True, metavar="SECONDS",
               help="pause before each timed measurement (lets ORT's spinning worker threads go idle)")
 @click.option("--cold", is_flag=True, help="no untimed pass of the same model right before each timed one")
+@click.option("--spin/--no-spin", "spinning", default=None,
+              help="let onnxruntime's worker threads spin-wait between runs, or not  [default: onnxruntime's (spin)]")
 @click.option("--profile", is_flag=True, help="also time every node with onnxruntime's profiler")
 @click.option("--seed", default=0, show_default=True, help="seed of the random inputs")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def bench(original, dense, inputs, input_shapes, repeat, warmup, threads, provider, no_optimize, no_stitch, settle,
-          cold, profile, seed, as_json) -> None:
+          cold, spinning, profile, seed, as_json) -> None:
     """Time DENSE against ORIGINAL and against shift-and-stitch, on the same inputs.
 
     Shift-and-stitch runs ORIGINAL eST^2 times on shifted crops of the zero-padded input
@@ -44,7 +46,7 @@ def bench(original, dense, inputs, input_shapes, repeat, warmup, threads, provid
     result = run_bench(
         original, dense, inputs=inputs, input_shapes=options.parse_shapes(input_shapes) or None,
         provider=provider, threads=threads or None, optimize=not no_optimize, warmup=warmup, repeat=repeat,
-        stitch=not no_stitch, settle=settle, prepass=not cold, profile=profile, seed=seed, progress=progress,
+        stitch=not no_stitch, settle=settle, prepass=not cold, spinning=spinning, profile=profile, seed=seed, progress=progress,
     )
     click.echo(result.to_json() if as_json else result.text())
     if not result.passed:

@@ -8,8 +8,8 @@
   :func:`load_image` and :func:`render` (:mod:`onnx_dense.runtime.images`) its two halves.
 """
 
-from onnx_dense.runtime.session import OrtRunner, available_providers
-from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid, cuda_options, resolve_provider
+from onnx_dense.runtime.session import OrtRunner, available_providers, cuda_options
+from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid, resolve_provider
 from onnx_dense.runtime.batch import RunSummary, run_images
 from onnx_dense.runtime.images import load_image, render
 

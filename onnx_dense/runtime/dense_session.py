@@ -36,6 +36,8 @@ Choices, and why:
   stitches them; the result equals the untiled run (see :mod:`onnx_dense.runtime.tiling`).
 * Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
   off, as verify does.
+* ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
+  keeps them spinning): worth it when other sessions or processes share a few CPU cores.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import onnxruntime as ort
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 from onnx_dense.runtime import tiling
+from onnx_dense.runtime.session import cuda_options, preload_cuda, set_spinning
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
@@ -181,6 +184,7 @@ class DenseSession:
         allow_cpu_nodes: bool = False,
         optimize: bool = True,
         threads: int | None = None,
+        spinning: bool | None = None,
         tile=None,
     ) -> None:
         self.provider = resolve_provider(provider)
@@ -197,6 +201,7 @@ class DenseSession:
         )
         if threads:
             so.intra_op_num_threads = int(threads)
+        set_spinning(so, spinning)
         if self.provider == "cuda":
             if not allow_cpu_nodes:
                 so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -205,7 +210,7 @@ class DenseSession:
                 max_workspace=max_workspace, nhwc=nhwc,
             )
             providers: list = [(CUDA_EP, options)]
-            _preload_cuda()
+            preload_cuda()
         else:
             providers = [CPU_EP]
         self.provider_options = dict(providers[0][1]) if isinstance(providers[0], tuple) else {}
@@ -451,39 +456,6 @@ class DenseSession:
         outputs = tiling.output_axes(self.info, name, self.output_names)
         rank = len(self.info.inputs[name].spatial_axes)
         return tuple(tiling.minimum_tile([o.geometry[k] for o in outputs]) for k in range(rank))
-
-
-def cuda_options(
-    *, device_id: int = 0, fixed_shapes: bool = False, conv_algo_search: str | None = None,
-    max_workspace: bool = True, nhwc: bool = False,
-) -> dict[str, str]:
-    """CUDA execution provider options for a convolution-heavy dense model (see module docstring)."""
-    search = (conv_algo_search or ("EXHAUSTIVE" if fixed_shapes else "HEURISTIC")).upper()
-    if search not in ("EXHAUSTIVE", "HEURISTIC"):
-        raise DenseError(
-            f"cudnn_conv_algo_search '{conv_algo_search}': use EXHAUSTIVE (fixed shapes) or HEURISTIC (varying "
-            "shapes); DEFAULT is refused (reported 4x-50x slower for dilated convolutions)"
-        )
-    options = {
-        "device_id": str(device_id),
-        "cudnn_conv_algo_search": search,
-        "cudnn_conv_use_max_workspace": "1" if max_workspace else "0",
-        "do_copy_in_default_stream": "1",
-    }
-    if nhwc:
-        options["prefer_nhwc"] = "1"
-    return options
-
-
-def _preload_cuda() -> None:
-    """Load CUDA/cuDNN from the nvidia-* wheels where onnxruntime can (onnxruntime >= 1.21)."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is None:
-        return
-    try:
-        preload()
-    except Exception:  # the libraries may come from the system instead; session creation will tell
-        pass
 
 
 def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo]:

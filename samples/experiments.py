@@ -341,11 +341,12 @@ def _run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str
     stride = cfg.output_stride(task)
     net = build_net(cfg, task, seed)
     # The geometry of the original's predictions (where each sits in the image), read from the
-    # dense model's metadata of the untrained net: the architecture fixes it.
+    # dense model's metadata of the untrained net: the architecture fixes it (None when the
+    # original gives one prediction per image).
     base, dense = work / "baseline.onnx", work / "dense.onnx"
     export_onnx(net, (1, 3, cfg.size, cfg.size), base, exporter=cfg.exporter, dynamic_batch=True)
     api.rewrite(base, dense, output_stride=stride)
-    geo_orig = dt.geometry_from(str(dense), original=True) if task == "seg" else None
+    geo_orig = dt.geometry_from(str(dense), original=True)
     res["times"]["data_and_setup"] = time.perf_counter() - t
 
     res["baseline_training"] = train_baseline(net, task, cfg, seed, images, labels, geo_orig, device)

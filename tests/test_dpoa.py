@@ -142,3 +142,34 @@ def test_dense_out_needs_a_dense_model(trained, tmp_path):
     with pytest.raises(DenseError, match="--dense"):
         dpoa.export_dpoa(trained["original"], dict(_inits(trained["trained_dense"])), tmp_path / "o.onnx",
                          dense_out=tmp_path / "d.onnx")
+
+
+def test_save_onnx_of_a_model_trained_from_the_original(trained, tmp_path):
+    """save_onnx writes the graph that was trained, here the original: dpoa.write_trained."""
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    result = train(trained["original"], task="classification", data=(images, np.array([3, 7])), steps=1,
+                   batch_size=2, lr=0.05, progress=False)
+    out = result.save_onnx(tmp_path / "original_trained.onnx")
+    assert _masked(out) == _masked(trained["original"])  # only the weights differ
+    weights = result.state_dict_onnx()
+    after = _inits(out)
+    assert all(np.array_equal(after[k], v) for k, v in weights.items())
+    assert any(not np.array_equal(after[k], v) for k, v in _inits(trained["original"]).items())
+    assert _digest(trained["original"]) == trained["original_digest"], "ORIGINAL was modified"
+    # the same through the function itself, from a dict of weights; never over the model it reads
+    again = dpoa.write_trained(trained["original"], weights, tmp_path / "again.onnx")
+    assert _digest(again) == _digest(out)
+    with pytest.raises(DenseError, match="refusing to overwrite"):
+        dpoa.write_trained(trained["original"], weights, trained["original"])
+    assert _digest(trained["original"]) == trained["original_digest"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no temporary left
+    # a module built from a ModelProto in memory: the proto is copied, not edited
+    proto = onnx.load(trained["original"])
+    before = proto.SerializeToString()
+    in_memory = train(proto, task="classification", data=(images, np.array([3, 7])), steps=1, batch_size=2,
+                      lr=0.05, progress=False)
+    out = in_memory.save_onnx(tmp_path / "from_proto.onnx")
+    assert proto.SerializeToString() == before
+    assert _masked(out) == _masked(trained["original"])
+    assert all(np.array_equal(_inits(out)[k], v) for k, v in in_memory.state_dict_onnx().items())

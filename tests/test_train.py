@@ -23,7 +23,9 @@ from PIL import Image
 
 import onnx_dense
 from onnx_dense.errors import DenseError
-from onnx_dense.train import Geometry, TaskLoss, evaluate, load_checkpoint, open_dataset, predict, train
+from onnx_dense.train import (
+    Geometry, TaskLoss, evaluate, geometry_from, load_checkpoint, open_dataset, predict, train,
+)
 from onnx_dense.train.losses import sample_labels, upsample_scores
 
 from _train_fixtures import export_zoo, shared_root
@@ -226,6 +228,46 @@ def test_classification_npz_and_trained_onnx(vgg_dense, tmp_path):
     np.testing.assert_allclose(logits, ref.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
     metrics = evaluate(str(out), task="classification", data=data)
     assert 0 <= metrics["accuracy"] <= 1 and metrics["examples"] == 3
+
+
+def test_evaluate_original_classifier_at_the_original_geometry(vgg_dense, fcn_dense, tmp_path_factory):
+    """The documented call for an original model works when its output is (N, classes).
+
+    VGG's Flatten+Gemm head gives the original one prediction per image; the rewrite made it
+    spatial (the metadata's "inserted"), so the original's geometry is None: one prediction.
+    """
+    original = export_zoo(shared_root(tmp_path_factory), "vgg")
+    assert geometry_from(vgg_dense, original=True) is None
+    fcn_original = geometry_from(fcn_dense, original=True)  # a spatial output keeps its grid
+    assert isinstance(fcn_original, Geometry) and fcn_original.stride != geometry_from(fcn_dense).stride
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
+    labels = np.array([1, 4, 9])
+    geometry = geometry_from(vgg_dense, original=True)
+    metrics = evaluate(original, task="classification", data=(images, labels), geometry=geometry)
+    assert metrics == evaluate(original, task="classification", data=(images, labels))
+    assert metrics["examples"] == 3 and 0 <= metrics["accuracy"] <= 1
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(original, providers=["CPUExecutionProvider"])
+    ref = np.concatenate([session.run(None, {"input": images[i : i + 1]})[0] for i in range(3)])  # batch 1
+    assert ref.shape == (3, 10)
+    np.testing.assert_allclose(predict(original, images, task="classification", geometry=geometry), ref,
+                               rtol=1e-4, atol=1e-5)
+    assert evaluate(original, task="regression", data=(images, np.zeros((3, 10), np.float32)), geometry=geometry)["mae"] >= 0
+
+
+def test_a_geometry_that_does_not_fit_the_output_is_refused(vgg_dense, tmp_path_factory):
+    original = export_zoo(shared_root(tmp_path_factory), "vgg")
+    images = np.zeros((2, 3, 64, 64), np.float32)
+    dense_grid = geometry_from(vgg_dense)  # the dense grid, not the original's: axes 2, 3 of an (N, 10) output
+    with pytest.raises(DenseError, match=r"output 'output' has shape \[1, 10\].*original=True") as err:
+        evaluate(original, task="classification", data=(images, np.array([0, 1])), geometry=dense_grid)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DenseError, match=r"output 'output' has shape \[2, 10\].*original=True"):
+        predict(original, images, task="classification", geometry=dense_grid)
+    with pytest.raises(DenseError, match=r"output 'output' has shape \[1, 10\]: one prediction per image"):
+        evaluate(original, task="segmentation", data=(images, np.zeros((2, 64, 64), np.int64)))
 
 
 def test_regression_on_a_1d_model(tmp_path_factory):

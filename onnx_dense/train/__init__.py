@@ -13,8 +13,8 @@ not import it. The names below load their module on first use::
 * :class:`OnnxGraphModule` (``onnx_dense.train.graph_module``): any ONNX graph as an nn.Module;
 * :class:`TaskLoss`, :class:`Geometry` (``onnx_dense.train.losses``);
 * :func:`open_dataset` (``onnx_dense.train.data``; no torch);
-* :func:`export_dpoa`, :func:`write_trained_dense` (``onnx_dense.train.dpoa``; torch only to
-  read a .pt checkpoint);
+* :func:`export_dpoa`, :func:`write_trained` (``onnx_dense.train.dpoa``; torch only to read
+  a .pt checkpoint; ``write_trained_dense`` is its former name);
 * :func:`save_checkpoint`, :func:`load_checkpoint` (``onnx_dense.train.checkpoint``).
 """
 
@@ -28,7 +28,7 @@ _LAZY = {
     "OnnxGraphModule": "graph_module", "SUPPORTED_OPS": "graph_module",
     "TaskLoss": "losses", "Geometry": "losses",
     "open_dataset": "data", "Dataset": "data", "TASKS": "data",
-    "export_dpoa": "dpoa", "write_trained_dense": "dpoa", "read_trained": "dpoa",
+    "export_dpoa": "dpoa", "write_trained": "dpoa", "write_trained_dense": "dpoa", "read_trained": "dpoa",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
 }
 

@@ -8,8 +8,8 @@ attributes, names, value_info, opset, doc strings and metadata stay byte-for-byt
 were. Shape or name mismatches are refused with one line; ORIGINAL is never written to.
 
 TRAINED is a checkpoint (``.pt`` from ``onnx-dense train``, needs torch to read) or a trained
-dense ONNX model (needs no torch). :func:`write_trained_dense` does the same for the dense
-model itself (from a checkpoint, or from a module in memory).
+dense ONNX model (needs no torch). :func:`write_trained` does the same for the model that
+was trained, dense or original (from a checkpoint, or from a module in memory).
 """
 
 from __future__ import annotations
@@ -252,13 +252,26 @@ def _same_file(a: Path, b: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def write_trained_dense(dense, trained, out: str | os.PathLike) -> Path:
-    """The dense model ``dense`` (path) with the trained values of every float initializer."""
+def write_trained(model, trained, out: str | os.PathLike) -> Path:
+    """``model``, the graph that was trained, with the trained values of every float initializer.
+
+    ``model``: an ONNX path (the dense model, or the original when that is what was trained) or
+    a ModelProto, which is copied, never edited. Every float initializer must be in TRAINED
+    under its name and with its shape; OUT is written atomically and never over ``model`` or
+    TRAINED.
+    """
     t = read_trained(trained)
-    dense_path = Path(dense)
-    proto = _load_proto(dense_path, "the dense model")
-    replace_initializers(proto, t.weights, model_label=str(dense_path), weights_label=t.source, require="all")
-    return save_proto(proto, out, inputs=(dense_path, t.source if t.kind != "memory" else None))
+    if isinstance(model, onnx.ModelProto):
+        proto, path, label = onnx.ModelProto(), None, "the model"
+        proto.CopyFrom(model)
+    else:
+        path = Path(model)
+        proto, label = _load_proto(path, "the model"), str(path)
+    replace_initializers(proto, t.weights, model_label=label, weights_label=t.source, require="all")
+    return save_proto(proto, out, inputs=(path, t.source if t.kind != "memory" else None))
+
+
+write_trained_dense = write_trained  # the former name, still exported by onnx_dense.train
 
 
 def export_dpoa(
@@ -295,5 +308,5 @@ def export_dpoa(
             raise DenseError(
                 f"{skeleton}: the dense model recorded in the checkpoint is gone; give it with --dense DENSE.onnx"
             )
-        result.dense_out = write_trained_dense(skeleton, t, dense_out)
+        result.dense_out = write_trained(skeleton, t, dense_out)
     return result

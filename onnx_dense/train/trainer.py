@@ -4,8 +4,8 @@
 model (or continues with a module you pass), reads the data (:mod:`onnx_dense.train.data`),
 and optimises the task's loss (:mod:`onnx_dense.train.losses`) with a tqdm progress bar showing
 loss and throughput. Checkpoints (:mod:`onnx_dense.train.checkpoint`) hold the ONNX-named
-weights; :meth:`TrainResult.save_onnx` writes the trained dense model and
-:meth:`TrainResult.export_dpoa` the original with the trained weights.
+weights; :meth:`TrainResult.save_onnx` writes the trained model (the dense one, or whichever
+graph was trained) and :meth:`TrainResult.export_dpoa` the original with the trained weights.
 """
 
 from __future__ import annotations
@@ -59,19 +59,17 @@ class TrainResult:
                 for k, v in self.model.state_dict_onnx().items()}
 
     def save_onnx(self, path: str | os.PathLike, *, dense: str | os.PathLike | None = None) -> Path:
-        """Write the trained dense model: the dense ONNX with its initializer values replaced."""
-        from onnx_dense.train.dpoa import save_proto, replace_initializers, write_trained_dense
+        """Write the trained model: the ONNX graph that was trained (the dense model, or the
+        original when that was trained) with its initializer values replaced.
 
-        skeleton = dense or self.dense_model
-        if skeleton is not None:
-            return write_trained_dense(skeleton, self.state_dict_onnx(), path)
-        proto = getattr(self.model, "_proto", None)
-        if proto is None:
-            raise DenseError("the dense model's file is unknown; pass dense=PATH")
-        copy = type(proto)()
-        copy.CopyFrom(proto)
-        replace_initializers(copy, self.state_dict_onnx(), model_label="the dense model", weights_label="the trained weights", require="all")
-        return save_proto(copy, path)
+        ``dense``: that graph's file, when the module was not built from one.
+        """
+        from onnx_dense.train.dpoa import write_trained
+
+        skeleton = dense or self.dense_model or getattr(self.model, "_proto", None)
+        if skeleton is None:
+            raise DenseError("the trained model's ONNX file is unknown; pass dense=PATH (the model it was trained from)")
+        return write_trained(skeleton, self.state_dict_onnx(), path)
 
     def export_dpoa(self, original: str | os.PathLike, out: str | os.PathLike):
         """Write ``original`` with the trained weights (see :func:`onnx_dense.train.dpoa.export_dpoa`)."""
@@ -115,6 +113,8 @@ def geometry_from(model, output: str | None = None, *, original: bool = False) -
 
     Use it to evaluate an original or dpoa model, which has no metadata of its own, at the
     right pixels: ``evaluate(dpoa, ..., geometry=geometry_from(dense, original=True))``.
+    When the original output has no spatial axes (a classifier head, (N, classes), that the
+    rewrite made spatial), ``original=True`` gives None: one prediction per image.
     """
     if isinstance(model, (metadata.DenseInfo,)):
         info = model
@@ -131,7 +131,18 @@ def geometry_from(model, output: str | None = None, *, original: bool = False) -
     name = output or next(iter(info.outputs), None)
     if name not in info.outputs:
         raise DenseError(f"output '{name}' is not a dense output of the model (dense outputs: {', '.join(info.outputs)})")
+    if original and info.outputs[name].inserted:
+        return None  # the dense axes were inserted by the rewrite; the original has none
     return geometry_of(info, name, original=original)
+
+
+def _check_geometry(geometry: Geometry | None, output_name: str, output: torch.Tensor) -> None:
+    """One line, not an IndexError, when ``geometry``'s spatial axes are not axes of ``output``."""
+    if geometry is not None and any(a >= output.dim() for a in geometry.spatial_axes):
+        raise DenseError(
+            f"output '{output_name}' has shape {list(output.shape)} but the geometry puts predictions on axes "
+            f"{list(geometry.spatial_axes)}; for an original or dpoa model pass geometry_from(dense, original=True)"
+        )
 
 
 class _TorchData(torch.utils.data.Dataset):
@@ -178,6 +189,12 @@ def _prepare(module, task, data, output, label_mode, ignore_index, mean, std, ge
         probe = module.run({input_name: torch.from_numpy(image[None]).to(module.device)})[output_name]
     if probe.dim() < 2:
         raise DenseError(f"output '{output_name}' has shape {list(probe.shape)}; expected (N, C, ...)")
+    _check_geometry(geometry, output_name, probe)
+    if task == "segmentation" and probe.dim() == 2:
+        raise DenseError(
+            f"output '{output_name}' has shape {list(probe.shape)}: one prediction per image, no score map to "
+            f"segment with; use task classification or regression, or the model's dense form"
+        )
     width = int(probe.shape[1])
     if task in ("segmentation", "classification"):
         ds.num_classes = width
@@ -398,7 +415,8 @@ def evaluate(
     labels or predictions, at the positions ``label_mode`` scores); classification: ``loss``,
     ``accuracy`` (of the averaged logits); regression: ``loss``, ``mae`` (of tanh of the averaged
     output against targets in [-1, 1]). For an original or dpoa model pass
-    ``geometry=geometry_from(dense_model, original=True)`` so labels are read at its pixels.
+    ``geometry=geometry_from(dense_model, original=True)`` so labels are read at its pixels
+    (None for an original whose output is (N, classes): one prediction per image).
     """
     dev = resolve_device(device)
     module = as_module(model).to(dev)
@@ -443,6 +461,7 @@ def predict(
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.asarray(images[start : start + batch_size], dtype=np.float32), device=dev)
         out_t = module.run({input_name: x})[output_name]
+        _check_geometry(geometry, output_name, out_t)
         if task == "classification":
             out_t = average(out_t, geometry)
         elif task == "regression":

@@ -7,12 +7,15 @@ onnx-ir gives raw attribute access; the spatial ops need their ONNX defaults fil
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_dense.errors import DenseError, UnsupportedNodeError
+from onnx_dense.grid import PLAN
+
+P = TypeVar("P")
 
 SPATIAL_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 GLOBAL_OPS = ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
@@ -52,6 +55,15 @@ def window_params(node: ir.Node) -> WindowParams:
     if len(strides) != n or len(dilations) != n or len(pads) != 2 * n:
         raise UnsupportedNodeError(node, "strides/dilations/pads do not match the kernel rank", "fix the model")
     return WindowParams(kernel, strides, dilations, pads[:n], pads[n:])
+
+
+def planned(graph: ir.Graph, *plan_types: type[P]) -> list[tuple[ir.Node, P]]:
+    """The top-level nodes of ``graph`` whose ``meta[PLAN]`` is one of ``plan_types``, with it, in graph order.
+
+    A list taken before the caller starts, so a pass may insert and remove nodes while it walks
+    it (nodes it adds are not visited). Subgraphs are not entered, like plain graph iteration.
+    """
+    return [(node, plan) for node in graph if isinstance(plan := node.meta.get(PLAN), plan_types)]
 
 
 def set_ints(node: ir.Node, name: str, values: Sequence[int]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_dense.grid import GRID, PLAN
+from onnx_dense.grid import GRID
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analyse import JoinPlan
 
@@ -23,10 +23,7 @@ class AlignJoins(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, JoinPlan):
-                continue
+        for node, plan in _ir.planned(graph, JoinPlan):
             gridded = [i for i, v in enumerate(node.inputs) if v is not None and v.meta.get(GRID) is not None]
             nodes: list[ir.Node] = []
             base = node.name or node.op_type

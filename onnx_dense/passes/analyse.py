@@ -921,9 +921,8 @@ class _Analyser:
         """A global op kept as it is (context at eST 1) still yields the original's vector, not
         a dense head vector: the nodes planned for one downstream of it stay as they are (the
         Gemm/MatMul, Reshape((1, 1, C)) or Unsqueeze of an SE block built from a keepdims=0 mean)."""
-        for node in self.graph:
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, (VectorPlan, FlattenPlan)) or not node.inputs:
+        for node, plan in _ir.planned(self.graph, VectorPlan, FlattenPlan):
+            if not node.inputs:
                 continue
             g = self.grid(node.inputs[0])
             if g is not None and g.inserted and not g.is_dense and set(g.global_from) & self.context_globals:

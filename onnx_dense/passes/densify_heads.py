@@ -24,7 +24,6 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnx_dense.grid import PLAN
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analyse import FlattenPlan, GlobalPlan, HeadConvPlan, VectorPlan
 
@@ -37,10 +36,7 @@ class DensifyGlobalPools(ir.passes.InPlacePass):
         opset = _ir.opset(model)
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, GlobalPlan):
-                continue
+        for node, plan in _ir.planned(graph, GlobalPlan):
             nodes: list[ir.Node] = []
             base = node.name or node.op_type
             x = node.inputs[0]
@@ -91,14 +87,13 @@ class DensifyFlattens(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if isinstance(plan, VectorPlan) and plan.kind == "identity" and node.op_type in ("Flatten", "Reshape"):
+        for node, plan in _ir.planned(graph, VectorPlan, FlattenPlan):
+            if isinstance(plan, VectorPlan):
+                if plan.kind != "identity" or node.op_type not in ("Flatten", "Reshape"):
+                    continue
                 _ir.replace_value(node.outputs[0], node.inputs[0])
                 graph.remove(node, safe=True)
                 modified = True
-                continue
-            if not isinstance(plan, FlattenPlan):
                 continue
             modified = True
             x = node.inputs[0]
@@ -137,8 +132,7 @@ class DensifyFullyConnected(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
+        for node, plan in _ir.planned(graph, HeadConvPlan, VectorPlan):
             if isinstance(plan, HeadConvPlan):
                 _head_conv(graph, editor, node, plan)
                 modified = True
@@ -221,10 +215,7 @@ class RemapHeadAxes(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, VectorPlan):
-                continue
+        for node, plan in _ir.planned(graph, VectorPlan):
             if plan.kind == "axis":
                 _ir.set_int(node, "axis", plan.axis)
                 modified = True

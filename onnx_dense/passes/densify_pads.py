@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_dense.grid import GRID, PLAN
+from onnx_dense.grid import GRID
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analyse import ScalePlan
 
@@ -28,10 +28,7 @@ class DensifyPadsAndSlices(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, ScalePlan):
-                continue
+        for node, plan in _ir.planned(graph, ScalePlan):
             nodes: list[ir.Node] = []
             base = node.name or node.op_type
             if node.op_type == "Pad":

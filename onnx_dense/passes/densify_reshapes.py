@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_dense.grid import PLAN
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analyse import ReshapePlan
 
@@ -23,10 +22,7 @@ class DensifyReshapes(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, ReshapePlan):
-                continue
+        for node, plan in _ir.planned(graph, ReshapePlan):
             nodes: list[ir.Node] = []
             base = node.name or "Reshape"
             shape = editor.op(nodes, "Shape", [node.inputs[0]], base=f"{base}_input_shape")

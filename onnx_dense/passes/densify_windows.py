@@ -22,7 +22,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense.errors import UnsupportedNodeError
-from onnx_dense.grid import PLAN
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analyse import SpatialPlan
 
@@ -37,10 +36,7 @@ class DensifyWindows(ir.passes.InPlacePass):
         opset = _ir.opset(model)
         editor = _ir.Editor(graph)
         modified = False
-        for node in list(graph):
-            plan = node.meta.get(PLAN)
-            if not isinstance(plan, SpatialPlan):
-                continue
+        for node, plan in _ir.planned(graph, SpatialPlan):
             legal = all(p < k for p, k in zip(plan.pads_begin + plan.pads_end, plan.params.kernel * 2))
             if not plan.changes and (legal or node.op_type == "Conv"):
                 continue  # pools whose normalised pads reach the kernel are made legal below

@@ -96,6 +96,31 @@ def _export(case: Case, workdir: Path) -> tuple[Path, dict | None]:
     raise KeyError(case.name)
 
 
+def case_models(case: Case, workdir: Path) -> tuple[Path, Path, dict | None]:
+    """(exported source, the original to bench, input shapes or None for its own) of a case, cached
+    in ``workdir``. A ``vgg16-fc-*`` case's original is the 224 export with its head as a
+    convolution (rewritten at its own output stride 32), so it runs at the case's size."""
+    import onnx_dense
+
+    source, shapes = _export(case, workdir)
+    original = source
+    if case.name.startswith("vgg16-fc-"):
+        original = workdir / f"{source.stem}-r32.onnx"
+        if not original.exists():
+            onnx_dense.rewrite(source, original, output_stride=32)
+    return source, original, shapes
+
+
+def dense_model(source: Path, stride: int, workdir: Path) -> Path:
+    """``source`` rewritten at output stride ``stride`` (cached in ``workdir``)."""
+    import onnx_dense
+
+    dense = workdir / f"{source.stem}-r{stride}.onnx"
+    if not dense.exists():
+        onnx_dense.rewrite(source, dense, output_stride=stride)
+    return dense
+
+
 def _wrappers():
     """Modules for the convolutional parts, keeping the full models' attribute (node) names."""
     from torch import nn
@@ -285,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"machine": machine_info(), "kernels": rows}, indent=2))
         return 0
 
-    import onnx_dense
     from onnx_dense.bench import bench, machine_info
 
     cases = CASES
@@ -302,17 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for case in cases:
         t0 = time.time()
-        source, shapes = _export(case, args.workdir)
-        original = source
-        if case.name == "vgg16-fc-512":
-            original = args.workdir / "vgg16-224-r32.onnx"
-            if not original.exists():
-                onnx_dense.rewrite(source, original, output_stride=32)
+        source, original, shapes = case_models(case, args.workdir)
         print(f"# {case.name}: {source.name} (exported/cached in {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         for stride in case.strides:
-            dense = args.workdir / f"{source.stem}-r{stride}.onnx"
-            if not dense.exists():
-                onnx_dense.rewrite(source, dense, output_stride=stride)
+            dense = dense_model(source, stride, args.workdir)
             t1 = time.time()
             result = bench(
                 original, dense, input_shapes=shapes, threads=args.threads, repeat=args.repeat or case.repeat,

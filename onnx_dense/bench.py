@@ -48,6 +48,10 @@ Targets of the issue: ``shift-and-stitch / dense >= 0.8 * eST² / (dense FLOPs /
 and ``(dense time / original time) / (dense FLOPs / original FLOPs) <= 1.15`` (dilated kernels
 as efficient per FLOP as undilated ones). ``profile=True`` adds per-node times from ORT's
 profiler for the original and the dense model, matched by node name, to find slow nodes.
+
+``load_pair`` gives the graphs and inputs exactly as ``bench`` runs them, and
+``undilated_twin`` a dense model's undilated twin (same map sizes and FLOPs, no dilation): the
+reference benchmarks/gpu_speed.py measures the dense model's TFLOP/s against.
 """
 
 from __future__ import annotations
@@ -372,36 +376,13 @@ def bench(
     if repeat < 1 or warmup < 0 or settle < 0:
         raise DenseError(f"--repeat must be >= 1, --warmup and --settle >= 0 (got {repeat}, {warmup} and {settle:g})")
     say = progress or (lambda _msg: None)
-    orig_proto, orig_label = _load(original, "original")
-    dense_proto, dense_label = _load(dense, "dense")
-    info = metadata.read(dense_proto)
-    if info is None:
-        raise DenseError(f"{dense_label}: no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
-    from onnx_dense.equivalence import load_inputs, make_inputs
-
-    if inputs is None:
-        feeds = make_inputs(orig_proto, info, seed, sizes=dict(input_shapes) if input_shapes else None)
-    elif isinstance(inputs, Mapping):
-        feeds = dict(inputs)
-    else:
-        feeds = load_inputs(inputs)
-    names = [o.name for o in dense_proto.graph.output]
-    dense_inputs = [vi.name for vi in dense_proto.graph.input if vi.name not in {i.name for i in dense_proto.graph.initializer}]
-    missing = [n for n in dense_inputs if n not in feeds]
-    if missing:
-        raise DenseError(f"inputs lack model input(s) {', '.join(missing)}")
-    feeds = {k: np.ascontiguousarray(feeds[k]) for k in dense_inputs}
-    static = _at_static_size(orig_proto, feeds)
-    run_orig_model = _original_for(orig_proto, dense_proto, info, names, static, original)
-    if not static:
-        problem = _shape_problem(run_orig_model, {k: v.shape for k, v in feeds.items()})
-        if problem:
-            raise _not_at_size(feeds, problem)
-    spatial = [n for n in names if n in info.outputs]
+    pair = load_pair(original, dense, inputs=inputs, input_shapes=input_shapes, seed=seed)
+    dense_proto, info, feeds, names, static, spatial = pair.dense_proto, pair.info, pair.feeds, pair.names, pair.static, pair.spatial
+    run_orig_model = pair.original
 
     say("loading sessions")
     runner = dict(provider=provider, optimize=optimize, threads=threads, spinning=spinning)
-    with OrtRunner(run_orig_model, **runner) as run_orig, OrtRunner(_source(dense, dense_proto), **runner) as run_dense:
+    with OrtRunner(run_orig_model, **runner) as run_orig, OrtRunner(pair.dense, **runner) as run_dense:
         def one_original():
             return run_orig(feeds, names)
 
@@ -462,7 +443,7 @@ def bench(
 
     say("counting FLOPs")
     shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-    orig_flops, orig_nodes = count_flops(run_orig_model if isinstance(run_orig_model, onnx.ModelProto) else orig_proto, shapes)
+    orig_flops, orig_nodes = count_flops(pair.original_counted, shapes)
     dense_flops, dense_nodes = count_flops(dense_proto, shapes)
     batch = next(iter(feeds.values())).shape[0] if feeds else 1
     orig_preds = sum(_positions(expected[n], info.outputs[n], original=True) for n in spatial) or batch
@@ -483,13 +464,13 @@ def bench(
     nodes = None
     if profile:
         say("profiling per node")
-        orig_counted = run_orig_model if isinstance(run_orig_model, onnx.ModelProto) else orig_proto
+        orig_counted = pair.original_counted
         nodes = _profile_nodes(
-            run_orig_model, _source(dense, dense_proto), feeds, names, provider, optimize, threads, max(3, min(repeat, 10)),
+            run_orig_model, pair.dense, feeds, names, provider, optimize, threads, max(3, min(repeat, 10)),
             (orig_nodes, _aliases(orig_counted, orig_nodes)), (dense_nodes, _aliases(dense_proto, dense_nodes)),
         )
     return BenchResult(
-        original_path=orig_label, dense_path=dense_label, provider=provider, threads=threads, optimize=optimize,
+        original_path=pair.original_label, dense_path=pair.dense_label, provider=provider, threads=threads, optimize=optimize,
         warmup=warmup, repeat=repeat, prepass=prepass, settle=settle, spinning=spinning, inputs={k: list(v.shape) for k, v in feeds.items()},
         outputs=[
             {"name": n, "est": list(info.outputs[n].est), "stride": list(info.outputs[n].stride),
@@ -503,6 +484,71 @@ def bench(
 # --------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pair:
+    """An original and its dense model as ``bench`` runs them, with the inputs (also what
+    benchmarks/gpu_speed.py times, so both measure the same graphs)."""
+
+    original: str | os.PathLike | onnx.ModelProto  # what a session loads: the file, or a copy cut / made flexible
+    original_proto: onnx.ModelProto  # as loaded (external weights not loaded)
+    original_label: str
+    dense: str | os.PathLike | onnx.ModelProto  # what a session loads
+    dense_proto: onnx.ModelProto
+    dense_label: str
+    info: metadata.DenseInfo
+    feeds: dict[str, np.ndarray]
+    names: list[str]  # the dense model's outputs, in order; the original is run for these
+    spatial: list[str]  # those of them with a dense grid
+    static: bool  # the original runs at its own static size
+
+    @property
+    def original_counted(self) -> onnx.ModelProto:
+        """The original's graph as run (for FLOPs)."""
+        return self.original if isinstance(self.original, onnx.ModelProto) else self.original_proto
+
+
+def load_pair(
+    original,
+    dense,
+    *,
+    inputs: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    seed: int = 0,
+) -> Pair:
+    """Load ``original`` and ``dense`` (paths or ModelProtos) and the inputs as ``bench`` does
+    (see :func:`bench`); one-line DenseErrors for what cannot be run."""
+    orig_proto, orig_label = _load(original, "original")
+    dense_proto, dense_label = _load(dense, "dense")
+    info = metadata.read(dense_proto)
+    if info is None:
+        raise DenseError(f"{dense_label}: no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
+    from onnx_dense.equivalence import load_inputs, make_inputs
+
+    if inputs is None:
+        feeds = make_inputs(orig_proto, info, seed, sizes=dict(input_shapes) if input_shapes else None)
+    elif isinstance(inputs, Mapping):
+        feeds = dict(inputs)
+    else:
+        feeds = load_inputs(inputs)
+    names = [o.name for o in dense_proto.graph.output]
+    dense_inputs = [vi.name for vi in dense_proto.graph.input if vi.name not in {i.name for i in dense_proto.graph.initializer}]
+    missing = [n for n in dense_inputs if n not in feeds]
+    if missing:
+        raise DenseError(f"inputs lack model input(s) {', '.join(missing)}")
+    feeds = {k: np.ascontiguousarray(feeds[k]) for k in dense_inputs}
+    static = _at_static_size(orig_proto, feeds)
+    run_orig_model = _original_for(orig_proto, dense_proto, info, names, static, original)
+    if not static:
+        problem = _shape_problem(run_orig_model, {k: v.shape for k, v in feeds.items()})
+        if problem:
+            raise _not_at_size(feeds, problem)
+    spatial = [n for n in names if n in info.outputs]
+    return Pair(
+        run_orig_model, orig_proto, orig_label, _source(dense, dense_proto), dense_proto, dense_label, info, feeds, names,
+        spatial, static,
+    )
 
 
 def _require_provider(provider: str) -> None:
@@ -855,6 +901,128 @@ def _node_flops(node: onnx.NodeProto, shapes: dict) -> int | None:
         x = shapes.get(node.input[0])
         return math.prod(x) if x is not None else None
     return 0
+
+
+# --------------------------------------------------------------------------
+# undilated twin
+# --------------------------------------------------------------------------
+
+_WINDOW_OPS = ("Conv", "MaxPool", "AveragePool")
+_INT64_MAX = 2**63 - 1
+
+
+def undilated_twin(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy of a dense model with every Conv/MaxPool/AveragePool dilation set to 1, at the same map sizes.
+
+    Why: the achieved TFLOP/s of a dense model means little on its own; its twin does the same
+    FLOPs on maps of the same size with undilated windows, so dense TFLOP/s over twin TFLOP/s
+    is what dilation costs on that machine (benchmarks/gpu_speed.py). Its outputs are not the
+    dense model's values, only the same workload.
+
+    Per window and spatial axis, the dilated extent shrinks by ``(d-1)*(k-1)``; the pads shrink
+    by as much in total (split between begin and end, never below 0) and, where the pads are
+    smaller than that (a dense pool or fc6 with no padding), a Slice crops the window's input by
+    the rest, so every output keeps the dense model's size and FLOPs (a Slice counts none; its
+    copy is in the twin's time). ``auto_pad=SAME_*`` outputs do not depend on the dilation: only
+    the dilation changes. ``input_shapes``: check with ONNX shape inference that the twin runs
+    there (one-line DenseError if not). The input proto is not modified.
+    """
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    graph = twin.graph
+    opset = next((o.version for o in twin.opset_import if o.domain in ("", "ai.onnx")), 0)
+    inferred: list[dict] = []
+
+    def weight_shape(name: str) -> tuple | None:
+        if not inferred:  # only for a Conv without kernel_shape
+            inferred.append(_static_shapes(model))
+        return inferred[0].get(name)
+
+    nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(graph.node):
+        attrs = {a.name: a for a in node.attribute}
+        dil = list(attrs["dilations"].ints) if "dilations" in attrs else []
+        if node.op_type in _WINDOW_OPS and node.domain in ("", "ai.onnx") and any(d > 1 for d in dil):
+            crop = _undilate(node, attrs, dil, weight_shape)
+            if any(crop):
+                if opset < 10:
+                    raise DenseError(f"undilated twin: cropping needs Slice with inputs (opset >= 10); the model has opset {opset}")
+                nodes.append(_crop_node(graph, node, i, crop))
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [p for p in twin.metadata_props if p.key != metadata.KEY]  # its grid is not the dense model's
+    del twin.metadata_props[:]
+    twin.metadata_props.extend(kept)
+    twin.doc_string = "undilated twin (onnx_dense.bench.undilated_twin): a timing workload, not the dense model"
+    if input_shapes:
+        problem = _shape_problem(twin, input_shapes)
+        if problem:
+            raise DenseError(f"the undilated twin does not run at {dict(input_shapes)}: {problem}")
+    return twin
+
+
+def _undilate(node: onnx.NodeProto, attrs: dict, dil: list[int], weight_shape: Callable[[str], tuple | None]) -> list[int]:
+    """Set the node's dilations to 1 and shrink its pads; returns the input crop (begins, ends) still needed."""
+    rank = len(dil)
+    label = f"node '{node.name or node.output[0]}' ({node.op_type})"
+    if "kernel_shape" in attrs:
+        kernel = list(attrs["kernel_shape"].ints)
+    else:
+        weight = weight_shape(node.input[1]) if len(node.input) > 1 else None
+        if weight is None or len(weight) != rank + 2:
+            raise DenseError(f"undilated twin: {label} has no kernel_shape and no static weight shape")
+        kernel = list(weight[2:])
+    auto = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    attrs["dilations"].ints[:] = [1] * rank
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # output ceil(n / s) whatever the dilation
+        return [0] * (2 * rank)
+    pads = list(attrs["pads"].ints) if "pads" in attrs and auto != "VALID" else [0] * (2 * rank)
+    crop = [0] * (2 * rank)
+    for ax in range(rank):
+        need = (dil[ax] - 1) * (kernel[ax] - 1)
+        begin = min(pads[ax], need // 2)
+        end = min(pads[ax + rank], need - begin)
+        begin = min(pads[ax], need - end)
+        pads[ax] -= begin
+        pads[ax + rank] -= end
+        rest = need - begin - end
+        crop[ax], crop[ax + rank] = rest // 2, rest - rest // 2
+    if "pads" in attrs:
+        attrs["pads"].ints[:] = pads
+    return crop
+
+
+def _crop_node(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, crop: list[int]) -> onnx.NodeProto:
+    """A Slice cropping ``node``'s data input by ``crop`` (begins, ends) on its spatial axes; rewires ``node``."""
+    rank = len(crop) // 2
+    prefix = f"onnx_dense_twin_{index}_"
+    values = {
+        "starts": crop[:rank], "ends": [-e if e else _INT64_MAX for e in crop[rank:]], "axes": list(range(2, 2 + rank)),
+    }
+    for key, value in values.items():
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, dtype=np.int64), prefix + key))
+    cropped = prefix + "input"
+    slice_node = onnx.helper.make_node(
+        "Slice", [node.input[0], prefix + "starts", prefix + "ends", prefix + "axes"], [cropped], name=prefix + "crop"
+    )
+    node.input[0] = cropped
+    return slice_node
+
+
+def _static_shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
+    """Static shapes ONNX shape inference finds at the model's own input sizes (weights included)."""
+    light = _light(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = light
+    shapes: dict[str, tuple] = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for vi in itertools.chain(inferred.graph.input, inferred.graph.value_info, inferred.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes.setdefault(vi.name, tuple(d.dim_value for d in tt.shape.dim))
+    return shapes
 
 
 # --------------------------------------------------------------------------

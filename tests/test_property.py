@@ -40,7 +40,6 @@ from hypothesis.errors import InvalidArgument
 from onnx import TensorProto, helper
 
 from onnx_dense.api import output_strides, rewrite_model
-from onnx_dense.errors import DenseError
 from onnx_dense.equivalence import verify
 
 MAX_EXAMPLES = int(os.environ.get("ONNX_DENSE_HYPOTHESIS_EXAMPLES", "100"))

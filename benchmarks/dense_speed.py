@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, help="timed rounds per pair (default: per case)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="per-node times (ORT profiler) too")
+    ap.add_argument("--no-spin", action="store_true", help="ORT worker threads do not spin-wait between runs")
     ap.add_argument("--no-fc", action="store_true", help="skip vgg16-fc-512 (the slowest case)")
     ap.add_argument("--kernels", action="store_true", help="only the single-layer table (dilated vs undilated)")
     ap.add_argument("--no-optimize", action="store_true", help="with --kernels: ORT graph optimisations off (no NCHWc)")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.time()
             result = bench(
                 original, dense, input_shapes=shapes, threads=args.threads, repeat=args.repeat or case.repeat,
-                profile=args.profile,
+                profile=args.profile, spinning=False if args.no_spin else None,
             )
             row = {"case": case.name, "label": case.label, "size": case.size, "output_stride": stride, **result.to_dict()}
             results.append(row)

@@ -35,11 +35,15 @@ compared.
 Timing: one warm-up of each, then ``repeat`` rounds; each round runs all three, the order
 rotating from round to round (round-robin), so a machine shared with other work slows all
 three alike. Reported: the median (and min, and the process CPU time) per measurement;
-ratios are ratios of medians. Each timed measurement is preceded by one untimed pass of
-the same session and a pause (``settle``, 0.2 s): ONNX Runtime's intra-op worker threads
-spin-wait after a run, so on a machine with few cores the session that ran last takes a
-core from the next one for a while. Without this, whichever model follows shift-and-stitch
-(which runs the original's session eST² times) was measured up to 1.9x slower on a 2-core VM.
+ratios are ratios of medians. Each timed measurement is preceded by a pause (``settle``,
+0.2 s) and then one untimed pass of the same session. The pause: ONNX Runtime's intra-op
+worker threads spin-wait after a run, so on a machine with few cores the session that ran
+last takes a core from the next one for a while; without it, whichever model follows
+shift-and-stitch (which runs the original's session eST² times) was measured up to 1.9x
+slower on a 2-core VM. The untimed pass, after the pause: the timed one then finds its own
+threads awake and its caches warm, as shift-and-stitch's back-to-back passes do (with the
+pause between the two instead, single passes of sub-millisecond models took 0.8-0.9 ms
+against 0.5 ms and lost to shift-and-stitch by that alone).
 FLOPs are counted on the graphs as run (ONNX shape inference at the benchmark size;
 multiply-add = 2; Conv/ConvTranspose, Gemm/MatMul and pooling, as ``inspect`` counts them).
 Shift-and-stitch costs eST² original passes.
@@ -292,7 +296,7 @@ class BenchResult:
             f"onnx-dense bench: {self.provider}, {self.threads or 'default'} intra-op threads, graph optimisations "
             f"{'on' if self.optimize else 'off'}, input {', '.join(f'{k} {v}' for k, v in self.inputs.items())}, "
             f"median of {self.repeat} round-robin rounds after {self.warmup} warm-up"
-            + (f", each pass after an untimed one and {self.settle:g} s pause" if self.prepass else "")
+            + (f", each pass after a {self.settle:g} s pause and an untimed one" if self.prepass else "")
             + (f", {self.settle:g} s pause before each" if self.settle and not self.prepass else "")
             + (", no spin-waiting" if self.spinning is False else ""),
             f"{'':<18}{'ms':>10}{'min ms':>10}{'cpu ms':>10}{'passes':>8}{'predictions':>13}{'pred/s':>12}{'GFLOPs':>10}",
@@ -366,8 +370,8 @@ def bench(
     to run; default random at ``input_shapes``, or at the size the rewrite was computed at.
     At any other size the original runs as a copy with symbolic spatial dims and its
     padding fixed as at the static size (what the dense model is equivalent to).
-    ``prepass`` and ``settle``: before each timed measurement, one untimed pass of the same
-    session, then a pause of ``settle`` seconds (see the module docstring, "Timing").
+    ``settle`` and ``prepass``: before each timed measurement, a pause of ``settle`` seconds,
+    then one untimed pass of the same session (see the module docstring, "Timing").
     ``spinning``: False stops ORT's worker threads spin-waiting between runs (None: ORT's default).
     """
     if provider not in PROVIDERS:
@@ -411,10 +415,10 @@ def bench(
             say(f"round {r + 1} of {repeat}")
             shift = r % len(order)
             for k in order[shift:] + order[:shift]:
-                if prepass:
-                    (one_original if k == "shift-and-stitch" else fns[k])()
                 if settle:
                     time.sleep(settle)
+                if prepass:
+                    (one_original if k == "shift-and-stitch" else fns[k])()
                 c0 = time.process_time()
                 t0 = time.perf_counter()
                 last[k] = fns[k]()

@@ -134,6 +134,20 @@ def test_no_spin_is_recorded(fcn):
     assert "no spin-waiting" in bench(*fcn, repeat=1, warmup=0, settle=0, stitch=False, spinning=False).text()
 
 
+def test_pause_comes_before_the_untimed_pass(fcn, monkeypatch):
+    """The timed pass must follow its own untimed pass directly (threads awake, caches warm), not the pause."""
+    import onnx_dense.bench as bench_module
+    from onnx_dense.runtime.session import OrtRunner
+
+    events: list[str] = []
+    real_call = OrtRunner.__call__
+    monkeypatch.setattr(bench_module.time, "sleep", lambda s: events.append("pause"))
+    monkeypatch.setattr(OrtRunner, "__call__", lambda self, *a, **k: (events.append("run"), real_call(self, *a, **k))[1])
+    bench(*fcn, repeat=1, warmup=0, settle=0.05, stitch=False)
+    # original then dense in round 1: pause, untimed pass, timed pass, for each
+    assert events == ["pause", "run", "run", "pause", "run", "run"]
+
+
 def test_flops_match_inspect(fcn):
     """The bench counts FLOPs on the graphs as run; at the static size they agree with inspect's totals."""
     original, dense = fcn

@@ -22,7 +22,7 @@ from onnx_dense.cli import options
 @click.option("--no-stitch", "no_stitch", is_flag=True, help="skip shift-and-stitch (eST^2 passes of the original)")
 @click.option("--settle", default=0.2, show_default=True, metavar="SECONDS",
               help="pause before each timed measurement (lets ORT's spinning worker threads go idle)")
-@click.option("--cold", is_flag=True, help="no untimed pass of the same model right before each timed one")
+@click.option("--cold", is_flag=True, help="no untimed pass of the same model right before each timed one (after the pause)")
 @click.option("--spin/--no-spin", "spinning", default=None,
               help="let onnxruntime's worker threads spin-wait between runs, or not  [default: onnxruntime's (spin)]")
 @click.option("--profile", is_flag=True, help="also time every node with onnxruntime's profiler")

@@ -27,7 +27,7 @@ size), which separates the cost of dilation from the cost of the larger map.
 Run (about 15 minutes on an idle 2-core VM, twice that on a busy one; ~1.5 GB of models in
 the work folder):
 
-    cd /work/main && . .venv/bin/activate
+    # from the repository root, in the environment where onnx-dense is installed
     python benchmarks/dense_speed.py --workdir /tmp/onnx-dense-speed --json speed.json
     # --only vgg16-conv-224,fcn-512   --repeat N (default: per case)   --profile   --no-fc
     python benchmarks/dense_speed.py --kernels --json kernels.json      # ~1.5 minutes

@@ -561,7 +561,7 @@ def _require_provider(provider: str) -> None:
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise DenseError(
             f"provider '{provider}' is not available in this onnxruntime {ort.__version__} "
-            f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA"
+            f"({', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu in place of onnxruntime"
         )
 
 

@@ -143,11 +143,25 @@ def test_bad_options(net, tmp_path, args, needles):
     assert not dst.exists()
 
 
+def test_usage_errors_are_one_line(net, tmp_path):
+    code, out, err = run("rewrite", net)
+    assert_clean_error(code, out, err, "Missing argument 'DST'", "see 'onnx-dense rewrite --help'")
+    code, out, err = run("rewrite", net, tmp_path / "o.onnx", "--bogus")
+    assert_clean_error(code, out, err, "--bogus")
+    code, out, err = run("nosuchcommand")
+    assert_clean_error(code, out, err, "nosuchcommand")
+    code, out, err = run("bench", net, net, "--provider", "tpu")
+    assert_clean_error(code, out, err, "'tpu'")
+    code, out, _ = run("rewrite", "--help")
+    assert code == 0 and "rewrite [OPTIONS] SRC DST" in out
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_dynamic_input_needs_a_shape(tmp_path):
     src = _write(tmp_path / "dyn.onnx", NET.replace("float[1,3,32,32] input", "float[N,3,H,W] input").replace(
         "float[1,4,8,8] output", "float[N,4,h,w] output"))
     code, out, err = run("rewrite", src, tmp_path / "o.onnx", "-r", "2")
-    assert_clean_error(code, out, err, "'input'", "--input-shape input:")
+    assert_clean_error(code, out, err, "'input'", "--input-shape input:1,3,H,W", "size it runs at")
     code, out, err = run("rewrite", src, tmp_path / "o.onnx", "-r", "2", "--input-shape", "input:1,3,40,40")
     assert code == 0, err
     code, out, err = run("verify", src, tmp_path / "o.onnx", "--phases")

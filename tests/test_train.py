@@ -90,6 +90,10 @@ def test_folder_formats_load(tmp_path):
     reg = open_dataset(cls, "regression", channels=1)
     assert reg[0][0].shape == (1, 8, 8)
     np.testing.assert_allclose(reg[0][1], [0.5, -0.25])
+    (cls / "labels.csv").write_text("a0,0\na1,9\na2,1\n")
+    with pytest.raises(DenseError) as info:  # the file and the image, no per-pixel hint for classes
+        open_dataset(cls, "classification", channels=3, num_classes=5)
+    assert str(info.value) == f"{cls / 'labels.csv'}: image a1 has class 9, outside the model's 5 classes (0..4)"
 
 
 BAD_DATA = {

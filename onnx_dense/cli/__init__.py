@@ -18,10 +18,34 @@ from onnx_dense.cli import bench_cmd, dpoa_cmd, inspect_cmd, rewrite_cmd, run_cm
 from onnx_dense.errors import DenseError
 
 INTERNAL_ERROR = 3
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class DenseGroup(click.Group):
-    """Turns DenseError (and any unexpected exception) into one line and an exit code."""
+    """Turns DenseError, click's usage errors and any unexpected exception into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        # click's own usage errors print a usage block and a blank line: four lines, not one
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except _NO_ARGS_IS_HELP as exc:  # bare `onnx-dense` (click >= 8.2): the help, as click prints it
+            click.echo(exc.ctx.get_help(), err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            text = " ".join(exc.format_message().split())
+            if isinstance(exc, click.UsageError):
+                ctx = exc.ctx
+                command = "onnx-dense" + (f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else "")
+                text += f" (see '{command} --help')"
+            click.echo(f"onnx-dense: error: {text}", err=True)
+            code = exc.exit_code
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
     def invoke(self, ctx: click.Context):
         try:

@@ -55,7 +55,8 @@ class SetStaticInputShapes(ir.passes.InPlacePass):
             if dynamic:
                 raise DenseError(
                     f"input '{value.name}' has dynamic dims ({_dims_text(value.shape)}); the rewrite needs its size: "
-                    f"pass --input-shape {value.name}:" + ",".join("1" if not isinstance(d, int) else str(d) for d in value.shape.dims)
+                    f"pass --input-shape {value.name}:{_shape_hint(value.shape)} with the size it runs at "
+                    "(e.g. its training size)"
                 )
         return ir.passes.PassResult(model, modified)
 
@@ -150,3 +151,12 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not values:
         raise DenseError(f"--input-shape '{text}': expected NAME:D0,D1,... e.g. input:1,3,224,224")
     return name, values
+
+
+def _shape_hint(shape: ir.Shape) -> str:
+    """Static dims as they are, batch 1, other dynamic dims as placeholders (H,W; D,H,W; L)."""
+    dims = list(shape.dims)
+    dynamic = [i for i, d in enumerate(dims) if i > 0 and not isinstance(d, int)]
+    names = {1: ["L"], 2: ["H", "W"], 3: ["D", "H", "W"]}.get(len(dynamic), [f"D{k}" for k in range(len(dynamic))])
+    hint = {i: n for i, n in zip(dynamic, names)}
+    return ",".join(str(d) if isinstance(d, int) else ("1" if i == 0 else hint[i]) for i, d in enumerate(dims))

@@ -73,7 +73,7 @@ def resolve_provider(provider: str = "auto") -> str:
         raise DenseError(
             f"provider 'cuda' was asked for, but the installed onnxruntime {ort.__version__} has no CUDA "
             f"execution provider (it has {', '.join(available)}); install onnxruntime-gpu in place of "
-            "onnxruntime (pip install 'onnx-dense[gpu]'), or use --provider cpu"
+            "onnxruntime (pip uninstall -y onnxruntime && pip install onnxruntime-gpu), or use --provider cpu"
         )
     return provider
 

@@ -114,7 +114,7 @@ class OrtRunner:
         if ep not in ort.get_available_providers():
             raise DenseError(
                 f"provider '{self.provider}' is not available in this onnxruntime "
-                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu for CUDA"
+                f"({', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu in place of onnxruntime"
             )
         so = ort.SessionOptions()
         if not self.optimize:

@@ -34,7 +34,7 @@ import csv
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -252,16 +252,18 @@ def _from_arrays(images: np.ndarray, labels: np.ndarray, task: str, source: str,
     return ds
 
 
-def _check_all_classes(ds: Dataset, labels: np.ndarray) -> None:
+def _check_all_classes(ds: Dataset, labels: np.ndarray, where: Callable[[int], str] | None = None) -> None:
+    """One line naming the first label outside the model's classes (``where(i)``: the file and item)."""
     if ds.num_classes is None:
         return
     bad = (labels != ds.ignore_index) & ((labels < 0) | (labels >= ds.num_classes))
     if np.any(bad):
         index = np.argwhere(bad)[0]
         value = int(labels[tuple(index)])
+        item = where(int(index[0])) if where else f"{ds.source}: labels[{int(index[0])}]"
+        ignore = f", or {ds.ignore_index} to ignore a pixel" if labels.ndim > 1 else ""
         raise DenseError(
-            f"{ds.source}: labels[{int(index[0])}] has class {value}, outside the model's {ds.num_classes} classes "
-            f"(0..{ds.num_classes - 1}, or {ds.ignore_index} to ignore a pixel)"
+            f"{item} has class {value}, outside the model's {ds.num_classes} classes (0..{ds.num_classes - 1}{ignore})"
         )
 
 
@@ -341,7 +343,7 @@ def _from_folder(path: Path, task: str, channels: int | None, common) -> Dataset
         raise DenseError(f"{path}: no labels.csv ('NAME,{'CLASS' if task == 'classification' else 'VALUE'}' per line); {FORMAT_HINT}")
     ds.labels = _read_csv(csv_path, stems, task)
     if task == "classification":
-        _check_all_classes(ds, ds.labels)
+        _check_all_classes(ds, ds.labels, lambda i: f"{csv_path}: image {ds.names[i]}")
     return ds
 
 

@@ -57,6 +57,20 @@ def build(text: str, *, n_inputs: int = 1, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def with_weights(text: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
+    """Parse ``text`` and add seeded random float32 initializers of these names and shapes (the text
+    leaves them out of its signature); an output declared without dims gets no shape."""
+    model = onnx.parser.parse_model(text)
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and len(tt.shape.dim) == 0:
+            tt.ClearField("shape")
+    rng = np.random.default_rng(seed)
+    for name, shape in shapes.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return model
+
+
 def graph(signature: str, body: str, *, opset: int = 20, outputs: str = "float y", domains: str = "", **kw):
     """``build`` of a one-graph model: ``signature`` lists the data input, then the weights."""
     ir_version = max(7, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]))

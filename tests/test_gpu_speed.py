@@ -21,6 +21,7 @@ import pytest
 import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.bench import count_flops, undilated_twin
+from tests._graphs import with_weights
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_speed.py"
@@ -68,19 +69,11 @@ def _parse(text: str) -> onnx.ModelProto:
     return model
 
 
-def _with_weights(text: str, shapes: dict, seed: int = 0) -> onnx.ModelProto:
-    model = _parse(text)
-    rng = np.random.default_rng(seed)
-    for name, shape in shapes.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
-    return model
-
-
 @pytest.fixture(scope="module")
 def dense_nets(tmp_path_factory):
     """NET (pools, a join, a pad-0 last conv) rewritten at output strides 4, 2 and 1 (eST 2, 4, 8)."""
     d = tmp_path_factory.mktemp("twin")
-    onnx.save(_with_weights(NET, WEIGHTS), str(d / "net.onnx"))
+    onnx.save(with_weights(NET, WEIGHTS), str(d / "net.onnx"))
     out = {}
     for r in (4, 2, 1):
         onnx_dense.rewrite(d / "net.onnx", d / f"r{r}.onnx", output_stride=r)

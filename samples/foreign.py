@@ -329,6 +329,13 @@ class _TF(_Graph):
         y = self.hard_sigmoid(self.conv(y, f"{layer}_expand", c, 1, bias=True), f"{layer}_hard_sigmoid")
         return self.node("Mul", [x, y], self.path(layer, "excite/mul"))
 
+    def dense(self, x: str, layer: str, fan_in: int, fan_out: int) -> str:
+        """Keras Dense on a (1, fan_in) vector: MatMul + Add (BiasAdd)."""
+        w = self.dense_weight(f"{self.path(layer, 'MatMul/ReadVariableOp')}:0", fan_in, fan_out)
+        y = self.node("MatMul", [x, w], self.path(layer, "MatMul"), shape=(1, fan_out))
+        b = self.vector(f"{self.path(layer, 'BiasAdd/ReadVariableOp')}:0", fan_out, "bias")
+        return self.node("Add", [y, b], self.path(layer, "BiasAdd"))
+
     def upsample(self, x: str, layer: str, factor: int = 2) -> str:
         """Keras UpSampling2D (nearest): Resize in NCHW with sizes = Concat(Shape(x)[0:2], HW*factor)."""
         name = self.path(layer, "resize/ResizeNearestNeighbor")
@@ -392,10 +399,7 @@ def tf_mobilenet_v1(
         y = g.node("Reshape", [y, target], g.path("reshape_2", "Reshape"), shape=(1, classes))
     else:
         y = g.node("ReduceMean", [y], mean, shape=(1, c), axes=[1, 2], keepdims=0)
-        w = g.dense_weight(f"{g.path('predictions', 'MatMul/ReadVariableOp')}:0", c, classes)
-        y = g.node("MatMul", [y, w], g.path("predictions", "MatMul"), shape=(1, classes))
-        b = g.vector(f"{g.path('predictions', 'BiasAdd/ReadVariableOp')}:0", classes, "bias")
-        y = g.node("Add", [y, b], g.path("predictions", "BiasAdd"))
+        y = g.dense(y, "predictions", c, classes)
     g.node("Softmax", [y], g.path("predictions", "Softmax"), output="predictions", axis=-1)
     return g.model(
         [_nhwc_input("input_1", size)],
@@ -449,10 +453,7 @@ def tf_mobilenet_v2(seed: int = 0, classes: int = 10, opset: int = 15, width: in
     y = g.node("GlobalAveragePool", [y], g.path("global_average_pooling2d", "Mean"), shape=(1, c, 1, 1))
     axes = g.init(f"{g.path('global_average_pooling2d', 'Squeeze/axes')}:0", np.array([2, 3], np.int64))
     y = g.node("Squeeze", [y, axes], g.path("global_average_pooling2d", "Squeeze"), shape=(1, c))
-    w = g.dense_weight(f"{g.path('predictions', 'MatMul/ReadVariableOp')}:0", c, classes)
-    y = g.node("MatMul", [y, w], g.path("predictions", "MatMul"), shape=(1, classes))
-    b = g.vector(f"{g.path('predictions', 'BiasAdd/ReadVariableOp')}:0", classes, "bias")
-    y = g.node("Add", [y, b], g.path("predictions", "BiasAdd"))
+    y = g.dense(y, "predictions", c, classes)
     g.node("Softmax", [y], g.path("predictions", "Softmax"), output="predictions", axis=-1)
     return g.model(
         [_nhwc_input("input_1", None)],

@@ -57,6 +57,21 @@ def build(text: str, *, n_inputs: int = 1, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+#: A conv, a stride-2 pool and a stride-2 conv (output stride 4), its two weights outside the
+#: signature: the tiny model of the CLI and runtime tests (``with_weights(TINY_NET, TINY_WEIGHTS)``).
+TINY_NET = """
+<ir_version: 9, opset_import: ["" : 20]>
+net (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c1 = Conv <pads = [1,1,1,1]> (input, w1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
+    c2 = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
+    output = Relu (c2)
+}
+"""
+TINY_WEIGHTS = {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}
+
+
 def with_weights(text: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
     """Parse ``text`` and add seeded random float32 initializers of these names and shapes (the text
     leaves them out of its signature); an output declared without dims gets no shape."""

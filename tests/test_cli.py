@@ -14,28 +14,11 @@ import pytest
 
 from onnx_dense.cli import main
 from tests._cli import run, assert_clean_error
-
-NET = """
-<ir_version: 9, opset_import: ["" : 20]>
-net (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
-    c1 = Conv <pads = [1,1,1,1]> (input, w1)
-    r1 = Relu (c1)
-    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
-    c2 = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
-    output = Relu (c2)
-}
-"""
+from tests._graphs import TINY_NET, TINY_WEIGHTS, with_weights
 
 
-def _write(path, text=NET, seed=0):
-    model = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(seed)
-    for name, shape in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 3, 3))):
-        if any(i.name == name for i in model.graph.input) or name in text:
-            model.graph.initializer.append(
-                onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-            )
-    onnx.save(model, str(path))
+def _write(path, text=TINY_NET, seed=0):
+    onnx.save(with_weights(text, TINY_WEIGHTS, seed), str(path))
     return str(path)
 
 
@@ -63,8 +46,7 @@ def test_rewrite_verify_inspect(net, tmp_path):
 
 
 def test_from_node_names_the_stride(net, tmp_path):
-    text = NET.replace("c2 = Conv", "c2 = Conv").replace("(p1, w2)", "(p1, w2)")
-    src = _write(tmp_path / "named.onnx", text)
+    src = _write(tmp_path / "named.onnx")
     model = onnx.load(src)
     for i, node in enumerate(model.graph.node):
         node.name = f"n{i}"
@@ -158,7 +140,7 @@ def test_usage_errors_are_one_line(net, tmp_path):
 
 
 def test_dynamic_input_needs_a_shape(tmp_path):
-    src = _write(tmp_path / "dyn.onnx", NET.replace("float[1,3,32,32] input", "float[N,3,H,W] input").replace(
+    src = _write(tmp_path / "dyn.onnx", TINY_NET.replace("float[1,3,32,32] input", "float[N,3,H,W] input").replace(
         "float[1,4,8,8] output", "float[N,4,h,w] output"))
     code, out, err = run("rewrite", src, tmp_path / "o.onnx", "-r", "2")
     assert_clean_error(code, out, err, "'input'", "--input-shape input:1,3,H,W", "size it runs at")
@@ -169,7 +151,7 @@ def test_dynamic_input_needs_a_shape(tmp_path):
 
 
 def test_unknown_op_names_the_node(tmp_path):
-    text = NET.replace("output = Relu (c2)", "output = custom.Swirl (c2)").replace(
+    text = TINY_NET.replace("output = Relu (c2)", "output = custom.Swirl (c2)").replace(
         '"" : 20', '"" : 20, "custom" : 1')
     src = _write(tmp_path / "custom.onnx", text)
     model = onnx.load(src)

@@ -22,27 +22,16 @@ import pytest
 import onnx_dense
 from onnx_dense import DenseError, api, metadata
 from onnx_dense.runtime import DenseSession, OrtRunner, PixelGrid, cuda_options, resolve_provider, tiling
-from tests._graphs import with_weights
+from tests._graphs import TINY_NET, TINY_WEIGHTS, with_weights
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
-
-NET = """
-<ir_version: 9, opset_import: ["" : 20]>
-net (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
-    c1 = Conv <pads = [1,1,1,1]> (input, w1)
-    r1 = Relu (c1)
-    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
-    c2 = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
-    output = Relu (c2)
-}
-"""
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """NET rewritten to output stride 2: a dense grid every 2 pixels, eST 2."""
+    """TINY_NET rewritten to output stride 2: a dense grid every 2 pixels, eST 2."""
     d = tmp_path_factory.mktemp("tiny")
-    onnx.save(with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}), str(d / "net.onnx"))
+    onnx.save(with_weights(TINY_NET, TINY_WEIGHTS), str(d / "net.onnx"))
     onnx_dense.rewrite(d / "net.onnx", d / "dense.onnx", output_stride=2)
     return str(d / "dense.onnx")
 
@@ -189,7 +178,7 @@ def test_check_tileable(body, reason):
 
 def test_fragments_and_global_context_models_are_not_tiled():
     """Their phases pad or average by the map's size: refused before any tile runs."""
-    proto = with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)})
+    proto = with_weights(TINY_NET, TINY_WEIGHTS)
     fragments = ir.serde.serialize_model(api.rewrite_model(proto, output_stride=2, strategy="fragments"))
     session = DenseSession(fragments, provider="cpu")
     assert session.run(np.ones((1, 3, 40, 40), np.float32))["output"].shape == (1, 4, 20, 20)
@@ -316,7 +305,7 @@ def test_model_in_memory_and_not_dense(tiny, tmp_path):
     b = DenseSession(tiny, provider="cpu").run(np.ones((1, 3, 16, 16), np.float32))
     np.testing.assert_allclose(a["output"].numpy(), b["output"].numpy(), rtol=1e-5, atol=1e-6)
     plain = tmp_path / "plain.onnx"
-    onnx.save(with_weights(NET, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}), str(plain))
+    onnx.save(with_weights(TINY_NET, TINY_WEIGHTS), str(plain))
     with pytest.raises(DenseError, match="no onnx_dense metadata"):
         DenseSession(str(plain), provider="cpu")
     with pytest.raises(DenseError, match="no such file"):

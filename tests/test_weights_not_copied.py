@@ -161,73 +161,79 @@ def test_in_memory_weights_are_neither_replaced_nor_copied():
     )
 
 
-_RSS_CHILD = textwrap.dedent(
+# What both children share: the model, /proc/self/status, and a peak reset just before the
+# measured call (VmHWM := VmRSS, after freeing what building the model left behind).
+_CHILD_PRELUDE = textwrap.dedent(
     """
     import ctypes, gc, json, sys
     sys.path.insert(0, sys.argv[1])
+    from test_weights_not_copied import build_model
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+
+    def reset_peak():
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status("VmRSS")
+
+    def report(base, weight_bytes):
+        print(json.dumps({"growth": status("VmHWM") - base, "weight_bytes": weight_bytes}))
+
+    proto, weights = build_model(hidden=4096, classes=500)
+    weight_bytes = sum(a.nbytes for a in weights.values())
+    """
+)
+
+_RSS_CHILD = _CHILD_PRELUDE + textwrap.dedent(
+    """
     import onnx_ir as ir
     from onnx_dense import api
-    from test_weights_not_copied import build_model
 
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-    proto, weights = build_model(hidden=4096, classes=500)
-    weight_bytes = sum(a.nbytes for a in weights.values())
     del weights
     model = ir.serde.deserialize_model(proto)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base = status("VmRSS")
+    base = reset_peak()
     api.rewrite_model(model, output_stride=int(sys.argv[2]))
-    print(json.dumps({"growth": status("VmHWM") - base, "weight_bytes": weight_bytes}))
+    report(base, weight_bytes)
     """
 )
 
-
-_FILE_CHILD = textwrap.dedent(
+_FILE_CHILD = _CHILD_PRELUDE + textwrap.dedent(
     """
-    import ctypes, gc, json, sys
-    sys.path.insert(0, sys.argv[1])
     import onnx
     import onnx_dense
-    from test_weights_not_copied import build_model
 
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-    proto, weights = build_model(hidden=4096, classes=500)
-    weight_bytes = sum(a.nbytes for a in weights.values())
     onnx.save(proto, sys.argv[2])
     del proto, weights
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
+    base = reset_peak()
     onnx_dense.rewrite(sys.argv[2], sys.argv[3], output_stride=int(sys.argv[4]))
-    print(json.dumps({"growth": status("VmHWM") - base, "weight_bytes": weight_bytes}))
+    report(base, weight_bytes)
     """
 )
+
+
+def _peak_in_child(child: str, *args) -> dict:
+    """Run ``child`` in a fresh interpreter; its {"growth", "weight_bytes"} (bytes of peak RSS growth)."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("cannot reset the RSS high-water mark here")
+    # Large blocks mmap'd and returned on free, so a copy shows up as RSS growth instead of
+    # silently reusing memory the model build freed (glibc's dynamic threshold would).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(Path(__file__).parent), *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_file_to_file_rewrite_peaks_at_two_weight_sizes(tmp_path):
     """Load parses once (no bytes copy of the file), save streams tensor by tensor."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("cannot reset the RSS high-water mark here")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run(
-        [sys.executable, "-c", _FILE_CHILD, str(Path(__file__).parent), str(tmp_path / "m.onnx"),
-         str(tmp_path / "d.onnx"), str(OUTPUT_STRIDE)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _peak_in_child(_FILE_CHILD, tmp_path / "m.onnx", tmp_path / "d.onnx", OUTPUT_STRIDE)
     ratio = result["growth"] / result["weight_bytes"]
     assert ratio < 2.3, f"file-to-file rewrite peaked at {ratio:.2f}x the weights (onnx.load+save: 3x)"
 
@@ -235,18 +241,7 @@ def test_file_to_file_rewrite_peaks_at_two_weight_sizes(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_in_memory_rewrite_peak_rss_is_far_below_weight_size():
     """What tracemalloc cannot see: protobuf's own allocations (e.g. a full serialize_model)."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("cannot reset the RSS high-water mark here")
-    env = dict(os.environ)
-    # Large blocks mmap'd and returned on free, so a copy shows up as RSS growth instead of
-    # silently reusing memory the model build freed (glibc's dynamic threshold would).
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, str(Path(__file__).parent), str(OUTPUT_STRIDE)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _peak_in_child(_RSS_CHILD, OUTPUT_STRIDE)
     growth, weight_bytes = result["growth"], result["weight_bytes"]
     assert growth < weight_bytes / 4, (
         f"peak RSS grew by {growth / 1e6:.1f} MB during the rewrite of a model with "

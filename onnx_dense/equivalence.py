@@ -119,9 +119,10 @@ def _load_proto(model, what: str) -> onnx.ModelProto:
 
 
 def make_inputs(
-    proto: onnx.ModelProto, info: metadata.DenseInfo, seed: int = 0, sizes: Mapping[str, tuple[int, ...]] | None = None
+    proto: onnx.ModelProto, info: metadata.DenseInfo | None, seed: int = 0,
+    sizes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs at the size the rewrite was computed at."""
+    """Random inputs at the size the rewrite was computed at (``info`` None: dynamic dims 1)."""
     rng = np.random.default_rng(seed)
     initializers = {i.name for i in proto.graph.initializer}
     feeds = {}
@@ -132,7 +133,7 @@ def make_inputs(
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if sizes and vi.name in sizes:
             dims = list(sizes[vi.name])
-        entry = info.inputs.get(vi.name)
+        entry = info.inputs.get(vi.name) if info is not None else None
         if entry is not None:
             for a, s in zip(entry.spatial_axes, entry.size):
                 if dims[a] is None:

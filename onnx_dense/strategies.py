@@ -14,7 +14,6 @@ import dataclasses
 import statistics
 import time
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -40,8 +39,7 @@ def time_model(
     from onnx_dense.runtime.session import OrtRunner
 
     proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
-    info = metadata.read(proto)
-    feeds = make_inputs(proto, info, seed) if info is not None else _plain_inputs(proto, seed)
+    feeds = make_inputs(proto, metadata.read(proto), seed)
     with OrtRunner(proto, provider=provider, optimize=True, threads=threads) as run:
         feeds = {k: feeds[k] for k in run.input_names}
         for _ in range(warmup):
@@ -52,18 +50,6 @@ def time_model(
             run(feeds)
             times.append(time.perf_counter() - start)
     return times
-
-
-def _plain_inputs(proto: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in proto.graph.initializer}
-    feeds = {}
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
-        feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
 
 
 def rewrite_tuned(

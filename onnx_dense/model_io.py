@@ -107,34 +107,48 @@ def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.Pat
     external data, are written with their weights in ``<name>.data`` beside the model.
     """
     out = Path(path)
-    for src in inputs:
-        if _same_file(out, Path(src)):
-            raise DenseError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if out.is_dir():
-        raise DenseError(f"{out}: is a directory; give a file name for the output model")
-    if not out.parent.is_dir():
-        raise DenseError(f"{out}: directory '{out.parent}' does not exist")
-
+    check_output(out, inputs)
     external = None
     if _uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external = out.name + ".data"
         data_path = out.parent / external
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and _same_file(data_path, Path(tensor.path)):
+            if isinstance(tensor, ir.ExternalTensor) and same_file(data_path, Path(tensor.path)):
                 raise DenseError(
                     f"{out}: its external data file '{data_path.name}' would overwrite the input's "
                     "weights; choose another output name"
                 )
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the usual mode
-    try:
+    with atomic_output(out) as tmp:
         if external is None:
             _save_streaming(model, tmp)
         else:
             ir.save(model, tmp, external_data=external)
+
+
+def check_output(out: Path, inputs=()) -> None:
+    """One line for an output path that is one of ``inputs`` (None entries skipped), a directory,
+    or in a directory that does not exist."""
+    for src in inputs:
+        if src is not None and same_file(out, Path(src)):
+            raise DenseError(f"{out}: refusing to overwrite the input model {src}; choose another output path")
+    if out.is_dir():
+        raise DenseError(f"{out}: is a directory; give a file name for the output model")
+    if not out.parent.is_dir():
+        raise DenseError(f"{out}: directory '{out.parent}' does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path):
+    """A temporary file beside ``out`` to write into, renamed to ``out`` only when the block
+    succeeds (never a half-written model); an OSError becomes one line; the file gets the
+    usual mode (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        yield tmp
         os.replace(tmp, out)
     except DenseError:
         raise
@@ -219,7 +233,8 @@ def _umask() -> int:
     return mask
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Both exist and are the same file (links and other spellings of a path included)."""
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:

@@ -10,6 +10,8 @@ OUT == ORIGINAL and unreadable TRAINED are refused in one line, exit 2, with not
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -99,6 +101,14 @@ def test_export_from_trained_onnx_needs_no_checkpoint(trained, tmp_path):
     assert all(np.array_equal(v, trained_dense[k]) for k, v in _inits(out).items() if v.dtype == np.float32 and v.ndim)
     code, stdout, stderr = run("verify", out, trained["trained_dense"])
     assert code == 0, stdout + stderr
+
+
+def test_outputs_get_the_usual_file_mode(trained, tmp_path):
+    """Like every model onnx-dense saves: 0666 minus the umask, not mkstemp's 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    dpoa.export_dpoa(trained["original"], trained["trained_dense"], tmp_path / "dpoa.onnx")
+    assert stat.S_IMODE(os.stat(tmp_path / "dpoa.onnx").st_mode) == 0o666 & ~mask
 
 
 def test_out_equal_to_original_is_refused(trained, tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_dense import model_io
 from onnx_dense.errors import DenseError
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -108,8 +108,6 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _load_proto(path: Path, what: str) -> onnx.ModelProto:
-    from onnx_dense import model_io
-
     model_io.load(path)  # one clear line for a missing, empty, corrupt or truncated model
     try:
         return onnx.load(str(path))
@@ -206,45 +204,26 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, inputs=(), ex
     ORIGINAL's proto with nothing changed but the weights.
     """
     out = Path(path)
-    for src in inputs:
-        if src is not None and _same_file(out, Path(src)):
-            raise DenseError(f"{out}: refusing to overwrite the input model {src}; choose another output path")
-    if out.is_dir():
-        raise DenseError(f"{out}: is a directory; give a file name for the output model")
-    if not out.parent.is_dir():
-        raise DenseError(f"{out}: directory '{out.parent}' does not exist")
+    model_io.check_output(out, inputs)
     if external is None:
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        if external:
-            location = out.name + ".data"
-            for src in inputs:
-                if src is not None and _same_file(out.parent / location, Path(src).parent / location):
-                    raise DenseError(f"{out}: its external data file '{location}' would overwrite an input's weights")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(out.parent / location)
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(proto.SerializeToString())
-        os.replace(tmp, out)
-    except DenseError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise DenseError(f"{out}: could not write the model ({getattr(exc, 'strerror', None) or exc})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    location = out.name + ".data"
+    if external:
+        for src in inputs:
+            if src is not None and model_io.same_file(out.parent / location, Path(src).parent / location):
+                raise DenseError(f"{out}: its external data file '{location}' would overwrite an input's weights")
+    with model_io.atomic_output(out) as tmp:
+        try:
+            if external:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(out.parent / location)
+                onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
+            else:
+                with open(tmp, "wb") as f:
+                    f.write(proto.SerializeToString())
+        except ValueError as exc:  # protobuf: a message too large to serialise
+            raise DenseError(f"{out}: could not write the model ({exc})") from None
     return out
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +273,7 @@ def export_dpoa(
     label = f"TRAINED ({t.source})"
     replaced, changed = replace_initializers(proto, t.weights, model_label=f"ORIGINAL ({original})", weights_label=label)
     others = [original, t.source if t.kind != "memory" else None, dense]
-    if dense_out is not None and (Path(out).resolve() == Path(dense_out).resolve() or _same_file(Path(out), Path(dense_out))):
+    if dense_out is not None and (Path(out).resolve() == Path(dense_out).resolve() or model_io.same_file(Path(out), Path(dense_out))):
         raise DenseError(f"{out}: the dpoa output and the dense output are the same file")
     result_path = save_proto(proto, out, inputs=others)
     names = {i.name for i in proto.graph.initializer}

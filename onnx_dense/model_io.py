@@ -15,10 +15,8 @@ the weights at peak (measured in benchmarks/); streaming holds one tensor at a t
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnx_dense.errors import DenseError
+from onnx_dense.files import atomic_output
 
 #: Above this many bytes of weights a model is saved with external data (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -120,7 +119,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.Pat
                     "weights; choose another output name"
                 )
 
-    with atomic_output(out) as tmp:
+    with atomic_output(out, "the model") as tmp:
         if external is None:
             _save_streaming(model, tmp)
         else:
@@ -137,26 +136,6 @@ def check_output(out: Path, inputs=()) -> None:
         raise DenseError(f"{out}: is a directory; give a file name for the output model")
     if not out.parent.is_dir():
         raise DenseError(f"{out}: directory '{out.parent}' does not exist")
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path):
-    """A temporary file beside ``out`` to write into, renamed to ``out`` only when the block
-    succeeds (never a half-written model); an OSError becomes one line; the file gets the
-    usual mode (mkstemp makes 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except DenseError:
-        raise
-    except OSError as exc:
-        raise DenseError(f"{out}: could not write the model ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
@@ -225,12 +204,6 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -128,6 +128,33 @@ def test_bad_images_get_one_line_each_and_the_others_run(seg, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.output.npy", "good.output.png"]
 
 
+def test_a_failed_write_is_one_line_and_leaves_no_file(seg, tmp_path, monkeypatch):
+    """A full disk while writing one image's picture: that image fails in one line, nothing half-written."""
+    from PIL import Image as PILImage
+
+    first, second = _image(tmp_path / "first.png"), _image(tmp_path / "second.png")
+    real_save = PILImage.Image.save
+    calls = []
+
+    def full_once(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", full_once)
+    out = tmp_path / "out"
+    code, stdout, stderr = run("run", seg, first, second, "--out", out)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr + stdout, stderr
+    assert lines[0].startswith("onnx-dense: error: ") and "first.png" in lines[0] and "No space left" in lines[0]
+    assert "wrote 1 of 2 images" in stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "first.output.npy", "second.json", "second.output.npy", "second.output.png"
+    ]
+
+
 def test_classifier_gets_a_heatmap_over_the_image(classifier, tmp_path):
     img = _image(tmp_path / "cat.png", size=(40, 52))
     out = tmp_path / "out"

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from onnx_dense.errors import DenseError
+from onnx_dense.files import atomic_output
 
 VIEWS = ("auto", "labels", "heatmap", "none")
 
@@ -279,25 +279,8 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 def write_atomic(path: str | os.PathLike, write: Callable[[object], None]) -> None:
     """``write(file)`` into a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_npy(path, array: np.ndarray) -> None:

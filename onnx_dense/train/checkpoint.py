@@ -15,13 +15,12 @@ Writes are atomic (temporary file, then rename).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from onnx_dense.errors import DenseError
+from onnx_dense.files import atomic_output
 
 FORMAT = "onnx-dense-checkpoint"
 VERSION = 1
@@ -42,16 +41,8 @@ def save_checkpoint(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     if not out.parent.is_dir():
         raise DenseError(f"{out}: directory '{out.parent}' does not exist")
     payload = {"format": FORMAT, "version": VERSION, **data}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out, "the checkpoint") as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise DenseError(f"{out}: could not write the checkpoint ({exc.strerror or exc})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return out
 
 

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 
 from onnx_dense import model_io
 from onnx_dense.errors import DenseError
+from onnx_dense.files import atomic_output
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -212,7 +213,7 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, inputs=(), ex
         for src in inputs:
             if src is not None and model_io.same_file(out.parent / location, Path(src).parent / location):
                 raise DenseError(f"{out}: its external data file '{location}' would overwrite an input's weights")
-    with model_io.atomic_output(out) as tmp:
+    with atomic_output(out, "the model") as tmp:
         try:
             if external:
                 with contextlib.suppress(FileNotFoundError):

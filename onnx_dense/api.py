@@ -9,6 +9,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_dense import model_io
+from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 from onnx_dense.pipeline import RewriteOptions, densify, normalise, reachable_output_strides
 
 
@@ -19,19 +20,21 @@ def rewrite_model(
     from_node: str | None = None,
     outputs: Sequence[str] | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
-    strategy: str = "dilate",
+    strategy: Strategy | str = DEFAULT_STRATEGY,
     per_phase_global: bool = False,
     tune: bool = False,
     provider: str = "cpu",
 ) -> ir.Model:
     """Return the dense equivalent of ``model`` (an onnx-ir Model is modified in place).
 
-    ``strategy``: "dilate" (the default here; the CLI defaults to "auto"), "fragments" or
-    "auto"; ``per_phase_global``: dilate SE blocks as per-phase means; ``tune`` (with "auto"):
+    ``output_stride``: one int (every spatial axis) or one per spatial axis. ``strategy``
+    (:class:`~onnx_dense.passes.plans.Strategy` or its name): "auto" (the default, as in the
+    CLI: dilate where the analysis allows it, else fragments), "dilate" or "fragments";
+    ``per_phase_global``: dilate SE blocks as per-phase means; ``tune`` (with "auto"):
     build every strategy the model allows and keep the fastest on ``provider``.
     """
     options = RewriteOptions(
-        output_stride=output_stride if output_stride is None or isinstance(output_stride, int) else tuple(output_stride),
+        output_stride=output_stride,
         from_node=from_node,
         outputs=outputs,
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
@@ -42,7 +45,7 @@ def rewrite_model(
         from onnx_dense.errors import DenseError
         from onnx_dense.strategies import rewrite_tuned
 
-        if strategy != "auto":
+        if strategy != Strategy.AUTO:
             raise DenseError(f"--tune chooses the strategy; it needs --strategy auto, not {strategy}")
         return rewrite_tuned(model, options, provider=provider)
     if isinstance(model, onnx.ModelProto):
@@ -55,9 +58,10 @@ def output_strides(
     *,
     outputs: Sequence[str] | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
-    strategy: str = "dilate",
+    strategy: Strategy | str = DEFAULT_STRATEGY,
 ) -> list[tuple[int, ...]]:
-    """The output strides ``rewrite`` accepts for this model (the same on every spatial axis)."""
+    """The output strides ``rewrite`` accepts for this model (the same on every spatial axis)
+    with ``strategy`` ("auto", the default: those of the more permissive fragments)."""
     if isinstance(model, (str, os.PathLike)):
         model = model_io.load(model)
     elif isinstance(model, onnx.ModelProto):

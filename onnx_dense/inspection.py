@@ -16,8 +16,8 @@ import onnx_ir as ir
 
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
-from onnx_dense.passes.analyse import GlobalPlan, HeadConvPlan, SpatialPlan
-from onnx_dense.pipeline import RewriteOptions, analyse, normalise, resolve_output_stride
+from onnx_dense.passes.plans import GlobalPlan, HeadConvPlan, SpatialPlan
+from onnx_dense.pipeline import RewriteOptions, analyse_grid, normalise, resolve_output_stride
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def inspect_model(
     stride = None
     if output_stride is not None or from_node is not None:
         stride = resolve_output_stride(model, options)
-    analysis = analyse(model, stride)
+    analysis = analyse_grid(model, stride)
     rows: list[Row] = []
     total = dense_total = 0
     for node in model.graph:

@@ -1,4 +1,4 @@
-"""The rewrite as the algorithm reads: normalise, analyse, rewrite, finalise.
+"""The rewrite as the algorithm reads: normalise, analyse, rewrite, finalise (see ``densify``).
 
 Each step is an onnx-ir pass (or a Sequential of them) named for what it guarantees; see
 each pass's module docstring for its rules.
@@ -15,7 +15,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnx_dense.errors import DenseError
 from onnx_dense.grid import GRID, fmt
-from onnx_dense.passes.analyse import ANALYSIS, AnalyseGrid, Analysis
+from onnx_dense.passes.analyse import AnalyseGrid
+from onnx_dense.passes.analysis.phases import PlanPhases
 from onnx_dense.passes.align_joins import AlignJoins
 from onnx_dense.passes.cut import CutAtOutputs
 from onnx_dense.passes.densify_heads import DensifyFlattens, DensifyFullyConnected, DensifyGlobalPools, RemapHeadAxes
@@ -27,6 +28,7 @@ from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
 from onnx_dense.passes.finalise import CheckModel, DynamicSpatialDims, RecordDenseMetadata, RestoreOutputLayout
 from onnx_dense.passes.fragments import RecordFragmentsMetadata, SplitIntoPhases
 from onnx_dense.passes.phase_global import MarkPerPhaseGlobal, PerPhaseGlobalContext
+from onnx_dense.passes.plans import ANALYSIS, DEFAULT_STRATEGY, Analysis, Strategy, UnreachableStride
 from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputShapes
 
 
@@ -34,18 +36,31 @@ from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputSha
 class RewriteOptions:
     """What the user asked for (CLI flags of ``onnx-dense rewrite``)."""
 
-    output_stride: int | tuple[int, ...] | None = None
+    # One canonical form, set here at the boundary: a tuple, one value (every spatial axis) or
+    # one per spatial axis; an int or any sequence of ints given is turned into it.
+    output_stride: tuple[int, ...] | None = None
     from_node: str | None = None
     outputs: Sequence[str] | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
     source: str | None = None
-    # "dilate" (one dilated graph), "fragments" (the original per phase, passes/fragments.py) or
-    # "auto" (dilate where the analysis allows it, else fragments; onnx_dense/strategies.py tunes).
-    strategy: str = "dilate"
+    # Strategy (passes/plans.py) or its name; onnx_dense/strategies.py tunes "auto".
+    strategy: Strategy | str = DEFAULT_STRATEGY
     per_phase_global: bool = False  # dilate: global context as per-phase means (passes/phase_global.py)
 
+    def __post_init__(self) -> None:
+        self.output_stride = canonical_stride(self.output_stride)
 
-STRATEGIES = ("auto", "dilate", "fragments")
+
+def canonical_stride(stride: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """8 -> (8,), [8, 4] -> (8, 4): the one form the analysis reads."""
+    if stride is None:
+        return None
+    if isinstance(stride, int):
+        return (stride,)
+    return tuple(int(v) for v in stride)
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
 
 
 class Step(Sequential):
@@ -89,8 +104,22 @@ class FoldShapeArithmeticToFixpoint(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def rewrite(options: RewriteOptions | None = None) -> Step:
-    first = [PerPhaseGlobalContext()] if options is not None and options.per_phase_global else []
+def analyse(model: ir.Model, stride: tuple[int, ...], options: RewriteOptions) -> Strategy:
+    """The analysis step: grids and plans for the strategy asked for ("auto": dilate where the
+    analysis allows it, else fragments), and the phase plan under fragments. Every refusal
+    happens here, before the rewrite touches the graph. Returns the strategy chosen."""
+    strategy = choose_strategy(model, stride, options)
+    if strategy == Strategy.FRAGMENTS:
+        Step(PlanPhases())(model)
+    return strategy
+
+
+def rewrite(options: RewriteOptions, strategy: Strategy = Strategy.DILATE) -> Step:
+    """Apply the plans the analysis left."""
+    if strategy == Strategy.FRAGMENTS:
+        # Space-to-batch at removed strides, the original ops, batch-to-space.
+        return Step(DensifyReshapes(), SplitIntoPhases())
+    first = [PerPhaseGlobalContext()] if options.per_phase_global else []
     return Step(
         *first,
         DensifyWindows(),
@@ -104,13 +133,8 @@ def rewrite(options: RewriteOptions | None = None) -> Step:
     )
 
 
-def fragments() -> Step:
-    """Strategy "fragments": space-to-batch at removed strides, the original ops, batch-to-space."""
-    return Step(DensifyReshapes(), SplitIntoPhases())
-
-
-def finalise(options: RewriteOptions, strategy: str = "dilate") -> Step:
-    if strategy == "fragments":
+def finalise(options: RewriteOptions, strategy: Strategy = Strategy.DILATE) -> Step:
+    if strategy == Strategy.FRAGMENTS:
         record = [RecordFragmentsMetadata(source=options.source)]
     else:
         record = [RestoreOutputLayout(), RecordDenseMetadata(source=options.source)]
@@ -129,56 +153,42 @@ def densify(model: ir.Model, options: RewriteOptions) -> ir.Model:
     """Rewrite ``model`` in place into its dense equivalent and return it."""
     normalise(options)(model)
     stride = resolve_output_stride(model, options)
-    strategy = choose_strategy(model, stride, options)
-    if strategy == "fragments":
-        fragments()(model)
-    else:
-        rewrite(options)(model)
+    strategy = analyse(model, stride, options)
+    rewrite(options, strategy)(model)
     finalise(options, strategy)(model)
     return model
 
 
-def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> str:
+def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> Strategy:
     """Analyse for the requested strategy; "auto": dilate where the analysis allows it, else fragments."""
-    if options.strategy not in STRATEGIES:
-        raise DenseError(f"--strategy '{options.strategy}': expected one of {', '.join(STRATEGIES)}")
-    if options.strategy == "fragments" and options.per_phase_global:
+    strategy = Strategy.parse(options.strategy)
+    if strategy == Strategy.FRAGMENTS and options.per_phase_global:
         raise DenseError("--per-phase-global is a form of --strategy dilate; fragments needs no such option")
-    if options.strategy != "auto":
-        analyse(model, stride, options.strategy, options.per_phase_global)
-        return options.strategy
+    if strategy != Strategy.AUTO:
+        analyse_grid(model, stride, strategy, options.per_phase_global)
+        return strategy
     try:
-        analyse(model, stride, "dilate", options.per_phase_global)
-        return "dilate"
-    except UnreachableError:
+        analyse_grid(model, stride, Strategy.DILATE, options.per_phase_global)
+        return Strategy.DILATE
+    except UnreachableStride:
         raise
     except DenseError as dilate_error:
         try:
-            analyse(model, stride, "fragments")
+            analyse_grid(model, stride, Strategy.FRAGMENTS)
         except DenseError as exc:
             if str(exc) == str(dilate_error):
                 raise
             raise DenseError(f"{exc} (strategy auto; dilate refused too: {dilate_error})") from None
-        return "fragments"
+        return Strategy.FRAGMENTS
 
 
-def analyse(model: ir.Model, stride, strategy: str = "dilate", per_phase_global: bool = False) -> Analysis:
-    """Run the analysis; an unreachable stride gets the list of reachable ones."""
+def analyse_grid(model: ir.Model, stride, strategy: str = Strategy.DILATE, per_phase_global: bool = False) -> Analysis:
+    """Grids and node plans; an unreachable stride is refused with the list of reachable ones."""
     try:
         AnalyseGrid(stride, strategy, per_phase_global)(model)
-    except UnreachableError:
-        raise
-    except DenseError as exc:
-        if "is not reachable" in str(exc):
-            reachable = reachable_output_strides(model, strategy, per_phase_global)
-            text = str(exc).rsplit("reachable output strides:", 1)[0]
-            raise UnreachableError(f"{text}reachable output strides: {', '.join(map(fmt, reachable)) or 'none'}") from None
-        raise
+    except UnreachableStride as exc:
+        raise exc.with_reachable(reachable_output_strides(model, strategy, per_phase_global)) from None
     return model.meta[ANALYSIS]
-
-
-class UnreachableError(DenseError):
-    pass
 
 
 def resolve_output_stride(model: ir.Model, options: RewriteOptions):
@@ -194,9 +204,8 @@ def resolve_output_stride(model: ir.Model, options: RewriteOptions):
             f"{', '.join(map(fmt, reachable)) or 'none'}) or --from NODE"
         )
     stride = options.output_stride
-    values = (stride,) if isinstance(stride, int) else tuple(stride)
-    if any(v < 1 for v in values):
-        raise DenseError(f"--output-stride must be a positive integer, got {fmt(values)}")
+    if any(v < 1 for v in stride):
+        raise DenseError(f"--output-stride must be a positive integer, got {fmt(stride)}")
     return stride
 
 

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from onnx_dense.grid import GRID
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import JoinPlan
+from onnx_dense.passes.plans import JoinPlan
 
 
 class AlignJoins(ir.passes.InPlacePass):

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import FlattenPlan, GlobalPlan, HeadConvPlan, VectorPlan
+from onnx_dense.passes.plans import FlattenPlan, GlobalPlan, HeadConvPlan, VectorPlan
 
 
 class DensifyGlobalPools(ir.passes.InPlacePass):

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnx_dense.grid import GRID
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import ScalePlan
+from onnx_dense.passes.plans import ScalePlan
 
 INT64_MAX = np.iinfo(np.int64).max
 

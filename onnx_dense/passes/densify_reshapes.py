@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import ReshapePlan
+from onnx_dense.passes.plans import ReshapePlan
 
 
 class DensifyReshapes(ir.passes.InPlacePass):

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import SpatialPlan
+from onnx_dense.passes.plans import SpatialPlan
 
 INT64_MAX = np.iinfo(np.int64).max
 

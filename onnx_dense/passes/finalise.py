@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnx_dense import metadata
 from onnx_dense.grid import Grid
-from onnx_dense.passes.analyse import ANALYSIS, Analysis
+from onnx_dense.passes.plans import ANALYSIS, Analysis
 
 _AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 

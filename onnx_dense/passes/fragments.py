@@ -73,281 +73,11 @@ from onnx_dense import metadata
 from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.grid import GRID, PLAN, Grid
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import CHANNEL_GLOBAL, ReshapePlan, SpatialPlan
+from onnx_dense.passes.plans import PHASES, Layout, Level, PhasePlan, SpatialPlan
 
 INT64_MAX = np.iinfo(np.int64).max
 STRATEGY = "fragments"
 UPSAMPLING_OPS = ("Resize", "Upsample", "DepthToSpace")
-
-
-@dataclasses.dataclass(frozen=True)
-class Level:
-    """One removed stride: phases ``prod(factor)``, neighbouring phases ``shift`` input pixels apart."""
-
-    factor: tuple[int, ...]
-    shift: tuple[int, ...]
-
-    @property
-    def phases(self) -> int:
-        return math.prod(self.factor)
-
-
-Layout = tuple  # tuple[Level, ...], innermost (first split) first
-
-
-@dataclasses.dataclass
-class _Plan:
-    layouts: dict[ir.Value, Layout]
-    splits: list[tuple[ir.Node, Level]]
-    collapses: list[tuple[ir.Node, int]]  # (upsampling node, phases kept per entry of the dropped block)
-    reshapes: list[ir.Node]
-    resizes: list[ir.Node]
-    outputs: list[tuple[ir.Value, Layout]]
-    global_values: set[ir.Value]
-    global_outputs: set[str] = dataclasses.field(default_factory=set)  # outputs downstream of global context
-
-
-def removal(node: ir.Node) -> tuple[SpatialPlan, Grid] | None:
-    plan = node.meta.get(PLAN)
-    if not isinstance(plan, SpatialPlan) or plan.kept == plan.params.strides:
-        return None
-    return plan, node.inputs[0].meta.get(GRID)
-
-
-def _level(node: ir.Node, plan: SpatialPlan, g: Grid) -> Level:
-    n = len(plan.params.kernel)
-    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
-    if g is None or rank is None:
-        raise UnsupportedNodeError(node, "removes a stride of a tensor of unknown layout")
-    if g.axes is None:  # the raw input: the grid is set up by this very node, stride 1
-        stride = (1,) * n
-    elif g.rank != n or tuple(g.axes) != tuple(range(rank - n, rank)):
-        raise UnsupportedNodeError(
-            node, "removes a stride on axes that are not exactly the image's last axes", "choose another output stride"
-        )
-    else:
-        stride = g.stride
-    factor = tuple(s // k for s, k in zip(plan.params.strides, plan.kept))
-    shift = tuple(k * S for k, S in zip(plan.kept, stride))
-    return Level(factor, shift)
-
-
-def _is_upsampling(node: ir.Node) -> bool:
-    if node.op_type in UPSAMPLING_OPS:
-        return True
-    if node.op_type == "ConvTranspose":
-        return any(s > 1 for s in (node.attributes.get_ints("strides") or ()))
-    return False
-
-
-def _plan(model: ir.Model, disabled: frozenset) -> _Plan:
-    graph = model.graph
-    layouts: dict[ir.Value, Layout] = {}
-    # shape vectors read from a tensor of phases: its levels (None: read from several)
-    shapes: dict[ir.Value, Layout | None] = {}
-    p = _Plan(layouts, [], [], [], [], [], set())
-    for node in graph:
-        ins = [(v, layouts.get(v, ())) for v in node.inputs if v is not None]
-        layout = _merge(node, ins)
-        read = {shapes[v] for v in node.inputs if v is not None and v in shapes}
-        if any(v in p.global_values for v, _ in ins):
-            p.global_values.update(node.outputs)
-        found = removal(node)
-        if found is not None:
-            plan, g = found
-            level = _level(node, plan, g)
-            if level not in disabled:
-                if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]):
-                    raise UnsupportedNodeError(node, "MaxPool indices of a pool computed per phase index a different tensor")
-                p.splits.append((node, level))
-                layout = layout + (level,)
-        if not layout:
-            if read:  # shape arithmetic: the vector keeps the batch (number of phases) it was read with
-                tag = read.pop() if len(read) == 1 else None
-                shapes.update((out, tag) for out in node.outputs)
-            continue
-        if node.op_type in ("Shape", "Size"):
-            shapes.update((out, layout) for out in node.outputs)
-            continue  # a shape vector: no batch of phases, but its batch entry counts them
-        _check_batch_axis(node)
-        if _is_upsampling(node):
-            layout = _collapse(node, layout, p)
-        _check_shape_operands(node, layout, shapes)
-        if node.op_type == "Reshape":
-            rp = node.meta.get(PLAN)
-            if isinstance(rp, ReshapePlan) and not rp.batch_from_input:
-                raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
-            p.reshapes.append(node)
-        if node.op_type == "Resize" and any(
-            i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name for i in (2, 3)
-        ):
-            p.resizes.append(node)
-        if node.op_type in CHANNEL_GLOBAL or node.op_type.startswith("Global") or any(
-            node.name in getattr(o.meta.get(GRID), "global_from", ()) for o in node.outputs
-        ):
-            p.global_values.update(node.outputs)
-        for out in node.outputs:
-            layouts[out] = layout
-    for value in graph.outputs:
-        layout = layouts.get(value, ())
-        if layout:
-            p.outputs.append((value, layout))
-            if value in p.global_values:
-                p.global_outputs.add(value.name)
-    return p
-
-
-def _used(value: ir.Value) -> bool:
-    return bool(value.uses()) or value.is_graph_output()
-
-
-def _merge(node: ir.Node, ins) -> Layout:
-    """The layout of a node's operands: all that carry phases must carry the same levels."""
-    carried = [(v, lay) for v, lay in ins if lay]
-    if not carried:
-        return ()
-    first_v, first = carried[0]
-    for v, lay in carried[1:]:
-        if lay != first:
-            raise UnsupportedNodeError(
-                node, f"combines '{first_v.name}' and '{v.name}', whose phases come from different removed strides "
-                f"({_describe(first)} vs {_describe(lay)})", "choose another output stride",
-            )
-    for v, lay in ins:
-        if not lay and v.meta.get(GRID) is not None and v.meta[GRID].axes is not None and v.const_value is None:
-            raise UnsupportedNodeError(
-                node, f"combines '{first_v.name}', computed per phase, with '{v.name}', computed once",
-                "choose an output stride that removes no stride before both branches meet",
-            )
-    return first
-
-
-# Inputs that are shape vectors whose first entry sizes the batch axis (the phases).
-_SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,)}
-
-
-def _check_shape_operands(node: ir.Node, layout: Layout, shapes: dict) -> None:
-    """A shape vector read from a tensor of other levels sizes the batch with another number of
-    phases: refused. (Resize sizes and scales are rebuilt from the running tensor instead.)"""
-    for i in _SHAPE_OPERANDS.get(node.op_type, ()):
-        v = node.inputs[i] if i < len(node.inputs) else None
-        if v is None or v not in shapes or shapes[v] == layout:
-            continue
-        if node.op_type == "Reshape":
-            rp = node.meta.get(PLAN)
-            if isinstance(rp, ReshapePlan):
-                continue  # its target is rebuilt from the running tensor (densify_reshapes.py)
-        tag = shapes[v]
-        source = "tensors of different phases" if tag is None else f"a tensor with phases {_describe(tag)}"
-        raise UnsupportedNodeError(
-            node, f"takes its shape '{v.name}' from {source}, so its batch axis (phases {_describe(layout)} under "
-            "--strategy fragments) would get another size", "choose another output stride, or use --strategy dilate",
-        )
-
-
-def _describe(layout: Layout) -> str:
-    return " then ".join("x".join(map(str, lvl.factor)) for lvl in layout) or "none"
-
-
-def _collapse(node: ir.Node, layout: Layout, p: _Plan) -> Layout:
-    """Upsampling: drop the outermost levels whose phases are now whole steps apart."""
-    g_out = node.outputs[0].meta.get(GRID)
-    if g_out is None or g_out.axes is None:
-        raise UnsupportedNodeError(node, "upsampling computed per phase with no known output grid")
-    step = g_out.stride
-    keep = len(layout)
-    while keep > 0:
-        lvl = layout[keep - 1]
-        hit = [f > 1 and sh % S == 0 for f, sh, S in zip(lvl.factor, lvl.shift, step)]
-        moving = [f > 1 for f in lvl.factor]
-        if not any(hit):
-            break
-        if hit != moving:
-            raise UnsupportedNodeError(
-                node, f"upsamples so that phases of the removed stride {'x'.join(map(str, lvl.factor))} coincide on "
-                "some axes but not on others", "choose another output stride",
-            )
-        keep -= 1
-    kept = layout[:keep]
-    est = tuple(math.prod(l.factor[t] for l in kept) for t in range(len(step)))
-    if est != tuple(g_out.est):
-        raise UnsupportedNodeError(
-            node, f"upsamples at eST {'x'.join(map(str, g_out.est))} by a factor that splits the phases of a removed "
-            f"stride unevenly (levels {_describe(layout)})", "choose another output stride",
-        )
-    if keep < len(layout):
-        p.collapses.append((node, math.prod(l.phases for l in layout[keep:])))
-    return kept
-
-
-# Ops whose attribute ``axis`` (default) or ``axes`` must not include the batch axis.
-_AXIS_OPS = {
-    "Concat": 0, "Split": 0, "Gather": 0, "Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "ArgMax": 0,
-    "ArgMin": 0, "TopK": -1, "LpNormalization": -1, "GatherElements": 0,
-}
-
-
-def _check_batch_axis(node: ir.Node) -> None:
-    """Ops after a split must treat batch entries (phases) independently."""
-    op = node.op_type
-    rank = node.inputs[0].shape.rank() if node.inputs and node.inputs[0] is not None and node.inputs[0].shape else None
-
-    def refuse(what: str):
-        raise UnsupportedNodeError(
-            node, f"{what} acts on the batch axis, which holds the phases under --strategy fragments",
-            "cut before it with --outputs, or use --strategy dilate",
-        )
-
-    if op in _AXIS_OPS:
-        axis = node.attributes.get_int("axis", _AXIS_OPS[op])
-        if rank is not None and _ir.normalise_axis(axis, rank) == 0:
-            refuse(op)
-    elif op == "Transpose":
-        perm = node.attributes.get_ints("perm")
-        if perm is None or perm[0] != 0:
-            refuse("Transpose that moves the batch axis")
-    elif op == "Flatten":
-        if node.attributes.get_int("axis", 1) == 0:
-            refuse("Flatten with axis=0")
-    elif op.startswith("Reduce") or op in ("Squeeze", "Unsqueeze"):
-        axes = node.attributes.get_ints("axes")
-        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-            arr = _ir.const_array(node.inputs[1])
-            axes = None if arr is None else arr.reshape(-1).tolist()
-        if op.startswith("Reduce") and not axes:
-            if not node.attributes.get_int("noop_with_empty_axes", 0):
-                refuse(f"{op} over every axis")
-            return
-        if axes is None:
-            if op == "Squeeze":
-                refuse("Squeeze without axes")
-            return
-        r = rank if op != "Unsqueeze" else (rank or 0) + len(axes)
-        if r and any(_ir.normalise_axis(int(a), r) == 0 for a in axes):
-            refuse(op)
-    elif op == "Slice" and len(node.inputs) >= 3:
-        axes = _ir.const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        starts = _ir.const_array(node.inputs[1])
-        ends = _ir.const_array(node.inputs[2])
-        if axes is None and starts is not None:
-            axes = np.arange(len(starts.reshape(-1)))
-        if axes is not None and rank is not None and starts is not None and ends is not None:
-            for a, st, en in zip(axes.reshape(-1), starts.reshape(-1), ends.reshape(-1)):
-                if _ir.normalise_axis(int(a), rank) == 0 and (int(st) != 0 or int(en) < INT64_MAX // 2):
-                    refuse("Slice")
-
-
-def plan(model: ir.Model) -> _Plan:
-    """Layouts with unneeded levels pruned: a level no output keeps is never created."""
-    disabled: frozenset = frozenset()
-    for _ in range(8):
-        p = _plan(model, disabled)
-        needed = {lvl for _, layout in p.outputs for lvl in layout}
-        unneeded = {lvl for _, lvl in p.splits if lvl not in needed}
-        if not unneeded:
-            return p
-        disabled = disabled | unneeded
-    return p
 
 
 class SplitIntoPhases(ir.passes.InPlacePass):
@@ -356,8 +86,7 @@ class SplitIntoPhases(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         editor = _ir.Editor(graph)
-        p = plan(model)
-        model.meta[FRAGMENTS] = p
+        p: PhasePlan = model.meta[PHASES]  # planned in the analysis step (passes/analysis/phases.py)
         for node, level in p.splits:
             _split(graph, editor, node, level)
         for node, dropped in p.collapses:
@@ -369,9 +98,6 @@ class SplitIntoPhases(ir.passes.InPlacePass):
         for value, layout in p.outputs:
             _interleave(graph, editor, value, layout, _ir.opset(model))
         return ir.passes.PassResult(model, True)
-
-
-FRAGMENTS = "onnx_dense.fragments"  # model.meta: the _Plan applied
 
 
 def _lowest(dtype) -> float:
@@ -636,7 +362,7 @@ class RecordFragmentsMetadata(ir.passes.InPlacePass):
         from onnx_dense.passes.finalise import describe
 
         info = describe(model, STRATEGY, self.source)
-        p: _Plan = model.meta[FRAGMENTS]
+        p: PhasePlan = model.meta[PHASES]
         outputs = {}
         for name, out in info.outputs.items():
             off_grid = "global" if name in p.global_outputs else "interior"

@@ -34,7 +34,7 @@ from onnx_dense import metadata
 from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.grid import GRID
 from onnx_dense.passes import _ir
-from onnx_dense.passes.analyse import ANALYSIS, Analysis
+from onnx_dense.passes.plans import ANALYSIS, Analysis
 
 PHASE_GLOBAL_OUTPUTS = "onnx_dense.phase_global_outputs"
 _KINDS = {"GlobalAveragePool": "avg", "GlobalMaxPool": "max", "ReduceMean": "avg", "ReduceMax": "max"}

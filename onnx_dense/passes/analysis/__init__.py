@@ -1,0 +1,4 @@
+"""The analysis rules, one module per pass that applies their plans (driver: passes/analyse.py)."""
+
+
+

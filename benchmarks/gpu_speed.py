@@ -256,7 +256,8 @@ def measure_row(case: Case, stride: int, original: Path, dense: Path, shapes, se
     """Every number of one row; raises for what makes the whole row impossible (the caller reports it)."""
     import onnx
 
-    from onnx_dense.bench import DEFAULT_RTOL, _uses_external_data, bench, count_flops, load_pair, undilated_twin
+    from onnx_dense.bench import DEFAULT_RTOL, bench, count_flops, load_pair, undilated_twin
+    from onnx_dense.bench.driver import _uses_external_data
 
     device, repeat = settings.device, settings.repeat or (DEFAULT_CUDA_REPEAT if settings.device == "cuda" else case.repeat)
     say = _progress
@@ -689,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(path: Path, data: dict) -> None:
-    from onnx_dense.bench import _finite
+    from onnx_dense.bench.machine import _finite
 
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_finite(data), indent=2, default=str))

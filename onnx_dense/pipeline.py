@@ -182,7 +182,9 @@ def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> Strateg
         return Strategy.FRAGMENTS
 
 
-def analyse_grid(model: ir.Model, stride, strategy: str = Strategy.DILATE, per_phase_global: bool = False) -> Analysis:
+def analyse_grid(
+    model: ir.Model, stride, strategy: Strategy | str = Strategy.DILATE, per_phase_global: bool = False
+) -> Analysis:
     """Grids and node plans; an unreachable stride is refused with the list of reachable ones."""
     try:
         AnalyseGrid(stride, strategy, per_phase_global)(model)
@@ -226,7 +228,7 @@ def stride_from_node(model: ir.Model, name: str) -> tuple[int, ...]:
 
 
 def reachable_output_strides(
-    model: ir.Model, strategy: str = "dilate", per_phase_global: bool = False
+    model: ir.Model, strategy: Strategy | str = Strategy.DILATE, per_phase_global: bool = False
 ) -> list[tuple[int, ...]]:
     """Output strides (the same on every spatial axis) for which every output ends on its grid."""
     base = AnalyseGrid(None)

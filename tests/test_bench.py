@@ -136,7 +136,7 @@ def test_no_spin_is_recorded(fcn):
 
 def test_pause_comes_before_the_untimed_pass(fcn, monkeypatch):
     """The timed pass must follow its own untimed pass directly (threads awake, caches warm), not the pause."""
-    import onnx_dense.bench as bench_module
+    import onnx_dense.bench.driver as bench_module
     from onnx_dense.runtime.session import OrtRunner
 
     events: list[str] = []

@@ -9,6 +9,7 @@ import click
 from onnx_dense import api, metadata
 from onnx_dense.cli import options
 from onnx_dense.grid import fmt
+from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 
 
 @click.command("rewrite")
@@ -19,7 +20,7 @@ from onnx_dense.grid import fmt
 @options.input_shape
 @options.outputs
 @click.option(
-    "--strategy", type=click.Choice(["auto", "dilate", "fragments"]), default="auto", show_default=True,
+    "--strategy", type=click.Choice([s.value for s in Strategy]), default=DEFAULT_STRATEGY.value, show_default=True,
     help="dilate: one dilated graph; fragments: the original ops per phase on the batch axis (exact for SE blocks, "
     "InstanceNorm, upsampling); auto: dilate where every node allows it, else fragments",
 )

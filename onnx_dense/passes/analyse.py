@@ -79,7 +79,8 @@ from onnx_dense.passes.analysis.upsampling import UpsamplingRules
 from onnx_dense.passes.analysis.windows import WindowRules
 from onnx_dense.passes.fold_constants import ASSUMED_DIMS
 from onnx_dense.passes.plans import (
-    ANALYSIS, DENSE_SHAPE, MAX_OPSET, MIN_OPSET, SHAPE_OF, UPSAMPLING, Analysis, OutputInfo, UnreachableStride,
+    ANALYSIS, DENSE_SHAPE, MAX_OPSET, MIN_OPSET, SHAPE_OF, UPSAMPLING, Analysis, OutputInfo, Strategy,
+    UnreachableStride,
 )
 
 RULE_CLASSES = (
@@ -91,11 +92,14 @@ class AnalyseGrid(ir.passes.InPlacePass):
     """Compute grids and plans for the requested output stride (None: keep every stride)."""
 
     def __init__(
-        self, output_stride: int | Sequence[int] | None, strategy: str = "dilate", per_phase_global: bool = False
+        self,
+        output_stride: int | Sequence[int] | None,
+        strategy: Strategy | str = Strategy.DILATE,
+        per_phase_global: bool = False,
     ) -> None:
         super().__init__()
         self.output_stride = output_stride
-        self.strategy = strategy  # "fragments": the graph runs per phase (passes/fragments.py)
+        self.strategy = Strategy.parse(strategy)  # FRAGMENTS: the graph runs per phase (passes/fragments.py)
         self.per_phase_global = per_phase_global  # dilate: SE context as per-phase means (passes/phase_global.py)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

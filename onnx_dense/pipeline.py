@@ -1,7 +1,15 @@
-"""The rewrite as the algorithm reads: normalise, analyse, rewrite, finalise (see ``densify``).
+"""The rewrite as the algorithm reads (``densify``):
+
+1. normalise: cut, static shapes, folded shape arithmetic, explicit pads;
+2. analyse: grids, per-node plans, the strategy, the phase plan (fragments); every refusal
+   happens here, and the graph is not touched (passes/analyse.py, passes/plans.py);
+3. rewrite: the plans applied (dilate: passes/densify_*.py; fragments: passes/fragments.py);
+4. finalise: metadata, dynamic spatial dims, the ONNX checker.
 
 Each step is an onnx-ir pass (or a Sequential of them) named for what it guarantees; see
-each pass's module docstring for its rules.
+each pass's module docstring for its rules. The user's options are made canonical once, in
+:class:`RewriteOptions` (the output stride a tuple); the strategy name becomes a :class:`Strategy`
+in ``choose_strategy``.
 """
 
 from __future__ import annotations
@@ -79,6 +87,16 @@ class Step(Sequential):
             raise
 
 
+def densify(model: ir.Model, options: RewriteOptions) -> ir.Model:
+    """Rewrite ``model`` in place into its dense equivalent and return it."""
+    normalise(options)(model)
+    stride = resolve_output_stride(model, options)
+    strategy = analyse(model, stride, options)
+    rewrite(options, strategy)(model)
+    finalise(options, strategy)(model)
+    return model
+
+
 def normalise(options: RewriteOptions) -> Step:
     return Step(
         CutAtOutputs(list(options.outputs or [])),
@@ -147,16 +165,6 @@ def finalise(options: RewriteOptions, strategy: Strategy = Strategy.DILATE) -> S
         DynamicSpatialDims(),
         CheckModel(),
     )
-
-
-def densify(model: ir.Model, options: RewriteOptions) -> ir.Model:
-    """Rewrite ``model`` in place into its dense equivalent and return it."""
-    normalise(options)(model)
-    stride = resolve_output_stride(model, options)
-    strategy = analyse(model, stride, options)
-    rewrite(options, strategy)(model)
-    finalise(options, strategy)(model)
-    return model
 
 
 def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> Strategy:

@@ -70,14 +70,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense import metadata
-from onnx_dense.errors import UnsupportedNodeError
-from onnx_dense.grid import GRID, PLAN, Grid
+from onnx_dense.grid import PLAN
 from onnx_dense.passes import _ir
+from onnx_dense.passes.analysis.phases import check_output_of_phases, reshape_batch_target, resize_batch_fix
 from onnx_dense.passes.plans import PHASES, Layout, Level, PhasePlan, SpatialPlan
 
 INT64_MAX = np.iinfo(np.int64).max
 STRATEGY = "fragments"
-UPSAMPLING_OPS = ("Resize", "Upsample", "DepthToSpace")
 
 
 class SplitIntoPhases(ir.passes.InPlacePass):
@@ -194,60 +193,23 @@ def _keep_first_block(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, droppe
 
 def _batch_from_input(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
     """A Reshape target that bakes the traced batch takes it from the running tensor."""
-    target = _ir.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if target is None:
-        return  # computed at run time, from Shape: follows the batch already
-    target = target.reshape(-1).astype(np.int64)
-    if len(target) == 0 or target[0] in (0, -1):
+    new = reshape_batch_target(node)
+    if new is None:
         return
-    in_dims = _ir.static_dims(node.inputs[0])
-    if in_dims is None or in_dims[0] is None or int(target[0]) != int(in_dims[0]):
-        raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
-    new = target.copy()
-    allowzero = node.attributes.get_int("allowzero", 0)
-    if -1 not in target[1:]:
-        new[0] = -1
-    elif not allowzero:
-        new[0] = 0
-    else:
-        raise UnsupportedNodeError(node, "Reshape with allowzero=1 and a baked batch size")
     nodes: list[ir.Node] = []
     node.replace_input_with(1, editor.const(nodes, new, base=f"{node.name or 'Reshape'}_phase_batch"))
     graph.insert_before(node, nodes)
 
 
 def _resize_sizes(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
-    """Resize of a tensor of phases: its output batch must be its input's.
-
-    Constant sizes (baked batch and image size) -> Shape(x) * integer ratio. Sizes computed at
-    run time (read from another tensor, e.g. the input before a collapse's batch slice, or a
-    baked batch 1 next to a Shape) get their batch entry from Shape(x); computed scales get a
-    batch scale of 1. Constant scales must already scale the batch by 1.
-    """
-    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
-        if _ir.const_array(node.inputs[3]) is None:
-            _replace_batch_entry(graph, editor, node, 3)
-            return
-    elif len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        scales = _ir.const_array(node.inputs[2])
-        if scales is None:
-            _replace_batch_entry(graph, editor, node, 2)
-        elif scales.size and _batch_index(node) is not None and float(scales.reshape(-1)[_batch_index(node)]) != 1.0:
-            raise UnsupportedNodeError(
-                node, "Resize that scales the batch axis, which holds the phases under --strategy fragments"
-            )
+    """Resize of a tensor of phases: its output batch must be its input's (phases.resize_batch_fix)."""
+    fix = resize_batch_fix(node)
+    if fix is None:
         return
-    else:
+    if fix[0] == "entry":
+        _replace_batch_entry(graph, editor, node, fix[1], fix[2])
         return
-    sizes = _ir.const_array(node.inputs[3])
-    sizes = sizes.reshape(-1).astype(np.int64)
-    in_dims = _ir.static_dims(node.inputs[0])
-    axes = node.attributes.get_ints("axes")
-    if in_dims is None or any(d is None for d in in_dims) or axes is not None or len(sizes) != len(in_dims):
-        raise UnsupportedNodeError(node, "Resize to constant sizes that cannot be related to its input's shape")
-    if any(s % d for s, d in zip(sizes, in_dims)):
-        raise UnsupportedNodeError(node, "Resize to constant sizes that are not integer multiples of its input's")
-    ratio = np.array([s // d for s, d in zip(sizes, in_dims)], dtype=np.int64)
+    ratio = fix[1]
     nodes: list[ir.Node] = []
     base = f"{node.name or 'Resize'}_sizes"
     shape = editor.op(nodes, "Shape", [node.inputs[0]], base=f"{base}_shape")
@@ -257,23 +219,8 @@ def _resize_sizes(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:
     node.replace_input_with(3, new)
 
 
-def _batch_index(node: ir.Node) -> int | None:
-    """Where the batch axis is in a Resize's sizes/scales (None: not resized, opset-18 ``axes``)."""
-    axes = node.attributes.get_ints("axes")
-    if axes is None:
-        return 0
-    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
-    if rank is None:
-        raise UnsupportedNodeError(node, "Resize with axes of an input of unknown rank, computed per phase")
-    norm = [_ir.normalise_axis(int(a), rank) for a in axes]
-    return norm.index(0) if 0 in norm else None
-
-
-def _replace_batch_entry(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, i: int) -> None:
-    """Resize sizes (i = 3) or scales (i = 2) computed at run time: batch entry = Shape(x)[0] or 1."""
-    k = _batch_index(node)
-    if k is None:
-        return
+def _replace_batch_entry(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, i: int, k: int) -> None:
+    """Resize sizes (i = 3) or scales (i = 2) computed at run time: batch entry k = Shape(x)[0] or 1."""
     vec = node.inputs[i]
     nodes: list[ir.Node] = []
     base = f"{node.name or 'Resize'}_phase_{'sizes' if i == 3 else 'scales'}"
@@ -293,14 +240,9 @@ def _replace_batch_entry(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, i: 
 
 def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: Layout, opset: int) -> None:
     """Batch-to-space for one graph output: undo every level at once."""
-    g: Grid | None = value.meta.get(GRID)
-    producer = value.producer()
-    if g is None or g.axes is None:
-        raise UnsupportedNodeError(producer, f"output '{value.name}' is computed per phase but has no known spatial layout")
+    g = check_output_of_phases(value)
     name = value.name
     nodes: list[ir.Node] = []
-    if value.shape is None:
-        raise UnsupportedNodeError(producer, f"output '{name}' computed per phase has no known rank")
     rank = value.shape.rank()
     y = value
     base = f"{name}_interleave"

@@ -6,6 +6,11 @@ so it runs in the analysis step, after AnalyseGrid(R, "fragments"), and every re
 the strategy happens before the graph is touched. The plan holds nodes and values, not
 positions: the rewrite passes that run before the split (densify_reshapes.py) add shape
 arithmetic only, which the plan does not look at.
+
+What the split will need is checked here too, by the functions fragments.py applies: a
+Reshape target or Resize sizes/scales that bake the batch (:func:`reshape_batch_target`,
+:func:`resize_batch_fix`) and outputs of phases without a known layout
+(:func:`check_output_of_phases`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ class PlanPhases(ir.passes.InPlacePass):
     """Leave the PhasePlan in ``model.meta[PHASES]`` (after AnalyseGrid with strategy "fragments")."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        model.meta[PHASES] = plan(model)
+        p = plan(model)
+        # In the order SplitIntoPhases meets them, so the first refusal is the one it would give.
+        for node in p.reshapes:
+            if not isinstance(node.meta.get(PLAN), ReshapePlan):  # those are rebuilt (densify_reshapes.py)
+                reshape_batch_target(node)
+        for node in p.resizes:
+            resize_batch_fix(node)
+        for value, _ in p.outputs:
+            check_output_of_phases(value)
+        model.meta[PHASES] = p
         return ir.passes.PassResult(model, False)
 
 
@@ -273,3 +287,85 @@ def plan(model: ir.Model) -> PhasePlan:
             return p
         disabled = disabled | unneeded
     return p
+
+
+def reshape_batch_target(node: ir.Node) -> np.ndarray | None:
+    """A Reshape target that bakes the traced batch: the target that takes it from the running
+    tensor (0 or -1); None when there is nothing to change (computed at run time, from Shape)."""
+    target = _ir.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        return None
+    target = target.reshape(-1).astype(np.int64)
+    if len(target) == 0 or target[0] in (0, -1):
+        return None
+    in_dims = _ir.static_dims(node.inputs[0])
+    if in_dims is None or in_dims[0] is None or int(target[0]) != int(in_dims[0]):
+        raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
+    new = target.copy()
+    allowzero = node.attributes.get_int("allowzero", 0)
+    if -1 not in target[1:]:
+        new[0] = -1
+    elif not allowzero:
+        new[0] = 0
+    else:
+        raise UnsupportedNodeError(node, "Reshape with allowzero=1 and a baked batch size")
+    return new
+
+
+def resize_batch_fix(node: ir.Node) -> tuple | None:
+    """How a Resize of a tensor of phases keeps its output batch its input's.
+
+    Constant sizes (baked batch and image size) -> ``("ratio", r)``: Shape(x) * integer ratio.
+    Sizes computed at run time (read from another tensor, e.g. the input before a collapse's
+    batch slice, or a baked batch 1 next to a Shape) -> ``("entry", 3, k)``: entry k from
+    Shape(x); computed scales -> ``("entry", 2, k)``: a batch scale of 1. Constant scales must
+    already scale the batch by 1 (None: nothing to change).
+    """
+    if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name:
+        if _ir.const_array(node.inputs[3]) is None:
+            k = _batch_index(node)
+            return None if k is None else ("entry", 3, k)
+    elif len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        scales = _ir.const_array(node.inputs[2])
+        if scales is None:
+            k = _batch_index(node)
+            return None if k is None else ("entry", 2, k)
+        if scales.size and _batch_index(node) is not None and float(scales.reshape(-1)[_batch_index(node)]) != 1.0:
+            raise UnsupportedNodeError(
+                node, "Resize that scales the batch axis, which holds the phases under --strategy fragments"
+            )
+        return None
+    else:
+        return None
+    sizes = _ir.const_array(node.inputs[3])
+    sizes = sizes.reshape(-1).astype(np.int64)
+    in_dims = _ir.static_dims(node.inputs[0])
+    axes = node.attributes.get_ints("axes")
+    if in_dims is None or any(d is None for d in in_dims) or axes is not None or len(sizes) != len(in_dims):
+        raise UnsupportedNodeError(node, "Resize to constant sizes that cannot be related to its input's shape")
+    if any(s % d for s, d in zip(sizes, in_dims)):
+        raise UnsupportedNodeError(node, "Resize to constant sizes that are not integer multiples of its input's")
+    return ("ratio", np.array([s // d for s, d in zip(sizes, in_dims)], dtype=np.int64))
+
+
+def _batch_index(node: ir.Node) -> int | None:
+    """Where the batch axis is in a Resize's sizes/scales (None: not resized, opset-18 ``axes``)."""
+    axes = node.attributes.get_ints("axes")
+    if axes is None:
+        return 0
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if rank is None:
+        raise UnsupportedNodeError(node, "Resize with axes of an input of unknown rank, computed per phase")
+    norm = [_ir.normalise_axis(int(a), rank) for a in axes]
+    return norm.index(0) if 0 in norm else None
+
+
+def check_output_of_phases(value: ir.Value) -> Grid:
+    """An output computed per phase must have a known layout and rank to be interleaved back."""
+    g: Grid | None = value.meta.get(GRID)
+    producer = value.producer()
+    if g is None or g.axes is None:
+        raise UnsupportedNodeError(producer, f"output '{value.name}' is computed per phase but has no known spatial layout")
+    if value.shape is None:
+        raise UnsupportedNodeError(producer, f"output '{value.name}' computed per phase has no known rank")
+    return g

@@ -207,7 +207,8 @@ def resolve_output_stride(model: ir.Model, options: RewriteOptions):
     if options.from_node is not None:
         return stride_from_node(model, options.from_node)
     if options.output_stride is None:
-        strategy = "dilate" if options.strategy == "dilate" else "fragments"  # auto: the more permissive
+        # auto: the more permissive fragments
+        strategy = Strategy.DILATE if options.strategy == Strategy.DILATE else Strategy.FRAGMENTS
         reachable = reachable_output_strides(model, strategy, options.per_phase_global)
         raise DenseError(
             "give --output-stride R (reachable for this model: "

@@ -19,12 +19,20 @@ import onnx_ir as ir
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
+from onnx_dense.passes.plans import Strategy
 from onnx_dense.pipeline import RewriteOptions, densify
 
-CANDIDATES = (("dilate", "dilate", False), ("dilate+per-phase-global", "dilate", True), ("fragments", "fragments", False))
+# (label, strategy, per_phase_global)
+CANDIDATES = (
+    ("dilate", Strategy.DILATE, False),
+    ("dilate+per-phase-global", Strategy.DILATE, True),
+    ("fragments", Strategy.FRAGMENTS, False),
+)
 
 
-def build(proto: onnx.ModelProto, options: RewriteOptions, strategy: str, per_phase_global: bool = False) -> ir.Model:
+def build(
+    proto: onnx.ModelProto, options: RewriteOptions, strategy: Strategy | str, per_phase_global: bool = False
+) -> ir.Model:
     """``densify`` of a fresh copy of ``proto`` with the given strategy."""
     model = ir.serde.deserialize_model(proto)
     return densify(model, dataclasses.replace(options, strategy=strategy, per_phase_global=per_phase_global))

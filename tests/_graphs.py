@@ -123,7 +123,9 @@ def feeds_for(model: onnx.ModelProto, seed: int = 1, shapes: dict[str, tuple[int
 
 
 def rewrite(model: onnx.ModelProto, output_stride=None, **kwargs) -> onnx.ModelProto:
-    """The dense model as a ModelProto (the input proto is left untouched)."""
+    """The dense model as a ModelProto (the input proto is left untouched). Strategy "dilate"
+    unless given: the rule tests check the dilated rewrite and its refusals, not "auto"."""
+    kwargs.setdefault("strategy", "dilate")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     dense = onnx_dense.rewrite_model(copy, output_stride=output_stride, **kwargs)

@@ -116,4 +116,4 @@ def test_if_on_a_spatial_dim_is_refused_once_dense():
     dense = api.rewrite_model(original, output_stride=2)  # eST 1 there: the branch is what the original takes
     assert onnx_dense.verify(original, ir.serde.serialize_model(dense))
     with pytest.raises(DenseError, match=r"If\).*size of spatial axis 3"):
-        api.rewrite_model(_conditional(axis=3, one=8), output_stride=1)
+        api.rewrite_model(_conditional(axis=3, one=8), output_stride=1, strategy="dilate")

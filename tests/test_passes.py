@@ -233,3 +233,13 @@ def test_strategy_is_one_type_with_one_default():
 @pytest.mark.parametrize("given, canonical", [(8, (8,)), ((8,), (8,)), ([8, 4], (8, 4)), (np.int64(2).item(), (2,))])
 def test_output_stride_has_one_canonical_form(given, canonical):
     assert RewriteOptions(output_stride=given).output_stride == canonical
+
+
+def test_every_op_has_exactly_one_rule():
+    from onnx_dense.passes.analyse import RULE_CLASSES
+
+    ops = [op for cls in RULE_CLASSES for op in cls.OPS]
+    assert len(ops) == len(set(ops)), sorted(op for op in set(ops) if ops.count(op) > 1)
+    for cls in RULE_CLASSES:
+        for method in cls.OPS.values():
+            assert callable(getattr(cls, method)), (cls.__name__, method)

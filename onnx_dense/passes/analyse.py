@@ -55,9 +55,11 @@ Where things are:
 
 A new rule: a method ``rule(node, grids) -> output grids`` in the module named after the
 pass that applies its plan (a new module, a ``Rules`` subclass, for a new pass), its op
-types in that class's ``OPS``, its plan type in plans.py; add a new class to ``_Analyser``'s
-bases. Checks over the whole graph after the walk go in ``_Analyser.run``. Refuse with a
-DenseError naming the node; never touch the graph here.
+types in that class's ``OPS``, its plan type in plans.py; a new class goes into
+``RULE_CLASSES`` below (an op claimed by two classes is a bug: the last one wins). Checks over
+the whole graph after the walk go in ``_Analyser.run``; a strategy's own plan after the walk
+(like fragments' PhasePlan, passes/analysis/phases.py) is a pass the pipeline's analyse step
+runs. Refuse with a DenseError naming the node; never touch the graph here.
 """
 
 from __future__ import annotations

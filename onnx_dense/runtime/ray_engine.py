@@ -57,7 +57,8 @@ from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid
 INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install 'onnx-dense[ray]' (or pip install ray)"
 #: Test hook, read by the driver and handed to the workers: ``LABEL@MARKER`` makes the worker that
 #: gets the task LABEL (an image's file name, or ``name#k`` for its tile k) kill its own process,
-#: once: it first creates the file MARKER, and does nothing when MARKER exists.
+#: once: it first creates the file MARKER, and does nothing when MARKER exists. ``LABEL`` alone:
+#: every time (an image that always crashes its worker).
 FAULT_ENV = "ONNX_DENSE_RAY_FAULT"
 _DEPTH = 2  # tasks queued per actor
 _TASK_RETRIES = 3  # re-runs of a task whose worker died, before its image fails
@@ -129,14 +130,16 @@ class _Worker:
             return None, _internal(exc)
 
     def _maybe_die(self, label: str) -> None:
-        if self.fault and self.fault.partition("@")[0] == label:
-            marker = Path(self.fault.partition("@")[2])
+        target, _, marker = (self.fault or "").partition("@")
+        if target != label:
+            return
+        if marker:
             try:
                 with open(marker, "x"):
                     pass
             except FileExistsError:
                 return
-            os._exit(1)
+        os._exit(1)
 
 
 def _holder_class():
@@ -196,12 +199,14 @@ def run_images(
     on_done: Callable[[ImageResult], None] | None = None,
     on_skip: Callable[[str], None] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """Run ``model`` (a path) on ``images`` with Ray workers; see the module doc.
 
     ``on_progress(images)`` is called with the fraction of an image each finished task was
     (1 for a whole image, 1/n for one of its n tiles); ``on_skip(image)`` for each image a
-    previous run finished.
+    previous run finished; ``on_ready(workers)`` once the workers have opened the model (what
+    comes before is the cost of starting them).
     """
     ray = import_ray()
     if not isinstance(model, (str, os.PathLike)):
@@ -328,6 +333,8 @@ def run_images(
             raise DenseError(f"the Ray workers could not open {model}: {_cause(exc)}") from None
         summary.provider = f"ray, {n_workers} worker{'s' if n_workers != 1 else ''}, {worker_provider}"
         summary.providers = [worker_provider]
+        if on_ready:
+            on_ready(n_workers)
 
         stream = tasks()
         inflight: dict = {}

@@ -190,3 +190,15 @@ def test_rerun_skips_finished_images(cluster, data, reference, tmp_path):
     assert "wrote 3 of 4 images" in stdout and "1 done before" in stdout
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("im1.*")} == kept  # not rewritten
     assert _files(out) == _files(reference["small"])
+
+
+@pytest.mark.slow
+def test_an_image_that_always_kills_its_worker_fails_alone(cluster, data, reference, tmp_path, monkeypatch):
+    from onnx_dense.runtime import ray_engine
+
+    monkeypatch.setenv(ray_engine.FAULT_ENV, Path(data["small"][1]).name)  # no marker: every time
+    summary = _ray_run(data, data["small"], tmp_path / "out")
+    assert [image for image, _ in summary.failed] == [data["small"][1]]
+    assert "died 4 times" in summary.failed[0][1]
+    ref = _files(reference["small"])
+    assert _files(tmp_path / "out") == {k: v for k, v in ref.items() if not k.startswith("im1.")}

@@ -14,7 +14,7 @@ What runs where:
   writes as the local run. Workers therefore need no shared file system, and a worker that dies
   mid-image leaves no half-written or temporary file behind.
 * Each Ray actor holds one :class:`DenseSession` (one onnxruntime session per worker, created
-  once; the model's bytes go through the object store once). Without ``--tile`` a task is one
+  once; the model's bytes go to the cluster once). Without ``--tile`` a task is one
   image: its file's bytes go out, the worker decodes, runs, draws and encodes with the code of
   the local run (:func:`batch.encode`), and the bytes of its .npy/.png/.json come back. With
   ``--tile`` the driver decodes the image and cuts the tiles :func:`tiling.plan_tiles` plans
@@ -31,8 +31,8 @@ Why actors and ``ray.wait`` rather than Ray Data's ``map_batches`` or ``ray.util
 results must be written by the driver as they come, per image, with per-image errors; Ray Data
 fails the whole dataset on a task error by default and would carry tiles of many shapes as
 Arrow tensor columns, and ActorPool's ``get_next_unordered`` cannot say which task failed. Each
-actor keeps ``_DEPTH`` tasks queued in its own Ray mailbox so its next input is already on its
-node when it finishes one; placement, transfer, restarts and retries are Ray's.
+actor gets one task at a time (a task queued behind one that kills the actor would be retried,
+and fail, with it); placement, transfer, restarts and retries are Ray's.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install 'onn
 #: once: it first creates the file MARKER, and does nothing when MARKER exists. ``LABEL`` alone:
 #: every time (an image that always crashes its worker).
 FAULT_ENV = "ONNX_DENSE_RAY_FAULT"
-_DEPTH = 2  # tasks queued per actor
+_DEPTH = 1  # tasks given to an actor at a time: a task queued behind one that kills the actor would share its retries
+_INLINE_MODEL = 64 * 1024  # bytes; a smaller model travels inside the actors' creation tasks
 _TASK_RETRIES = 3  # re-runs of a task whose worker died, before its image fails
 
 
@@ -87,7 +88,9 @@ class _Worker:
         import onnx
         import ray
 
-        model = ray.get(ray.get_actor(model).get.remote())  # from the run's model holder, again after each restart
+        kind, model = model
+        if kind == "holder":  # the run's model holder, asked again after each restart
+            model = ray.get(ray.get_actor(model).get.remote())
         if isinstance(model, bytes):
             model = onnx.load_from_string(model)
         self.session = DenseSession(
@@ -313,17 +316,23 @@ def run_images(
                 yield item, "tile", f"{item.path.name}#{crop.number}", (crop, x[crop.index])
 
     with _cluster(ray, address, workers, cpus_per_worker, provider) as (n_workers, use_gpu):
-        # The model's bytes live in one named holder actor for the run: a worker restarted by Ray fetches
-        # them again from it (Ray warns about ObjectRefs or actor handles among a restartable actor's arguments).
-        holder_name = f"onnx-dense-model-{uuid.uuid4().hex}"
-        holder = ray.remote(_holder_class()).options(num_cpus=0, name=holder_name).remote(_model_payload(model))
+        # A large model's bytes live in one named holder actor for the run, and a worker restarted by Ray
+        # fetches them again from it (Ray warns about ObjectRefs or actor handles among a restartable
+        # actor's arguments); a small model, or the path of one with external weights, goes in the task.
+        payload, holder = _model_payload(model), None
+        if isinstance(payload, bytes) and len(payload) > _INLINE_MODEL:
+            source = ("holder", f"onnx-dense-model-{uuid.uuid4().hex}")
+            holder = ray.remote(_holder_class()).options(num_cpus=0, name=source[1]).remote(payload)
+        else:
+            source = ("value", payload)
+        del payload
         remote = ray.remote(_Worker).options(
             num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=-1, max_task_retries=_TASK_RETRIES,
         )
         fault = os.environ.get(FAULT_ENV)
         fixed_shapes = isinstance(size, tuple) and tile_v is None
         actors = [
-            remote.remote(holder_name, str(model), provider, fp16, nhwc, allow_cpu_nodes, fixed_shapes, tile_v,
+            remote.remote(source, str(model), provider, fp16, nhwc, allow_cpu_nodes, fixed_shapes, tile_v,
                           cpus_per_worker, load, fault)
             for _ in range(n_workers)
         ]
@@ -360,9 +369,13 @@ def run_images(
             item, method, crop, actor = inflight.pop(ref)
             try:
                 reply = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                reply = None
+                fail(item, f"the Ray worker running it died {_TASK_RETRIES + 1} times (killed, out of memory, or a crash "
+                           "in a kernel); the other images went on")
             except ray.exceptions.RayError as exc:
                 reply = None
-                fail(item, f"the Ray worker running it failed {_TASK_RETRIES + 1} times ({_cause(exc)})")
+                fail(item, f"Ray could not run it: {_cause(exc)}")
             if reply is not None and not item.failed:
                 if method == "image":
                     files, described, error = reply
@@ -382,7 +395,7 @@ def run_images(
                             _finish_tiled(item, outputs, dense_outputs, view, write_npy, worker_provider, tile_v,
                                           finish, fail)
             submit(actor)
-        for actor in [*actors, holder]:
+        for actor in [*actors, holder] if holder else actors:
             ray.kill(actor)
     order = {str(p): i for i, p in enumerate(inputs)}
     summary.written.sort(key=lambda r: order[r.image])

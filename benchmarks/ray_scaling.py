@@ -13,10 +13,12 @@ alternate the configurations, so that ratios are taken side by side under the sa
 A Ray run's time is split where its workers report ready (``on_ready``): before, the fixed
 cost of a run (starting the worker actors, each importing onnx-dense and onnxruntime and
 opening its session); after, the images. Images per second are ``--images`` over the second
-part (for the local runs: over the whole call, which includes opening one session). Ray's
-overhead per image is ``ray-1``'s time per image minus ``local-1t``'s: the same one-thread
-compute, plus shipping the file's bytes out and the result files back, the task round trip
-and the driver's writes.
+part (for the local runs: over the whole call, which includes opening one session).
+``ray-1`` against ``local-1t`` is the same one-thread compute, but split over two processes
+(the worker decodes, runs, draws and encodes; the driver reads and writes files), so on two
+cores it can be faster. Ray's own cost per image is therefore also measured alone: a worker
+that does nothing gets the bytes of one image and answers with as many bytes as its result
+files, one task at a time, as the engine sends them.
 
     python benchmarks/ray_scaling.py --workdir /tmp/onnx-dense-ray     # ~3 minutes on 2 cores
     # --images 24  --rounds 2  --big 1536 --tile 512  --json ray.json
@@ -128,6 +130,10 @@ def main(argv=None) -> int:
             print(f"round {r + 1} {name}: " + ", ".join(
                 f"{k} start {v[-1][0]:.2f} s + run {v[-1][1]:.2f} s" for k, v in times[name].items() if v),
                 file=sys.stderr, flush=True)
+    one = args.workdir / "out_one"  # the result files of one image, for their size
+    shutil.rmtree(one, ignore_errors=True)
+    run_images(dense, images[:1], one, provider="cpu")
+    echo = _echo_round_trip(ray, images[0], one, tasks=4 * args.images)
     ray.shutdown()
     load_after = os.getloadavg()
 
@@ -155,11 +161,34 @@ def main(argv=None) -> int:
     print(f"\nRay's overhead per image (ray-1 minus local-1t): {1000 * overhead:.1f} ms "
           f"({100 * overhead / rows['local-1t']['per_image']:.0f}% of one image's one-thread run); "
           f"ray-2 / ray-1 throughput: {rows['ray-1']['per_image'] / rows['ray-2']['per_image']:.2f}x")
+    print(f"Ray's own round trip per task, one task at a time to one worker that does nothing: "
+          f"{1000 * echo['per_task']:.1f} ms ({echo['in_bytes'] / 1024:.0f} KiB out, {echo['out_bytes'] / 1024:.0f} KiB back, "
+          f"the bytes of one image and of its result files)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "load_before": load_before, "load_after": load_after,
-                                         "ray_start_s": ray_start, "rows": rows, "times": times,
+                                         "ray_start_s": ray_start, "rows": rows, "times": times, "echo": echo,
                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     return 0
+
+
+def _echo_round_trip(ray, image: str, results: Path, tasks: int) -> dict:
+    """Seconds per task of a worker that only answers: what Ray adds to each image, without the image's work."""
+
+    class Echo:
+        def answer(self, data: bytes, size: int) -> bytes:
+            return bytes(size)
+
+    data = Path(image).read_bytes()
+    stem = Path(image).stem
+    size = sum(p.stat().st_size for p in results.glob(f"{stem}.*"))
+    actor = ray.remote(Echo).options(num_cpus=1).remote()
+    ray.get(actor.answer.remote(data, size))
+    t = time.perf_counter()
+    for _ in range(tasks):
+        ray.get(actor.answer.remote(data, size))
+    per_task = (time.perf_counter() - t) / tasks
+    ray.kill(actor)
+    return {"per_task": per_task, "in_bytes": len(data), "out_bytes": size, "tasks": tasks}
 
 
 def _load(values) -> str:

@@ -337,66 +337,68 @@ def run_images(
             for _ in range(n_workers)
         ]
         try:
-            worker_provider = ray.get([a.ready.remote() for a in actors])[0]
-        except ray.exceptions.RayError as exc:
-            raise DenseError(f"the Ray workers could not open {model}: {_cause(exc)}") from None
-        summary.provider = f"ray, {n_workers} worker{'s' if n_workers != 1 else ''}, {worker_provider}"
-        summary.providers = [worker_provider]
-        if on_ready:
-            on_ready(n_workers)
-
-        stream = tasks()
-        inflight: dict = {}
-
-        def submit(actor) -> None:
-            for item, method, label, args in stream:
-                if item.failed:
-                    continue
-                if method == "image":
-                    ref = actor.image.remote(label, *args)
-                else:
-                    crop, array = args
-                    ref = actor.tile.remote(label, array)
-                    args = crop
-                inflight[ref] = (item, method, args, actor)
-                return
-
-        for _ in range(_DEPTH):
-            for actor in actors:
-                submit(actor)
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            item, method, crop, actor = inflight.pop(ref)
             try:
-                reply = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                reply = None
-                fail(item, f"the Ray worker running it died {_TASK_RETRIES + 1} times (killed, out of memory, or a crash "
-                           "in a kernel); the other images went on")
+                worker_provider = ray.get([a.ready.remote() for a in actors])[0]
             except ray.exceptions.RayError as exc:
-                reply = None
-                fail(item, f"Ray could not run it: {_cause(exc)}")
-            if reply is not None and not item.failed:
-                if method == "image":
-                    files, described, error = reply
-                    if error:
-                        fail(item, error)
+                raise DenseError(f"the Ray workers could not open {model}: {_cause(exc)}") from None
+            summary.provider = f"ray, {n_workers} worker{'s' if n_workers != 1 else ''}, {worker_provider}"
+            summary.providers = [worker_provider]
+            if on_ready:
+                on_ready(n_workers)
+
+            stream = tasks()
+            inflight: dict = {}
+
+            def submit(actor) -> None:
+                for item, method, label, args in stream:
+                    if item.failed:
+                        continue
+                    if method == "image":
+                        ref = actor.image.remote(label, *args)
                     else:
-                        finish(item, [(name, _writer(data)) for name, data in files], described)
-                else:
-                    values, error = reply
-                    if error:
-                        fail(item, error)
-                    else:
-                        item.stitcher.add(crop, values)
-                        if item.stitcher.remaining:
-                            advance(item, 1.0 / item.tiles)
+                        crop, array = args
+                        ref = actor.tile.remote(label, array)
+                        args = crop
+                    inflight[ref] = (item, method, args, actor)
+                    return
+
+            for _ in range(_DEPTH):
+                for actor in actors:
+                    submit(actor)
+            while inflight:
+                [ref], _ = ray.wait(list(inflight), num_returns=1)
+                item, method, crop, actor = inflight.pop(ref)
+                try:
+                    reply = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    reply = None
+                    fail(item, f"the Ray worker running it died {_TASK_RETRIES + 1} times (killed, out of memory, or a crash "
+                               "in a kernel); the other images went on")
+                except ray.exceptions.RayError as exc:
+                    reply = None
+                    fail(item, f"Ray could not run it: {_cause(exc)}")
+                if reply is not None and not item.failed:
+                    if method == "image":
+                        files, described, error = reply
+                        if error:
+                            fail(item, error)
                         else:
-                            _finish_tiled(item, outputs, dense_outputs, view, write_npy, worker_provider, tile_v,
-                                          finish, fail)
-            submit(actor)
-        for actor in [*actors, holder] if holder else actors:
-            ray.kill(actor)
+                            finish(item, [(name, _writer(data)) for name, data in files], described)
+                    else:
+                        values, error = reply
+                        if error:
+                            fail(item, error)
+                        else:
+                            item.stitcher.add(crop, values)
+                            if item.stitcher.remaining:
+                                advance(item, 1.0 / item.tiles)
+                            else:
+                                _finish_tiled(item, outputs, dense_outputs, view, write_npy, worker_provider, tile_v,
+                                              finish, fail)
+                submit(actor)
+        finally:  # a cluster the caller started stays up: give its CPUs back
+            for actor in [*actors, holder] if holder else actors:
+                ray.kill(actor)
     order = {str(p): i for i, p in enumerate(inputs)}
     summary.written.sort(key=lambda r: order[r.image])
     summary.failed.sort(key=lambda f: order[f[0]])
@@ -495,8 +497,8 @@ def _cluster(ray, address, workers, cpus_per_worker, provider):
         if n * cpus_per_worker > cpus or (use_gpu and n > gpus):
             have = f"{cpus} CPUs" + (f" and {gpus} GPUs" if use_gpu else "")
             raise DenseError(
-                f"{n} workers with {cpus_per_worker} CPU{'s' if cpus_per_worker > 1 else ''}"
-                f"{' and a GPU' if use_gpu else ''} each do not fit in the Ray cluster ({have}); "
+                f"{n} worker{'s' if n != 1 else ''} with {cpus_per_worker} CPU{'s' if cpus_per_worker > 1 else ''}"
+                f"{' and a GPU' if use_gpu else ''} each do{'es' if n == 1 else ''} not fit in the Ray cluster ({have}); "
                 "lower --workers or --cpus-per-worker"
             )
         yield n, use_gpu

@@ -76,6 +76,8 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
 
     try:
         if session is None:
+            if tile:  # progress comes in tiles: fractions of an image
+                bar.bar_format = "{l_bar}{bar}| {n:.1f}/{total} {unit}s [{elapsed}<{remaining}]"
             summary = ray_engine.run_images(
                 model, images, out_dir, size=size_v, mean=mean_v, std=std_v, provider=provider, tile=tile, fp16=fp16,
                 nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes, view=view, address=address, workers=workers,

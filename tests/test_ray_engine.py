@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -124,6 +125,16 @@ def test_ray_stays_optional(data, tmp_path):
 def test_ray_options_need_the_ray_engine(data, tmp_path):
     code, out, err = run("run", data["dense"], data["small"][0], "--out", tmp_path / "o", "--workers", "2")
     assert_clean_error(code, out, err, "--engine ray")
+
+
+def test_an_address_nobody_answers_at_is_one_line(data, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = run("run", data["dense"], data["small"][0], "--out", tmp_path / "o", "--engine", "ray",
+                         "--address", f"127.0.0.1:{port}")
+    assert_clean_error(code, out, err, f"--address 127.0.0.1:{port}: no Ray cluster answers there")
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -478,7 +479,9 @@ def _cluster(ray, address, workers, cpus_per_worker, provider):
     ``auto`` on a cluster with GPUs), else one per ``cpus_per_worker`` CPUs.
     """
     started = False
-    if not ray.is_initialized():
+    if address:
+        _check_reachable(address)
+    if not ray.is_initialized():  # else: the caller's Ray (a test's, a notebook's) is used as it is
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if address is None:
@@ -505,3 +508,19 @@ def _cluster(ray, address, workers, cpus_per_worker, provider):
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line now for an address nobody answers at (ray.init would retry it for minutes, noisily)."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise DenseError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); give the address "
+            "`ray start --head` printed, or leave --address out to start a local Ray"
+        ) from None

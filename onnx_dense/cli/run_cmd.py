@@ -32,7 +32,13 @@ from onnx_dense.errors import DenseError
               help="the PNG: argmax label map, top-class heatmap over the image, or none (auto: heatmap for "
                    "classifiers and single-channel outputs, labels otherwise)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary")
-def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, quiet) -> None:
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run on Ray workers (pip install 'onnx-dense[ray]'); reruns skip images already done")
+@click.option("--address", metavar="HOST:PORT", help="ray: the cluster to use (default: start a local Ray)")
+@click.option("--workers", type=int, metavar="N", help="ray: workers, one onnxruntime session each (default: one per CPU)")
+@click.option("--cpus-per-worker", type=int, default=1, show_default=True, metavar="N", help="ray: CPUs (threads) per worker")
+def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, quiet,
+        engine, address, workers, cpus_per_worker) -> None:
     """Run the dense MODEL on each IMAGE and write its dense maps to --out.
 
     Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
@@ -46,34 +52,52 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
     from onnx_dense.runtime.dense_session import DenseSession
     from onnx_dense.runtime.images import parse_floats, parse_size
 
+    if engine == "ray":
+        from onnx_dense.runtime import ray_engine
+
+        ray_engine.import_ray()  # not installed: one line saying how, before anything else
+    elif address or workers or cpus_per_worker != 1:
+        raise DenseError("--address, --workers and --cpus-per-worker are options of --engine ray")
     size_v = parse_size(size)
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    session = DenseSession(
+    session = None if engine == "ray" else DenseSession(
         model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
         fixed_shapes=isinstance(size_v, tuple) and tile is None, tile=tile,
     )
     bar = tqdm(total=len(images), unit="image", file=sys.stderr, disable=True if quiet else None, leave=False)
 
-    def error(image: str, message: str) -> None:
+    def error(image: str, message: str, advance: float = 1) -> None:
         line = f"onnx-dense: error: {message}"
         if bar.disable:
             click.echo(line, err=True)
         else:
             tqdm.write(line, file=sys.stderr)
-        bar.update(1)
+        bar.update(advance)
 
     try:
-        summary = run_images(
-            model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, session=session,
-            on_error=error, on_done=lambda _result: bar.update(1),
-        )
+        if session is None:
+            if tile:  # progress comes in tiles: fractions of an image
+                bar.bar_format = "{l_bar}{bar}| {n:.1f}/{total} {unit}s [{elapsed}<{remaining}]"
+            summary = ray_engine.run_images(
+                model, images, out_dir, size=size_v, mean=mean_v, std=std_v, provider=provider, tile=tile, fp16=fp16,
+                nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes, view=view, address=address, workers=workers,
+                cpus_per_worker=cpus_per_worker, on_error=lambda i, m: error(i, m, 0),
+                on_skip=lambda _image: bar.update(1), on_progress=bar.update,
+            )
+        else:
+            summary = run_images(
+                model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, session=session,
+                on_error=error, on_done=lambda _result: bar.update(1),
+            )
     finally:
         bar.close()
-        session.close()
+        if session is not None:
+            session.close()
     if not quiet:
         n = len(summary.written)
         failed = f", {len(summary.failed)} failed" if summary.failed else ""
+        skipped = f", {len(summary.skipped)} done before" if summary.skipped else ""
         click.echo(f"wrote {n} of {len(images)} image{'s' if len(images) != 1 else ''} to {out_dir} "
-                   f"({summary.provider}{', tiled' if session.tile else ''}){failed}")
+                   f"({summary.provider}{', tiled' if tile else ''}){failed}{skipped}")
     if summary.failed:
         raise click.exceptions.Exit(DenseError.exit_code)

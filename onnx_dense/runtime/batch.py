@@ -21,7 +21,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Iterator, Sequence
+
+import numpy as np
 
 from onnx_dense.errors import DenseError
 from onnx_dense.runtime import images as imglib
@@ -41,6 +43,7 @@ class RunSummary:
     failed: list[tuple[str, str]]  # (image, one-line error)
     provider: str
     providers: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # done by an earlier run (--engine ray)
 
     @property
     def ok(self) -> bool:
@@ -88,22 +91,10 @@ def run_images(
             fixed_shapes=isinstance(size, tuple) and tile is None, tile=tile,
         )
     try:
-        name = session.image_input
-        if name is None:
-            raise DenseError(f"{session.label}: onnx-dense run needs a model with one image input")
-        entry = session.info.inputs[name]
-        if len(entry.spatial_axes) != 2:
-            raise DenseError(
-                f"{session.label}: input '{name}' has {len(entry.spatial_axes)} spatial axes; onnx-dense run reads 2-D images"
-            )
-        shape = session.input_shape(name)
-        channel_axes = [a for a in range(1, len(shape)) if a not in entry.spatial_axes]
-        if len(shape) != 4 or len(channel_axes) != 1:
-            raise DenseError(f"{session.label}: input '{name}' has shape {shape}; onnx-dense run feeds (1, C, H, W) or (1, H, W, C)")
-        channels = shape[channel_axes[0]] if isinstance(shape[channel_axes[0]], int) else 3
+        entry, channels = image_layout(session)
         out.mkdir(parents=True, exist_ok=True)
         inputs = [Path(p) for p in images]
-        stems = _unique_stems(inputs)
+        stems = unique_stems(inputs)
         outputs = [o for o in session.output_names]
         summary = RunSummary([], [], session.provider, session.providers)
         for path, stem in zip(inputs, stems):
@@ -127,59 +118,95 @@ def run_images(
             session.close()
 
 
+def image_layout(session: DenseSession):
+    """(metadata entry, channels) of the model's image input; DenseError when it is not one 2-D image."""
+    name = session.image_input
+    if name is None:
+        raise DenseError(f"{session.label}: onnx-dense run needs a model with one image input")
+    entry = session.info.inputs[name]
+    if len(entry.spatial_axes) != 2:
+        raise DenseError(
+            f"{session.label}: input '{name}' has {len(entry.spatial_axes)} spatial axes; onnx-dense run reads 2-D images"
+        )
+    shape = session.input_shape(name)
+    channel_axes = [a for a in range(1, len(shape)) if a not in entry.spatial_axes]
+    if len(shape) != 4 or len(channel_axes) != 1:
+        raise DenseError(f"{session.label}: input '{name}' has shape {shape}; onnx-dense run feeds (1, C, H, W) or (1, H, W, C)")
+    channels = shape[channel_axes[0]] if isinstance(shape[channel_axes[0]], int) else 3
+    return entry, channels
+
+
 def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs) -> ImageResult:
     image = imglib.load_image(
         path, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
         dtype=session.input_dtype(session.image_input),
     )
     maps = session.run({session.image_input: image.array})
-    suffix = {name: _safe(name) for name in outputs}
-    planned = []
+    check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
+    described: dict[str, dict] = {}
+    files: list[str] = []
+    for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile, described):
+        target = out / filename
+        imglib.write_atomic(target, write)
+        files.append(str(target))
+    return ImageResult(str(path), files, described)
+
+
+def planned_names(stem: str, outputs: Sequence[str], view: str, write_npy: bool) -> list[str]:
+    """Every file name an image may get (a picture only where its output can be drawn)."""
+    names = []
     for name in outputs:
         if write_npy:
-            planned.append(out / f"{stem}.{suffix[name]}.npy")
+            names.append(f"{stem}.{_safe(name)}.npy")
         if view != "none":
-            planned.append(out / f"{stem}.{suffix[name]}.png")
-    planned.append(out / f"{stem}.json")
-    for target in planned:
+            names.append(f"{stem}.{_safe(name)}.png")
+    return names + [f"{stem}.json"]
+
+
+def check_not_inputs(path, out: Path, names: Sequence[str], inputs: Sequence[Path]) -> None:
+    for filename in names:
+        target = out / filename
         for src in inputs:
             if target.exists() and src.exists() and os.path.samefile(target, src):
                 raise DenseError(f"{path}: would write {target}, which is an input file; choose another --out")
-    files: list[str] = []
-    described: dict[str, dict] = {}
+
+
+def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
+           described: dict[str, dict]) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
+    """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
+
+    Pictures are drawn one at a time as the caller writes them, so only one is held at once;
+    the caller decides where the bytes go (a file here, a reply to the driver in the Ray engine).
+    """
     for name in outputs:
         dense = maps[name]
         array = dense.numpy()
         entry: dict = {"shape": list(array.shape), "dtype": str(array.dtype)}
         if dense.grid is not None:
             entry["grid"] = dense.grid.to_dict()
+        described[name] = entry
         if write_npy:
-            target = out / f"{stem}.{suffix[name]}.npy"
-            imglib.save_npy(target, array)
-            files.append(str(target))
-            entry["npy"] = target.name
+            filename = f"{stem}.{_safe(name)}.npy"
+            yield filename, lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+            entry["npy"] = filename
         picture = imglib.render(dense, image, view)
         if picture is not None:
-            target = out / f"{stem}.{suffix[name]}.png"
-            imglib.save_png(target, picture.image)
-            files.append(str(target))
-            entry.update(png=target.name, view=picture.view)
+            filename = f"{stem}.{_safe(name)}.png"
+            yield filename, lambda f, p=picture.image: p.save(f, format="PNG")
+            entry.update(png=filename, view=picture.view)
             if picture.top_class is not None:
                 entry["top_class"] = picture.top_class
-        described[name] = entry
     record = {
         "image": str(path),
         "image_size": list(image.original_size),
         "input_size": list(image.size),
         "scale": list(image.scale),
-        "provider": session.provider,
-        "tile": list(session.tile) if isinstance(session.tile, (tuple, list)) else session.tile,
+        "provider": provider,
+        "tile": list(tile) if isinstance(tile, (tuple, list)) else tile,
         "outputs": described,
     }
-    target = out / f"{stem}.json"
-    imglib.save_text(target, _json(record))
-    files.append(str(target))
-    return ImageResult(str(path), files, described)
+    text = _json(record).encode("utf-8")
+    yield f"{stem}.json", lambda f: f.write(text)
 
 
 def _json(record: dict) -> str:
@@ -195,7 +222,7 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "output"
 
 
-def _unique_stems(paths: Sequence[Path]) -> list[str]:
+def unique_stems(paths: Sequence[Path]) -> list[str]:
     """File stems, with -2, -3... added where two images share one (a/x.jpg, b/x.png)."""
     used: set[str] = set()
     stems = []

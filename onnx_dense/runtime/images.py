@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -90,8 +91,13 @@ def load_image(
     channels: int = 3,
     spatial_axes: Sequence[int] = (2, 3),
     dtype=np.float32,
+    data: bytes | None = None,
 ) -> ImageInput:
-    """Read ``path`` into a (1, C, H, W) array (or the layout ``spatial_axes`` says), see module doc."""
+    """Read ``path`` into a (1, C, H, W) array (or the layout ``spatial_axes`` says), see module doc.
+
+    ``data``: the file's bytes, read elsewhere (a Ray worker gets them from the driver); ``path``
+    then only names the image in messages and in the result.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
@@ -102,12 +108,12 @@ def load_image(
     std_v = _per_channel(parse_floats(std, "--std"), channels, "--std")
     if any(s == 0 for s in std_v):
         raise DenseError("--std: a standard deviation of 0 would divide by zero")
-    if not p.exists():
+    if data is None and not p.exists():
         raise DenseError(f"{p}: no such file")
-    if p.is_dir():
+    if data is None and p.is_dir():
         raise DenseError(f"{p}: is a directory, expected an image file")
     try:
-        with Image.open(p) as img:
+        with Image.open(p if data is None else io.BytesIO(data)) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             original = (img.height, img.width)

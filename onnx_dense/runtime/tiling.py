@@ -202,31 +202,85 @@ def run_tiled(
     ``outputs``). Other feeds are passed whole to every tile.
     """
     x = feeds[input_name]
+    crops = plan_tiles(x.shape, input_axes, outputs, tile)
+    stitcher = Stitcher(outputs, crops)
+    for done, crop in enumerate(crops):
+        tile_feeds = dict(feeds)
+        tile_feeds[input_name] = np.ascontiguousarray(x[crop.index])
+        stitcher.add(crop, run(tile_feeds))
+        if progress is not None:
+            progress(done + 1, len(crops))
+    return stitcher.result()
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """One tile of the input: its slice of the input array and its span along each spatial axis."""
+
+    number: int  # position in the plan; 0 is the tile that ends on the image's end on every axis
+    index: tuple[slice, ...]  # x[crop.index] is the tile
+    spans: tuple[AxisTile, ...]
+
+
+def plan_tiles(shape: Sequence[int], input_axes: Sequence[int], outputs: Sequence[OutputAxes],
+               tile: Sequence[int]) -> list[Crop]:
+    """The tiles of an input of ``shape``, the last tile on every axis first (it tells each output's size)."""
     per_axis = []
     for k, axis in enumerate(input_axes):
         geometries = [o.geometry[k] for o in outputs]
-        per_axis.append(plan_axis(int(x.shape[axis]), int(tile[k]), geometries, _axis_name(k, len(input_axes))))
+        per_axis.append(plan_axis(int(shape[axis]), int(tile[k]), geometries, _axis_name(k, len(input_axes))))
     grid = np.indices([len(p) for p in per_axis]).reshape(len(per_axis), -1).T
     order = [tuple(idx) for idx in grid]
-    # The last tile on every axis first: it tells the full size of every output.
     order = order[-1:] + order[:-1]
-    stitched: dict[str, np.ndarray] = {}
-    for done, idx in enumerate(order):
-        spans = [per_axis[k][i] for k, i in enumerate(idx)]
-        crop = [slice(None)] * x.ndim
+    crops = []
+    for number, idx in enumerate(order):
+        spans = tuple(per_axis[k][i] for k, i in enumerate(idx))
+        index = [slice(None)] * len(shape)
         for k, axis in enumerate(input_axes):
-            crop[axis] = slice(spans[k].start, spans[k].stop)
-        tile_feeds = dict(feeds)
-        tile_feeds[input_name] = np.ascontiguousarray(x[tuple(crop)])
-        result = run(tile_feeds)
-        for j, out in enumerate(outputs):
+            index[axis] = slice(spans[k].start, spans[k].stop)
+        crops.append(Crop(number, tuple(index), spans))
+    return crops
+
+
+class Stitcher:
+    """Puts each tile's outputs where the plan says, in any order the tiles come back.
+
+    An output's full size is known from crop 0 (the last tile on every axis); tiles that
+    arrive before it wait. ``result()`` once every crop was added.
+    """
+
+    def __init__(self, outputs: Sequence[OutputAxes], crops: Sequence[Crop]) -> None:
+        self.outputs = list(outputs)
+        self.remaining = {c.number for c in crops}
+        self.stitched: dict[str, np.ndarray] = {}
+        self._waiting: list[tuple[Crop, Mapping[str, np.ndarray]]] = []
+
+    def add(self, crop: Crop, result: Mapping[str, np.ndarray]) -> None:
+        if crop.number not in self.remaining:
+            raise RuntimeError(f"tile {crop.number} stitched twice (a bug in the caller)")
+        self.remaining.discard(crop.number)
+        if not self.stitched and crop.number != 0:
+            self._waiting.append((crop, result))
+            return
+        self._place(crop, result)
+        while self._waiting:
+            self._place(*self._waiting.pop())
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.remaining:
+            raise RuntimeError(f"tiles {sorted(self.remaining)} were never stitched (a bug in the caller)")
+        return self.stitched
+
+    def _place(self, crop: Crop, result: Mapping[str, np.ndarray]) -> None:
+        spans = crop.spans
+        for j, out in enumerate(self.outputs):
             value = np.asarray(result[out.name])
-            if out.name not in stitched:  # the last tile: the output's full size
+            if out.name not in self.stitched:  # the last tile: the output's full size
                 shape = list(value.shape)
                 for k, axis in enumerate(out.axes):
                     shape[axis] = spans[k].start // out.geometry[k].stride + value.shape[axis]
-                stitched[out.name] = np.empty(shape, dtype=value.dtype)
-            target = stitched[out.name]
+                self.stitched[out.name] = np.empty(shape, dtype=value.dtype)
+            target = self.stitched[out.name]
             src = [slice(None)] * value.ndim
             dst = [slice(None)] * value.ndim
             for k, axis in enumerate(out.axes):
@@ -242,9 +296,6 @@ def run_tiled(
                 src[axis] = slice(lo - offset, hi - offset)
                 dst[axis] = slice(lo, hi)
             target[tuple(dst)] = value[tuple(src)]
-        if progress is not None:
-            progress(done + 1, len(order))
-    return stitched
 
 
 def _axis_name(k: int, rank: int) -> str:

@@ -1,0 +1,215 @@
+"""``onnx-dense run --engine ray``: the local run's bytes from Ray workers, through worker deaths and reruns.
+
+One local Ray cluster (2 CPUs, so 2 workers) serves the whole module; every test compares the
+files the Ray engine writes with those of the single-process run, byte for byte. The first two
+tests need no Ray: the package and the other commands must not import it, and without it
+``--engine ray`` is one line saying how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from PIL import Image
+
+import onnx_dense
+from onnx_dense.runtime import run_images
+from tests._cli import assert_clean_error, run
+
+pytestmark = pytest.mark.xdist_group("ray")  # one cluster for the module, on one xdist worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SEG = """
+<ir_version: 9, opset_import: ["" : 20]>
+seg (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c1 = Conv <pads = [1,1,1,1]> (input, w1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
+    output = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
+}
+"""
+TILE = 48
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A dense model (output stride 2), four small images and one large one (many tiles of TILE)."""
+    d = tmp_path_factory.mktemp("ray")
+    model = onnx.parser.parse_model(SEG)
+    rng = np.random.default_rng(0)
+    for name, shape in {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    onnx.save(model, str(d / "model.onnx"))
+    onnx_dense.rewrite(d / "model.onnx", d / "dense.onnx", output_stride=2)
+    small = []
+    for i, size in enumerate([(37, 45), (30, 24), (50, 50), (41, 33)]):
+        path = d / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        small.append(str(path))
+    big = d / "big.png"
+    Image.fromarray(rng.integers(0, 256, (230, 197, 3), dtype=np.uint8)).save(big)
+    return {"dense": str(d / "dense.onnx"), "small": small, "big": str(big), "dir": d}
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """What the single-process run writes: the small images whole, the large one tiled and whole."""
+    d = data["dir"]
+    run_images(data["dense"], data["small"], d / "ref", provider="cpu")
+    run_images(data["dense"], [data["big"]], d / "ref_tiled", provider="cpu", tile=TILE)
+    run_images(data["dense"], [data["big"]], d / "ref_whole", provider="cpu")
+    return {"small": d / "ref", "tiled": d / "ref_tiled", "whole": d / "ref_whole"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+
+
+def _ray_run(data, images, out, **kw):
+    from onnx_dense.runtime import ray_engine
+
+    return ray_engine.run_images(data["dense"], images, out, provider="cpu", workers=2, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# without Ray
+# --------------------------------------------------------------------------------------------
+
+
+def _python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+
+
+def test_ray_stays_optional(data, tmp_path):
+    """The package and every other command run without importing ray; without it, --engine ray is one line."""
+    proc = _python(f"""
+        import sys
+        import onnx_dense, onnx_dense.runtime
+        from onnx_dense.cli import cli, main
+        for name in sorted(cli.commands):
+            assert main([name, "--help"]) == 0, name
+        assert main(["run", {data['dense']!r}, {data['small'][0]!r}, "--out", "out", "-q"]) == 0
+        loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+        assert not loaded, loaded
+        sys.modules["ray"] = None  # as if not installed: `import ray` raises ImportError
+        sys.exit(main(["run", {data['dense']!r}, {data['small'][0]!r}, "--out", "out2", "--engine", "ray"]))
+    """, tmp_path)
+    assert "AssertionError" not in proc.stderr, proc.stderr[-2000:]
+    assert_clean_error(proc.returncode, proc.stdout, proc.stderr, "pip install 'onnx-dense[ray]'")
+    assert (tmp_path / "out" / f"{Path(data['small'][0]).stem}.json").exists() and not (tmp_path / "out2").exists()
+
+
+def test_ray_options_need_the_ray_engine(data, tmp_path):
+    code, out, err = run("run", data["dense"], data["small"][0], "--out", tmp_path / "o", "--workers", "2")
+    assert_clean_error(code, out, err, "--engine ray")
+
+
+def test_an_address_nobody_answers_at_is_one_line(data, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = run("run", data["dense"], data["small"][0], "--out", tmp_path / "o", "--engine", "ray",
+                         "--address", f"127.0.0.1:{port}")
+    assert_clean_error(code, out, err, f"--address 127.0.0.1:{port}: no Ray cluster answers there")
+
+
+# --------------------------------------------------------------------------------------------
+# on a local Ray cluster
+# --------------------------------------------------------------------------------------------
+
+
+def test_same_bytes_as_the_single_process_run_and_bad_images_are_one_line(cluster, data, reference, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    images = [*data["small"][:2], junk, tmp_path / "missing.png", *data["small"][2:]]
+    code, stdout, stderr = run("run", data["dense"], *images, "--out", out, "--engine", "ray", "--workers", "2",
+                               "--provider", "cpu")
+    assert code == 2
+    lines = sorted(stderr.strip().splitlines())
+    assert "Traceback" not in stderr and len(lines) == 2, stderr
+    assert lines[0].startswith(f"onnx-dense: error: {junk}: not an image"), lines
+    assert lines[1] == f"onnx-dense: error: {tmp_path / 'missing.png'}: no such file", lines
+    assert "wrote 4 of 6 images" in stdout and "(ray, 2 workers, cpu), 2 failed" in stdout
+    assert _files(out) == _files(reference["small"])  # .npy, .png and .json, byte for byte
+
+
+def test_one_large_image_tiled_across_workers_stitches_exactly_through_a_worker_death(
+        cluster, data, reference, tmp_path, monkeypatch):
+    from onnx_dense.runtime import ray_engine
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(ray_engine.FAULT_ENV, f"{Path(data['big']).name}#3@{marker}")
+    done = []
+    summary = _ray_run(data, [data["big"]], tmp_path / "out", tile=TILE, on_progress=done.append)
+    assert marker.exists()  # the worker running tile 3 killed itself; Ray restarted it and ran the tile again
+    assert summary.ok
+    assert len(done) > 8 and abs(sum(done) - 1) < 1e-9  # the image went out as many tiles
+    assert _files(tmp_path / "out") == _files(reference["tiled"])  # no file lost, none extra, same bytes
+    # and the stitched map is the untiled map
+    assert np.array_equal(np.load(tmp_path / "out" / "big.output.npy"), np.load(reference["whole"] / "big.output.npy"))
+
+
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(cluster, data, reference, tmp_path, monkeypatch):
+    from onnx_dense.runtime import ray_engine
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(ray_engine.FAULT_ENV, f"{Path(data['small'][2]).name}@{marker}")
+    summary = _ray_run(data, data["small"], tmp_path / "out")
+    assert marker.exists()  # the worker did kill itself on that image
+    assert summary.ok and len(summary.written) == len(data["small"])
+    assert _files(tmp_path / "out") == _files(reference["small"])  # same names (no temporary or extra file), same bytes
+
+
+def test_rerun_skips_finished_images(cluster, data, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, content in _files(reference["small"]).items():  # a first run that finished im0-im2 (same bytes)
+        if not name.startswith("im3."):
+            (out / name).write_bytes(content)
+    (out / "im2.json").unlink()  # as if the run had died before im2's JSON, which is written last
+    record = json.loads((out / "im0.json").read_text())  # and a JSON that names another image is not "done"
+    (out / "im0.json").write_text(json.dumps(dict(record, image="elsewhere/im0.png")))
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("im1.*")}
+    code, stdout, stderr = run("run", data["dense"], *data["small"], "--out", out, "--engine", "ray", "--workers", "2",
+                               "--provider", "cpu")
+    assert code == 0, stderr
+    assert "wrote 3 of 4 images" in stdout and "1 done before" in stdout
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("im1.*")} == kept  # not rewritten
+    assert _files(out) == _files(reference["small"])
+
+
+@pytest.mark.slow
+def test_an_image_that_always_kills_its_worker_fails_alone(cluster, data, reference, tmp_path, monkeypatch):
+    from onnx_dense.runtime import ray_engine
+
+    monkeypatch.setenv(ray_engine.FAULT_ENV, Path(data["small"][1]).name)  # no marker: every time
+    summary = _ray_run(data, data["small"], tmp_path / "out")
+    assert [image for image, _ in summary.failed] == [data["small"][1]]
+    assert "died 4 times" in summary.failed[0][1]
+    ref = _files(reference["small"])
+    assert _files(tmp_path / "out") == {k: v for k, v in ref.items() if not k.startswith("im1.")}

@@ -61,6 +61,9 @@ class DenseInfo:
     source: str | None = None
     per_phase_global: bool = False  # strategy dilate: global context as per-phase means
     tuning: dict[str, Any] | None = None  # --tune: median ms per candidate strategy, provider
+    # Per value in the dense region (eST > 1 on some axis): (eST, spatial axes). The phase
+    # schedule (runtime/phases.py) splits the graph where eST grows; None for older models.
+    values: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None
 
     def to_json(self) -> str:
         data = {
@@ -75,6 +78,8 @@ class DenseInfo:
             data["per_phase_global"] = True
         if self.tuning:
             data["tuning"] = self.tuning
+        if self.values is not None:
+            data["values"] = {k: [list(e), list(a)] for k, (e, a) in self.values.items()}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -83,9 +88,12 @@ class DenseInfo:
         inputs = {k: DenseInput(**_tuples(v)) for k, v in data["inputs"].items()}
         outputs = {k: DenseOutput(**_tuples(v)) for k, v in data["outputs"].items()}
         stride = tuple(data["output_stride"]) if data.get("output_stride") else None
+        values = data.get("values")
+        if values is not None:
+            values = {k: (tuple(e), tuple(a)) for k, (e, a) in values.items()}
         return cls(
             stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"),
-            bool(data.get("per_phase_global", False)), data.get("tuning"),
+            bool(data.get("per_phase_global", False)), data.get("tuning"), values,
         )
 
 

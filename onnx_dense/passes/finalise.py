@@ -97,7 +97,20 @@ def describe(model: ir.Model, strategy: str = "dilate", source: str | None = Non
             size=g.size,
             dense_size=g.dense_size,
         )
-    return metadata.DenseInfo(analysis.target, strategy, inputs, outputs, source)
+    return metadata.DenseInfo(analysis.target, strategy, inputs, outputs, source, values=_dense_values(model))
+
+
+def _dense_values(model: ir.Model) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """eST and spatial axes of every named value in the dense region (what the phase schedule reads)."""
+    from onnx_dense.grid import GRID
+
+    values = {}
+    for node in model.graph:
+        for value in node.outputs:
+            g = value.meta.get(GRID)
+            if value.name and g is not None and g.axes is not None and g.is_dense and not g.flattened:
+                values[value.name] = (tuple(g.est), tuple(g.axes))
+    return values
 
 
 class DynamicSpatialDims(ir.passes.InPlacePass):

@@ -52,7 +52,9 @@ import onnxruntime as ort
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
-from onnx_dense.runtime import tiling
+from onnx_dense.runtime import phases, tiling
+from onnx_dense.runtime import schedule as sched
+from onnx_dense.runtime.schedule import KINDS as SCHEDULES, Schedule, parse_memory
 from onnx_dense.runtime.session import cuda_options, preload_cuda, set_spinning
 
 CUDA_EP = "CUDAExecutionProvider"
@@ -186,8 +188,18 @@ class DenseSession:
         threads: int | None = None,
         spinning: bool | None = None,
         tile=None,
+        max_memory=None,
+        schedule: str = "auto",
     ) -> None:
         self.provider = resolve_provider(provider)
+        self.max_memory = parse_memory(max_memory)
+        if schedule not in SCHEDULES:
+            raise DenseError(f"schedule '{schedule}': use one of {', '.join(SCHEDULES)}")
+        self.schedule = schedule
+        self.last_schedule: Schedule | None = None
+        self._plan = None  # PhasePlan with sessions, for the depth last used
+        self._structure_cache: onnx.ModelProto | None = None
+        self._profiles: dict = {}
         self.fp16 = fp16
         self.device_id = int(device_id)
         self._path, self._proto, self.info = _load(model)
@@ -214,26 +226,69 @@ class DenseSession:
         else:
             providers = [CPU_EP]
         self.provider_options = dict(providers[0][1]) if isinstance(providers[0], tuple) else {}
-        source = self._model_bytes_or_path()
-        try:
-            self.session = ort.InferenceSession(source, so, providers=providers, enable_fallback=0)
-        except Exception as exc:
-            raise DenseError(self._creation_error(exc)) from None
-        got = self.session.get_providers()
-        if self.provider == "cuda" and (not got or got[0] != CUDA_EP):
-            raise DenseError(
-                f"{self.label}: onnxruntime did not start the CUDA provider (session providers: {', '.join(got)}); "
-                "check the NVIDIA driver, CUDA and cuDNN libraries, or use --provider cpu"
-            )
+        self._so, self._providers = so, providers
         self.device = "cuda" if self.provider == "cuda" else "cpu"
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.session = None
+        self._closed = False
+        if self.max_memory is None and schedule in ("auto", "whole", "tiles"):
+            self._open()  # the whole dense model, as before
+            self.input_names = [i.name for i in self.session.get_inputs()]
+            self.output_names = [o.name for o in self.session.get_outputs()]
+            self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+        else:
+            # A budget or phases: the dense model's own session is made only if a run needs it, so
+            # the stage sessions do not hold a second copy of the weights beside it.
+            graph = self._light_structure().graph
+            inits = {t.name for t in graph.initializer}
+            inputs = [i for i in graph.input if i.name not in inits]
+            self.input_names = [i.name for i in inputs]
+            self.output_names = [o.name for o in graph.output]
+            self._input_types = {
+                i.name: f"tensor({onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()})" for i in inputs
+            }
+            self._input_dims = {
+                i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in i.type.tensor_type.shape.dim]
+                for i in inputs
+            }
         self.image_input = self._image_input()
         self._tileable: bool | None = None
         self.tile = self.check_tile(tile) if tile is not None else None
 
     # -- set-up helpers ---------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """The onnxruntime session of the whole dense model."""
+        try:
+            self.session = ort.InferenceSession(self._model_bytes_or_path(), self._so, providers=self._providers,
+                                                enable_fallback=0)
+        except Exception as exc:
+            raise DenseError(self._creation_error(exc)) from None
+        self._check_providers(self.session)
+
+    def _check_providers(self, session) -> None:
+        got = session.get_providers()
+        if self.provider == "cuda" and (not got or got[0] != CUDA_EP):
+            raise DenseError(
+                f"{self.label}: onnxruntime did not start the CUDA provider (session providers: {', '.join(got)}); "
+                "check the NVIDIA driver, CUDA and cuDNN libraries, or use --provider cpu"
+            )
+
+    def _light_structure(self) -> onnx.ModelProto:
+        """The graph with the data of large initializers dropped (names, types and dims kept)."""
+        if self._structure_cache is None:
+            full = self._structure()
+            light = onnx.ModelProto()
+            light.CopyFrom(full) if self._proto is None else light.CopyFrom(self._proto)
+            del full
+            for t in light.graph.initializer:
+                if tiling._numel(t.dims) > 64 or t.data_location == onnx.TensorProto.EXTERNAL:
+                    dims, dtype, name = list(t.dims), t.data_type, t.name
+                    t.Clear()
+                    t.name, t.data_type = name, dtype
+                    t.dims.extend(dims)
+                    t.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here" for _light_copy
+            self._structure_cache = light
+        return self._structure_cache
 
     def _model_bytes_or_path(self):
         if self.fp16:
@@ -287,13 +342,19 @@ class DenseSession:
     @property
     def providers(self) -> list[str]:
         """The execution providers of the onnxruntime session, in priority order."""
-        return self.session.get_providers()
+        if self.session is not None:
+            return self.session.get_providers()
+        if self._plan is not None and self._plan.sessions:
+            return self._plan.sessions[0].get_providers()
+        return [p[0] if isinstance(p, tuple) else p for p in self._providers]
 
     def input_dtype(self, name: str) -> np.dtype:
         return _ORT_TYPES.get(self._input_types[name], np.dtype(np.float32))
 
     def input_shape(self, name: str | None = None) -> list:
         name = name or self.image_input or self.input_names[0]
+        if self.session is None:
+            return list(self._input_dims[name])
         return next(i.shape for i in self.session.get_inputs() if i.name == name)
 
     # -- running ----------------------------------------------------------------------------
@@ -306,6 +367,8 @@ class DenseSession:
 
     def close(self) -> None:
         self.session = None
+        self._plan = None
+        self._closed = True
 
     def run(
         self,
@@ -314,21 +377,30 @@ class DenseSession:
         tile=_UNSET,
         keep_on_device: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        schedule: str | None = None,
     ) -> dict[str, DenseMap]:
         """Run on ``inputs`` (an array for the image input, or a dict by input name).
 
         Returns a DenseMap per output, in the model's output order. ``tile`` overrides the
         session's default; ``keep_on_device`` leaves outputs as OrtValues where the session runs
-        (untiled runs only); ``progress(done, total)`` is called after each tile.
+        (untiled runs only); ``progress(done, total)`` is called after each tile. ``schedule``
+        overrides the session's (see :meth:`choose`); what was done is in ``last_schedule``.
         """
         feeds = self._feeds(inputs)
         tile = self.tile if tile is _UNSET else tile
-        if tile is not None:
-            if keep_on_device:
-                raise DenseError("tiled outputs are stitched on the host; keep_on_device needs an untiled run")
-            values = self._run_tiled(feeds, tile, progress)
-        else:
+        chosen = self.choose(feeds, tile=tile, schedule=schedule)
+        self.last_schedule = chosen
+        if chosen.kind != "whole" and keep_on_device:
+            raise DenseError(f"{chosen.kind} outputs are put together on the host; keep_on_device needs an untiled run")
+        if chosen.kind == "whole":
             values = self.run_raw(feeds, keep_on_device=keep_on_device)
+        elif chosen.kind == "phases":
+            values = self._phase_plan(chosen.depth).run(feeds)
+        elif chosen.kind == "phases+tiles":
+            plan = self._phase_plan(chosen.depth)
+            values = self._run_tiled(feeds, chosen.tile, progress, runner=plan.run)
+        else:
+            values = self._run_tiled(feeds, chosen.tile, progress)
         result = {}
         for name in self.output_names:
             value = values[name]
@@ -342,8 +414,11 @@ class DenseSession:
 
     def run_raw(self, feeds: Mapping[str, Any], *, keep_on_device: bool = False) -> dict[str, Any]:
         """One run through IOBinding: numpy (or OrtValue) feeds in, outputs by name out."""
-        if self.session is None:
+        if self._closed:
             raise DenseError("the session is closed")
+        if self.session is None:
+            self._drop_plan()  # never two copies of the weights in sessions
+            self._open()
         binding = self.session.io_binding()
         for name in self.input_names:
             value = feeds[name]
@@ -418,7 +493,157 @@ class DenseSession:
                 need[k] = max(need[k], h0 - (n0 - 1) * s)
         return tuple(need)
 
-    def _run_tiled(self, feeds, tile, progress) -> dict[str, np.ndarray]:
+    # -- schedules ----------------------------------------------------------------------------
+
+    def choose(self, feeds, *, tile=_UNSET, schedule: str | None = None) -> Schedule:
+        """The schedule a run of ``feeds`` takes (see :mod:`onnx_dense.runtime.schedule`).
+
+        A tile given (here or to the session) is obeyed as before. Otherwise ``whole`` unless a
+        memory budget (``max_memory``) or the ``schedule`` asks for phases: then the fastest
+        schedule whose estimated peak fits the budget (the leanest one when none does).
+        """
+        kind = schedule or self.schedule
+        if kind not in SCHEDULES:
+            raise DenseError(f"schedule '{kind}': use one of {', '.join(SCHEDULES)}")
+        tile = self.tile if tile is _UNSET else tile
+        if kind == "tiles" and tile is None:
+            raise DenseError("schedule 'tiles' needs a tile size (--tile N)")
+        if tile is not None and kind in ("auto", "tiles"):
+            return Schedule("tiles", tile=self.check_tile(tile), tiles=self._count_tiles(feeds, self.check_tile(tile)))
+        if kind == "whole" or (kind == "auto" and self.max_memory is None):
+            return Schedule("whole")
+        name = self.image_input
+        if name is None:
+            raise DenseError(f"{self.label}: phases and budgets need exactly one image input with spatial axes in the metadata")
+        size = tuple(int(_shape(feeds[name])[a]) for a in self.info.inputs[name].spatial_axes)
+        budget = self.max_memory
+        try:
+            depths = range(1, self._max_depth() + 1)
+        except DenseError as exc:
+            if kind in ("phases", "phases+tiles"):
+                raise
+            depths, why = range(0), str(exc)
+        else:
+            why = ""
+        if kind in ("phases", "phases+tiles") and not depths:
+            raise DenseError(f"{self.label}: no eST level to split at (the dense model is the original); run whole")
+        base = _rss()
+        prof = self._profile(size)
+        io = sum(_nbytes(v) for v in feeds.values())
+        weights = self._weight_bytes()
+        candidates: list[Schedule] = []
+        if kind == "auto":
+            extra = 0 if self.session is not None else weights
+            candidates.append(Schedule("whole", estimate=base + extra + int(sched.whole_peak(prof) * sched.MARGIN)))
+        if kind in ("auto", "phases"):
+            extra = 0 if self._plan is not None else weights
+            for d in depths:
+                layout = self._layout(d)
+                peak = sched.phases_peak(prof, layout.estimate_stages(), self.output_names)
+                candidates.append(Schedule("phases", depth=d, estimate=base + extra + int(peak * sched.MARGIN),
+                                           runs=layout.splits))
+        for c in candidates:
+            if budget is None or c.estimate <= budget:
+                return dataclasses.replace(c, budget=budget)
+        if kind == "phases":  # asked for phases and nothing fits: the deepest split
+            return dataclasses.replace(candidates[-1], budget=budget)
+        # tiles: the largest tile whose estimate fits
+        use_phases = bool(depths)
+        depth = depths[-1] if use_phases else 0
+        layout = self._layout(depth) if use_phases else None
+        outputs = sum(prof.nbytes.get(n, 0) for n in self.output_names)
+        extra = weights if (self._plan is None if use_phases else self.session is None) else 0
+
+        def estimate(t: int) -> int:
+            small = prof.scaled((min(t, size[0]), min(t, size[1])) if len(size) == 2 else tuple(min(t, x) for x in size))
+            if use_phases:
+                peak = sched.phases_peak(small, layout.estimate_stages(), self.output_names)
+            else:
+                peak = sched.whole_peak(small)
+            return base + extra + io + outputs + int(peak * sched.MARGIN)
+
+        lo = max(max(self.minimum_tile()), max(self.minimum_input(name)))
+        hi = max(size)
+        if estimate(lo) > (budget or 0):
+            best = lo
+        else:
+            while hi - lo > 8:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if estimate(mid) <= budget else (lo, mid)
+            best = lo
+        if not use_phases and kind != "auto":
+            raise DenseError(f"{self.label}: cannot run by phases ({why})")
+        tile = self.check_tile(best)
+        return Schedule("phases+tiles" if use_phases else "tiles", depth=depth, tile=tile, estimate=estimate(best),
+                        budget=budget, runs=layout.splits if layout else 1, tiles=self._count_tiles(feeds, tile))
+
+    def _count_tiles(self, feeds, tile) -> int:
+        name = self.image_input
+        entry = self.info.inputs[name]
+        outputs = tiling.output_axes(self.info, name, self.output_names)
+        count = 1
+        for k, axis in enumerate(entry.spatial_axes):
+            extent = int(_shape(feeds[name])[axis])
+            count *= len(tiling.plan_axis(extent, tile[k], [o.geometry[k] for o in outputs]))
+        return count
+
+    def _max_depth(self) -> int:
+        if self.fp16:
+            raise DenseError("phases run in float32; run fp16 whole or tiled")
+        return self._layout(None).depth
+
+    def _layout(self, depth):
+        key = ("layout", depth)
+        if key not in self._profiles:
+            try:
+                self._profiles[key] = phases.layout(self._light_structure(), self.info, self.image_input, depth)
+            except DenseError as exc:
+                self._profiles[key] = exc
+        value = self._profiles[key]
+        if isinstance(value, DenseError):
+            raise value
+        return value
+
+    def _profile(self, size):
+        key = ("profile", tuple(size))
+        if key not in self._profiles:
+            self._profiles[key] = sched.profile(self._light_structure(), self.info, self.image_input, size)
+        return self._profiles[key]
+
+    def _weight_bytes(self) -> int:
+        total = 0
+        for t in self._light_structure().graph.initializer:
+            total += tiling._numel(t.dims) * sched._ITEMSIZE.get(t.data_type, 4)
+        return total
+
+    def _phase_plan(self, depth: int):
+        """The stage sessions for ``depth`` (made on first use; the whole model's session is dropped)."""
+        if self._plan is not None and self._plan.depth == depth:
+            return self._plan
+        self._plan = None
+        self.session = None  # never two copies of the weights in sessions
+        layout = phases.layout(self._light_structure(), self.info, self.image_input, depth)
+        full = self._full_proto() if self._proto is None else self._proto
+        phases.build(layout, full)
+        del full
+        so = _stage_options(self._so)
+        layout.sessions = []
+        for stage in layout.stages:
+            try:
+                session = ort.InferenceSession(stage.model, so, providers=self._providers, enable_fallback=0)
+            except Exception as exc:
+                raise DenseError(self._creation_error(exc)) from None
+            self._check_providers(session)
+            stage.model = None
+            layout.sessions.append(session)
+            stage.run = _runner(session)
+        self._plan = layout
+        return layout
+
+    def _drop_plan(self) -> None:
+        self._plan = None
+
+    def _run_tiled(self, feeds, tile, progress, runner=None) -> dict[str, np.ndarray]:
         name = self.image_input
         if name is None:
             raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
@@ -428,7 +653,7 @@ class DenseSession:
         tile = self.check_tile(tile)
         outputs = tiling.output_axes(self.info, name, self.output_names)
         return tiling.run_tiled(
-            lambda f: self.run_raw(f), feeds, name, entry.spatial_axes, outputs, tile, progress=progress
+            runner or (lambda f: self.run_raw(f)), feeds, name, entry.spatial_axes, outputs, tile, progress=progress
         )
 
     def check_tile(self, tile) -> tuple[int, ...]:
@@ -485,6 +710,57 @@ def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo
             "(run the original model with onnxruntime directly)"
         )
     return path, proto, info
+
+
+def _stage_options(base: ort.SessionOptions) -> ort.SessionOptions:
+    """The whole model's options, without the memory arena (stages would add up their arenas'
+    peaks) and without spin-waiting (a stage's idle workers would spin while the next stage runs)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = base.log_severity_level
+    so.graph_optimization_level = base.graph_optimization_level
+    if base.intra_op_num_threads:
+        so.intra_op_num_threads = base.intra_op_num_threads
+    so.enable_cpu_mem_arena = False
+    set_spinning(so, False)
+    for key in ("session.disable_cpu_ep_fallback",):
+        value = base.get_session_config_entry(key) if _has_entry(base, key) else None
+        if value:
+            so.add_session_config_entry(key, value)
+    return so
+
+
+def _has_entry(so: ort.SessionOptions, key: str) -> bool:
+    try:
+        so.get_session_config_entry(key)
+        return True
+    except Exception:
+        return False
+
+
+def _runner(session: ort.InferenceSession):
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feeds):
+        try:
+            return dict(zip(names, session.run(None, feeds)))
+        except Exception as exc:
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            raise DenseError(f"onnxruntime failed to run a phase stage on {shapes}: {' '.join(str(exc).split())[:300]}") from None
+
+    return run
+
+
+def _rss() -> int:
+    """Resident set size of this process now (bytes); 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _nbytes(value) -> int:
+    return int(getattr(value, "nbytes", 0) or 0)
 
 
 def _shape(value) -> tuple:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from onnx_dense.errors import DenseError
+from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
 from onnx_dense.runtime.dense_session import DenseSession
 
@@ -101,7 +102,10 @@ def run_images(
         if len(shape) != 4 or len(channel_axes) != 1:
             raise DenseError(f"{session.label}: input '{name}' has shape {shape}; onnx-dense run feeds (1, C, H, W) or (1, H, W, C)")
         channels = shape[channel_axes[0]] if isinstance(shape[channel_axes[0]], int) else 3
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DenseError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
         inputs = [Path(p) for p in images]
         stems = _unique_stems(inputs)
         outputs = [o for o in session.output_names]
@@ -142,6 +146,7 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             planned.append(out / f"{stem}.{suffix[name]}.png")
     planned.append(out / f"{stem}.json")
     for target in planned:
+        refuse_link(target, "maps")
         for src in inputs:
             if target.exists() and src.exists() and os.path.samefile(target, src):
                 raise DenseError(f"{path}: would write {target}, which is an input file; choose another --out")

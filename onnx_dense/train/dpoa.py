@@ -14,7 +14,6 @@ was trained, dense or original (from a checkpoint, or from a module in memory).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import zipfile
@@ -27,7 +26,7 @@ from onnx import numpy_helper
 
 from onnx_dense import model_io
 from onnx_dense.errors import DenseError
-from onnx_dense.files import atomic_output
+from onnx_dense.files import atomic_output, atomic_outputs
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -209,21 +208,17 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, inputs=(), ex
     if external is None:
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     location = out.name + ".data"
-    if external:
-        for src in inputs:
-            if src is not None and model_io.same_file(out.parent / location, Path(src).parent / location):
-                raise DenseError(f"{out}: its external data file '{location}' would overwrite an input's weights")
-    with atomic_output(out, "the model") as tmp:
-        try:
-            if external:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(out.parent / location)
+    sources = [src for src in inputs if src is not None]
+    model_io.check_outputs([out, out.parent / location] if external else [out], sources, (), sources)
+    try:
+        if external:
+            with atomic_outputs([out, out.parent / location], "the model") as (tmp, _):
                 onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
-            else:
-                with open(tmp, "wb") as f:
-                    f.write(proto.SerializeToString())
-        except ValueError as exc:  # protobuf: a message too large to serialise
-            raise DenseError(f"{out}: could not write the model ({exc})") from None
+        else:
+            with atomic_output(out, "the model") as tmp, open(tmp, "wb") as f:
+                f.write(proto.SerializeToString())
+    except ValueError as exc:  # protobuf: a message too large to serialise
+        raise DenseError(f"{out}: could not write the model ({exc})") from None
     return out
 
 

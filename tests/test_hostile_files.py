@@ -1,0 +1,406 @@
+"""Files and graphs that cannot hurt (issue 16): symlinks at output paths, names that collide,
+external data outside the model's folder, models that cannot run, and the answers that were
+not one line or not exit 2. Each case runs the command line in-process (``tests/_cli.py``);
+where the exact stderr or the exit code of a real process matters, also in a subprocess.
+
+The fuzz test at the end (``test_hostile_files_fuzz``) builds seeded random hostile layouts
+and checks every file-taking subcommand against the same rules: exit 2, one line, nothing
+written, nothing outside the output folder touched, inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import pytest
+from PIL import Image
+
+from tests._cli import assert_clean_error, run
+from tests._graphs import TINY_NET, TINY_WEIGHTS, with_weights
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny(path, *, external=False, text=TINY_NET, seed=0, edit=None):
+    model = with_weights(text, TINY_WEIGHTS, seed)
+    if edit is not None:
+        edit(model)
+    path = Path(path)
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save(model, str(path))
+    return path
+
+
+def snapshot(*roots) -> dict[str, tuple]:
+    """Every entry under ``roots`` (links not followed): link target, or size, mtime and hash."""
+    seen = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            for name in dirs + files:
+                p = os.path.join(folder, name)
+                if os.path.islink(p):
+                    seen[p] = ("link", os.readlink(p))
+                elif os.path.isfile(p):
+                    st = os.stat(p)
+                    seen[p] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(Path(p).read_bytes()).hexdigest())
+                else:
+                    seen[p] = ("dir",)
+    return seen
+
+
+def _subprocess(*args, prelude=""):
+    code = f"import sys\n{prelude}\nfrom onnx_dense.cli import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "default"}, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A work folder with a model (single file and external data) and a decoy folder outside it."""
+    work = tmp_path / "work"
+    decoy = tmp_path / "decoy"
+    work.mkdir()
+    decoy.mkdir()
+    (decoy / "precious.bin").write_bytes(b"do not touch" * 10)
+    _tiny(work / "m.onnx")
+    _tiny(work / "mx.onnx", external=True)
+    return work, decoy
+
+
+def _dense(work, src="m.onnx", name="d.onnx", stride="2"):
+    code, out, err = run("rewrite", work / src, work / name, "-r", stride)
+    assert code == 0, err
+    return work / name
+
+
+# --------------------------------------------------------------------------------------------
+# writes through a symlink
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", ["m.onnx", "mx.onnx"])
+@pytest.mark.parametrize("link", ["d.onnx", "d.onnx.data"])
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_symlink_at_an_output_path_is_refused(world, src, link, dangling):
+    work, decoy = world
+    target = decoy / ("nothing-yet.bin" if dangling else "precious.bin")
+    os.symlink(target, work / link)
+    before, decoy_before = snapshot(work.parent), snapshot(decoy)
+    code, out, err = run("rewrite", work / src, work / "d.onnx", "-r", "2")
+    if link == "d.onnx.data" and src == "m.onnx":
+        # a single-file output writes no data file: the link is not an output path here
+        assert code == 0, err
+        assert os.path.islink(work / link) and not (decoy / "nothing-yet.bin").exists()
+        assert snapshot(decoy) == decoy_before
+        return
+    assert_clean_error(code, out, err, link, "symbolic link")
+    assert snapshot(work.parent) == before
+
+
+def test_a_symlink_at_an_output_path_of_export_dpoa_and_run_is_refused(world, tmp_path):
+    work, decoy = world
+    dense = _dense(work)
+    os.symlink(decoy / "precious.bin", work / "o.onnx")
+    before = snapshot(work.parent)
+    code, out, err = run("export-dpoa", work / "m.onnx", dense, work / "o.onnx")
+    assert_clean_error(code, out, err, "o.onnx", "symbolic link")
+    maps = work / "maps"
+    maps.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(work / "img.png")
+    os.symlink(decoy / "precious.bin", maps / "img.json")
+    before = snapshot(work.parent)
+    code, out, err = run("run", dense, work / "img.png", "--out", maps, "-q")
+    assert_clean_error(code, out, err, "img.json", "symbolic link")
+    assert snapshot(work.parent) == before  # nothing of that image written, not even its .npy
+
+
+# --------------------------------------------------------------------------------------------
+# name collisions between inputs, outputs and data files
+# --------------------------------------------------------------------------------------------
+
+
+def test_input_named_like_the_outputs_data_file_is_refused(world):
+    work, _ = world
+    shutil.copy(work / "mx.onnx", work / "d.onnx.data")  # its weights stay in mx.onnx.data
+    before = snapshot(work.parent)
+    code, out, err = run("rewrite", work / "d.onnx.data", work / "d.onnx", "-r", "2")
+    assert_clean_error(code, out, err, "d.onnx.data", "input")
+    assert snapshot(work.parent) == before
+
+
+def test_output_named_like_the_inputs_data_file_is_refused(world):
+    work, _ = world
+    before = snapshot(work.parent)
+    code, out, err = run("rewrite", work / "mx.onnx", work / "mx.onnx.data", "-r", "2")
+    assert_clean_error(code, out, err, "mx.onnx.data", "input")
+    assert snapshot(work.parent) == before
+
+
+# --------------------------------------------------------------------------------------------
+# external data outside the model's folder
+# --------------------------------------------------------------------------------------------
+
+
+def _relocate(work, decoy, how):
+    """mx.onnx's weights moved out of its folder, the location pointing there ``how``."""
+    model = onnx.load(str(work / "mx.onnx"), load_external_data=False)
+    data = work / "mx.onnx.data"
+    if how == "traversal":
+        (work / "sub").mkdir()
+        shutil.move(work / "mx.onnx", work / "sub" / "mx.onnx")
+        location, model_path = "../../decoy/x.bin", work / "sub" / "mx.onnx"
+        shutil.copy(data, decoy / "x.bin")
+    elif how == "absolute":
+        location, model_path = str(decoy / "x.bin"), work / "mx.onnx"
+        shutil.copy(data, decoy / "x.bin")
+    else:  # a link beside the model pointing out
+        shutil.copy(data, decoy / "x.bin")
+        os.symlink(decoy / "x.bin", work / "link.bin")
+        location, model_path = "link.bin", work / "mx.onnx"
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    with open(model_path, "wb") as f:
+        f.write(model.SerializeToString())
+    return model_path, location
+
+
+@pytest.mark.parametrize("how", ["traversal", "absolute", "link"])
+def test_external_data_outside_the_models_folder_is_refused_at_load(world, how):
+    work, decoy = world
+    dense = _dense(work)
+    src, location = _relocate(work, decoy, how)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(work / "img.png")
+    before = snapshot(work.parent)
+    commands = [
+        ("rewrite", src, work / "o.onnx", "-r", "2"),
+        ("verify", src, dense),
+        ("inspect", src),
+        ("inspect", src, "-r", "2"),
+        ("export-dpoa", src, dense, work / "o.onnx"),
+        ("export-dpoa", work / "m.onnx", src, work / "o.onnx"),
+        ("bench", src, dense, "--repeat", "1", "--warmup", "0"),
+        ("run", src, work / "img.png", "--out", work / "maps"),
+    ]
+    for args in commands:
+        code, out, err = run(*args)
+        assert_clean_error(code, out, err, "'w1'", location, "outside")
+        assert snapshot(work.parent) == before, args
+
+
+# --------------------------------------------------------------------------------------------
+# models that cannot run are not written
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_5x5(model):
+    conv = model.graph.node[0]
+    conv.attribute.append(onnx.helper.make_attribute("kernel_shape", [5, 5]))
+
+
+@pytest.mark.parametrize(
+    "edit, args, needles",
+    [
+        (_kernel_5x5, [], ["kernel_shape"]),
+        (None, ["--input-shape", "input:1,4,32,32"], ["input:1,4,32,32", "channel"]),
+        (None, ["--input-shape", "input:1,3,1,1"], ["1x3x1x1"]),
+        (None, ["--input-shape", "input:1,3,0,32"], ["input"]),
+    ],
+    ids=["kernel-vs-weight", "channels", "dense-size-0", "zero-dim"],
+)
+def test_a_model_that_cannot_run_is_not_written(tmp_path, edit, args, needles):
+    src = _tiny(tmp_path / "m.onnx", edit=edit)
+    before = snapshot(tmp_path)
+    code, out, err = run("rewrite", src, tmp_path / "o.onnx", "-r", "2", *args)
+    assert_clean_error(code, out, err, *needles)
+    assert snapshot(tmp_path) == before
+    code, out, err = run("inspect", src, "-r", "2", *args)
+    assert_clean_error(code, out, err, *needles)
+
+
+def test_input_shape_too_small_for_the_dense_grid(tmp_path):
+    """Pads let the original run on a tiny input; the dense output there would have no position."""
+    text = TINY_NET.replace("c1 = Conv <pads = [1,1,1,1]>", "c1 = Conv <pads = [0,0,0,0]>").replace(
+        "float[1,4,8,8] output", "float output")
+    src = _tiny(tmp_path / "m.onnx", text=text)
+    before = snapshot(tmp_path)
+    code, out, err = run("rewrite", src, tmp_path / "o.onnx", "-r", "1", "--input-shape", "input:1,3,3,3")
+    assert_clean_error(code, out, err, "1x3x3x3", "--input-shape")
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# one line and exit 2, not a traceback or exit 3
+# --------------------------------------------------------------------------------------------
+
+
+def test_unwritable_output_folder(world, monkeypatch):
+    import tempfile
+
+    work, _ = world
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    before = snapshot(work.parent)
+    for src in ("m.onnx", "mx.onnx"):
+        code, out, err = run("rewrite", work / src, work / "o.onnx", "-r", "2")
+        assert_clean_error(code, out, err, "o.onnx", "Permission denied")
+    assert snapshot(work.parent) == before
+
+
+def test_unwritable_run_output_folder(world, monkeypatch):
+    work, _ = world
+    dense = _dense(work)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(work / "img.png")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    code, out, err = run("run", dense, work / "img.png", "--out", work / "maps", "-q")
+    assert_clean_error(code, out, err, "maps", "Permission denied")
+
+
+def test_corrupt_dense_metadata(world):
+    work, _ = world
+    dense = _dense(work)
+    model = onnx.load(str(dense))
+    for prop in model.metadata_props:
+        if prop.key == "onnx_dense":
+            prop.value = prop.value[: len(prop.value) // 2]
+    onnx.save(model, str(dense))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(work / "img.png")
+    for args in [("verify", work / "m.onnx", dense), ("run", dense, work / "img.png", "--out", work / "maps"),
+                 ("bench", work / "m.onnx", dense, "--repeat", "1", "--warmup", "0"),
+                 ("rewrite", dense, work / "o.onnx", "-r", "1")]:
+        code, out, err = run(*args)
+        assert_clean_error(code, out, err, "d.onnx", "onnx_dense metadata")
+
+
+def _ghost_output(model):
+    model.graph.output.append(onnx.helper.make_tensor_value_info("ghost", onnx.TensorProto.FLOAT, None))
+
+
+def _dangling_input(model):
+    model.graph.node[1].input[0] = "nowhere"
+
+
+@pytest.mark.parametrize("edit, needles", [(_ghost_output, ["'ghost'", "graph output"]),
+                                            (_dangling_input, ["'nowhere'", "Relu"])], ids=["ghost", "dangling"])
+def test_broken_graphs_are_one_line(tmp_path, edit, needles):
+    src = _tiny(tmp_path / "m.onnx", edit=edit)
+    before = snapshot(tmp_path)
+    for args in [("rewrite", src, tmp_path / "o.onnx", "-r", "2"), ("inspect", src)]:
+        code, out, err = run(*args)
+        assert_clean_error(code, out, err, *needles)
+    code, out, err = _subprocess("rewrite", src, tmp_path / "o.onnx", "-r", "2")
+    assert_clean_error(code, out, err, *needles)  # no onnx-ir warning line before it
+    assert snapshot(tmp_path) == before
+
+
+def test_decompression_bomb_warning_is_not_printed(world):
+    """Between Pillow's warning limit and its error limit an image is read, silently; beyond, one line."""
+    work, _ = world
+    dense = _dense(work)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(work / "big.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(work / "huge.png")
+    prelude = "import PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = 1000"
+    code, out, err = _subprocess("run", dense, work / "big.png", "--out", work / "maps", "-q", prelude=prelude)
+    assert code == 0 and err.strip() == "", err
+    code, out, err = _subprocess("run", dense, work / "huge.png", "--out", work / "maps2", "-q", prelude=prelude)
+    assert_clean_error(code, out, err, "huge.png", "pixels")
+    assert not (work / "maps2" / "huge.json").exists()
+
+
+def test_verify_of_a_model_too_large_to_run(tmp_path):
+    text = TINY_NET.replace("float[1,3,32,32] input", "float[1,3,100000,100000] input").replace(
+        "float[1,4,8,8] output", "float output")
+    src = _tiny(tmp_path / "m.onnx", text=text)
+    code, out, err = run("rewrite", src, tmp_path / "d.onnx", "-r", "2")
+    assert code == 0, err
+    code, out, err = run("verify", src, tmp_path / "d.onnx")
+    assert_clean_error(code, out, err, "1x3x100000x100000", "GiB", "--input-shape")
+
+
+# --------------------------------------------------------------------------------------------
+# quietly wrong
+# --------------------------------------------------------------------------------------------
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    from onnx_dense.runtime.images import load_image
+
+    values = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    for channels in (1, 3):
+        image = load_image(tmp_path / "g16.png", channels=channels)
+        expected = values.astype(np.float64) / 65535
+        for c in range(channels):
+            np.testing.assert_allclose(image.array[0, c], expected, atol=1 / 255 if channels == 3 else 1e-6)
+    rgb16 = np.stack([values, values[::-1], values[:, ::-1]], axis=-1)
+    (tmp_path / "c16.png").write_bytes(_png16(rgb16))
+    image = load_image(tmp_path / "c16.png", channels=3)
+    np.testing.assert_allclose(image.array[0], np.moveaxis(rgb16, -1, 0) / 65535, atol=1 / 255)
+
+
+def _png16(rgb: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow cannot write 48-bit PNGs)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _non_finite(model):
+    for init in model.graph.initializer:
+        if init.name == "w2":
+            array = onnx.numpy_helper.to_array(init).copy()
+            array[0, 0, 1, 1] = np.nan
+            array[1, 0, 1, 1] = np.inf
+            init.CopyFrom(onnx.numpy_helper.from_array(array, "w2"))
+
+
+def test_non_finite_weights_verify_when_at_the_same_positions(tmp_path):
+    src = _tiny(tmp_path / "m.onnx", edit=_non_finite)
+    dense = tmp_path / "d.onnx"
+    assert run("rewrite", src, dense, "-r", "2")[0] == 0
+    code, out, err = run("verify", src, dense)
+    assert code == 0, out + err
+    assert "non-finite" in out
+    model = onnx.load(str(dense))  # NaN where the original has a number: a difference
+    for init in model.graph.initializer:
+        if init.name == "w1":
+            array = onnx.numpy_helper.to_array(init).copy()
+            array[0, 0, 0, 0] = np.nan
+            init.CopyFrom(onnx.numpy_helper.from_array(array, "w1"))
+    onnx.save(model, str(dense))
+    code, out, err = run("verify", src, dense)
+    assert code == 1, out + err

@@ -95,7 +95,19 @@ def read(model) -> DenseInfo | None:
         text = model.metadata_props.get(KEY)
     else:
         text = next((p.value for p in model.metadata_props if p.key == KEY), None)
-    return DenseInfo.from_json(text) if text else None
+    if not text:
+        return None
+    try:
+        return DenseInfo.from_json(text)
+    except Exception as exc:  # JSONDecodeError, a missing or mistyped field: not what rewrite wrote
+        from onnx_dense.errors import DenseError
+
+        where = model.meta.get("onnx_dense.path") if hasattr(model, "meta") else None
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise DenseError(
+            f"{where or 'the model'}: its onnx_dense metadata is corrupt ({type(exc).__name__}: {detail}); "
+            "write the dense model again with onnx-dense rewrite"
+        ) from None
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

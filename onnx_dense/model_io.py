@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 from onnx_dense.files import atomic_output, atomic_outputs, refuse_link
 
@@ -70,6 +71,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     _check_external_data(model, p)
     model.meta["onnx_dense.path"] = str(p)
+    metadata.read(model)  # one line for corrupt onnx_dense metadata, before anything relies on it
     return model
 
 

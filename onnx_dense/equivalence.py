@@ -113,7 +113,10 @@ def _load_proto(model, what: str) -> onnx.ModelProto:
         return ir.serde.serialize_model(model)
     from onnx_dense import model_io
 
+    from onnx_dense.runnable import check_model_runs
+
     ir_model = model_io.load(model)  # clear errors for bad files
+    check_model_runs(ir_model)  # and for graphs that cannot run (onnxruntime would say less)
     del ir_model
     return onnx.load(str(model))
 

@@ -407,3 +407,197 @@ def test_non_finite_weights_verify_when_at_the_same_positions(tmp_path):
     onnx.save(model, str(dense))
     code, out, err = run("verify", src, dense)
     assert code == 1, out + err
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz: seeded hostile layouts, every file-taking subcommand, the same four promises
+# --------------------------------------------------------------------------------------------
+
+#: Each command, with the model slots it reads (filled by a hostile model in some scenarios).
+COMMANDS = {
+    "rewrite": lambda w, s: ("rewrite", s.get("src", w / "m.onnx"), w / "o.onnx", "-r", "2"),
+    "verify": lambda w, s: ("verify", s.get("src", w / "m.onnx"), s.get("dense", w / "d.onnx")),
+    "inspect": lambda w, s: ("inspect", s.get("src", w / "m.onnx"), "-r", "2"),
+    "export-dpoa": lambda w, s: ("export-dpoa", s.get("src", w / "m.onnx"), s.get("dense", w / "d.onnx"), w / "o.onnx"),
+    "run": lambda w, s: ("run", s.get("dense", w / "d.onnx"), w / "img.png", "--out", w / "maps", "-q"),
+}
+DENSE_READERS = ("verify", "export-dpoa", "run")  # take a dense model
+SOURCE_READERS = ("rewrite", "verify", "inspect", "export-dpoa")  # take an original
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    work, decoy = root / "work", root / "decoy"
+    work.mkdir()
+    (decoy / "dir").mkdir(parents=True)
+    (decoy / "precious.bin").write_bytes(b"precious" * 64)
+    _tiny(work / "m.onnx")
+    _tiny(work / "mx.onnx", external=True)
+    for src, dst in (("m.onnx", "d.onnx"), ("mx.onnx", "dx.onnx")):
+        code, _, err = run("rewrite", work / src, work / dst, "-r", "2")
+        assert code == 0, err
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(work / "img.png")
+    for name in (".o.onnx.tmp", ".o.onnx.data.tmp", ".img.json.tmp"):  # links where a careless writer might put temps
+        os.symlink(decoy / "precious.bin", work / name)
+    return root
+
+
+def _external_location(model_path: Path, location: str) -> None:
+    model = onnx.load(str(model_path), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    model_path.write_bytes(model.SerializeToString())
+
+
+def _edit(path: Path, edit) -> None:
+    model = onnx.load(str(path))
+    edit(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def _corrupt_metadata(model):
+    for prop in model.metadata_props:
+        if prop.key == "onnx_dense":
+            prop.value = "{" + prop.value[7:40]
+
+
+def _scenarios(rng: np.random.Generator):
+    """(id, command, setup(work, decoy) -> slots) for every hostile kind, random details seeded."""
+    found = []
+    # 1. a symbolic link at every output path, to a decoy file, nothing, an input, a folder
+    outputs = [("rewrite", "o.onnx", {}), ("rewrite", "o.onnx", {"src": "mx.onnx"}),
+               ("rewrite", "o.onnx.data", {"src": "mx.onnx"}), ("export-dpoa", "o.onnx", {}),
+               ("run", "maps/img.json", {}), ("run", "maps/img.output.npy", {}), ("run", "maps/img.output.png", {})]
+    for command, out, slots in outputs:
+        for target in ("decoy/precious.bin", "decoy/missing.bin", "work/m.onnx", "decoy/dir"):
+            def setup(work, decoy, out=out, target=target, slots=slots):
+                (work / out).parent.mkdir(exist_ok=True)
+                os.symlink(work.parent / target, work / out)
+                return {k: work / v for k, v in slots.items()}
+            found.append((f"link-{command}-{out}-{target.split('/')[-1]}", command, setup))
+    # 2. names that collide: outputs that are inputs or their weights, in several spellings
+    def spelled(work, name):
+        return rng.choice([work / name, work / "." / name, work.parent / "work" / name, Path(os.path.relpath(work / name))])
+
+    collisions = [
+        ("rewrite", lambda w: ("rewrite", w / "m.onnx", spelled(w, "m.onnx"), "-r", "2")),
+        ("rewrite", lambda w: ("rewrite", w / "mx.onnx", spelled(w, "mx.onnx.data"), "-r", "2")),
+        ("rewrite", lambda w: (shutil.copy(w / "mx.onnx", w / "o.onnx.data"), "rewrite", w / "o.onnx.data",
+                               w / "o.onnx", "-r", "2")[1:]),
+        ("export-dpoa", lambda w: ("export-dpoa", w / "m.onnx", w / "d.onnx", spelled(w, "m.onnx"))),
+        ("export-dpoa", lambda w: ("export-dpoa", w / "m.onnx", w / "d.onnx", spelled(w, "d.onnx"))),
+        ("export-dpoa", lambda w: ("export-dpoa", w / "mx.onnx", w / "dx.onnx", spelled(w, "mx.onnx.data"))),
+        ("export-dpoa", lambda w: ("export-dpoa", w / "m.onnx", w / "d.onnx", w / "o.onnx", "--dense-out",
+                                   spelled(w, "o.onnx"))),
+        ("export-dpoa", lambda w: ("export-dpoa", w / "m.onnx", w / "d.onnx", w / "o.onnx", "--dense-out",
+                                   spelled(w, "d.onnx"))),
+        ("run", lambda w: ((w / "maps").mkdir(), shutil.copy(w / "img.png", w / "maps" / "img.json"), "run",
+                           w / "d.onnx", w / "maps" / "img.json", "--out", w / "maps", "-q")[2:]),
+    ]
+    for i, (command, args) in enumerate(collisions):
+        found.append((f"collide-{command}-{i}", command, lambda work, decoy, args=args: args(work)))
+    # 3. external data outside the model's folder, in each slot that reads a model
+    hows = ["traversal", "absolute", "link", "deep-link", "sub-traversal"]
+    for command in COMMANDS:
+        for slot in (["src"] if command in SOURCE_READERS else []) + (["dense"] if command in DENSE_READERS else []):
+            how = hows[int(rng.integers(len(hows)))]
+
+            def setup(work, decoy, how=how, slot=slot):
+                name = "mx.onnx" if slot == "src" else "dx.onnx"
+                data = work / (name + ".data")
+                shutil.copy(data, decoy / "x.bin")
+                location = {"traversal": "../decoy/x.bin", "absolute": str(decoy / "x.bin"), "link": "ln.bin",
+                            "deep-link": "sub/ln.bin", "sub-traversal": "sub/../../decoy/x.bin"}[how]
+                if how == "link":
+                    os.symlink(decoy / "x.bin", work / "ln.bin")
+                if how in ("deep-link", "sub-traversal"):
+                    os.symlink(decoy, work / "sub") if how == "deep-link" else (work / "sub").mkdir()
+                    if how == "deep-link":
+                        os.symlink(decoy / "x.bin", decoy / "ln.bin")
+                _external_location(work / name, location)
+                return {slot: work / name}
+            found.append((f"outside-{command}-{slot}-{how}", command, setup))
+    # 4. truncated models and weights
+    for command in COMMANDS:
+        slot = "dense" if command == "run" else ("src" if command != "verify" else rng.choice(["src", "dense"]))
+        fraction = float(rng.uniform(0.02, 0.98))
+        for what in ("model", "data"):
+            def setup(work, decoy, slot=slot, what=what, fraction=fraction):
+                name = ("m.onnx" if what == "model" else "mx.onnx") if slot == "src" else \
+                       ("d.onnx" if what == "model" else "dx.onnx")
+                path = work / (name if what == "model" else name + ".data")
+                data = path.read_bytes()
+                path.write_bytes(data[: int(len(data) * fraction)])
+                return {slot: work / name}
+            found.append((f"truncated-{command}-{slot}-{what}-{fraction:.2f}", command, setup))
+    # 5. invalid graphs
+    edits = {"ghost-output": _ghost_output, "dangling-input": _dangling_input, "kernel-vs-weight": _kernel_5x5}
+    for command in COMMANDS:
+        for label, edit in edits.items():
+            slot = "dense" if command == "run" else "src"
+            if command in SOURCE_READERS or label != "kernel-vs-weight":
+                def setup(work, decoy, slot=slot, edit=edit):
+                    path = work / ("m.onnx" if slot == "src" else "d.onnx")
+                    _edit(path, edit)
+                    return {slot: path}
+                found.append((f"graph-{command}-{label}", command, setup))
+        if command in DENSE_READERS:
+            def setup(work, decoy):
+                _edit(work / "d.onnx", _corrupt_metadata)
+                return {"dense": work / "d.onnx"}
+            found.append((f"metadata-{command}", command, setup))
+    return found
+
+
+FUZZ_SEED = 16
+
+
+def test_hostile_files_fuzz(template, tmp_path):
+    """Every scenario: exit 2, one line on stderr, nothing written anywhere, inputs byte-identical."""
+    rng = np.random.default_rng(FUZZ_SEED)
+    scenarios = _scenarios(rng)
+    assert len(scenarios) > 60
+    failures = []
+    for i, (label, command, setup) in enumerate(scenarios):
+        root = tmp_path / f"s{i}"
+        shutil.copytree(template, root, symlinks=True)
+        work, decoy = root / "work", root / "decoy"
+        cwd = os.getcwd()
+        os.chdir(work)  # relative spellings resolve here
+        try:
+            made = setup(work, decoy)
+            args = made if isinstance(made, tuple) else COMMANDS[command](work, made)
+            before = snapshot(root)
+            code, out, err = run(*args)
+            after = snapshot(root)
+        finally:
+            os.chdir(cwd)
+        lines = err.strip().splitlines()
+        problems = []
+        if code != 2:
+            problems.append(f"exit {code}")
+        if len(lines) != 1 or not lines[0].startswith("onnx-dense: error: ") or "Traceback" in out + err:
+            problems.append(f"stderr {err!r}")
+        if after != before:
+            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            problems.append(f"touched {[os.path.relpath(c, root) for c in changed]}")
+        if problems:
+            failures.append(f"{label}: {'; '.join(problems)} ({lines[-1] if lines else out[-200:]!r})")
+    assert not failures, f"{len(failures)} of {len(scenarios)} hostile scenarios:\n" + "\n".join(failures)
+
+
+def test_hostile_files_in_a_subprocess(world):
+    """The real entry point on three of them: exit code, one stderr line, no warning line before it."""
+    work, decoy = world
+    _tiny(work / "dangling.onnx", edit=_dangling_input)
+    os.symlink(decoy / "precious.bin", work / "o.onnx.data")
+    before = snapshot(work.parent)
+    for args in [("rewrite", work / "dangling.onnx", work / "p.onnx", "-r", "2"),
+                 ("rewrite", work / "mx.onnx", work / "o.onnx", "-r", "2"),
+                 ("rewrite", work / "mx.onnx", work / "mx.onnx.data", "-r", "2")]:
+        code, out, err = _subprocess(*args)
+        assert_clean_error(code, out, err)
+    assert snapshot(work.parent) == before

@@ -108,7 +108,9 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _load_proto(path: Path, what: str) -> onnx.ModelProto:
-    model_io.load(path)  # one clear line for a missing, empty, corrupt or truncated model
+    from onnx_dense.runnable import check_model_runs
+
+    check_model_runs(model_io.load(path))  # one clear line for a bad file, or a graph that cannot run
     try:
         return onnx.load(str(path))
     except Exception as exc:  # pragma: no cover - model_io.load accepted it
@@ -271,11 +273,8 @@ def export_dpoa(
     others = [original, t.source if t.kind != "memory" else None, dense]
     if dense_out is not None and (Path(out).resolve() == Path(dense_out).resolve() or model_io.same_file(Path(out), Path(dense_out))):
         raise DenseError(f"{out}: the dpoa output and the dense output are the same file")
-    result_path = save_proto(proto, out, inputs=others)
-    names = {i.name for i in proto.graph.initializer}
-    unused = sum(1 for n in t.weights if n not in names)
-    result = DpoaResult(result_path, replaced, changed, unused)
-    if dense_out is not None:
+    skeleton = None
+    if dense_out is not None:  # every output checked before the first is written
         skeleton = dense or t.dense_model
         if skeleton is None:
             raise DenseError("to write the trained dense model, give the dense model it was trained from (--dense DENSE.onnx)")
@@ -283,5 +282,13 @@ def export_dpoa(
             raise DenseError(
                 f"{skeleton}: the dense model recorded in the checkpoint is gone; give it with --dense DENSE.onnx"
             )
+        sources = [p for p in (*others, skeleton) if p is not None]
+        model_io.check_output(Path(dense_out), sources)
+        model_io.check_outputs([Path(dense_out)], sources, (), sources)
+    result_path = save_proto(proto, out, inputs=others)
+    names = {i.name for i in proto.graph.initializer}
+    unused = sum(1 for n in t.weights if n not in names)
+    result = DpoaResult(result_path, replaced, changed, unused)
+    if dense_out is not None:
         result.dense_out = write_trained(skeleton, t, dense_out)
     return result

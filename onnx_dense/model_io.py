@@ -43,6 +43,13 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model, turning every way a file can be wrong into a DenseError."""
     p = Path(path)
+    try:
+        return _load(p)
+    except OSError as exc:  # unreadable, a name too long, a device that cannot be mapped
+        raise DenseError(f"{p}: cannot be read ({exc.strerror or _first_line(exc)})") from None
+
+
+def _load(p: Path) -> ir.Model:
     if not p.exists():
         raise DenseError(f"{p}: no such file")
     if p.is_dir():
@@ -71,7 +78,15 @@ def load(path: str | os.PathLike) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     _check_external_data(model, p)
     model.meta["onnx_dense.path"] = str(p)
-    metadata.read(model)  # one line for corrupt onnx_dense metadata, before anything relies on it
+    info = metadata.read(model)  # one line for corrupt onnx_dense metadata, before anything relies on it
+    if info is not None:
+        try:
+            metadata.check_against(info, model)
+        except ValueError as exc:
+            raise DenseError(
+                f"{p}: its onnx_dense metadata does not fit the model ({exc}); write the dense model again with "
+                "onnx-dense rewrite"
+            ) from None
     return model
 
 
@@ -133,11 +148,16 @@ def _check_references(graph: onnx.GraphProto, path: Path, outer: frozenset = fro
     """Every node input and graph output is a tensor something defines (in this or an outer scope)."""
     known = set(outer) | {i.name for i in graph.input} | {i.name for i in graph.initializer}
     known |= {i.name for i in graph.sparse_initializer if i.values.name} | {i.values.name for i in graph.sparse_initializer}
-    known |= {o for node in graph.node for o in node.output if o}
+    computed = {o for node in graph.node for o in node.output if o}
     for node in graph.node:
+        label = f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} (unnamed)"
         for name in node.input:
             if name and name not in known:
-                label = f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} (unnamed)"
+                if name in computed:
+                    raise DenseError(
+                        f"{path}: node {label} reads '{name}' before a node computes it (the nodes are not in "
+                        "topological order, or form a cycle); the model is invalid: re-export it"
+                    )
                 raise DenseError(
                     f"{path}: node {label} reads '{name}', which no node, graph input or initializer defines; "
                     "the model is invalid: re-export it"
@@ -145,6 +165,13 @@ def _check_references(graph: onnx.GraphProto, path: Path, outer: frozenset = fro
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 _check_references(sub, path, frozenset(known))
+        for name in node.output:
+            if name and name in known:
+                raise DenseError(
+                    f"{path}: node {label} computes '{name}', which is already defined (by a node, graph input or "
+                    "initializer); the model is invalid: re-export it"
+                )
+            known.add(name)
     if not outer:
         for out in graph.output:
             if out.name not in known:
@@ -253,6 +280,13 @@ def data_files(path) -> list[Path]:
 def check_output(out: Path, inputs=()) -> None:
     """One line for an output path that is one of ``inputs`` (None entries skipped), a directory,
     in a directory that does not exist, or a symbolic link."""
+    try:
+        _check_output(out, inputs)
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        raise DenseError(f"{out}: cannot write there ({exc.strerror or _first_line(exc)})") from None
+
+
+def _check_output(out: Path, inputs) -> None:
     for src in inputs:
         if src is not None and same_file(out, Path(src)):
             raise DenseError(f"{out}: refusing to overwrite the input model {src}; choose another output path")

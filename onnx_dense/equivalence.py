@@ -320,7 +320,7 @@ def compare(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float, 
                      f"{expected[at]}, dense {actual[at]})",
             )
         note = f"{int((~finite).sum())} non-finite values (NaN/Inf) at the same positions in both, counted equal"
-    diff = np.where(finite, np.abs(expected - actual), 0.0)
+    diff = np.abs(np.where(finite, expected, 0.0) - np.where(finite, actual, 0.0))
     scale = float(np.max(np.abs(expected[finite]))) if finite.any() else 0.0
     tolerance = atol + rtol * scale
     worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)) if diff.size else None

@@ -114,7 +114,8 @@ def _check_locations(graph: onnx.GraphProto, path: Path) -> None:
     """External data only from files inside the model's folder, reached without a link."""
     folder = path.parent
     for g in _graphs(graph):
-        for init in g.initializer:
+        attribute_tensors = [t for node in g.node for a in node.attribute for t in [a.t, *a.tensors]]
+        for init in [*g.initializer, *attribute_tensors]:
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             location = next((e.value for e in init.external_data if e.key == "location"), "")
@@ -131,6 +132,8 @@ def _outside(folder: Path, location: str) -> str | None:
     """Why ``location`` (an external-data location) is not a file inside ``folder``, or None."""
     if not location:
         return "the location is empty"
+    if "\0" in location:
+        return "the location holds a NUL byte"
     if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
         return "an absolute path"
     parts = Path(location.replace("\\", "/")).parts
@@ -244,6 +247,8 @@ def check_outputs(outs, inputs=(), input_data=(), parse=()) -> None:
     for out in outs:
         out = Path(out)
         refuse_link(out, "the model")
+        if out.is_dir():
+            raise DenseError(f"{out}: is a directory, where the model's file would go; remove it or choose another name")
         if not out.exists():
             continue
         for src in inputs:

@@ -420,9 +420,11 @@ COMMANDS = {
     "inspect": lambda w, s: ("inspect", s.get("src", w / "m.onnx"), "-r", "2"),
     "export-dpoa": lambda w, s: ("export-dpoa", s.get("src", w / "m.onnx"), s.get("dense", w / "d.onnx"), w / "o.onnx"),
     "run": lambda w, s: ("run", s.get("dense", w / "d.onnx"), w / "img.png", "--out", w / "maps", "-q"),
+    "bench": lambda w, s: ("bench", s.get("src", w / "m.onnx"), s.get("dense", w / "d.onnx"), "--repeat", "1",
+                           "--warmup", "0"),
 }
-DENSE_READERS = ("verify", "export-dpoa", "run")  # take a dense model
-SOURCE_READERS = ("rewrite", "verify", "inspect", "export-dpoa")  # take an original
+DENSE_READERS = ("verify", "export-dpoa", "run", "bench")  # take a dense model
+SOURCE_READERS = ("rewrite", "verify", "inspect", "export-dpoa", "bench")  # take an original
 
 
 @pytest.fixture(scope="module")
@@ -458,10 +460,48 @@ def _edit(path: Path, edit) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-def _corrupt_metadata(model):
-    for prop in model.metadata_props:
-        if prop.key == "onnx_dense":
-            prop.value = "{" + prop.value[7:40]
+def _metadata_edit(change):
+    def edit(model):
+        import json
+
+        for prop in model.metadata_props:
+            if prop.key == "onnx_dense":
+                prop.value = change(prop.value, json.loads(prop.value))
+    return edit
+
+
+def _set(path, value):
+    def change(text, data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        import json
+
+        return json.dumps(data)
+    return change
+
+
+METADATA_EDITS = {
+    "truncated": lambda text, data: "{" + text[7:40],
+    "not-an-object": lambda text, data: "[1, 2]",
+    "est-0": _set(["outputs", "output", "est"], [0, 0]),
+    "axes-beyond-rank": _set(["outputs", "output", "spatial_axes"], [7, 9]),
+    "stride-text": _set(["outputs", "output", "stride"], "x"),
+    "unknown-input": _set(["outputs", "output", "input"], "nope"),
+    "rf-empty": _set(["outputs", "output", "rf_size"], []),
+    "unknown-output": lambda text, data: text.replace('"output"', '"ghost"'),
+}
+
+
+def _reversed_nodes(model):
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+
+
+def _defined_twice(model):
+    model.graph.node[1].output[0] = "c1"
 
 
 def _scenarios(rng: np.random.Generator):
@@ -534,7 +574,8 @@ def _scenarios(rng: np.random.Generator):
                 return {slot: work / name}
             found.append((f"truncated-{command}-{slot}-{what}-{fraction:.2f}", command, setup))
     # 5. invalid graphs
-    edits = {"ghost-output": _ghost_output, "dangling-input": _dangling_input, "kernel-vs-weight": _kernel_5x5}
+    edits = {"ghost-output": _ghost_output, "dangling-input": _dangling_input, "kernel-vs-weight": _kernel_5x5,
+             "unsorted": _reversed_nodes, "defined-twice": _defined_twice}
     for command in COMMANDS:
         for label, edit in edits.items():
             slot = "dense" if command == "run" else "src"
@@ -545,10 +586,11 @@ def _scenarios(rng: np.random.Generator):
                     return {slot: path}
                 found.append((f"graph-{command}-{label}", command, setup))
         if command in DENSE_READERS:
-            def setup(work, decoy):
-                _edit(work / "d.onnx", _corrupt_metadata)
-                return {"dense": work / "d.onnx"}
-            found.append((f"metadata-{command}", command, setup))
+            for label in METADATA_EDITS:
+                def setup(work, decoy, label=label):
+                    _edit(work / "d.onnx", _metadata_edit(METADATA_EDITS[label]))
+                    return {"dense": work / "d.onnx"}
+                found.append((f"metadata-{command}-{label}", command, setup))
     return found
 
 
@@ -601,3 +643,24 @@ def test_hostile_files_in_a_subprocess(world):
         code, out, err = _subprocess(*args)
         assert_clean_error(code, out, err)
     assert snapshot(work.parent) == before
+
+
+def test_train_checks_its_output_paths_before_the_first_step(world):
+    pytest.importorskip("torch")
+    work, decoy = world
+    dense = _dense(work)
+    rng = np.random.default_rng(0)
+    np.savez(work / "data.npz", images=rng.standard_normal((2, 3, 32, 32)).astype(np.float32),
+             labels=np.array([0, 1]))
+    (work / "ck").mkdir()
+    os.symlink(decoy / "precious.bin", work / "ck" / "last.pt")
+    os.symlink(decoy / "precious.bin", work / "trained.onnx")
+    before = snapshot(work.parent)
+    base = ("train", dense, "--task", "classification", "--data", work / "data.npz", "--steps", "1", "-b", "2", "-q")
+    code, out, err = run(*base, "--checkpoint-dir", work / "ck")
+    assert_clean_error(code, out, err, "last.pt", "symbolic link")
+    code, out, err = run(*base, "--checkpoint-dir", work / "ck2", "--out", work / "trained.onnx")
+    assert_clean_error(code, out, err, "trained.onnx", "symbolic link")
+    code, out, err = run(*base, "--checkpoint-dir", work / "ck2", "--out", dense)
+    assert_clean_error(code, out, err, "d.onnx", "input")
+    assert snapshot(work.parent) == before  # no checkpoint folder, no step written

@@ -150,7 +150,7 @@ def _outside(folder: Path, location: str) -> str | None:
 def _check_references(graph: onnx.GraphProto, path: Path, outer: frozenset = frozenset()) -> None:
     """Every node input and graph output is a tensor something defines (in this or an outer scope)."""
     known = set(outer) | {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    known |= {i.name for i in graph.sparse_initializer if i.values.name} | {i.values.name for i in graph.sparse_initializer}
+    known |= {i.values.name for i in graph.sparse_initializer}
     computed = {o for node in graph.node for o in node.output if o}
     for node in graph.node:
         label = f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} (unnamed)"

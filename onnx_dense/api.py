@@ -41,7 +41,7 @@ def rewrite_model(
     )
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
-    check_model_runs(model, options.input_shapes)
+    check_model_runs(model, options.input_shapes, options.outputs)
     at = input_label(model, options.input_shapes)
     if tune:
         from onnx_dense.errors import DenseError
@@ -74,7 +74,7 @@ def output_strides(
     elif isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
-    check_model_runs(model, options.input_shapes)
+    check_model_runs(model, options.input_shapes, options.outputs)
     normalise(options)(model)
     return reachable_output_strides(model, "fragments" if strategy == "auto" else strategy)
 

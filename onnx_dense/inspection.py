@@ -63,7 +63,7 @@ def inspect_model(
     if not isinstance(model, ir.Model):
         model = model_io.load(model)
     options = RewriteOptions(output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes)
-    check_model_runs(model, input_shapes)
+    check_model_runs(model, input_shapes, outputs)
     at = input_label(model, input_shapes)
     normalise(options)(model)
     stride = None

@@ -27,12 +27,18 @@ SMALL = 4096  # initializers up to this many elements keep their values (shape a
 WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv")
 
 
-def check_model_runs(model: ir.Model, input_shapes: dict | None = None) -> None:
-    """One DenseError line if ``model`` cannot run at its declared sizes overridden by ``input_shapes``."""
+def check_model_runs(model: ir.Model, input_shapes: dict | None = None, outputs=None) -> None:
+    """One DenseError line if ``model`` cannot run at its declared sizes overridden by ``input_shapes``.
+
+    ``outputs`` (``--outputs``): only the part of the graph computing these tensors is checked,
+    as only that part is rewritten (a baked upsampling size after the cut does not matter).
+    """
     label = model.meta.get("onnx_dense.path") or "the model"
     input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     proto = _skeleton(model)
     graph = proto.graph
+    if outputs and not _cut(graph, list(outputs)):
+        return  # a name the cut does not know: CutAtOutputs says which
     weights = set(model.graph.initializers)
     sizes = []
     for vi in graph.input:
@@ -122,6 +128,27 @@ def input_label(model, input_shapes: dict | None = None) -> str:
         dims = (input_shapes or {}).get(value.name) or (value.shape.dims if value.shape is not None else ())
         parts.append(f"{value.name} {_fmt(d if isinstance(d, int) else None for d in dims)}")
     return "at input size " + ", ".join(parts)
+
+
+def _cut(graph: onnx.GraphProto, names: list[str]) -> bool:
+    """Keep only the nodes computing ``names``, which become the outputs; False if one is unknown."""
+    producers = {o: node for node in graph.node for o in node.output if o}
+    if any(n not in producers for n in names):
+        return False
+    needed, kept = set(names), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    needed.update(i for n in sub.node for i in n.input if i)
+    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in reversed(kept)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return True
 
 
 def _skeleton(model: ir.Model) -> onnx.ModelProto:

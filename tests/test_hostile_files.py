@@ -664,3 +664,28 @@ def test_train_checks_its_output_paths_before_the_first_step(world):
     code, out, err = run(*base, "--checkpoint-dir", work / "ck2", "--out", dense)
     assert_clean_error(code, out, err, "d.onnx", "input")
     assert snapshot(work.parent) == before  # no checkpoint folder, no step written
+
+
+CLASSIFIER = """
+<ir_version: 9, opset_import: ["" : 20]>
+net (float[1,3,32,32] input) => (float[1,10] output) <float[8,3,3,3] w1, float[10,2048] wf> {
+    c1 = Conv <pads = [1,1,1,1]> (input, w1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
+    f = Flatten (p1)
+    output = Gemm <transB = 1> (f, wf)
+}
+"""
+
+
+def test_the_runnable_check_covers_only_what_outputs_keeps(tmp_path):
+    """A head that only runs at the export size is no reason to refuse a cut before it."""
+    model = with_weights(CLASSIFIER, {"w1": (8, 3, 3, 3), "wf": (10, 2048)})
+    onnx.save(model, str(tmp_path / "cls.onnx"))
+    shape = ("--input-shape", "input:1,3,48,48")
+    code, out, err = run("rewrite", tmp_path / "cls.onnx", tmp_path / "d.onnx", "-r", "1", *shape)
+    assert_clean_error(code, out, err, "cls.onnx", "input:1,3,48,48", "Gemm")
+    code, out, err = run("rewrite", tmp_path / "cls.onnx", tmp_path / "d.onnx", "-r", "1", *shape, "--outputs", "p1")
+    assert code == 0, err
+    code, out, err = run("inspect", tmp_path / "cls.onnx", "-r", "1", *shape, "--outputs", "p1")
+    assert code == 0, err

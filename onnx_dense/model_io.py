@@ -66,6 +66,7 @@ def _load(p: Path) -> ir.Model:
         raise DenseError(f"{p}: not an ONNX model or its graph is empty")
     _check_locations(proto.graph, p)
     _check_references(proto.graph, p)
+    _check_tensors(proto.graph, p)
     logger = logging.getLogger("onnx_ir")
     level = logger.level
     logger.setLevel(logging.ERROR)  # what onnx-ir would warn about is refused above
@@ -176,11 +177,62 @@ def _check_references(graph: onnx.GraphProto, path: Path, outer: frozenset = fro
                 )
             known.add(name)
     if not outer:
+        if not graph.output:
+            raise DenseError(f"{path}: the graph has no outputs; the model is invalid: re-export it")
         for out in graph.output:
             if out.name not in known:
                 raise DenseError(
                     f"{path}: graph output '{out.name}' is computed by no node (and is no input or initializer); "
                     "the model is invalid: re-export it or cut it with --outputs"
+                )
+
+
+def _nbytes(dims, bits: int) -> int | None:
+    """Bytes a dense tensor of these dims takes (None: strings, which have no fixed size)."""
+    if not bits:
+        return None
+    count = 1
+    for d in dims:
+        count *= int(d)
+    return (count * bits + 7) // 8
+
+
+#: Strings have no fixed size; sub-byte types are packed (two or four values a byte).
+_UNCHECKED_TYPES = {
+    getattr(onnx.TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _check_tensors(graph: onnx.GraphProto, path: Path) -> None:
+    """Every in-file initializer holds as many values as its dims say (else a reshape fails mid-rewrite)."""
+    for g in _graphs(graph):
+        for init in g.initializer:
+            dims = list(init.dims)
+            if any(d < 0 for d in dims):
+                raise DenseError(f"{path}: initializer '{init.name}' has a negative dimension {dims}; the model is invalid")
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            count = 1
+            for d in dims:
+                count *= d
+            try:
+                bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            except Exception:  # string, sub-byte or unknown types: onnx-ir and onnx judge them
+                bits = None
+            if init.data_type in _UNCHECKED_TYPES or bits is None:
+                continue
+            if init.HasField("raw_data"):
+                have, need, unit = len(init.raw_data), count * bits // 8, "bytes"
+            else:
+                fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+                have, unit = sum(len(getattr(init, f)) for f in fields), "values"
+                complex_ = init.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+                need = count * (2 if complex_ else 1)
+            if have != need:
+                raise DenseError(
+                    f"{path}: initializer '{init.name}' holds {have} {unit} but its shape {dims} needs {need}; "
+                    "the model is invalid (truncated or corrupt): re-export it"
                 )
 
 
@@ -194,7 +246,13 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                     f"{path}: initializer '{value.name}' lives in external data file "
                     f"'{tensor.location}', which is missing; keep it beside the model"
                 )
-            end = (tensor.offset or 0) + (tensor.length or 0)
+            need = _nbytes(list(tensor.shape.numpy()), tensor.dtype.bitwidth)
+            if tensor.length is not None and need is not None and tensor.length != need:
+                raise DenseError(
+                    f"{path}: initializer '{value.name}' has {tensor.length} bytes in '{tensor.location}' but its "
+                    f"shape {list(tensor.shape.numpy())} needs {need}; the model is invalid: re-export it"
+                )
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else (need or 0))
             if end > data.stat().st_size:
                 raise DenseError(
                     f"{path}: external data file '{tensor.location}' is truncated "

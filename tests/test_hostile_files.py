@@ -504,6 +504,18 @@ def _defined_twice(model):
     model.graph.node[1].output[0] = "c1"
 
 
+def _short_weights(model):
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:50]
+
+
+def _negative_dims(model):
+    model.graph.initializer[0].dims[0] = -model.graph.initializer[0].dims[0]
+
+
+def _no_outputs(model):
+    del model.graph.output[:]
+
+
 def _scenarios(rng: np.random.Generator):
     """(id, command, setup(work, decoy) -> slots) for every hostile kind, random details seeded."""
     found = []
@@ -575,7 +587,8 @@ def _scenarios(rng: np.random.Generator):
             found.append((f"truncated-{command}-{slot}-{what}-{fraction:.2f}", command, setup))
     # 5. invalid graphs
     edits = {"ghost-output": _ghost_output, "dangling-input": _dangling_input, "kernel-vs-weight": _kernel_5x5,
-             "unsorted": _reversed_nodes, "defined-twice": _defined_twice}
+             "unsorted": _reversed_nodes, "defined-twice": _defined_twice, "short-weights": _short_weights,
+             "negative-dims": _negative_dims, "no-outputs": _no_outputs}
     for command in COMMANDS:
         for label, edit in edits.items():
             slot = "dense" if command == "run" else "src"

@@ -702,3 +702,12 @@ def test_the_runnable_check_covers_only_what_outputs_keeps(tmp_path):
     assert code == 0, err
     code, out, err = run("inspect", tmp_path / "cls.onnx", "-r", "1", *shape, "--outputs", "p1")
     assert code == 0, err
+
+
+def test_training_images_of_16_bits_are_scaled_by_their_bit_depth_too(tmp_path):
+    """A dark 16-bit image (every value under 256) was read as if it had 8 bits: 257 times too bright."""
+    from onnx_dense.train.data import _read_image
+
+    values = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 200
+    Image.fromarray(values).save(tmp_path / "dark16.png")
+    np.testing.assert_allclose(_read_image(tmp_path / "dark16.png", 3)[0], values / 65535, atol=1e-6)

@@ -8,8 +8,9 @@ from typing import Sequence
 import onnx
 import onnx_ir as ir
 
-from onnx_dense import model_io
+from onnx_dense import metadata, model_io
 from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
+from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 from onnx_dense.pipeline import RewriteOptions, densify, normalise, reachable_output_strides
 
 
@@ -41,16 +42,26 @@ def rewrite_model(
         strategy=strategy,
         per_phase_global=per_phase_global,
     )
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    check_model_runs(model, options.input_shapes, options.outputs)
+    at = input_label(model, options.input_shapes)
     if tune:
         from onnx_dense.errors import DenseError
         from onnx_dense.strategies import rewrite_tuned
 
         if strategy != Strategy.AUTO:
             raise DenseError(f"--tune chooses the strategy; it needs --strategy auto, not {strategy}")
-        return rewrite_tuned(model, options, provider=provider)
-    if isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
-    return densify(model, options)
+        return _check_dense_sizes(rewrite_tuned(model, options, provider=provider), at)
+    return _check_dense_sizes(densify(model, options), at)
+
+
+def _check_dense_sizes(model: ir.Model, at: str) -> ir.Model:
+    """Refuse a dense model whose output would have no position at the size it was computed at."""
+    info = metadata.read(model)
+    if info is not None:
+        check_dense_sizes([(o.name, o.dense_size, o.rf_size) for o in info.outputs.values()], at)
+    return model
 
 
 def output_strides(
@@ -67,6 +78,7 @@ def output_strides(
     elif isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
+    check_model_runs(model, options.input_shapes, options.outputs)
     normalise(options)(model)
     return reachable_output_strides(model, "fragments" if strategy == "auto" else strategy)
 

@@ -113,7 +113,10 @@ def _load_proto(model, what: str) -> onnx.ModelProto:
         return ir.serde.serialize_model(model)
     from onnx_dense import model_io
 
+    from onnx_dense.runnable import check_model_runs
+
     ir_model = model_io.load(model)  # clear errors for bad files
+    check_model_runs(ir_model)  # and for graphs that cannot run (onnxruntime would say less)
     del ir_model
     return onnx.load(str(model))
 
@@ -124,8 +127,21 @@ def make_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs at the size the rewrite was computed at (``info`` None: dynamic dims 1)."""
     rng = np.random.default_rng(seed)
-    initializers = {i.name for i in proto.graph.initializer}
     feeds = {}
+    for name, (dims, dtype) in input_dims(proto, info, sizes).items():
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[name] = rng.integers(0, 10, dims).astype(dtype)
+    return feeds
+
+
+def input_dims(
+    proto: onnx.ModelProto, info: metadata.DenseInfo | None, sizes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, tuple[list[int], np.dtype]]:
+    """Per graph input, the dims and dtype :func:`make_inputs` feeds."""
+    initializers = {i.name for i in proto.graph.initializer}
+    found = {}
     for vi in proto.graph.input:
         if vi.name in initializers:
             continue
@@ -139,12 +155,39 @@ def make_inputs(
                 if dims[a] is None:
                     dims[a] = s
         dims = [1 if d is None else d for d in dims]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            feeds[vi.name] = rng.integers(0, 10, dims).astype(dtype)
-    return feeds
+        found[vi.name] = (dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))
+    return found
+
+
+#: Running a CNN holds several activations of many channels at once: verify declines declared sizes
+#: whose random inputs alone would take more than this fraction of the memory available.
+MEMORY_FRACTION = 1 / 32
+
+
+def _memory_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return 8 << 30
+
+
+def _unaffordable(proto: onnx.ModelProto, info: metadata.DenseInfo) -> str | None:
+    """Why the inputs at the declared size cannot be afforded here, or None when they can."""
+    dims = input_dims(proto, info)
+    need = sum(math.prod(d) * t.itemsize for d, t in dims.values())
+    have = _memory_available()
+    if need <= have * MEMORY_FRACTION:
+        return None
+    shapes = ", ".join(f"{k} {'x'.join(map(str, d))}" for k, (d, _) in dims.items())
+    return f"the declared input size ({shapes}) needs {need / 2**30:.1f} GiB for the inputs alone and many times that " \
+           f"to run ({have / 2**30:.1f} GiB of memory available)"
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -256,24 +299,36 @@ def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelPro
 
 
 def compare(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float, output: str, check: str) -> Comparison:
+    """Max-abs comparison; NaN/Inf are equal where both have the same one at the same position
+    (a model with non-finite weights computes them in both), and are reported."""
     if expected.shape != actual.shape:
         return Comparison(
             output, check, False, note=f"shape mismatch: original {list(expected.shape)}, dense sampled {list(actual.shape)}"
         )
     expected = expected.astype(np.float64)
     actual = actual.astype(np.float64)
-    diff = np.abs(expected - actual)
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    finite = np.isfinite(expected) & np.isfinite(actual)
+    note = ""
+    if not finite.all():
+        same = (np.isnan(expected) & np.isnan(actual)) | (expected == actual)
+        differ = ~finite & ~same
+        if differ.any():
+            at = tuple(int(i) for i in np.unravel_index(int(np.argmax(differ)), differ.shape))
+            return Comparison(
+                output, check, False, worst=at,
+                note=f"non-finite values differ at {int(differ.sum())} positions (first at {list(at)}: original "
+                     f"{expected[at]}, dense {actual[at]})",
+            )
+        note = f"{int((~finite).sum())} non-finite values (NaN/Inf) at the same positions in both, counted equal"
+    diff = np.abs(np.where(finite, expected, 0.0) - np.where(finite, actual, 0.0))
+    scale = float(np.max(np.abs(expected[finite]))) if finite.any() else 0.0
     tolerance = atol + rtol * scale
-    if not np.all(np.isfinite(actual)) and not np.array_equal(np.isfinite(actual), np.isfinite(expected)):
-        return Comparison(output, check, False, note="non-finite values in the dense output where the original has none")
-    diff = np.where(np.isfinite(diff), diff, 0.0)
     worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)) if diff.size else None
     max_abs = float(diff.max()) if diff.size else 0.0
     return Comparison(
         output, check, max_abs <= tolerance, max_abs=max_abs, mean_abs=float(diff.mean()) if diff.size else 0.0,
         max_rel=max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf), scale=scale,
-        compared=int(diff.size), worst=worst, tolerance=tolerance,
+        compared=int(diff.size), worst=worst, tolerance=tolerance, note=note,
     )
 
 
@@ -309,8 +364,14 @@ def verify(
     info = metadata.read(dens)
     if info is None:
         raise DenseError("the dense model has no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
+    scaled = None
     if inputs is None:
-        feeds = make_inputs(orig, info, seed)
+        scaled = _unaffordable(orig, info)
+        if scaled is None:
+            feeds = make_inputs(orig, info, seed)
+        else:  # the original made size-flexible (as for phases), at a size with room for its receptive field
+            orig = _flexible(orig, info)
+            feeds = make_inputs(orig, info, seed, sizes=_phase_sizes(orig, info, small=True))
     elif isinstance(inputs, Mapping):
         feeds = dict(inputs)
     else:
@@ -322,9 +383,22 @@ def verify(
         missing = [n for n in run_orig.input_names if n not in feeds]
         if missing:
             raise DenseError(f"inputs file lacks model input(s) {', '.join(missing)}")
-        expected = run_orig({k: feeds[k] for k in run_orig.input_names}, names)
+        try:
+            expected = run_orig({k: feeds[k] for k in run_orig.input_names}, names)
+        except DenseError as exc:
+            if scaled is None:
+                raise
+            raise _too_large(scaled, feeds, exc) from None
     with OrtRunner(dens, provider=provider, optimize=optimize) as run_dense:
-        got = run_dense({k: feeds[k] for k in run_dense.input_names})
+        try:
+            got = run_dense({k: feeds[k] for k in run_dense.input_names})
+        except DenseError as exc:
+            if scaled is None:
+                raise
+            raise _too_large(scaled, feeds, exc) from None
+        if scaled is not None:
+            at = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+            comparisons.append(Comparison("(inputs)", "size", True, note=f"verified at {at} instead: {scaled}"))
         for name in names:
             out = info.outputs.get(name)
             if out is None:
@@ -335,14 +409,22 @@ def verify(
         comparisons.append(_check_any_size(run_dense, feeds, info, orig, provider, optimize))
         if phases:
             if inputs is None:  # random inputs: make them large enough to have an interior
-                feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info))
+                feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info, small=scaled is not None))
                 try:
                     got = run_dense({k: feeds[k] for k in run_dense.input_names})
                 except DenseError:  # e.g. a U-Net, whose skip connections need sizes divisible by 8
-                    feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info, align=True))
+                    feeds = make_inputs(orig, info, seed + 1, sizes=_phase_sizes(orig, info, align=True, small=scaled is not None))
                     got = run_dense({k: feeds[k] for k in run_dense.input_names})
             comparisons.extend(_check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, provider, optimize))
     return Report(comparisons, rtol, atol)
+
+
+def _too_large(why: str, feeds, exc: Exception) -> DenseError:
+    at = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+    return DenseError(
+        f"verify: {why}, and the models do not run at the smaller size tried ({at}: {str(exc)[:160]}); rewrite "
+        "at a smaller --input-shape (or export the original smaller) and verify that"
+    )
 
 
 def _check_weights(orig: onnx.ModelProto, dens: onnx.ModelProto) -> Comparison:
@@ -359,7 +441,7 @@ def _check_weights(orig: onnx.ModelProto, dens: onnx.ModelProto) -> Comparison:
             continue
         a = onnx.numpy_helper.to_array(init)
         b = onnx.numpy_helper.to_array(other)
-        if not np.array_equal(a, b):
+        if not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
             bad.append(init.name)
     if bad:
         return Comparison("(weights)", "weights", False, note=f"{len(bad)} of {n} differ or are missing: {', '.join(bad[:5])}")
@@ -408,13 +490,16 @@ def _runs_at(orig: onnx.ModelProto, info: metadata.DenseInfo, feeds, provider: s
     return True
 
 
-def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo, align: bool = False) -> dict[str, tuple[int, ...]]:
+def _phase_sizes(
+    orig: onnx.ModelProto, info: metadata.DenseInfo, align: bool = False, small: bool = False,
+) -> dict[str, tuple[int, ...]]:
     """Input shapes with room for predictions whose receptive field misses the shifted border.
 
     The shifted input loses up to eST * dense stride pixels at the top/left and positions within
     a receptive field of the border are excluded, so each spatial axis grows by the largest
     receptive field plus a few original strides. ``align``: grow by multiples of the largest
     power of two dividing the static size instead, for models that only run at such sizes.
+    ``small``: that room alone, not added to a static size too large to afford.
     """
     sizes = {}
     for vi in orig.graph.input:
@@ -428,8 +513,8 @@ def _phase_sizes(orig: onnx.ModelProto, info: metadata.DenseInfo, align: bool = 
         for k, a in enumerate(entry.spatial_axes):
             rf = max(o.rf_size[k] for o in outs)
             step = max(o.original_stride[k] for o in outs)
-            dims[a] = max(entry.size[k], 2 * rf + 4 * step)
-            if align:
+            dims[a] = 2 * rf + 4 * step if small else max(entry.size[k], 2 * rf + 4 * step)
+            if align and not small:
                 q = min(entry.size[k] & -entry.size[k], 256)
                 dims[a] = entry.size[k] + -(-(dims[a] - entry.size[k]) // q) * q
         sizes[vi.name] = tuple(dims)

@@ -18,6 +18,7 @@ from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
 from onnx_dense.passes.plans import GlobalPlan, HeadConvPlan, SpatialPlan
 from onnx_dense.pipeline import RewriteOptions, analyse_grid, normalise, resolve_output_stride
+from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 
 
 @dataclasses.dataclass
@@ -62,11 +63,18 @@ def inspect_model(
     if not isinstance(model, ir.Model):
         model = model_io.load(model)
     options = RewriteOptions(output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes)
+    check_model_runs(model, input_shapes, outputs)
+    at = input_label(model, input_shapes)
     normalise(options)(model)
     stride = None
     if output_stride is not None or from_node is not None:
         stride = resolve_output_stride(model, options)
     analysis = analyse_grid(model, stride)
+    if stride is not None:
+        check_dense_sizes(
+            [(o.name, o.grid.dense_size, o.grid.rf_size) for o in analysis.outputs if o.grid is not None],
+            at,
+        )
     rows: list[Row] = []
     total = dense_total = 0
     for node in model.graph:

@@ -88,6 +88,7 @@ class DenseInfo:
         inputs = {k: DenseInput(**_tuples(v)) for k, v in data["inputs"].items()}
         outputs = {k: DenseOutput(**_tuples(v)) for k, v in data["outputs"].items()}
         stride = tuple(data["output_stride"]) if data.get("output_stride") else None
+        _validate(data, inputs, outputs, stride)
         values = data.get("values")
         if values is not None:
             values = {k: (tuple(e), tuple(a)) for k, (e, a) in values.items()}
@@ -103,7 +104,68 @@ def read(model) -> DenseInfo | None:
         text = model.metadata_props.get(KEY)
     else:
         text = next((p.value for p in model.metadata_props if p.key == KEY), None)
-    return DenseInfo.from_json(text) if text else None
+    if not text:
+        return None
+    try:
+        return DenseInfo.from_json(text)
+    except Exception as exc:  # JSONDecodeError, a missing or mistyped field: not what rewrite wrote
+        from onnx_dense.errors import DenseError
+
+        where = model.meta.get("onnx_dense.path") if hasattr(model, "meta") else None
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise DenseError(
+            f"{where or 'the model'}: its onnx_dense metadata is corrupt ({type(exc).__name__}: {detail}); "
+            "write the dense model again with onnx-dense rewrite"
+        ) from None
+
+
+def _validate(data, inputs: dict[str, DenseInput], outputs: dict[str, DenseOutput], stride) -> None:
+    """What verify and the runtime index and divide by must make sense; ValueError naming the field otherwise."""
+
+    def ints(values, what: str, low: int | None = None) -> None:
+        if not isinstance(values, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{what} is not a list of integers")
+        if low is not None and any(v < low for v in values):
+            raise ValueError(f"{what} has a value below {low}")
+
+    if data.get("strategy", "dilate") not in ("dilate", "fragments"):
+        raise ValueError(f"strategy {data.get('strategy')!r}")
+    if stride is not None:
+        ints(stride, "output_stride", 1)
+    for name, entry in inputs.items():
+        ints(entry.spatial_axes, f"input '{name}' spatial_axes", 0)
+        ints(entry.size, f"input '{name}' size", 1)
+        if len(entry.size) != len(entry.spatial_axes) or len(set(entry.spatial_axes)) != len(entry.spatial_axes):
+            raise ValueError(f"input '{name}': spatial_axes and size do not match")
+    for name, out in outputs.items():
+        n = len(out.spatial_axes)
+        ints(out.spatial_axes, f"output '{name}' spatial_axes", 0)
+        if len(set(out.spatial_axes)) != n:
+            raise ValueError(f"output '{name}' repeats a spatial axis")
+        for field in ("est", "stride", "original_stride", "rf_size"):
+            ints(getattr(out, field), f"output '{name}' {field}", 1)
+        for field in ("est", "stride", "original_stride", "rf_size", "rf_start"):
+            if len(getattr(out, field)) != n:
+                raise ValueError(f"output '{name}' {field} has {len(getattr(out, field))} values for {n} spatial axes")
+        for field in ("rf_start", "size", "dense_size"):
+            ints(getattr(out, field), f"output '{name}' {field}")
+        if out.input not in inputs:
+            raise ValueError(f"output '{name}' comes from input '{out.input}', which the metadata does not describe")
+        if out.off_grid not in ("exact", "interior", "global"):
+            raise ValueError(f"output '{name}' off_grid {out.off_grid!r}")
+
+
+def check_against(info: DenseInfo, model) -> None:
+    """The metadata describes this onnx-ir model's inputs and outputs (names, and axes within their rank)."""
+    values = {v.name: v for v in list(model.graph.inputs) + list(model.graph.outputs)}
+    for kind, entries in (("input", info.inputs), ("output", info.outputs)):
+        for name, entry in entries.items():
+            value = values.get(name)
+            if value is None:
+                raise ValueError(f"it describes {kind} '{name}', which the model does not have")
+            rank = len(value.shape) if value.shape is not None else None
+            if rank is not None and any(a >= rank for a in entry.spatial_axes):
+                raise ValueError(f"{kind} '{name}' has rank {rank} but spatial_axes {list(entry.spatial_axes)}")
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,19 @@
 """Loading and saving models so that bad files get one clear line and nothing is half written.
 
+Loading refuses, before anything else reads them, external data outside the model's folder
+(an absolute location, one with '..', or a symbolic link: onnx refuses the same at its own
+load, after the rewrite already ran) and graphs that reference a tensor nothing defines
+(onnx-ir would warn and carry on).
+
 Loading parses the file through a memory map (``onnx.load`` first reads it into one bytes
 object, then parses a second copy out of it) and hands the proto to onnx-ir, which wraps it
 without copying and memory-maps external weights.
 
 Saving writes to a temporary file beside the destination and renames it into place, so an
 interrupted or failed run never leaves a truncated model, and it refuses to write over the
-input model or the input's external-data file. A single-file model is streamed: the graph
+input model or the input's external-data file, or through a symbolic link (see
+onnx_dense/files.py). A model with external data is written with its ``.data`` file in a
+private temporary folder and both are renamed into place. A single-file model is streamed: the graph
 without its weights, then each initializer as its own fragment of the graph message
 (protobuf merges repeated occurrences of an embedded message). ``onnx_ir.save`` and
 ``onnx.save`` both build the whole serialised model in memory first, three to four times
@@ -15,6 +22,7 @@ the weights at peak (measured in benchmarks/); streaming holds one tensor at a t
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from pathlib import Path
@@ -24,8 +32,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnx_dense import metadata
 from onnx_dense.errors import DenseError
-from onnx_dense.files import atomic_output
+from onnx_dense.files import atomic_output, atomic_outputs, refuse_link
 
 #: Above this many bytes of weights a model is saved with external data (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -34,6 +43,13 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model, turning every way a file can be wrong into a DenseError."""
     p = Path(path)
+    try:
+        return _load(p)
+    except OSError as exc:  # unreadable, a name too long, a device that cannot be mapped
+        raise DenseError(f"{p}: cannot be read ({exc.strerror or _first_line(exc)})") from None
+
+
+def _load(p: Path) -> ir.Model:
     if not p.exists():
         raise DenseError(f"{p}: no such file")
     if p.is_dir():
@@ -48,13 +64,30 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
     if not proto.HasField("graph") or not proto.graph.node:
         raise DenseError(f"{p}: not an ONNX model or its graph is empty")
+    _check_locations(proto.graph, p)
+    _check_references(proto.graph, p)
+    _check_tensors(proto.graph, p)
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # what onnx-ir would warn about is refused above
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types for malformed protos
         raise DenseError(f"{p}: malformed ONNX model ({_first_line(exc)})") from None
+    finally:
+        logger.setLevel(level)
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     _check_external_data(model, p)
     model.meta["onnx_dense.path"] = str(p)
+    info = metadata.read(model)  # one line for corrupt onnx_dense metadata, before anything relies on it
+    if info is not None:
+        try:
+            metadata.check_against(info, model)
+        except ValueError as exc:
+            raise DenseError(
+                f"{p}: its onnx_dense metadata does not fit the model ({exc}); write the dense model again with "
+                "onnx-dense rewrite"
+            ) from None
     return model
 
 
@@ -69,6 +102,140 @@ def _parse(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph in it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _graphs(sub)
+
+
+def _check_locations(graph: onnx.GraphProto, path: Path) -> None:
+    """External data only from files inside the model's folder, reached without a link."""
+    folder = path.parent
+    for g in _graphs(graph):
+        attribute_tensors = [t for node in g.node for a in node.attribute for t in [a.t, *a.tensors]]
+        for init in [*g.initializer, *attribute_tensors]:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            location = next((e.value for e in init.external_data if e.key == "location"), "")
+            why = _outside(folder, location)
+            if why:
+                raise DenseError(
+                    f"{path}: initializer '{init.name}' has its weights in '{location}', outside the model's "
+                    f"folder ({why}); onnx-dense reads external data only from files beside the model: move the "
+                    "file there and give its location relative to the model"
+                )
+
+
+def _outside(folder: Path, location: str) -> str | None:
+    """Why ``location`` (an external-data location) is not a file inside ``folder``, or None."""
+    if not location:
+        return "the location is empty"
+    if "\0" in location:
+        return "the location holds a NUL byte"
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        return "an absolute path"
+    parts = Path(location.replace("\\", "/")).parts
+    if ".." in parts:
+        return "the location goes up with '..'"
+    current = folder
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            return f"'{current.relative_to(folder)}' is a symbolic link to {os.readlink(current)}"
+    return None
+
+
+def _check_references(graph: onnx.GraphProto, path: Path, outer: frozenset = frozenset()) -> None:
+    """Every node input and graph output is a tensor something defines (in this or an outer scope)."""
+    known = set(outer) | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    known |= {i.values.name for i in graph.sparse_initializer}
+    computed = {o for node in graph.node for o in node.output if o}
+    for node in graph.node:
+        label = f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} (unnamed)"
+        for name in node.input:
+            if name and name not in known:
+                if name in computed:
+                    raise DenseError(
+                        f"{path}: node {label} reads '{name}' before a node computes it (the nodes are not in "
+                        "topological order, or form a cycle); the model is invalid: re-export it"
+                    )
+                raise DenseError(
+                    f"{path}: node {label} reads '{name}', which no node, graph input or initializer defines; "
+                    "the model is invalid: re-export it"
+                )
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _check_references(sub, path, frozenset(known))
+        for name in node.output:
+            if name and name in known:
+                raise DenseError(
+                    f"{path}: node {label} computes '{name}', which is already defined (by a node, graph input or "
+                    "initializer); the model is invalid: re-export it"
+                )
+            known.add(name)
+    if not outer:
+        if not graph.output:
+            raise DenseError(f"{path}: the graph has no outputs; the model is invalid: re-export it")
+        for out in graph.output:
+            if out.name not in known:
+                raise DenseError(
+                    f"{path}: graph output '{out.name}' is computed by no node (and is no input or initializer); "
+                    "the model is invalid: re-export it or cut it with --outputs"
+                )
+
+
+def _nbytes(dims, bits: int) -> int | None:
+    """Bytes a dense tensor of these dims takes (None: strings, which have no fixed size)."""
+    if not bits:
+        return None
+    count = 1
+    for d in dims:
+        count *= int(d)
+    return (count * bits + 7) // 8
+
+
+#: Strings have no fixed size; sub-byte types are packed (two or four values a byte).
+_UNCHECKED_TYPES = {
+    getattr(onnx.TensorProto, name) for name in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _check_tensors(graph: onnx.GraphProto, path: Path) -> None:
+    """Every in-file initializer holds as many values as its dims say (else a reshape fails mid-rewrite)."""
+    for g in _graphs(graph):
+        for init in g.initializer:
+            dims = list(init.dims)
+            if any(d < 0 for d in dims):
+                raise DenseError(f"{path}: initializer '{init.name}' has a negative dimension {dims}; the model is invalid")
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            count = 1
+            for d in dims:
+                count *= d
+            try:
+                bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            except Exception:  # string, sub-byte or unknown types: onnx-ir and onnx judge them
+                bits = None
+            if init.data_type in _UNCHECKED_TYPES or bits is None:
+                continue
+            if init.HasField("raw_data"):
+                have, need, unit = len(init.raw_data), count * bits // 8, "bytes"
+            else:
+                fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+                have, unit = sum(len(getattr(init, f)) for f in fields), "values"
+                complex_ = init.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+                need = count * (2 if complex_ else 1)
+            if have != need:
+                raise DenseError(
+                    f"{path}: initializer '{init.name}' holds {have} {unit} but its shape {dims} needs {need}; "
+                    "the model is invalid (truncated or corrupt): re-export it"
+                )
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
     for value in model.graph.initializers.values():
         tensor = value.const_value
@@ -79,7 +246,13 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                     f"{path}: initializer '{value.name}' lives in external data file "
                     f"'{tensor.location}', which is missing; keep it beside the model"
                 )
-            end = (tensor.offset or 0) + (tensor.length or 0)
+            need = _nbytes(list(tensor.shape.numpy()), tensor.dtype.bitwidth)
+            if tensor.length is not None and need is not None and tensor.length != need:
+                raise DenseError(
+                    f"{path}: initializer '{value.name}' has {tensor.length} bytes in '{tensor.location}' but its "
+                    f"shape {list(tensor.shape.numpy())} needs {need}; the model is invalid: re-export it"
+                )
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else (need or 0))
             if end > data.stat().st_size:
                 raise DenseError(
                     f"{path}: external data file '{tensor.location}' is truncated "
@@ -100,7 +273,7 @@ def _uses_external_data(model: ir.Model) -> bool:
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """Write ``model`` to ``path`` atomically, never over one of ``inputs``.
+    """Write ``model`` to ``path`` atomically, never over one of ``inputs`` (nor their weights) or a link.
 
     Models whose weights would not fit in a protobuf, or whose source kept weights in
     external data, are written with their weights in ``<name>.data`` beside the model.
@@ -108,27 +281,75 @@ def save(model: ir.Model, path: str | os.PathLike, *, inputs: tuple[str | os.Pat
     out = Path(path)
     check_output(out, inputs)
     external = None
+    source = model.meta.get("onnx_dense.path")
+    data_of_inputs = [Path(v.const_value.path) for v in model.graph.initializers.values()
+                      if isinstance(v.const_value, ir.ExternalTensor)]
+    others = [src for src in inputs if src is not None and not (source and same_file(Path(src), Path(source)))]
     if _uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external = out.name + ".data"
-        data_path = out.parent / external
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and same_file(data_path, Path(tensor.path)):
+        check_outputs([out, out.parent / external], inputs, data_of_inputs, others)
+    else:
+        check_outputs([out], inputs, data_of_inputs, others)
+
+    if external is None:
+        with atomic_output(out, "the model") as tmp:
+            _save_streaming(model, tmp)
+    else:
+        with atomic_outputs([out, out.parent / external], "the model") as (tmp, _):
+            ir.save(model, tmp, external_data=external)
+
+
+def check_outputs(outs, inputs=(), input_data=(), parse=()) -> None:
+    """One line for an output path that is a symbolic link, an input file, or an external-data
+    file of an input model (``input_data``, plus those read from the models in ``parse``)."""
+    for out in outs:
+        out = Path(out)
+        refuse_link(out, "the model")
+        if out.is_dir():
+            raise DenseError(f"{out}: is a directory, where the model's file would go; remove it or choose another name")
+        if not out.exists():
+            continue
+        for src in inputs:
+            if src is not None and same_file(out, Path(src)):
+                raise DenseError(f"{out}: would overwrite the input {src}; choose another output name")
+        data = list(input_data)
+        for src in parse:
+            data += data_files(src)
+        for d in data:
+            if same_file(out, d):
                 raise DenseError(
-                    f"{out}: its external data file '{data_path.name}' would overwrite the input's "
-                    "weights; choose another output name"
+                    f"{out}: would overwrite '{d}', the external data (weights) of an input model; "
+                    "choose another output name"
                 )
 
-    with atomic_output(out, "the model") as tmp:
-        if external is None:
-            _save_streaming(model, tmp)
-        else:
-            ir.save(model, tmp, external_data=external)
+
+def data_files(path) -> list[Path]:
+    """The external-data files a model file refers to (none if it is not a readable model)."""
+    p = Path(path)
+    try:
+        proto = _parse(p)
+    except Exception:
+        return []
+    found = []
+    for g in _graphs(proto.graph):
+        for init in g.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                location = next((e.value for e in init.external_data if e.key == "location"), "")
+                if location and not _outside(p.parent, location):
+                    found.append(p.parent / location)
+    return found
 
 
 def check_output(out: Path, inputs=()) -> None:
     """One line for an output path that is one of ``inputs`` (None entries skipped), a directory,
-    or in a directory that does not exist."""
+    in a directory that does not exist, or a symbolic link."""
+    try:
+        _check_output(out, inputs)
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        raise DenseError(f"{out}: cannot write there ({exc.strerror or _first_line(exc)})") from None
+
+
+def _check_output(out: Path, inputs) -> None:
     for src in inputs:
         if src is not None and same_file(out, Path(src)):
             raise DenseError(f"{out}: refusing to overwrite the input model {src}; choose another output path")
@@ -136,6 +357,7 @@ def check_output(out: Path, inputs=()) -> None:
         raise DenseError(f"{out}: is a directory; give a file name for the output model")
     if not out.parent.is_dir():
         raise DenseError(f"{out}: directory '{out.parent}' does not exist")
+    refuse_link(out, "the model")
 
 
 # Protobuf field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.

@@ -242,7 +242,9 @@ def _load(model, what: str) -> tuple[onnx.ModelProto, str]:
     from onnx_dense import model_io
 
     path = Path(model)
-    model_io.load(path)  # one-line errors for missing, empty, corrupt files
+    from onnx_dense.runnable import check_model_runs
+
+    check_model_runs(model_io.load(path))  # one-line errors for bad files and graphs that cannot run
     return onnx.load(str(path), load_external_data=False), str(path)
 
 def _source(model, proto: onnx.ModelProto):

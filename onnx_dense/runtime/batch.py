@@ -26,6 +26,7 @@ from typing import IO, Callable, Iterator, Sequence
 import numpy as np
 
 from onnx_dense.errors import DenseError
+from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
 from onnx_dense.runtime.dense_session import DenseSession
 
@@ -92,7 +93,10 @@ def run_images(
         )
     try:
         entry, channels = image_layout(session)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DenseError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
         inputs = [Path(p) for p in images]
         stems = unique_stems(inputs)
         outputs = [o for o in session.output_names]
@@ -166,6 +170,7 @@ def planned_names(stem: str, outputs: Sequence[str], view: str, write_npy: bool)
 def check_not_inputs(path, out: Path, names: Sequence[str], inputs: Sequence[Path]) -> None:
     for filename in names:
         target = out / filename
+        refuse_link(target, "maps")
         for src in inputs:
             if target.exists() and src.exists() and os.path.samefile(target, src):
                 raise DenseError(f"{path}: would write {target}, which is an input file; choose another --out")

@@ -4,6 +4,9 @@
   as the model's input wants, optionally resizes it (``size``: shorter side, or exact
   ``(height, width)``), scales pixels to [0, 1] and normalises with ``mean``/``std`` per
   channel. Every way a file can be unreadable is one :class:`DenseError` line naming it.
+  Grayscale images of more than 8 bits (16-bit PNG, TIFF) are scaled by their bit depth,
+  not clipped at 255. Pillow's decompression-bomb warning is not printed: an image is read up to
+  twice Pillow's ``MAX_IMAGE_PIXELS`` (about 179 million pixels) and refused in one line above.
 * :func:`render` turns one dense output into a PNG a person can look at, drawn at the size
   of the array the model was fed: each pixel shows the prediction whose receptive field is
   centred nearest to it (the output's :class:`PixelGrid`). Segmentation-like outputs (several
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -113,30 +117,62 @@ def load_image(
     if data is None and p.is_dir():
         raise DenseError(f"{p}: is a directory, expected an image file")
     try:
-        with Image.open(p if data is None else io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            original = (img.height, img.width)
-            rgb = img.convert("RGB")
+        with warnings.catch_warnings():
+            # up to twice Pillow's MAX_IMAGE_PIXELS an image is read without its two-line warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p if data is None else io.BytesIO(data)) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                original = (img.height, img.width)
+                deep = _deep_gray(img)
+                rgb = img.convert("RGB") if deep is None else None
     except UnidentifiedImageError:
         raise DenseError(f"{p}: not an image Pillow can read") from None
     except Image.DecompressionBombError as exc:
-        raise DenseError(f"{p}: too many pixels for Pillow's safety limit ({_first_line(exc)})") from None
+        raise DenseError(
+            f"{p}: too many pixels to read safely ({_first_line(exc)}); shrink the image or cut it into parts first"
+        ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DenseError(f"{p}: cannot be decoded ({_first_line(exc)})") from None
     if original[0] < 1 or original[1] < 1:
         raise DenseError(f"{p}: the image is empty")
     target = _target_size(original, size)
-    if target != original:
-        rgb = rgb.resize((target[1], target[0]), Image.Resampling.BILINEAR)
-    rgb_array = np.asarray(rgb, dtype=np.uint8)
-    if channels == 1:
-        pixels = np.asarray(rgb.convert("L"), dtype=np.float32)[..., None]
+    if deep is not None:  # 16-bit (or float) grayscale, already scaled to [0, 1] by its bit depth
+        if target != original:
+            deep = np.asarray(Image.fromarray(deep, mode="F").resize((target[1], target[0]), Image.Resampling.BILINEAR))
+        gray = deep[..., None]
+        rgb_array = np.repeat((np.clip(gray, 0, 1) * 255 + 0.5).astype(np.uint8), 3, axis=2)
+        pixels = gray if channels == 1 else np.repeat(gray, 3, axis=2)
     else:
-        pixels = rgb_array.astype(np.float32)
-    pixels = (pixels / 255.0 - np.asarray(mean_v, np.float32)) / np.asarray(std_v, np.float32)
+        if target != original:
+            rgb = rgb.resize((target[1], target[0]), Image.Resampling.BILINEAR)
+        rgb_array = np.asarray(rgb, dtype=np.uint8)
+        if channels == 1:
+            pixels = np.asarray(rgb.convert("L"), dtype=np.float32)[..., None] / 255.0
+        else:
+            pixels = rgb_array.astype(np.float32) / 255.0
+    pixels = (pixels - np.asarray(mean_v, np.float32)) / np.asarray(std_v, np.float32)
     array = _to_layout(pixels, tuple(spatial_axes)).astype(dtype)
     return ImageInput(str(p), np.ascontiguousarray(array), original, target, rgb_array)
+
+
+def _deep_gray(img) -> np.ndarray | None:
+    """A grayscale image of more than 8 bits as float32 in [0, 1], scaled by its bit depth; None otherwise.
+
+    Pillow's convert("RGB") clips such images at 255 instead of scaling them (a 16-bit PNG came
+    out 99.6% white). Modes "I;16*" are 16-bit; "I" (32-bit integers, what older Pillow gives a
+    16-bit PNG) is taken as 16-bit when its values fit, else as 32-bit; "F" is used as it is.
+    48-bit RGB PNGs are already read as 8-bit RGB, correctly scaled.
+    """
+    if img.mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if values.size == 0 or values.max() <= 65535 else 2.0**31 - 1
+        return (values / top).astype(np.float32)
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float32)
+    return None
 
 
 def _per_channel(values: tuple[float, ...], channels: int, option: str) -> tuple[float, ...]:

@@ -122,7 +122,7 @@ class OrtRunner:
         if self.threads:
             so.intra_op_num_threads = self.threads
         set_spinning(so, self.spinning)
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors come back as exceptions (one line); ORT's own log would add a second
         providers: list = [ep]
         if self.provider == "cuda":
             providers = [(ep, cuda_options(fixed_shapes=True))]
@@ -155,7 +155,9 @@ class OrtRunner:
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         names = outputs or self.output_names
         try:
-            values = self.session.run(names, dict(feeds))
+            options = ort.RunOptions()
+            options.log_severity_level = 4
+            values = self.session.run(names, dict(feeds), options)
         except Exception as exc:
             raise DenseError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0][:300]}") from None
         return dict(zip(names, values))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -385,12 +386,16 @@ def _read_csv(path: Path, stems: list[str], task: str) -> np.ndarray:
 def _read_image(path: Path, channels: int | None) -> np.ndarray:
     from PIL import Image
 
+    from onnx_dense.runtime.images import _deep_gray
+
     try:
-        with Image.open(path) as im:
-            if im.mode in ("I", "I;16", "F"):
-                array = np.asarray(im, dtype=np.float32)
-                array = array / (65535.0 if im.mode.startswith("I") and array.max() > 255 else 255.0)
-                array = array[None]
+        with warnings.catch_warnings():  # as onnx-dense run: no decompression-bomb warning lines
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            deep = _deep_gray(im)  # 16-bit grayscale scaled by its bit depth (was: by its largest value)
+            if deep is not None:
+                array = deep[None]
             else:
                 im = im.convert("L" if channels == 1 else "RGB")
                 array = np.asarray(im, dtype=np.float32) / 255.0

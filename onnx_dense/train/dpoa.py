@@ -14,7 +14,6 @@ was trained, dense or original (from a checkpoint, or from a module in memory).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import zipfile
@@ -27,7 +26,7 @@ from onnx import numpy_helper
 
 from onnx_dense import model_io
 from onnx_dense.errors import DenseError
-from onnx_dense.files import atomic_output
+from onnx_dense.files import atomic_output, atomic_outputs
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -109,7 +108,9 @@ def _to_numpy(value) -> np.ndarray:
 
 
 def _load_proto(path: Path, what: str) -> onnx.ModelProto:
-    model_io.load(path)  # one clear line for a missing, empty, corrupt or truncated model
+    from onnx_dense.runnable import check_model_runs
+
+    check_model_runs(model_io.load(path))  # one clear line for a bad file, or a graph that cannot run
     try:
         return onnx.load(str(path))
     except Exception as exc:  # pragma: no cover - model_io.load accepted it
@@ -209,21 +210,17 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, *, inputs=(), ex
     if external is None:
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     location = out.name + ".data"
-    if external:
-        for src in inputs:
-            if src is not None and model_io.same_file(out.parent / location, Path(src).parent / location):
-                raise DenseError(f"{out}: its external data file '{location}' would overwrite an input's weights")
-    with atomic_output(out, "the model") as tmp:
-        try:
-            if external:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(out.parent / location)
+    sources = [src for src in inputs if src is not None]
+    model_io.check_outputs([out, out.parent / location] if external else [out], sources, (), sources)
+    try:
+        if external:
+            with atomic_outputs([out, out.parent / location], "the model") as (tmp, _):
                 onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=location)
-            else:
-                with open(tmp, "wb") as f:
-                    f.write(proto.SerializeToString())
-        except ValueError as exc:  # protobuf: a message too large to serialise
-            raise DenseError(f"{out}: could not write the model ({exc})") from None
+        else:
+            with atomic_output(out, "the model") as tmp, open(tmp, "wb") as f:
+                f.write(proto.SerializeToString())
+    except ValueError as exc:  # protobuf: a message too large to serialise
+        raise DenseError(f"{out}: could not write the model ({exc})") from None
     return out
 
 
@@ -276,11 +273,8 @@ def export_dpoa(
     others = [original, t.source if t.kind != "memory" else None, dense]
     if dense_out is not None and (Path(out).resolve() == Path(dense_out).resolve() or model_io.same_file(Path(out), Path(dense_out))):
         raise DenseError(f"{out}: the dpoa output and the dense output are the same file")
-    result_path = save_proto(proto, out, inputs=others)
-    names = {i.name for i in proto.graph.initializer}
-    unused = sum(1 for n in t.weights if n not in names)
-    result = DpoaResult(result_path, replaced, changed, unused)
-    if dense_out is not None:
+    skeleton = None
+    if dense_out is not None:  # every output checked before the first is written
         skeleton = dense or t.dense_model
         if skeleton is None:
             raise DenseError("to write the trained dense model, give the dense model it was trained from (--dense DENSE.onnx)")
@@ -288,5 +282,13 @@ def export_dpoa(
             raise DenseError(
                 f"{skeleton}: the dense model recorded in the checkpoint is gone; give it with --dense DENSE.onnx"
             )
+        sources = [p for p in (*others, skeleton) if p is not None]
+        model_io.check_output(Path(dense_out), sources)
+        model_io.check_outputs([Path(dense_out)], sources, (), sources)
+    result_path = save_proto(proto, out, inputs=others)
+    names = {i.name for i in proto.graph.initializer}
+    unused = sum(1 for n in t.weights if n not in names)
+    result = DpoaResult(result_path, replaced, changed, unused)
+    if dense_out is not None:
         result.dense_out = write_trained(skeleton, t, dense_out)
     return result

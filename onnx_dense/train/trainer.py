@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from onnx_dense import metadata
+from onnx_dense import metadata, model_io
+from onnx_dense.files import refuse_link
 from onnx_dense.errors import DenseError
 from onnx_dense.train import checkpoint as ckpt
 from onnx_dense.train.data import Dataset, check_task, open_dataset
@@ -311,6 +312,12 @@ def train(
             for _ in range(step):
                 sched.step()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    # every output path checked before the first step, not after the last (links, inputs)
+    if out is not None:
+        model_io.check_output(Path(out), [model if isinstance(model, (str, os.PathLike)) else None, resume])
+    if ckpt_dir is not None and ckpt_dir.is_dir():
+        for entry in [ckpt_dir / "last.pt", *ckpt_dir.glob("step-*.pt")]:
+            refuse_link(entry, "the checkpoint")
     if ckpt_dir is not None:
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -135,10 +135,12 @@ class Check:
         status = "PASS" if self.passed else "FAIL"
         text = (
             f"{status}  {self.output:<20} {self.check:<17} max abs {self.max_abs:.3e}  max rel {self.max_rel:.3e}  "
-            f"tol {self.tolerance:.3e}  ({self.compared} of {self.overlap} positions)"
+            f"tol {self.tolerance:.3e}  ({self.compared} of {self.overlap} positions"
         )
-        if self.border_max_abs is not None and self.compared < self.overlap:
-            text += f"  border (not compared, differs by design): max abs {self.border_max_abs:.3e}"
+        if self.compared < self.overlap:  # the border's difference stays in --json (border_max_abs)
+            text += f"; {self.overlap - self.compared} border positions left out: padding differs there by design)"
+        else:
+            text += ")"
         return text + (f"  {self.note}" if self.note else "")
 
 
@@ -527,6 +529,10 @@ def load_pair(
     dense_proto, dense_label = _load(dense, "dense")
     info = metadata.read(dense_proto)
     if info is None:
+        from onnx_dense.hints import not_dense
+
+        if not isinstance(original, onnx.ModelProto) and not isinstance(dense, onnx.ModelProto):
+            raise DenseError(not_dense("bench", original, dense))
         raise DenseError(f"{dense_label}: no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
     from onnx_dense.equivalence import load_inputs, make_inputs
 

@@ -3,9 +3,12 @@
     python -m samples.make_samples OUTDIR [--exporter torchscript|dynamo]
                                    [--models vgg,fcn,...] [--opset N]
                                    [--dynamic-batch] [--keep-batchnorm] [--seed S]
+                                   [--no-data]
 
 writes ``OUTDIR/<name>.onnx`` for each model (default: the small core zoo)
-and prints one line per model.  Weights are random (seeded); no download.
+and prints one line per model; then (unless --no-data) two pictures,
+``OUTDIR/scene.jpg`` and ``OUTDIR/shapes.png``, and a small labelled folder,
+``OUTDIR/data/`` (:mod:`samples.sample_images`).  Weights are random (seeded); no download.
 Known names: the core zoo (vgg, fcn, resnet, mobilenetv2, inception,
 alexnet, conv1d), variants (resnet_bottleneck, inception_3x3, alexnet_lrn)
 and the real-size benchmark nets (vgg16, resnet50; slow, hundreds of MB).
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension named 'batch'")
     ap.add_argument("--keep-batchnorm", action="store_true", help="keep BatchNormalization nodes (not folded)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed")
+    ap.add_argument("--no-data", action="store_true", help="write only the models, not the sample images and data/")
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -62,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.exporter} {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
+    if not args.no_data:
+        from samples.sample_images import write_sample_data
+
+        files = write_sample_data(args.outdir, seed=args.seed)
+        print(f"{'images':<18} {args.outdir / 'scene.jpg'}, {args.outdir / 'shapes.png'}, {args.outdir / 'data'}/ "
+              f"({len(files)} files: images/, labels/, labels.csv, classes.txt)", flush=True)
     return 0
 
 

@@ -31,8 +31,11 @@ from onnx_dense.errors import DenseError
 @click.option("--view", type=click.Choice(["auto", "labels", "heatmap", "none"]), default="auto", show_default=True,
               help="the PNG: argmax label map, top-class heatmap over the image, or none (auto: heatmap for "
                    "classifiers and single-channel outputs, labels otherwise)")
+@click.option("--classes", "class_names", metavar="A,B,...|FILE",
+              help="class names for the pictures' legends: comma-separated, or a text file with one per line")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary")
-def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, quiet) -> None:
+def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, class_names,
+        quiet) -> None:
     """Run the dense MODEL on each IMAGE and write its dense maps to --out.
 
     Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
@@ -64,7 +67,8 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
 
     try:
         summary = run_images(
-            model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, session=session,
+            model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, class_names=class_names,
+            session=session,
             on_error=error, on_done=lambda _result: bar.update(1),
         )
     finally:

@@ -1238,8 +1238,9 @@ class _Analyser:
             for D, S, R in zip(g.dense_stride, g.stride, tgt):
                 if D != min(R, S):
                     raise DenseError(
-                        f"output '{value.name}': output stride {fmt(tgt)} is not reachable (the dense grid ends at "
-                        f"{fmt(g.dense_stride)}, the original's stride is {fmt(g.stride)}); "
+                        f"output '{value.name}': output stride {fmt(tgt)} is not reachable: the original predicts "
+                        f"every {fmt(g.stride)} input pixels, and setting layer strides to 1 can only give the stride "
+                        f"found at the input of one of its strided layers; "
                         f"reachable output strides: {reachable_text(self.model_strides(value))}"
                     )
         return OutputInfo(value.name, g, value.shape)

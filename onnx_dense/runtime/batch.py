@@ -4,7 +4,11 @@
 image writes into ``out_dir``:
 
 * ``<stem>.<output>.npy``: the dense output as the model returned it (batch axis included);
-* ``<stem>.<output>.png``: the picture of it (:func:`onnx_dense.runtime.images.render`);
+* ``<stem>.<output>.png``: the picture a person reads (:func:`onnx_dense.pictures.map_figure`):
+  the label map blended over the image with a legend of class names, or a heatmap with a
+  colour bar spanning the map's own range;
+* ``<stem>.<output>.labels.png``: for label maps, the argmax map as a palette PNG whose pixel
+  values are the classes (:func:`onnx_dense.runtime.images.render`), for programs;
 * ``<stem>.json``: the image's sizes, and per output its shape, files and grid (the input-pixel
   centre of prediction ``i`` along an axis is ``origin + i * stride``; divide by ``scale`` for
   pixels of the image file when it was resized).
@@ -23,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
+from onnx_dense import pictures
 from onnx_dense.errors import DenseError
 from onnx_dense.runtime import images as imglib
 from onnx_dense.runtime.dense_session import DenseSession
@@ -61,6 +66,7 @@ def run_images(
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
     view: str = "auto",
+    class_names=None,
     write_npy: bool = True,
     on_error: Callable[[str, str], None] | None = None,
     on_done: Callable[[ImageResult], None] | None = None,
@@ -69,7 +75,8 @@ def run_images(
     """Run ``model`` (a path or a DenseSession's model) on every file of ``images``; see module doc.
 
     Errors about the model or the options raise DenseError before any image runs; an error
-    about one image goes to ``on_error(image, message)`` and into the summary.
+    about one image goes to ``on_error(image, message)`` and into the summary. ``class_names``:
+    a list, ``'a,b,c'`` or a text file with one name per line, for the pictures' legends.
     """
     size = imglib.parse_size(size)
     mean = imglib.parse_floats(mean, "--mean")
@@ -109,7 +116,7 @@ def run_images(
         for path, stem in zip(inputs, stems):
             try:
                 result = _one(session, path, stem, out, outputs, size, mean, std, channels, entry.spatial_axes, view,
-                              write_npy, inputs)
+                              write_npy, inputs, class_names)
             except DenseError as exc:
                 message = str(exc)
                 if not message.startswith(str(path)):
@@ -127,7 +134,8 @@ def run_images(
             session.close()
 
 
-def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs) -> ImageResult:
+def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs,
+         class_names=None) -> ImageResult:
     image = imglib.load_image(
         path, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
         dtype=session.input_dtype(session.image_input),
@@ -139,7 +147,7 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
         if write_npy:
             planned.append(out / f"{stem}.{suffix[name]}.npy")
         if view != "none":
-            planned.append(out / f"{stem}.{suffix[name]}.png")
+            planned += [out / f"{stem}.{suffix[name]}.png", out / f"{stem}.{suffix[name]}.labels.png"]
     planned.append(out / f"{stem}.json")
     for target in planned:
         for src in inputs:
@@ -160,8 +168,13 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             entry["npy"] = target.name
         picture = imglib.render(dense, image, view)
         if picture is not None:
+            if picture.view == "labels":
+                target = out / f"{stem}.{suffix[name]}.labels.png"
+                imglib.save_png(target, picture.image)
+                files.append(str(target))
+                entry["labels_png"] = target.name
             target = out / f"{stem}.{suffix[name]}.png"
-            imglib.save_png(target, picture.image)
+            pictures.save(pictures.map_figure(dense, image, picture.view, class_names), target)
             files.append(str(target))
             entry.update(png=target.name, view=picture.view)
             if picture.top_class is not None:

@@ -40,8 +40,13 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
 
     Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
     the size fed to the model) and <stem>.json (sizes and the grid that puts each prediction on
-    the input pixel at the centre of its receptive field). An image that cannot be read gets
-    one error line and the others still run; the exit code is then 2.
+    the input pixel at the centre of its receptive field); for label maps also
+    <stem>.<output>.labels.png, whose pixel values are the classes. An image that cannot be
+    read gets one error line and the others still run; the exit code is then 2.
+
+    \b
+    Example:
+      onnx-dense run dense.onnx street.jpg field.png --out maps/ --classes background,person,car
     """
     from tqdm import tqdm
 

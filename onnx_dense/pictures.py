@@ -256,7 +256,7 @@ def _rect(q, colour: str):
 def bench_figure(result):
     """The figure of a ``bench.BenchResult``: median time per way as a bar, every round as a dot."""
     ms = [m for m in result.measurements if m.times_ms]
-    fig = _figure(7.5, 1.6 + 0.55 * max(1, len(ms)))
+    fig = _figure(7.5, 1.6 + 0.7 * max(1, len(ms)))
     ax = fig.add_axes((0.27, 0.3, 0.68, 0.5))
     medians = [m.median_ms for m in ms if m.median_ms > 0]
     log = bool(medians) and max(medians) / min(medians) > 20  # shift-and-stitch would flatten the others
@@ -266,7 +266,7 @@ def bench_figure(result):
         y = len(ms) - 1 - i
         ax.barh(y, m.median_ms - left, left=left, color=colours.get(m.name, "#55a868"), height=0.6)
         ax.plot(m.times_ms, np.full(len(m.times_ms), y) + np.linspace(-0.15, 0.15, len(m.times_ms)), "k.", markersize=3)
-        ax.text(max(m.times_ms), y, f"  {m.median_ms:.2f} ms", va="center", fontsize=8)
+        ax.text(m.median_ms, y + 0.32, f" median {m.median_ms:.2f} ms", va="bottom", ha="left", fontsize=7)
     ax.set_yticks([len(ms) - 1 - i for i in range(len(ms))])
     ax.set_yticklabels([f"{m.name}\n({m.passes} pass{'es' if m.passes != 1 else ''})" for m in ms], fontsize=8)
     ax.set_xlabel(f"milliseconds per map{' (log scale)' if log else ''}; bar: median, dots: each round", fontsize=8)

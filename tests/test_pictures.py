@@ -117,7 +117,7 @@ def test_bench_figure_has_a_bar_per_way_and_every_round():
     assert len(ax.patches) == 3 and ax.get_xscale() == "log"  # 30 ms beside 1 ms: log, or the others vanish
     dots = sum(len(line.get_xdata()) for line in ax.lines)
     assert dots == 9
-    assert "1.10 ms" in _texts(fig) and "shift-and-stitch / dense" in _texts(fig)
+    assert "median 1.10 ms" in _texts(fig) and "shift-and-stitch / dense" in _texts(fig)
 
 
 def test_plots_from_the_commands(tmp_path):

@@ -39,6 +39,9 @@ def verify(original, dense, inputs, seed, phases, max_phases, rtol, atol, provid
       onnx-dense rewrite model.onnx dense.onnx -r 8
       onnx-dense verify  model.onnx dense.onnx --phases --plot phases.png
     """
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # a size the original refuses is handled and reported, not ORT's log too
     report = api.verify(
         original, dense, inputs=inputs, seed=seed, phases=phases, max_phases=max_phases, rtol=rtol, atol=atol,
         provider=provider, optimize=optimize,

@@ -57,9 +57,10 @@ class Comparison:
     worst: tuple[int, ...] | None = None  # index of the largest difference (original's indexing)
     tolerance: float = 0.0
     note: str = ""
+    skipped: bool = False  # nothing was compared (the note says why); passed stays True
 
     def line(self) -> str:
-        status = "PASS" if self.passed else "FAIL"
+        status = "SKIP" if self.skipped else "PASS" if self.passed else "FAIL"
         if self.compared:
             where = f" at {list(self.worst)}" if self.worst is not None else ""
             return (
@@ -84,11 +85,15 @@ class Report:
         return self.passed
 
     def text(self) -> str:
+        """One line per check, then the verdict; skipped checks are counted apart, never as passed."""
         lines = [c.line() for c in self.comparisons]
+        n_skip = sum(c.skipped for c in self.comparisons)
         n_fail = sum(not c.passed for c in self.comparisons)
+        n_run = len(self.comparisons) - n_skip
+        skipped = f"; {n_skip} SKIPPED, not checked (see why on its line)" if n_skip else ""
         lines.append(
-            f"{'PASSED' if self.passed else 'FAILED'}: {len(self.comparisons) - n_fail} of {len(self.comparisons)} checks "
-            f"passed (rtol {self.rtol:g}, atol {self.atol:g})"
+            f"{'PASSED' if self.passed else 'FAILED'}: {n_run - n_fail} of {n_run} checks passed{skipped}; "
+            f"rtol {self.rtol:g}, atol {self.atol:g}"
         )
         return "\n".join(lines)
 
@@ -363,6 +368,10 @@ def verify(
     dens = _load_proto(dense, "dense")
     info = metadata.read(dens)
     if info is None:
+        from onnx_dense.hints import not_dense
+
+        if isinstance(original, (str, os.PathLike)) and isinstance(dense, (str, os.PathLike)):
+            raise DenseError(not_dense("verify", original, dense))
         raise DenseError("the dense model has no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
     scaled = None
     if inputs is None:
@@ -471,7 +480,7 @@ def _check_any_size(
     except DenseError as exc:
         if orig is not None and not _runs_at(orig, info, bigger, provider, optimize):
             return Comparison(
-                "(model)", "any size", True,
+                "(model)", "any size", True, skipped=True,
                 note=f"skipped: the original does not run at input {list(next(iter(bigger.values())).shape)} either",
             )
         return Comparison("(model)", "any size", False, note=f"dense model fails on a larger input: {exc}")
@@ -529,12 +538,12 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
     for n in names:
         if n in info.outputs and info.outputs[n].inserted:
             results.append(
-                Comparison(n, "phases", True, note="skipped: classifier head (the original pools or flattens the whole map)")
+                Comparison(n, "phases", True, skipped=True, note="skipped: classifier head (the original pools or flattens the whole map)")
             )
         elif n in info.outputs and info.outputs[n].off_grid == "global":
             results.append(
                 Comparison(
-                    n, "phases", True, note="skipped: global context in the dense region (an off-grid phase is the "
+                    n, "phases", True, skipped=True, note="skipped: global context in the dense region (an off-grid phase is the "
                     "original whose first removed-stride node reads a shifted map; no cropped input reproduces it)",
                 )
             )
@@ -574,7 +583,7 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
                         end_cropped = True
                     except DenseError:
                         results.append(
-                            Comparison(outs[0], "phases", True, note=f"skipped: the original does not run at other sizes ({exc})")
+                            Comparison(outs[0], "phases", True, skipped=True, note=f"skipped: the original does not run at other sizes ({exc})")
                         )
                         break
                 lengths = tuple(shifted[input_name].shape[a] for a in entry.spatial_axes)
@@ -616,7 +625,8 @@ def _compare_phase(
         if (out.off_grid == "interior" or end_cropped) and lengths is not None:
             stop = min(stop, (lengths[k] - out.rf_start[k] - out.rf_size[k]) // out.original_stride[k] + 1)
         if stop <= start:
-            return Comparison(name, label, True, note="no position away from the border at this input size")
+            return Comparison(name, label, True, skipped=True,
+                              note="skipped: no position away from the border at this input size")
         e_index[a] = slice(start, stop)
         d_index[a] = slice(start, stop)
     return compare(expected[tuple(e_index)], sampled[tuple(d_index)], rtol, atol, name, label)

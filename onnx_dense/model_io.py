@@ -59,8 +59,11 @@ def _load(p: Path) -> ir.Model:
     try:
         proto = _parse(p)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        from onnx_dense.hints import not_onnx
+
+        hint = not_onnx(p)
         raise DenseError(
-            f"{p}: not an ONNX model (protobuf could not be parsed: {_first_line(exc)})"
+            f"{p}: {hint}" if hint else f"{p}: not an ONNX model (protobuf could not be parsed: {_first_line(exc)})"
         ) from None
     if not proto.HasField("graph") or not proto.graph.node:
         raise DenseError(f"{p}: not an ONNX model or its graph is empty")

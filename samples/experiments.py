@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m samples.experiments", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    ap.add_argument("--out", type=Path, required=True, help="folder for data, models, results.json, results.md")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for data, models, results.json, results.md (default: exp_CONFIG, e.g. exp_smoke)")
     ap.add_argument("--tasks", default="seg,cls,reg,loc", help=f"comma-separated subset of {','.join(TASKS)}")
     ap.add_argument("--jobs", type=int, default=ap_defaults()["jobs"], help="worker processes (default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
@@ -653,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     ap.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     args = ap.parse_args(argv)
+    args.out = args.out or Path(f"exp_{args.config}")
     if args.report:
         source = args.out / "results.json"
         if not source.is_file():

@@ -80,7 +80,8 @@ def test_run_writes_maps_pictures_and_grids(seg, tmp_path):
     assert code == 0, stderr
     assert "wrote 2 of 2 images" in stdout and stderr == ""
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.json", "a.output.npy", "a.output.png", "b.json", "b.output.npy", "b.output.png",
+        "a.json", "a.output.labels.png", "a.output.npy", "a.output.png",
+        "b.json", "b.output.labels.png", "b.output.npy", "b.output.png",
     ]
     assert _digest([a, b, seg]) == before  # inputs untouched
     # The map is the session's output on the same normalised image.
@@ -95,7 +96,10 @@ def test_run_writes_maps_pictures_and_grids(seg, tmp_path):
     assert entry["shape"] == list(array.shape) and entry["view"] == "labels"
     assert entry["grid"]["stride"] == [2, 2] and entry["grid"]["shape"] == list(array.shape[2:])
     assert entry["grid"]["origin"] == list(expected.grid.origin)
-    png = Image.open(out / "a.output.png")
+    picture = Image.open(out / "a.output.png")  # for people: over the image, with a legend
+    assert picture.mode in ("RGB", "RGBA") and picture.size[0] > 45 and picture.size[1] > 37
+    assert entry["png"] == "a.output.png" and entry["labels_png"] == "a.output.labels.png"
+    png = Image.open(out / "a.output.labels.png")  # for programs: pixel values are the classes
     assert png.mode == "P" and png.size == (45, 37)  # drawn at the size fed to the model
     labels = np.asarray(png)
     assert set(np.unique(labels)) <= set(range(4))
@@ -125,7 +129,8 @@ def test_bad_images_get_one_line_each_and_the_others_run(seg, tmp_path):
                                            ("folder", "is a directory"), ("missing.png", "no such file")]):
         assert line.startswith("onnx-dense: error: ") and name in line and what in line, line
     assert "wrote 1 of 5 images" in stdout and "4 failed" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.output.npy", "good.output.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.output.labels.png", "good.output.npy",
+                                                     "good.output.png"]
 
 
 def test_a_failed_write_is_one_line_and_leaves_no_file(seg, tmp_path, monkeypatch):
@@ -151,7 +156,7 @@ def test_a_failed_write_is_one_line_and_leaves_no_file(seg, tmp_path, monkeypatc
     assert lines[0].startswith("onnx-dense: error: ") and "first.png" in lines[0] and "No space left" in lines[0]
     assert "wrote 1 of 2 images" in stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "first.output.npy", "second.json", "second.output.npy", "second.output.png"
+        "first.output.npy", "second.json", "second.output.labels.png", "second.output.npy", "second.output.png"
     ]
 
 
@@ -169,11 +174,12 @@ def test_classifier_gets_a_heatmap_over_the_image(classifier, tmp_path):
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     assert entry["top_class"] == int(np.argmax(probs[0].reshape(3, -1).mean(axis=1)))
-    png = Image.open(out / "cat.output.png")
-    assert png.mode == "RGB" and png.size == (36, 30)
+    png = Image.open(out / "cat.output.png")  # a figure: the image, the heat, a colour bar
+    assert png.mode in ("RGB", "RGBA") and png.size[0] > 36 and png.size[1] > 30
+    assert not (out / "cat.output.labels.png").exists()
     # --view labels draws the argmax instead; --view none writes no picture
     assert run("run", classifier, img, "--out", tmp_path / "o2", "--size", "30", "--view", "labels")[0] == 0
-    assert Image.open(tmp_path / "o2" / "cat.output.png").mode == "P"
+    assert Image.open(tmp_path / "o2" / "cat.output.labels.png").mode == "P"
     assert json.loads((tmp_path / "o2" / "cat.json").read_text())["input_size"] == [30, 39]  # shorter side 30
     assert run("run", classifier, img, "--out", tmp_path / "o3", "--view", "none")[0] == 0
     assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["cat.json", "cat.output.npy"]
@@ -276,7 +282,9 @@ def test_python_api_mirrors_the_cli(seg, tmp_path):
     assert [r.image for r in summary.written] == [a]
     assert summary.failed == [(str(tmp_path / "nope.png"), f"{tmp_path / 'nope.png'}: no such file")] and len(errors) == 1
     assert summary.written[0].outputs["output"]["shape"][2:] == [12, 14]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.output.npy", "a.output.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.json", "a.output.labels.png", "a.output.npy", "a.output.png"
+    ]
 
 
 def test_help_lists_run():

@@ -149,7 +149,17 @@ def test_shapes_of_fully_convolutional_models():
 def test_make_samples(tmp_path, capsys):
     assert make_samples_main([str(tmp_path), "--models", "conv1d,fcn"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("conv1d")
+    assert len(lines) == 3 and lines[0].startswith("conv1d") and lines[2].startswith("images")
+    # the README's pictures and labelled folder: every image has its label map and class
+    from PIL import Image
+
+    assert Image.open(tmp_path / "scene.jpg").size == (208, 160) and (tmp_path / "shapes.png").is_file()
+    stems = sorted(p.stem for p in (tmp_path / "data" / "images").glob("*.png"))
+    assert stems == sorted(p.stem for p in (tmp_path / "data" / "labels").glob("*.png")) and len(stems) == 16
+    rows = dict(line.split(",") for line in (tmp_path / "data" / "labels.csv").read_text().split())
+    for stem in stems:
+        label = np.asarray(Image.open(tmp_path / "data" / "labels" / f"{stem}.png"))
+        assert set(np.unique(label)) == {0, int(rows[stem]) + 1}  # the shape's pixels carry its class + 1
     for name in ("conv1d", "fcn"):
         model = zoo.build(name)
         _check(model, tmp_path / f"{name}.onnx", zoo.example_input(name))

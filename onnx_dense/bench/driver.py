@@ -200,6 +200,10 @@ def load_pair(
     dense_proto, dense_label = _load(dense, "dense")
     info = metadata.read(dense_proto)
     if info is None:
+        from onnx_dense.hints import not_dense
+
+        if not isinstance(original, onnx.ModelProto) and not isinstance(dense, onnx.ModelProto):
+            raise DenseError(not_dense("bench", original, dense))
         raise DenseError(f"{dense_label}: no onnx_dense metadata; was it written by `onnx-dense rewrite`?")
     from onnx_dense.equivalence import load_inputs, make_inputs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from onnx_dense.cli import options
+from onnx_dense.cli.progress import status_line
 
 
 @click.command("bench")
@@ -28,26 +29,42 @@ from onnx_dense.cli import options
 @click.option("--profile", is_flag=True, help="also time every node with onnxruntime's profiler")
 @click.option("--seed", default=0, show_default=True, help="seed of the random inputs")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
+              help="also draw the times as a chart (median bars, every round a dot)")
 def bench(original, dense, inputs, input_shapes, repeat, warmup, threads, provider, no_optimize, no_stitch, settle,
-          cold, spinning, profile, seed, as_json) -> None:
+          cold, spinning, profile, seed, as_json, plot) -> None:
     """Time DENSE against ORIGINAL and against shift-and-stitch, on the same inputs.
 
     Shift-and-stitch runs ORIGINAL eST^2 times on shifted crops of the zero-padded input
     and interleaves the outputs into the dense map; it is also compared with DENSE away
     from the borders. Prints median ms, predictions per second, FLOPs and the ratios
     dense/original and shift-and-stitch/dense. Exit 0, or 1 when a check differs.
+    Progress is shown only when stderr is a terminal.
+
+    \b
+    Example:
+      onnx-dense rewrite model.onnx dense.onnx -r 4
+      onnx-dense bench   model.onnx dense.onnx --repeat 20 --plot times.png
     """
     import onnxruntime as ort
 
     from onnx_dense.bench import bench as run_bench
 
     ort.set_default_logger_severity(3)  # a failing run is reported in our one line, not ORT's log too
-    progress = None if as_json else (lambda msg: click.echo(f"  {msg}", err=True))
+    progress = None if as_json else status_line()
     result = run_bench(
         original, dense, inputs=inputs, input_shapes=options.parse_shapes(input_shapes) or None,
         provider=provider, threads=threads or None, optimize=not no_optimize, warmup=warmup, repeat=repeat,
         stitch=not no_stitch, settle=settle, prepass=not cold, spinning=spinning, profile=profile, seed=seed, progress=progress,
     )
+    if progress is not None:
+        progress(None)
     click.echo(result.to_json() if as_json else result.text())
+    if plot:
+        from onnx_dense import pictures
+
+        pictures.save(pictures.bench_figure(result), plot)
+        if not as_json:
+            click.echo(f"wrote {plot}")
     if not result.passed:
         raise click.exceptions.Exit(1)

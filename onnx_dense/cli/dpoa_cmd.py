@@ -27,7 +27,11 @@ def export_dpoa(original, trained, out, dense, dense_out, check, quiet) -> None:
 
     Same nodes, attributes, names, opset and metadata as ORIGINAL; only initializer values
     change. Refuses weights whose names or shapes do not fit ORIGINAL. ORIGINAL is never
-    written to.
+    written to. TRAINED is a checkpoint from `onnx-dense train` (.pt) or a trained dense .onnx.
+
+    \b
+    Example:
+      onnx-dense export-dpoa model.onnx checkpoints/last.pt model_dpoa.onnx --verify --dense-out trained.onnx
     """
     from onnx_dense.train.dpoa import export_dpoa as run_export
 

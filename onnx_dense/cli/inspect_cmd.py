@@ -23,6 +23,11 @@ def inspect(model, output_stride, from_node, input_shapes, outputs, all_nodes, a
     Kernel, stride, dilation and pads before and after, eST, receptive field, output size in
     the original and the dense model, and totals of predictions and FLOPs. Without
     --output-stride it lists the output strides this model can be rewritten to.
+
+    \b
+    Example:
+      onnx-dense inspect model.onnx              # which output strides can this model reach?
+      onnx-dense inspect model.onnx -r 8 --all   # what the rewrite at 8 changes, node by node
     """
     from onnx_dense.inspection import render
 

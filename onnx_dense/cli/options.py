@@ -45,7 +45,8 @@ model_path = click.Path(dir_okay=True, path_type=str)
 
 output_stride = click.option(
     "--output-stride", "-r", "output_stride", metavar="R",
-    help="input pixels between neighbouring dense predictions (one value, or one per axis: 8x4)",
+    help="input pixels between neighbouring dense predictions (one value, or one per axis: 8x4); "
+    "rewrite needs this or --from",
 )
 from_node = click.option(
     "--from", "from_node", metavar="NODE",

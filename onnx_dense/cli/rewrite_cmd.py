@@ -13,8 +13,8 @@ from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 
 
 @click.command("rewrite")
-@click.argument("src", type=options.model_path)
-@click.argument("dst", type=options.model_path)
+@click.argument("src", metavar="IN", type=options.model_path)
+@click.argument("dst", metavar="OUT", type=options.model_path)
 @options.output_stride
 @options.from_node
 @options.input_shape
@@ -32,13 +32,22 @@ from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 @click.option("--quiet", "-q", is_flag=True, help="print nothing on success")
 def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, tune, provider,
             quiet) -> None:
-    """Rewrite the CNN in SRC into its dense equivalent and write it to DST.
+    """Rewrite the CNN in IN into its dense equivalent and write it to OUT.
+
+    Give the output stride with -r/--output-stride R, or the node whose stride becomes 1
+    with --from NODE: one of the two is required (without either, the error lists the
+    strides this model can reach; `onnx-dense inspect IN` shows them too).
 
     Strided Conv/pooling nodes whose input already sits at the requested output stride get
     stride 1; every later window gets dilations and pads multiplied by the equivalent stride
     (eST) (--strategy dilate), or the removed strides' phases run as a batch through the
-    original ops (--strategy fragments). DST sampled every eST positions equals SRC's output.
-    DST is written atomically; SRC is never modified.
+    original ops (--strategy fragments). OUT sampled every eST positions equals IN's output.
+    OUT is written atomically; IN is never modified.
+
+    \b
+    Example:
+      onnx-dense rewrite model.onnx dense.onnx -r 8       # a prediction every 8 input pixels
+      onnx-dense rewrite model.onnx dense.onnx --from pool4
     """
     start = time.perf_counter()
     model = api.rewrite(

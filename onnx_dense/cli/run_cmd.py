@@ -31,20 +31,27 @@ from onnx_dense.errors import DenseError
 @click.option("--view", type=click.Choice(["auto", "labels", "heatmap", "none"]), default="auto", show_default=True,
               help="the PNG: argmax label map, top-class heatmap over the image, or none (auto: heatmap for "
                    "classifiers and single-channel outputs, labels otherwise)")
+@click.option("--classes", "class_names", metavar="A,B,...|FILE",
+              help="class names for the pictures' legends: comma-separated, or a text file with one per line")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: run on Ray workers (pip install 'onnx-dense[ray]'); reruns skip images already done")
 @click.option("--address", metavar="HOST:PORT", help="ray: the cluster to use (default: start a local Ray)")
 @click.option("--workers", type=int, metavar="N", help="ray: workers, one onnxruntime session each (default: one per CPU)")
 @click.option("--cpus-per-worker", type=int, default=1, show_default=True, metavar="N", help="ray: CPUs (threads) per worker")
-def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, quiet,
+def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, class_names, quiet,
         engine, address, workers, cpus_per_worker) -> None:
     """Run the dense MODEL on each IMAGE and write its dense maps to --out.
 
     Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
     the size fed to the model) and <stem>.json (sizes and the grid that puts each prediction on
-    the input pixel at the centre of its receptive field). An image that cannot be read gets
-    one error line and the others still run; the exit code is then 2.
+    the input pixel at the centre of its receptive field); for label maps also
+    <stem>.<output>.labels.png, whose pixel values are the classes. An image that cannot be
+    read gets one error line and the others still run; the exit code is then 2.
+
+    \b
+    Example:
+      onnx-dense run dense.onnx street.jpg field.png --out maps/ --classes background,person,car
     """
     from tqdm import tqdm
 
@@ -80,14 +87,15 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
                 bar.bar_format = "{l_bar}{bar}| {n:.1f}/{total} {unit}s [{elapsed}<{remaining}]"
             summary = ray_engine.run_images(
                 model, images, out_dir, size=size_v, mean=mean_v, std=std_v, provider=provider, tile=tile, fp16=fp16,
-                nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes, view=view, address=address, workers=workers,
+                nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes, view=view, class_names=class_names, address=address,
+                workers=workers,
                 cpus_per_worker=cpus_per_worker, on_error=lambda i, m: error(i, m, 0),
                 on_skip=lambda _image: bar.update(1), on_progress=bar.update,
             )
         else:
             summary = run_images(
-                model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, session=session,
-                on_error=error, on_done=lambda _result: bar.update(1),
+                model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, class_names=class_names,
+                session=session, on_error=error, on_done=lambda _result: bar.update(1),
             )
     finally:
         bar.close()

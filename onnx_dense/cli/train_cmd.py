@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from onnx_dense.cli import options
+from onnx_dense.cli.progress import is_terminal
 from onnx_dense.errors import DenseError
 
 TASKS = ("segmentation", "classification", "regression")
@@ -47,7 +48,9 @@ def _floats(text: str | None, what: str):
 @click.option("--label-mode", type=click.Choice(["sample", "upsample"]), default="sample", show_default=True,
               help="segmentation: labels sampled at each prediction's pixel, or scores upsampled to the label size")
 @click.option("--ignore-index", default=255, show_default=True, help="segmentation label value that is not scored")
-@click.option("--output", "output", default=None, help="the model output to train (default: the first)")
+@click.option("--loss-output", "output", metavar="NAME", default=None,
+              help="the model output the loss is computed on (default: the first)")
+@click.option("--output", "old_output", default=None, hidden=True)  # deprecated name of --loss-output
 @click.option("--mean", default=None, metavar="M1,M2,M3", help="per-channel mean subtracted from the images")
 @click.option("--std", default=None, metavar="S1,S2,S3", help="per-channel std the images are divided by")
 @click.option("--seed", default=0, show_default=True)
@@ -55,8 +58,8 @@ def _floats(text: str | None, what: str):
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=str), default=None, help="continue from a checkpoint")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, no summary")
 def train(dense, task, data, epochs, steps, lr, batch_size, optimizer, momentum, weight_decay, schedule, device,
-          checkpoint_dir, checkpoint_every, out, train_bn, label_mode, ignore_index, output, mean, std, seed, workers,
-          resume, quiet) -> None:
+          checkpoint_dir, checkpoint_every, out, train_bn, label_mode, ignore_index, output, old_output, mean, std, seed,
+          workers, resume, quiet) -> None:
     """Fine-tune the dense model DENSE (from `onnx-dense rewrite`) on labelled data.
 
     \b
@@ -65,8 +68,20 @@ def train(dense, task, data, epochs, steps, lr, batch_size, optimizer, momentum,
     regression      L1 between tanh(averaged output) and targets in [-1, 1]
 
     Writes CHECKPOINT_DIR/last.pt (the ONNX-named weights); `onnx-dense export-dpoa` puts them
-    back into the original model, --out writes the trained dense model.
+    back into the original model, --out writes the trained dense model. The progress bar
+    shows only when stderr is a terminal; the summary line is printed either way.
+
+    \b
+    Example:
+      onnx-dense rewrite model.onnx dense.onnx -r 8
+      onnx-dense train dense.onnx --task classification --data data/ --epochs 10 --out trained.onnx
+      onnx-dense export-dpoa model.onnx checkpoints/last.pt model_dpoa.onnx
     """
+    if old_output is not None:
+        if output is not None and output != old_output:
+            raise DenseError("--output is the old name of --loss-output; give only --loss-output")
+        click.echo("onnx-dense: warning: --output is deprecated, use --loss-output (the same meaning)", err=True)
+        output = old_output
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -78,7 +93,7 @@ def train(dense, task, data, epochs, steps, lr, batch_size, optimizer, momentum,
         momentum=momentum, weight_decay=weight_decay, schedule=schedule, device=device, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, train_bn=train_bn, label_mode=label_mode, ignore_index=ignore_index,
         output=output, mean=_floats(mean, "mean"), std=_floats(std, "std"), seed=seed, num_workers=workers,
-        resume=resume, out=out, progress=not quiet,
+        resume=resume, out=out, progress=not quiet and is_terminal(),
     )
     if quiet:
         return

@@ -234,8 +234,9 @@ class UnreachableStride(DenseError):
         self.dense_stride, self.stride = tuple(dense_stride), tuple(stride)
         self.reachable = [tuple(r) for r in reachable]
         super().__init__(
-            f"output '{output}': output stride {fmt(self.target)} is not reachable (the dense grid ends at "
-            f"{fmt(self.dense_stride)}, the original's stride is {fmt(self.stride)}); "
+            f"output '{output}': output stride {fmt(self.target)} is not reachable: the original predicts "
+            f"every {fmt(self.stride)} input pixels, and setting layer strides to 1 can only give the stride "
+            f"found at the input of one of its strided layers; "
             f"reachable output strides: {', '.join(map(fmt, self.reachable)) or 'none'}"
         )
 

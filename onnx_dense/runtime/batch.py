@@ -4,7 +4,11 @@
 image writes into ``out_dir``:
 
 * ``<stem>.<output>.npy``: the dense output as the model returned it (batch axis included);
-* ``<stem>.<output>.png``: the picture of it (:func:`onnx_dense.runtime.images.render`);
+* ``<stem>.<output>.png``: the picture a person reads (:func:`onnx_dense.pictures.map_figure`):
+  the label map blended over the image with a legend of class names, or a heatmap with a
+  colour bar spanning the map's own range;
+* ``<stem>.<output>.labels.png``: for label maps, the argmax map as a palette PNG whose pixel
+  values are the classes (:func:`onnx_dense.runtime.images.render`), for programs;
 * ``<stem>.json``: the image's sizes, and per output its shape, files and grid (the input-pixel
   centre of prediction ``i`` along an axis is ``origin + i * stride``; divide by ``scale`` for
   pixels of the image file when it was resized).
@@ -25,6 +29,7 @@ from typing import IO, Callable, Iterator, Sequence
 
 import numpy as np
 
+from onnx_dense import pictures
 from onnx_dense.errors import DenseError
 from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
@@ -65,6 +70,7 @@ def run_images(
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
     view: str = "auto",
+    class_names=None,
     write_npy: bool = True,
     on_error: Callable[[str, str], None] | None = None,
     on_done: Callable[[ImageResult], None] | None = None,
@@ -73,7 +79,8 @@ def run_images(
     """Run ``model`` (a path or a DenseSession's model) on every file of ``images``; see module doc.
 
     Errors about the model or the options raise DenseError before any image runs; an error
-    about one image goes to ``on_error(image, message)`` and into the summary.
+    about one image goes to ``on_error(image, message)`` and into the summary. ``class_names``:
+    a list, ``'a,b,c'`` or a text file with one name per line, for the pictures' legends.
     """
     size = imglib.parse_size(size)
     mean = imglib.parse_floats(mean, "--mean")
@@ -104,7 +111,7 @@ def run_images(
         for path, stem in zip(inputs, stems):
             try:
                 result = _one(session, path, stem, out, outputs, size, mean, std, channels, entry.spatial_axes, view,
-                              write_npy, inputs)
+                              write_npy, inputs, class_names)
             except DenseError as exc:
                 message = str(exc)
                 if not message.startswith(str(path)):
@@ -140,7 +147,8 @@ def image_layout(session: DenseSession):
     return entry, channels
 
 
-def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs) -> ImageResult:
+def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs,
+         class_names=None) -> ImageResult:
     image = imglib.load_image(
         path, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
         dtype=session.input_dtype(session.image_input),
@@ -149,7 +157,8 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
     check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
     described: dict[str, dict] = {}
     files: list[str] = []
-    for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile, described):
+    for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile, described,
+                                  class_names):
         target = out / filename
         imglib.write_atomic(target, write)
         files.append(str(target))
@@ -163,7 +172,7 @@ def planned_names(stem: str, outputs: Sequence[str], view: str, write_npy: bool)
         if write_npy:
             names.append(f"{stem}.{_safe(name)}.npy")
         if view != "none":
-            names.append(f"{stem}.{_safe(name)}.png")
+            names += [f"{stem}.{_safe(name)}.png", f"{stem}.{_safe(name)}.labels.png"]
     return names + [f"{stem}.json"]
 
 
@@ -177,7 +186,7 @@ def check_not_inputs(path, out: Path, names: Sequence[str], inputs: Sequence[Pat
 
 
 def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
-           described: dict[str, dict]) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
+           described: dict[str, dict], class_names=None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
     """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
 
     Pictures are drawn one at a time as the caller writes them, so only one is held at once;
@@ -196,8 +205,13 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             entry["npy"] = filename
         picture = imglib.render(dense, image, view)
         if picture is not None:
+            if picture.view == "labels":
+                filename = f"{stem}.{_safe(name)}.labels.png"
+                yield filename, lambda f, p=picture.image: p.save(f, format="PNG")
+                entry["labels_png"] = filename
             filename = f"{stem}.{_safe(name)}.png"
-            yield filename, lambda f, p=picture.image: p.save(f, format="PNG")
+            yield filename, lambda f, d=dense, v=picture.view: pictures.write(
+                pictures.map_figure(d, image, v, class_names), f)
             entry.update(png=filename, view=picture.view)
             if picture.top_class is not None:
                 entry["top_class"] = picture.top_class

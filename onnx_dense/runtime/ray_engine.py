@@ -105,7 +105,7 @@ class _Worker:
     def ready(self) -> str:
         return self.session.provider
 
-    def image(self, label: str, path: str, stem: str, data: bytes, outputs, view, write_npy):
+    def image(self, label: str, path: str, stem: str, data: bytes, outputs, view, write_npy, class_names=None):
         self._maybe_die(label)
         try:
             image = imglib.load_image(path, data=data, dtype=self.session.input_dtype(self.session.image_input),
@@ -114,7 +114,7 @@ class _Worker:
             described: dict = {}
             files = []
             for filename, write in batch.encode(maps, image, path, stem, outputs, view, write_npy,
-                                                self.session.provider, self.session.tile, described):
+                                                self.session.provider, self.session.tile, described, class_names):
                 buffer = io.BytesIO()
                 write(buffer)
                 files.append((filename, buffer.getvalue()))
@@ -194,6 +194,7 @@ def run_images(
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
     view: str = "auto",
+    class_names=None,
     write_npy: bool = True,
     address: str | None = None,
     workers: int | None = None,
@@ -295,7 +296,7 @@ def run_images(
             try:
                 data = _read(item.path)
                 if tile_v is None:
-                    yield item, "image", item.path.name, (str(item.path), item.stem, data, outputs, view, write_npy)
+                    yield item, "image", item.path.name, (str(item.path), item.stem, data, outputs, view, write_npy, class_names)
                     continue
                 item.image = imglib.load_image(item.path, data=data, dtype=dtype, **load)
                 del data
@@ -394,7 +395,7 @@ def run_images(
                             if item.stitcher.remaining:
                                 advance(item, 1.0 / item.tiles)
                             else:
-                                _finish_tiled(item, outputs, dense_outputs, view, write_npy, worker_provider, tile_v,
+                                _finish_tiled(item, outputs, dense_outputs, view, write_npy, class_names, worker_provider, tile_v,
                                               finish, fail)
                 submit(actor)
         finally:  # a cluster the caller started stays up: give its CPUs back
@@ -406,7 +407,7 @@ def run_images(
     return summary
 
 
-def _finish_tiled(item, outputs, dense_outputs, view, write_npy, provider, tile, finish, fail) -> None:
+def _finish_tiled(item, outputs, dense_outputs, view, write_npy, class_names, provider, tile, finish, fail) -> None:
     stitched = item.stitcher.result()
     maps = {}
     for name in outputs:
@@ -415,7 +416,7 @@ def _finish_tiled(item, outputs, dense_outputs, view, write_npy, provider, tile,
     described: dict = {}
     try:
         files = list(batch.encode(maps, item.image, item.path, item.stem, outputs, view, write_npy, provider, tile,
-                                  described))
+                                  described, class_names))
         finish(item, files, described)
     except DenseError as exc:
         fail(item, str(exc))

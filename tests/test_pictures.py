@@ -1,0 +1,137 @@
+"""Pictures (onnx_dense/pictures.py): what a reader needs is in them, not only pixels.
+
+The figures are checked through matplotlib's objects (legend texts, colour-bar limits, titles,
+cell values) before they are written, and once as PNG files through the commands.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from onnx_dense import pictures
+from onnx_dense.bench import BenchResult, Check, Measurement
+from onnx_dense.equivalence import Comparison, Report
+from onnx_dense.runtime import DenseSession, load_image
+from tests._cli import run
+from tests.test_run_cmd import _image, classifier, seg  # noqa: F401  (fixtures)
+
+
+def _texts(fig) -> str:
+    out = []
+    for ax in fig.axes:
+        out.append(ax.get_title(loc="left"))
+        out.extend(t.get_text() for t in ax.texts)
+        legend = ax.get_legend()
+        if legend is not None:
+            out.extend(t.get_text() for t in legend.get_texts())
+    out.extend(t.get_text() for t in fig.texts)
+    return "\n".join(out)
+
+
+def test_class_names_from_a_list_a_string_or_a_file(tmp_path):
+    assert pictures.class_names(None, 2) == ["class 0", "class 1"]
+    assert pictures.class_names("sky, road", 3) == ["sky", "road", "class 2"]
+    names = tmp_path / "classes.txt"
+    names.write_text("background\ncat\n\ndog\n")
+    assert pictures.class_names(str(names), 3) == ["background", "cat", "dog"]
+    assert pictures.class_names(["a", "b", "c"], 2) == ["a", "b"]
+
+
+def test_label_map_is_over_the_image_with_a_legend_of_the_classes_present(seg, tmp_path):
+    image = load_image(_image(tmp_path / "a.png"))
+    with DenseSession(seg, provider="cpu") as session:
+        out = session.run(image.array)["output"]
+    fig = pictures.map_figure(out, image, "labels", "bg,road,car,sky")
+    labels = np.argmax(out.numpy()[0], axis=0)
+    text = _texts(fig)
+    present = set(np.unique(labels[out.grid.nearest(np.arange(37), 0)[:, None], out.grid.nearest(np.arange(45), 1)]))
+    names = ["bg", "road", "car", "sky"]
+    for c in range(4):
+        assert (f"{c} {names[c]} (" in text) == (c in present), text
+    assert "argmax of 4 classes" in text and "one every 2 px" in text
+    drawn = fig.axes[0].images[0].get_array()
+    assert drawn.shape[:2] == (37, 45)  # at the size fed to the model, blended with it
+    assert not np.array_equal(np.asarray(drawn), image.rgb)
+
+
+def test_heatmap_range_is_the_maps_own_and_names_the_class(classifier, tmp_path):
+    image = load_image(_image(tmp_path / "cat.png", size=(40, 52)))
+    with DenseSession(classifier, provider="cpu") as session:
+        out = session.run(image.array)["output"]
+    fig = pictures.map_figure(out, image, "auto", ["cat", "dog", "bird"])
+    logits = out.numpy()[0].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=0))
+    probs /= probs.sum(axis=0)
+    top = int(np.argmax(probs.reshape(3, -1).mean(axis=1)))
+    heat = fig.axes[0].images[1]
+    lo, hi = heat.get_clim()
+    assert lo == pytest.approx(probs[top].min()) and hi == pytest.approx(probs[top].max())  # not 0 to 1
+    assert hi - lo < 1
+    colourbars = [ax for ax in fig.axes[1:]]
+    assert colourbars, "no colour bar"
+    text = _texts(fig)
+    assert f"probability of {['cat', 'dog', 'bird'][top]!r} (class {top}" in text
+    assert f"colours span {lo:.3g} to {hi:.3g}" in text
+
+
+def test_verify_figure_shows_every_phase_and_marks_failures_and_gaps(tmp_path):
+    c = [
+        Comparison("out", "subgrid", True, max_abs=1e-7, compared=10, tolerance=1e-5),
+        Comparison("out", "phase 0,1", False, max_abs=3e-3, compared=10, tolerance=1e-5),
+        Comparison("out", "phase 1,1", True, max_abs=0.0, compared=10, tolerance=1e-5),
+        Comparison("(weights)", "weights", True, note="3 weights shared by name, shape and value"),
+        Comparison("cls", "phases", True, skipped=True, note="skipped: classifier head"),
+    ]
+    report = Report(c, 1e-5, 1e-6)
+    fig = pictures.verify_figure(report, {"out": (2, 2), "cls": (2, 2)})
+    ax = fig.axes[0]
+    ratio = ax.images[1].get_array()
+    assert ratio.shape == (2, 2)
+    assert np.ma.is_masked(ratio[1, 0])  # phase 1,0 not checked: grey
+    assert ratio[0, 1] == pytest.approx(300)
+    assert [p.get_edgecolor()[:3] for p in ax.patches] == [(1.0, 0.0, 0.0)]  # the failing phase, outlined
+    text = _texts(fig)
+    assert "3 of 4 phases checked (1 grey: not checked)" in text and "worst 3.00e-03 (phase 0,1)" in text
+    assert "FAILED" in text and "SKIP  cls phases" in text
+    pictures.save(fig, tmp_path / "v.png")
+    assert Image.open(tmp_path / "v.png").format == "PNG"
+
+
+def test_bench_figure_has_a_bar_per_way_and_every_round():
+    ms = [
+        Measurement("original", 1, [1.0, 1.2, 1.1], 4, 100),
+        Measurement("dense", 1, [2.0, 2.1, 1.9], 64, 170),
+        Measurement("shift-and-stitch", 16, [30.0, 31.0, 29.0], 64, 1600),
+    ]
+    result = BenchResult(
+        original_path="o.onnx", dense_path="d.onnx", provider="cpu", threads=2, optimize=True, warmup=1, repeat=3,
+        prepass=True, settle=0.0, inputs={"input": [1, 3, 64, 64]},
+        outputs=[{"name": "o", "est": [4, 4], "stride": [4, 4], "original_stride": [16, 16]}], est=[4, 4],
+        measurements=ms, checks=[Check("o", "subgrid", True, 0, 0, 1, 4, 4)],
+    )
+    fig = pictures.bench_figure(result)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3 and ax.get_xscale() == "log"  # 30 ms beside 1 ms: log, or the others vanish
+    dots = sum(len(line.get_xdata()) for line in ax.lines)
+    assert dots == 9
+    assert "median 1.10 ms" in _texts(fig) and "shift-and-stitch / dense" in _texts(fig)
+
+
+def test_plots_from_the_commands(tmp_path):
+    from tests.test_cli import _write
+
+    net = _write(tmp_path / "net.onnx")
+    dense = tmp_path / "dense.onnx"
+    assert run("rewrite", net, dense, "-r", "2")[0] == 0
+    code, out, err = run("verify", net, dense, "--phases", "--plot", tmp_path / "v.png")
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'v.png'}" in out and Image.open(tmp_path / "v.png").size[0] > 200
+    code, out, err = run("bench", net, dense, "--repeat", "2", "--settle", "0", "--plot", tmp_path / "b.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "b.png").format == "PNG"
+    assert "round" not in err  # stderr is not a terminal: no progress lines in a log
+    assert not list(tmp_path.glob(".*.tmp"))
+    onnx.load(str(dense))  # untouched and loadable

@@ -135,7 +135,7 @@ def test_usage_errors_are_one_line(net, tmp_path):
     code, out, err = run("bench", net, net, "--provider", "tpu")
     assert_clean_error(code, out, err, "'tpu'")
     code, out, _ = run("rewrite", "--help")
-    assert code == 0 and "rewrite [OPTIONS] SRC DST" in out
+    assert code == 0 and "rewrite [OPTIONS] IN OUT" in out
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -127,7 +127,7 @@ def test_bad_options(net, tmp_path, args, needles):
 
 def test_usage_errors_are_one_line(net, tmp_path):
     code, out, err = run("rewrite", net)
-    assert_clean_error(code, out, err, "Missing argument 'DST'", "see 'onnx-dense rewrite --help'")
+    assert_clean_error(code, out, err, "Missing argument 'OUT'", "see 'onnx-dense rewrite --help'")
     code, out, err = run("rewrite", net, tmp_path / "o.onnx", "--bogus")
     assert_clean_error(code, out, err, "--bogus")
     code, out, err = run("nosuchcommand")
@@ -135,7 +135,7 @@ def test_usage_errors_are_one_line(net, tmp_path):
     code, out, err = run("bench", net, net, "--provider", "tpu")
     assert_clean_error(code, out, err, "'tpu'")
     code, out, _ = run("rewrite", "--help")
-    assert code == 0 and "rewrite [OPTIONS] SRC DST" in out
+    assert code == 0 and "rewrite [OPTIONS] IN OUT" in out
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def _environment(tmp: Path, repo: Path) -> dict[str, str]:
     bin_dir.mkdir()
     shim = bin_dir / "onnx-dense"
     shim.write_text(
-        f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from onnx_dense.cli import main; sys.exit(main())' \"$@\"\n"
+        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c 'import sys; from onnx_dense.cli import main; sys.exit(main())' \"$@\"\n"
     )
     shim.chmod(0o755)
     env = dict(os.environ)

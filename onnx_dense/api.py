@@ -71,8 +71,9 @@ def output_strides(
     input_shapes: dict[str, Sequence[int]] | None = None,
     strategy: Strategy | str = DEFAULT_STRATEGY,
 ) -> list[tuple[int, ...]]:
-    """The output strides ``rewrite`` accepts for this model (the same on every spatial axis)
-    with ``strategy`` ("auto", the default: those of the more permissive fragments)."""
+    """The output strides ``rewrite`` accepts for this model with ``strategy`` ("auto", the
+    default: those of the more permissive fragments): ``(r,)`` for the same on every spatial
+    axis; one value per axis (``(3, 2)``) where the model's stride differs per axis."""
     if isinstance(model, (str, os.PathLike)):
         model = model_io.load(model)
     elif isinstance(model, onnx.ModelProto):

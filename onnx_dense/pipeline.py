@@ -15,6 +15,7 @@ in ``choose_strategy``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import onnx_ir as ir
@@ -22,7 +23,7 @@ from onnx_ir.passes import Sequential
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnx_dense.errors import DenseError
-from onnx_dense.grid import GRID, fmt
+from onnx_dense.grid import GRID, Grid, fmt
 from onnx_dense.passes.analyse import AnalyseGrid
 from onnx_dense.passes.analysis.phases import PlanPhases
 from onnx_dense.passes.align_joins import AlignJoins
@@ -239,17 +240,32 @@ def stride_from_node(model: ir.Model, name: str) -> tuple[int, ...]:
 def reachable_output_strides(
     model: ir.Model, strategy: Strategy | str = Strategy.DILATE, per_phase_global: bool = False
 ) -> list[tuple[int, ...]]:
-    """Output strides (the same on every spatial axis) for which every output ends on its grid."""
-    base = AnalyseGrid(None)
-    base(model)
+    """Output strides for which every output ends on its grid and, on every axis, some output
+    on the stride itself. One value each, ``(r,)``, where every output's stride is the same
+    on every axis; else one per axis (``(3, 2)``; ``(r,)`` still where they are equal)."""
+    AnalyseGrid(None)(model)
     analysis: Analysis = model.meta[ANALYSIS]
-    largest = max((max(o.grid.stride) for o in analysis.outputs if o.grid is not None and o.grid.stride), default=1)
+    grids = [o.grid for o in analysis.outputs if o.grid is not None and o.grid.axes is not None and o.grid.stride]
     found = []
-    for r in range(1, largest + 1):
+    for r in stride_candidates(grids):
         try:
             AnalyseGrid(r, strategy, per_phase_global)(model)
         except DenseError:
             continue
-        found.append((r,))
+        found.append(r)
     AnalyseGrid(None)(model)
     return found
+
+
+def stride_candidates(grids: Sequence[Grid]) -> list[tuple[int, ...]]:
+    """Output strides worth trying: 1 to the largest where every stride is the same on every
+    axis; else, per axis, the divisors of the outputs' strides, every combination in order."""
+    if all(len(set(g.stride)) == 1 for g in grids):
+        largest = max((g.stride[0] for g in grids), default=1)
+        return [(r,) for r in range(1, largest + 1)]
+    rank = max(g.rank for g in grids)
+    per_axis = [
+        sorted({d for g in grids if g.rank == rank for d in range(1, g.stride[i] + 1) if g.stride[i] % d == 0})
+        for i in range(rank)
+    ]
+    return [(c[0],) if len(set(c)) == 1 else c for c in itertools.product(*per_axis)]

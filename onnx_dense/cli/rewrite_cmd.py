@@ -77,3 +77,6 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
     for name in (o.name for o in model.graph.outputs):
         if name not in info.outputs:
             click.echo(f"  output '{name}': no spatial axes, unchanged")
+    if all(v == 1 for out in info.outputs.values() for v in out.est):
+        click.echo("  nothing to densify: the output stride asked for is the model's own (eST 1), "
+                   "so the model written computes what the original does")

@@ -36,7 +36,8 @@ Rules (per spatial axis; S stride, e eST, D = S/e dense grid stride, R target):
 * Upsampling (Resize, strided ConvTranspose, DepthToSpace) is allowed only where e = 1.
 * A head vector (N, C) reshaped or unsqueezed to (N, 1, 1, C) or (N, C, 1, 1) is a map
   again: its dense tensor (N, positions, C) is kept or transposed to match.
-* Every output must end on a dense grid D = min(R, S).
+* Every output must end on a dense grid D = min(R, S), and on every axis some output on R
+  itself (R above every output's stride would change nothing).
 
 Strategy "fragments" (``AnalyseGrid(R, "fragments")``, lowered by passes/fragments.py): every
 phase runs the original ops, so global context broadcast back, whole-image normalisation,
@@ -141,6 +142,7 @@ class _Analyser(*RULE_CLASSES):
         for node in self.graph:
             self.visit(node)
         outputs = [self.check_output(v) for v in self.graph.outputs]
+        self.check_stride_reached(outputs)
         self.check_globals()
         self.check_assumed_dims()
         return Analysis(self.target_or_none(), outputs, dict(self.input_axes), set(self.context_globals))
@@ -199,6 +201,29 @@ class _Analyser(*RULE_CLASSES):
                     candidates = [(v,) for v in self.model_strides(value)]  # the pipeline narrows them
                     raise UnreachableStride(value.name, tgt, g.dense_stride, g.stride, candidates)
         return OutputInfo(value.name, g, value.shape)
+
+    def check_stride_reached(self, outputs: list[OutputInfo]) -> None:
+        """On every axis some output must end on the stride asked for: one above every output's
+        own stride (or above 1 with no spatial op) would leave the model unchanged, yet labelled
+        with that stride."""
+        target = self.target_or_none()
+        if target is None:
+            return
+        grids = [(o.name, o.grid) for o in outputs if o.grid is not None and o.grid.axes is not None]
+        if not grids:
+            if any(r > 1 for r in target) and self.graph.outputs:
+                ones = (1,) * len(target)
+                raise UnreachableStride(self.graph.outputs[0].name, target, ones, ones, [(1,)])
+            return
+        rank = max(g.rank for _, g in grids)
+        grids = [(name, g) for name, g in grids if g.rank == rank]
+        tgt = target * rank if len(target) == 1 else target
+        if len(tgt) != rank:
+            return  # the Conv/pool rules refuse a count of values that fits no node
+        coarsest = tuple(max(g.stride[i] for _, g in grids) for i in range(rank))
+        if any(r > s for r, s in zip(tgt, coarsest)):
+            name, g = max(grids, key=lambda item: item[1].stride)
+            raise UnreachableStride(name, tgt, g.dense_stride, g.stride, [(v,) for v in strides_along(g)])
 
     def model_strides(self, value: ir.Value) -> list[int]:
         g = self.grid(value)

@@ -25,7 +25,11 @@ from typing import Callable, Sequence
 
 from onnx_dense.errors import DenseError
 from onnx_dense.runtime import images as imglib
+from onnx_dense.runtime import picture_stream
 from onnx_dense.runtime.dense_session import DenseSession
+
+
+STREAM_PICTURES_ABOVE = 2048 * 2048  # input pixels above which pictures are drawn band by band
 
 
 @dataclasses.dataclass
@@ -33,6 +37,7 @@ class ImageResult:
     image: str
     files: list[str]
     outputs: dict[str, dict]
+    schedule: str | None = None  # what the run did (whole, phases, tiles...), one line
 
 
 @dataclasses.dataclass
@@ -57,6 +62,8 @@ def run_images(
     std=(1.0,),
     provider: str = "auto",
     tile=None,
+    max_memory=None,
+    schedule: str = "auto",
     fp16: bool = False,
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
@@ -85,7 +92,8 @@ def run_images(
     if session is None:
         session = DenseSession(
             model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
-            fixed_shapes=isinstance(size, tuple) and tile is None, tile=tile,
+            fixed_shapes=isinstance(size, tuple) and tile is None, tile=tile, max_memory=max_memory,
+            schedule=schedule,
         )
     try:
         name = session.image_input
@@ -158,6 +166,17 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             imglib.save_npy(target, array)
             files.append(str(target))
             entry["npy"] = target.name
+        if image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE:  # drawn and written band by band
+            target = out / f"{stem}.{suffix[name]}.png"
+            drawn = picture_stream.write_picture(target, dense, image, view)
+            if drawn is not None:
+                files.append(str(target))
+                entry.update(png=target.name, view=drawn["view"])
+                if drawn["top_class"] is not None:
+                    entry["top_class"] = drawn["top_class"]
+            del array
+            described[name] = entry
+            continue
         picture = imglib.render(dense, image, view)
         if picture is not None:
             target = out / f"{stem}.{suffix[name]}.png"
@@ -174,12 +193,13 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
         "scale": list(image.scale),
         "provider": session.provider,
         "tile": list(session.tile) if isinstance(session.tile, (tuple, list)) else session.tile,
+        "schedule": session.last_schedule.to_dict() if session.last_schedule else None,
         "outputs": described,
     }
     target = out / f"{stem}.json"
     imglib.save_text(target, _json(record))
     files.append(str(target))
-    return ImageResult(str(path), files, described)
+    return ImageResult(str(path), files, described, session.last_schedule.describe() if session.last_schedule else None)
 
 
 def _json(record: dict) -> str:

@@ -239,6 +239,7 @@ class DenseSession:
         else:
             # A budget or phases: the dense model's own session is made only if a run needs it, so
             # the stage sessions do not hold a second copy of the weights beside it.
+            _return_freed_memory()
             graph = self._light_structure().graph
             inits = {t.name for t in graph.initializer}
             inputs = [i for i in graph.input if i.name not in inits]
@@ -766,6 +767,24 @@ def _runner(session: ort.InferenceSession):
             raise DenseError(f"onnxruntime failed to run a phase stage on {shapes}: {' '.join(str(exc).split())[:300]}") from None
 
     return run
+
+
+def _return_freed_memory() -> None:
+    """glibc only: large blocks (>= 128 KiB) from mmap, given back to the system when freed.
+
+    By default glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), so
+    the activations of one stage, freed, stay in the heap and the next stage's land beside them:
+    measured on the FCN sample by phases, 2.5x the estimated peak and 100 MB kept after the run;
+    with a fixed threshold, 1.1x and nothing kept. Set only for sessions given a budget or phases.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss() -> int:

@@ -24,6 +24,11 @@ from onnx_dense.errors import DenseError
               help="auto: CUDA when the installed onnxruntime has it, else CPU")
 @click.option("--tile", metavar="N|HxW",
               help="run tiles of N input pixels (overlap included) and stitch them: same output, less memory")
+@click.option("--max-memory", metavar="SIZE",
+              help="memory budget for the whole process, e.g. 2GB: runs whole, phase by phase, or phase by phase on "
+                   "tiles, whichever is fastest within it (one line per image says which)")
+@click.option("--schedule", type=click.Choice(["auto", "whole", "phases", "phases+tiles", "tiles"]), default="auto",
+              show_default=True, help="force a schedule instead of choosing one from --max-memory")
 @click.option("--fp16", is_flag=True, help="run in float16 (inputs and outputs stay float32; not bit-exact)")
 @click.option("--nhwc", is_flag=True, help="CUDA: prefer channels-last convolution kernels (prefer_nhwc)")
 @click.option("--allow-cpu-nodes", is_flag=True,
@@ -39,8 +44,8 @@ from onnx_dense.errors import DenseError
 @click.option("--address", metavar="HOST:PORT", help="ray: the cluster to use (default: start a local Ray)")
 @click.option("--workers", type=int, metavar="N", help="ray: workers, one onnxruntime session each (default: one per CPU)")
 @click.option("--cpus-per-worker", type=int, default=1, show_default=True, metavar="N", help="ray: CPUs (threads) per worker")
-def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, allow_cpu_nodes, view, class_names, quiet,
-        engine, address, workers, cpus_per_worker) -> None:
+def run(model, images, out_dir, size, mean, std, provider, tile, max_memory, schedule, fp16, nhwc, allow_cpu_nodes, view,
+        class_names, quiet, engine, address, workers, cpus_per_worker) -> None:
     """Run the dense MODEL on each IMAGE and write its dense maps to --out.
 
     Per image and output: <stem>.<output>.npy (the raw map), <stem>.<output>.png (a picture at
@@ -63,13 +68,16 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
         from onnx_dense.runtime import ray_engine
 
         ray_engine.import_ray()  # not installed: one line saying how, before anything else
+        if max_memory or schedule != "auto":
+            raise DenseError("--max-memory and --schedule are options of the local engine; with --engine ray, "
+                             "bound each worker's memory with --tile")
     elif address or workers or cpus_per_worker != 1:
         raise DenseError("--address, --workers and --cpus-per-worker are options of --engine ray")
     size_v = parse_size(size)
     mean_v, std_v = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     session = None if engine == "ray" else DenseSession(
         model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
-        fixed_shapes=isinstance(size_v, tuple) and tile is None, tile=tile,
+        fixed_shapes=isinstance(size_v, tuple) and tile is None, tile=tile, max_memory=max_memory, schedule=schedule,
     )
     bar = tqdm(total=len(images), unit="image", file=sys.stderr, disable=True if quiet else None, leave=False)
 
@@ -80,6 +88,11 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
         else:
             tqdm.write(line, file=sys.stderr)
         bar.update(advance)
+
+    def done(result) -> None:
+        if result.schedule and not quiet and (max_memory or schedule != "auto"):
+            tqdm.write(f"onnx-dense: {result.image}: {result.schedule}", file=sys.stderr)
+        bar.update(1)
 
     try:
         if session is None:
@@ -95,7 +108,7 @@ def run(model, images, out_dir, size, mean, std, provider, tile, fp16, nhwc, all
         else:
             summary = run_images(
                 model, images, out_dir, size=size_v, mean=mean_v, std=std_v, view=view, class_names=class_names,
-                session=session, on_error=error, on_done=lambda _result: bar.update(1),
+                session=session, on_error=error, on_done=done,
             )
     finally:
         bar.close()

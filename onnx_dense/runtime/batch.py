@@ -33,7 +33,11 @@ from onnx_dense import pictures
 from onnx_dense.errors import DenseError
 from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
+from onnx_dense.runtime import picture_stream
 from onnx_dense.runtime.dense_session import DenseSession
+
+
+STREAM_PICTURES_ABOVE = 2048 * 2048  # input pixels above which pictures are drawn band by band
 
 
 @dataclasses.dataclass
@@ -41,6 +45,7 @@ class ImageResult:
     image: str
     files: list[str]
     outputs: dict[str, dict]
+    schedule: str | None = None  # what the run did (whole, phases, tiles...), one line
 
 
 @dataclasses.dataclass
@@ -66,6 +71,8 @@ def run_images(
     std=(1.0,),
     provider: str = "auto",
     tile=None,
+    max_memory=None,
+    schedule: str = "auto",
     fp16: bool = False,
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
@@ -96,7 +103,8 @@ def run_images(
     if session is None:
         session = DenseSession(
             model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
-            fixed_shapes=isinstance(size, tuple) and tile is None, tile=tile,
+            fixed_shapes=isinstance(size, tuple) and tile is None, tile=tile, max_memory=max_memory,
+            schedule=schedule,
         )
     try:
         entry, channels = image_layout(session)
@@ -157,12 +165,13 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
     check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
     described: dict[str, dict] = {}
     files: list[str] = []
+    schedule = session.last_schedule
     for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile, described,
-                                  class_names):
+                                  class_names, schedule.to_dict() if schedule else None):
         target = out / filename
         imglib.write_atomic(target, write)
         files.append(str(target))
-    return ImageResult(str(path), files, described)
+    return ImageResult(str(path), files, described, schedule.describe() if schedule else None)
 
 
 def planned_names(stem: str, outputs: Sequence[str], view: str, write_npy: bool) -> list[str]:
@@ -186,7 +195,7 @@ def check_not_inputs(path, out: Path, names: Sequence[str], inputs: Sequence[Pat
 
 
 def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
-           described: dict[str, dict], class_names=None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
+           described: dict[str, dict], class_names=None, schedule: dict | None = None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
     """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
 
     Pictures are drawn one at a time as the caller writes them, so only one is held at once;
@@ -203,6 +212,17 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             filename = f"{stem}.{_safe(name)}.npy"
             yield filename, lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False)
             entry["npy"] = filename
+        if image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE:  # drawn and written band by band
+            drawn = picture_stream.picture_writer(dense, image, view)
+            if drawn is not None:
+                info, write = drawn
+                filename = f"{stem}.{_safe(name)}.png"
+                entry.update(png=filename, view=info["view"])
+                if info["top_class"] is not None:
+                    entry["top_class"] = info["top_class"]
+                yield filename, write
+            del array
+            continue
         picture = imglib.render(dense, image, view)
         if picture is not None:
             if picture.view == "labels":
@@ -222,6 +242,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
         "scale": list(image.scale),
         "provider": provider,
         "tile": list(tile) if isinstance(tile, (tuple, list)) else tile,
+        "schedule": schedule,
         "outputs": described,
     }
     text = _json(record).encode("utf-8")

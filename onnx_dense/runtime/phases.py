@@ -359,8 +359,8 @@ def _stage_model(proto: onnx.ModelProto, stage: Stage, constant_nodes, axes, typ
 
     for name in wanted_consts:
         add_const(name)
-    order = {id(n): i for i, n in enumerate(graph.node)}
-    const_nodes.sort(key=lambda n: order[id(n)])
+    order = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    const_nodes.sort(key=lambda n: order.get(n.output[0], -1))
 
     def vi(name: str) -> onnx.ValueInfoProto:
         elem, dims = types.get(name, (onnx.TensorProto.FLOAT, None))

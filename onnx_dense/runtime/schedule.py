@@ -34,7 +34,7 @@ import onnx
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 
-MARGIN = 1.25  # estimate x MARGIN must fit: allocator slack, kernels' scratch (im2col), Python copies
+MARGIN = 1.5  # estimate x MARGIN must fit: allocator slack, kernels' scratch (im2col), Python copies
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 KINDS = ("auto", "whole", "phases", "phases+tiles", "tiles")

@@ -1,0 +1,183 @@
+"""Time and peak memory of a dense model against image size: whole, tiled, and by a memory budget.
+
+The question: **does running phase by phase keep a dense model within a memory budget at about
+the untiled time, where tiling pays for its overlap?** For each model and image size, three
+runs of ``DenseSession.run`` on the same random image, side by side, each in a fresh Python
+process (so its peak is its own):
+
+* ``whole``: the dense model on the whole image (no budget);
+* ``tiled``: ``tile=--tile`` (overlap included), the tiling that existed before;
+* ``budget``: ``max_memory=--budget``: the session picks whole, phases or phases+tiles from
+  its estimate (the schedule chosen is in the table).
+
+Each child reports the run's wall time (one run, after building the session), its peak RSS
+(``VmHWM`` of the whole process: Python, onnxruntime, weights, image, outputs) and the RSS
+before the run; it saves the outputs, and the parent compares them with the whole run's
+(bit for bit, else the largest difference relative to the largest value).
+
+Models (built in code, random weights, TorchScript export, nothing downloaded):
+
+* ``fcn``: the FCN sample (``samples.zoo.build("fcn")``, width 8, 4 stages), output stride 1:
+  eST 16 after four removed pools; receptive field 108 pixels (small).
+* ``resnet``: a ResNet-18 layout of width 16 exported at 224 with its classifier head, output
+  stride 8 (layer3 and layer4 strides removed, eST 2 and 4; the head's global pool becomes a
+  7x7 average dilated by 4); receptive field 499 pixels (large, like ResNet-50's 427).
+
+Run (Linux: reads /proc/self/status):
+
+    python benchmarks/schedules.py --workdir /tmp/onnx-dense-schedules --json schedules.json
+    # --models fcn,resnet  --sizes 512,1024,2048,4096  --budget 1GB  --tile 512  --runs whole,tiled,budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    "fcn": dict(zoo="fcn", kwargs={}, stride=1, tile=512),
+    "resnet": dict(zoo="resnet", kwargs={"width": 16, "size": 224}, stride=8, tile=1024),
+}
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from onnx_dense.runtime import DenseSession
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+
+    model, size, kind, tile, budget, out = sys.argv[1:7]
+    size = int(size)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    options = {}
+    if kind == "tiled":
+        options["tile"] = int(tile)
+    if kind == "budget":
+        options["max_memory"] = budget
+    session = DenseSession(model, provider="cpu", **options)
+    before = status("VmRSS")
+    t0 = time.perf_counter()
+    maps = session.run(x)
+    seconds = time.perf_counter() - t0
+    peak = status("VmHWM")
+    chosen = session.last_schedule.describe() if session.last_schedule else kind
+    for i, (name, m) in enumerate(maps.items()):
+        np.save(f"{out}.{i}.npy", m.numpy())
+    print(json.dumps({"seconds": seconds, "peak": peak, "before": before, "schedule": chosen}))
+    """
+)
+
+
+def build(name: str, workdir: Path) -> Path:
+    import onnx_dense
+    from samples import export, zoo
+
+    spec = MODELS[name]
+    src = workdir / f"{name}.onnx"
+    dst = workdir / f"{name}_dense_r{spec['stride']}.onnx"
+    if not dst.exists():
+        export.export_onnx(zoo.build(spec["zoo"], **spec["kwargs"]), None, src)
+        onnx_dense.rewrite(src, dst, output_stride=spec["stride"])
+    return dst
+
+
+def child(model: Path, size: int, kind: str, tile: int, budget: str, out: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(model), str(size), kind, str(tile), budget, str(out)],
+        capture_output=True, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(a: Path, b: Path) -> str:
+    x, y = np.load(a, mmap_mode="r"), np.load(b, mmap_mode="r")
+    if x.shape != y.shape:
+        return f"shape {y.shape} vs {x.shape}"
+    worst, scale = 0.0, 0.0
+    step = max(1, x.shape[-2] // 16)
+    for i in range(0, x.shape[-2], step):
+        xa, ya = np.asarray(x[..., i:i + step, :]), np.asarray(y[..., i:i + step, :])
+        worst = max(worst, float(np.max(np.abs(xa - ya))) if xa.size else 0.0)
+        scale = max(scale, float(np.max(np.abs(xa))) if xa.size else 0.0)
+    if worst == 0.0:
+        return "identical"
+    return f"{worst / max(scale, 1e-30):.1e} rel"
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dense-schedules")
+    ap.add_argument("--models", default="fcn,resnet")
+    ap.add_argument("--sizes", default="512,1024,2048,4096")
+    ap.add_argument("--runs", default="whole,tiled,budget")
+    ap.add_argument("--budget", default="1GB")
+    ap.add_argument("--tile", type=int, default=None, help="default: 512 (fcn), 1024 (resnet: the least is 634)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    print(f"machine: {machine}; budget {args.budget}", flush=True)
+    for name in args.models.split(","):
+        model = build(name, args.workdir)
+        for size in [int(s) for s in args.sizes.split(",")]:
+            results = {}
+            for kind in args.runs.split(","):
+                out = args.workdir / f"out_{name}_{size}_{kind}"
+                before = load()
+                r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out)
+                r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime())
+                results[kind] = r
+            ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
+            for kind, r in results.items():
+                if "error" not in r and kind != "whole" and ref.exists():
+                    r["equal"] = compare(ref, args.workdir / f"out_{name}_{size}_{kind}.0.npy")
+                base = results.get("whole", {}).get("seconds")
+                if base and "seconds" in r:
+                    r["ratio"] = r["seconds"] / base
+                rows.append(r)
+                print(row(r), flush=True)
+            for f in args.workdir.glob(f"out_{name}_{size}_*.npy"):
+                f.unlink()
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "budget": args.budget, "tile": args.tile, "rows": rows},
+                                        indent=1))
+    return 0
+
+
+def row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['model']} | {r['size']} | {r['kind']} | error: {r['error']} | | | | |"
+    mib = 2**20
+    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {r.get('ratio', 1.0):.2f}x | "
+            f"{r['peak'] / mib:,.0f} | {r.get('equal', '-')} | {r['schedule']} | {r['load_before']} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

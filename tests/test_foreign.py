@@ -338,8 +338,9 @@ def test_verify_a_cut_against_the_same_part_of_the_original():
 
 
 def test_any_size_skipped_when_the_original_cannot_run_at_other_sizes():
-    """equivalence: at an output stride that changes nothing after a baked-size Resize, the
-    dense model fails at a larger input exactly as the original does: skipped, not failed."""
+    """equivalence: at an output stride that changes nothing after a baked-size Resize (f's
+    own, 4: an output must end on it, issue 16), the dense model fails at a larger input
+    exactly as the original does: skipped, not failed."""
     m = graph(
         "float[1,2,16,16] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
         "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n"
@@ -347,6 +348,7 @@ def test_any_size_skipped_when_the_original_cannot_run_at_other_sizes():
         "sz = Constant <value = int64[4] {1, 3, 8, 8}> ()\n"
         "[up] u = Resize <mode=\"nearest\"> (f, , , sz)\n"
         "[add] y = Add (h, u)",
+        outputs="float y, float f",
     )
     d = rewrite(m, 4)
     report = onnx_dense.verify(m, d)

@@ -278,17 +278,28 @@ class DenseSession:
     def _light_structure(self) -> onnx.ModelProto:
         """The graph with the data of large initializers dropped (names, types and dims kept)."""
         if self._structure_cache is None:
+            # Built field by field: a CopyFrom of the whole model and clearing the weights after
+            # would keep their memory (protobuf frees a message's arena only with the message).
             full = self._structure()
             light = onnx.ModelProto()
-            light.CopyFrom(full) if self._proto is None else light.CopyFrom(self._proto)
-            del full
-            for t in light.graph.initializer:
+            light.ir_version = full.ir_version
+            light.opset_import.extend(full.opset_import)
+            light.metadata_props.extend(full.metadata_props)
+            g = light.graph
+            g.name = full.graph.name
+            g.node.extend(full.graph.node)
+            g.input.extend(full.graph.input)
+            g.output.extend(full.graph.output)
+            g.value_info.extend(full.graph.value_info)
+            for t in full.graph.initializer:
                 if tiling._numel(t.dims) > 64 or t.data_location == onnx.TensorProto.EXTERNAL:
-                    dims, dtype, name = list(t.dims), t.data_type, t.name
-                    t.Clear()
-                    t.name, t.data_type = name, dtype
-                    t.dims.extend(dims)
-                    t.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here" for _light_copy
+                    stub = g.initializer.add()
+                    stub.name, stub.data_type = t.name, t.data_type
+                    stub.dims.extend(t.dims)
+                    stub.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here" for _light_copy
+                else:
+                    g.initializer.append(t)
+            del full
             self._structure_cache = light
         return self._structure_cache
 

@@ -34,6 +34,11 @@ Choices, and why:
   host until you call ``DenseMap.numpy()``.
 * Tiling (``tile=``) runs crops of the image with the overlap the receptive field needs and
   stitches them; the result equals the untiled run (see :mod:`onnx_dense.runtime.tiling`).
+* Memory budget (``max_memory="2GB"``) or ``schedule="phases"``: each run takes the fastest of
+  whole, phase by phase (:mod:`onnx_dense.runtime.phases`: the original's strided layers on
+  each phase, no repeated work) and phases on tiles whose estimated peak fits
+  (:mod:`onnx_dense.runtime.schedule`); ``last_schedule`` says which. Such a session makes the
+  whole model's onnxruntime session only when a run needs it, so the weights are held once.
 * Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
   off, as verify does.
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
@@ -170,7 +175,9 @@ class DenseSession:
 
     ``model``: a path, an ``onnx.ModelProto`` or an onnx-ir Model written by ``onnx-dense rewrite``.
     ``tile``: default for :meth:`run`: None (whole image), an int or one int per spatial axis
-    (input pixels per tile, overlap included).
+    (input pixels per tile, overlap included). ``max_memory``: a budget for the process (bytes
+    or ``'2GB'``); ``schedule``: ``auto`` (whole, or chosen from the budget), ``whole``,
+    ``phases``, ``phases+tiles`` or ``tiles``.
     """
 
     def __init__(

@@ -20,7 +20,7 @@ from PIL import Image
 
 import onnx_dense
 from onnx_dense import DenseError, metadata
-from onnx_dense.runtime import DenseSession, dense_session, phases, schedule
+from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.dense_session import DenseMap, PixelGrid
 
 

@@ -21,7 +21,7 @@ Models (built in code, random weights, TorchScript export, nothing downloaded):
   eST 16 after four removed pools; receptive field 108 pixels (small).
 * ``resnet``: a ResNet-18 layout of width 16 exported at 224 with its classifier head, output
   stride 8 (layer3 and layer4 strides removed, eST 2 and 4; the head's global pool becomes a
-  7x7 average dilated by 4); receptive field 499 pixels (large, like ResNet-50's 427).
+  7x7 average dilated by 4); receptive field 627 pixels (large, like ResNet-50's 427).
 
 Run (Linux: reads /proc/self/status):
 
@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np

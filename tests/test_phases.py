@@ -20,7 +20,7 @@ from PIL import Image
 
 import onnx_dense
 from onnx_dense import DenseError, metadata
-from onnx_dense.runtime import DenseSession, dense_session, phases, schedule
+from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.dense_session import DenseMap, PixelGrid
 
 
@@ -187,3 +187,20 @@ def test_measured_peak_stays_within_the_budget(models):
     assert whole["kind"] == "whole" and lean["kind"] in ("phases", "phases+tiles")
     assert lean["peak"] <= budget < whole["peak"], (lean, whole)
     assert lean["sum"] == whole["sum"]
+
+
+def test_run_command_says_which_schedule_and_records_it(models, tmp_path, monkeypatch):
+    from onnx_dense.runtime import batch
+    from tests._cli import assert_clean_error, run
+
+    monkeypatch.setattr(batch, "STREAM_PICTURES_ABOVE", 0)  # the banded picture writer on every image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 100, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "o", "--schedule", "phases")
+    assert code == 0, err
+    assert "a.png: phases, split at 1 eST level, 4 phases" in err  # no budget: the shallowest split
+    record = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert record["schedule"]["kind"] == "phases" and record["schedule"]["depth"] == 1
+    assert Image.open(tmp_path / "o" / "a.output.png").size == (100, 90)
+    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "o", "--max-memory", "lots")
+    assert_clean_error(code, out, err, "--max-memory")

@@ -34,6 +34,11 @@ Choices, and why:
   host until you call ``DenseMap.numpy()``.
 * Tiling (``tile=``) runs crops of the image with the overlap the receptive field needs and
   stitches them; the result equals the untiled run (see :mod:`onnx_dense.runtime.tiling`).
+* Memory budget (``max_memory="2GB"``) or ``schedule="phases"``: each run takes the fastest of
+  whole, phase by phase (:mod:`onnx_dense.runtime.phases`: the original's strided layers on
+  each phase, no repeated work) and phases on tiles whose estimated peak fits
+  (:mod:`onnx_dense.runtime.schedule`); ``last_schedule`` says which. Such a session makes the
+  whole model's onnxruntime session only when a run needs it, so the weights are held once.
 * Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
   off, as verify does.
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
@@ -170,7 +175,9 @@ class DenseSession:
 
     ``model``: a path, an ``onnx.ModelProto`` or an onnx-ir Model written by ``onnx-dense rewrite``.
     ``tile``: default for :meth:`run`: None (whole image), an int or one int per spatial axis
-    (input pixels per tile, overlap included).
+    (input pixels per tile, overlap included). ``max_memory``: a budget for the process (bytes
+    or ``'2GB'``); ``schedule``: ``auto`` (whole, or chosen from the budget), ``whole``,
+    ``phases``, ``phases+tiles`` or ``tiles``.
     """
 
     def __init__(
@@ -278,17 +285,28 @@ class DenseSession:
     def _light_structure(self) -> onnx.ModelProto:
         """The graph with the data of large initializers dropped (names, types and dims kept)."""
         if self._structure_cache is None:
+            # Built field by field: a CopyFrom of the whole model and clearing the weights after
+            # would keep their memory (protobuf frees a message's arena only with the message).
             full = self._structure()
             light = onnx.ModelProto()
-            light.CopyFrom(full) if self._proto is None else light.CopyFrom(self._proto)
-            del full
-            for t in light.graph.initializer:
+            light.ir_version = full.ir_version
+            light.opset_import.extend(full.opset_import)
+            light.metadata_props.extend(full.metadata_props)
+            g = light.graph
+            g.name = full.graph.name
+            g.node.extend(full.graph.node)
+            g.input.extend(full.graph.input)
+            g.output.extend(full.graph.output)
+            g.value_info.extend(full.graph.value_info)
+            for t in full.graph.initializer:
                 if tiling._numel(t.dims) > 64 or t.data_location == onnx.TensorProto.EXTERNAL:
-                    dims, dtype, name = list(t.dims), t.data_type, t.name
-                    t.Clear()
-                    t.name, t.data_type = name, dtype
-                    t.dims.extend(dims)
-                    t.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here" for _light_copy
+                    stub = g.initializer.add()
+                    stub.name, stub.data_type = t.name, t.data_type
+                    stub.dims.extend(t.dims)
+                    stub.data_location = onnx.TensorProto.EXTERNAL  # marks "no data here" for _light_copy
+                else:
+                    g.initializer.append(t)
+            del full
             self._structure_cache = light
         return self._structure_cache
 

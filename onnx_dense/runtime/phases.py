@@ -487,7 +487,6 @@ def _divide(node: onnx.NodeProto, level, axes, inits, constant_nodes, extra_init
         if x_axes is None:
             return
         new_s, new_e = starts.copy(), ends.copy()
-        rank = max(max(x_axes) + 1, 1)
         for i, a in enumerate(slice_axes):
             a = int(a)
             if a < 0:
@@ -500,7 +499,6 @@ def _divide(node: onnx.NodeProto, level, axes, inits, constant_nodes, extra_init
             new_s[i] = divided(int(starts[i]), e, "slice start")
             if abs(int(ends[i])) < _BIG_INT:
                 new_e[i] = divided(int(ends[i]), e, "slice end")
-        del rank
         if not np.array_equal(new_s, starts):
             new_const(new_s, 1)
         if not np.array_equal(new_e, ends):

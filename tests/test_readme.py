@@ -130,7 +130,7 @@ def _copy_repository(dest: Path) -> None:
     except (OSError, subprocess.CalledProcessError):
         listed = None
     if listed is None:  # not a git checkout (an unpacked sdist): the same minus the usual litter
-        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        shutil.copytree(ROOT, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
             ".git", ".venv*", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", "build", "dist"))
         return
     for name in filter(None, listed):
@@ -139,6 +139,26 @@ def _copy_repository(dest: Path) -> None:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
+
+
+def test_copy_without_git_fills_the_prepared_folder(tmp_path, monkeypatch):
+    """An unpacked sdist (no git): the copy goes into the folder the test made, minus the litter."""
+    root = tmp_path / "root"
+    (root / "pkg").mkdir(parents=True)
+    (root / "README.md").write_text("r")
+    (root / "pkg" / "a.py").write_text("a")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "x.pyc").write_text("x")
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", root)
+    monkeypatch.setattr(subprocess, "run", no_git)
+    dest = tmp_path / "repo"
+    dest.mkdir()
+    _copy_repository(dest)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["README.md", "pkg/a.py"]
 
 
 def _environment(tmp: Path, repo: Path) -> dict[str, str]:

@@ -54,6 +54,7 @@ from onnx_dense.errors import DenseError
 from onnx_dense.runtime import batch, images as imglib, tiling
 from onnx_dense.runtime.batch import ImageResult, RunSummary
 from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid
+from onnx_dense.runtime.schedule import Schedule
 
 INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install 'onnx-dense[ray]' (or pip install ray)"
 #: Test hook, read by the driver and handed to the workers: ``LABEL@MARKER`` makes the worker that
@@ -111,10 +112,12 @@ class _Worker:
             image = imglib.load_image(path, data=data, dtype=self.session.input_dtype(self.session.image_input),
                                       **self.load)
             maps = self.session.run({self.session.image_input: image.array})
+            schedule = self.session.last_schedule
             described: dict = {}
             files = []
             for filename, write in batch.encode(maps, image, path, stem, outputs, view, write_npy,
-                                                self.session.provider, self.session.tile, described, class_names):
+                                                self.session.provider, self.session.tile, described, class_names,
+                                                schedule.to_dict() if schedule else None):
                 buffer = io.BytesIO()
                 write(buffer)
                 files.append((filename, buffer.getvalue()))
@@ -415,8 +418,9 @@ def _finish_tiled(item, outputs, dense_outputs, view, write_npy, class_names, pr
         maps[name] = DenseMap(name, value, PixelGrid.of(meta, value.shape) if meta else None, meta)
     described: dict = {}
     try:
+        schedule = Schedule("tiles", tile=tuple(tile), tiles=item.tiles)  # what the local run records
         files = list(batch.encode(maps, item.image, item.path, item.stem, outputs, view, write_npy, provider, tile,
-                                  described, class_names))
+                                  described, class_names, schedule.to_dict()))
         finish(item, files, described)
     except DenseError as exc:
         fail(item, str(exc))

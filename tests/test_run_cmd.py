@@ -160,6 +160,20 @@ def test_a_failed_write_is_one_line_and_leaves_no_file(seg, tmp_path, monkeypatc
     ]
 
 
+def test_the_heatmap_is_drawn_once(classifier, tmp_path, monkeypatch):
+    """run draws a heatmap with matplotlib only: the blended PIL heatmap is not built and thrown away."""
+    from onnx_dense.runtime import images as imglib
+
+    def no_second_drawing(values):
+        raise AssertionError("images.colormap called: a heatmap drawn and not used")
+
+    monkeypatch.setattr(imglib, "colormap", no_second_drawing)
+    img = _image(tmp_path / "cat.png", size=(40, 52))
+    code, _, stderr = run("run", classifier, img, "--out", tmp_path / "out", "--size", "30x36")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "out" / "cat.json").read_text())["outputs"]["output"]["view"] == "heatmap"
+
+
 def test_classifier_gets_a_heatmap_over_the_image(classifier, tmp_path):
     img = _image(tmp_path / "cat.png", size=(40, 52))
     out = tmp_path / "out"

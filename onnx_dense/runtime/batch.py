@@ -223,7 +223,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
                 yield filename, write
             del array
             continue
-        picture = imglib.render(dense, image, view)
+        picture = imglib.render(dense, image, view, draw_heatmap=False)  # matplotlib draws it
         if picture is not None:
             if picture.view == "labels":
                 filename = f"{stem}.{_safe(name)}.labels.png"

@@ -213,14 +213,19 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclasses.dataclass
 class Rendering:
-    image: object  # PIL.Image.Image
+    image: object  # PIL.Image.Image (None: a heatmap not drawn, see render)
     view: str  # "labels" or "heatmap"
     top_class: int | None = None  # heatmap of a classifier: the class drawn
     classes: int = 1
 
 
-def render(dense, image: ImageInput, view: str = "auto", alpha: float = 0.5) -> Rendering | None:
-    """The PNG of one DenseMap over ``image`` (None when the output cannot be drawn in 2-D)."""
+def render(dense, image: ImageInput, view: str = "auto", alpha: float = 0.5,
+           draw_heatmap: bool = True) -> Rendering | None:
+    """The PNG of one DenseMap over ``image`` (None when the output cannot be drawn in 2-D).
+
+    ``draw_heatmap=False``: a heatmap's view and class only (``picture`` None), for callers that
+    draw it another way (``onnx-dense run`` draws it with matplotlib).
+    """
     from PIL import Image
 
     if view not in VIEWS:
@@ -254,6 +259,8 @@ def render(dense, image: ImageInput, view: str = "auto", alpha: float = 0.5) -> 
         probs = _probabilities(scores)
         top = int(np.argmax(probs.reshape(classes, -1).mean(axis=1)))
         heat = probs[top]
+    if not draw_heatmap:
+        return Rendering(None, "heatmap", top, classes)
     heat = heat[rows[:, None], cols[None, :]]
     colours = colormap(heat)
     grey = image.rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # keeps the heat readable

@@ -214,6 +214,18 @@ def test_segmentation_training_lowers_the_loss(fcn_dense, tmp_path):
     assert more.steps == 8 and len(more.losses) == 2
 
 
+def test_no_progress_bar_off_a_terminal(fcn_dense, tmp_path, capfd):
+    """train() from a script whose stderr is a log file writes no bar; progress=True still forces one."""
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    labels = np.where(images[:, 0] > 0, 1, 3)
+    train(fcn_dense, task="segmentation", data=(images, labels), steps=1, batch_size=2, checkpoint_dir=tmp_path / "a")
+    assert "step" not in capfd.readouterr().err
+    train(fcn_dense, task="segmentation", data=(images, labels), steps=1, batch_size=2, checkpoint_dir=tmp_path / "b",
+          progress=True)
+    assert "step" in capfd.readouterr().err
+
+
 def test_classification_npz_and_trained_onnx(vgg_dense, tmp_path):
     rng = np.random.default_rng(2)
     data = tmp_path / "cls.npz"

@@ -260,7 +260,7 @@ def train(
     num_workers: int = 0,
     resume: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,  # None: a bar on a terminal only (tqdm's own test)
     callback: Callable[[int, float, OnnxGraphModule], Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (a dense ONNX path, ModelProto, onnx-ir Model or OnnxGraphModule).
@@ -348,7 +348,7 @@ def train(
     train_seconds = 0.0
     last_ckpt: Path | None = None
     epoch = step // max(len(loader), 1)
-    bar = tqdm(total=total, initial=min(step, total), disable=not progress, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=min(step, total), disable=None if progress is None else not progress, unit="step", dynamic_ncols=True,
                desc=f"train {task}", leave=True)
     module.train()
     stop = step >= total

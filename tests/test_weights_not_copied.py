@@ -249,6 +249,40 @@ def test_in_memory_rewrite_peak_rss_is_far_below_weight_size():
     )
 
 
+_HELD_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import onnxruntime as ort
+
+    def rss():
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+
+    kind, path = sys.argv[2], sys.argv[3]
+    from onnx_dense.runtime import DenseSession  # imports first, so they are not counted
+    base = rss()
+    session = DenseSession(path, provider="cpu") if kind == "dense" else ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    print(json.dumps({"held": rss() - base}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_dense_session_holds_no_second_copy_of_the_weights(tmp_path):
+    """After loading, DenseSession holds what onnxruntime's own session holds: the metadata read
+    from the file is freed with the model it came from (reference cycles of the onnx-ir model
+    kept a whole copy of the weights alive until the next garbage collection)."""
+    proto, weights = build_model(hidden=8192)  # ~67 MB of weights
+    weight_bytes = sum(a.nbytes for a in weights.values())
+    src, dst = tmp_path / "m.onnx", tmp_path / "d.onnx"
+    onnx.save(proto, str(src))
+    api.rewrite(src, dst, output_stride=OUTPUT_STRIDE)
+    held = {kind: _peak_in_child(_HELD_CHILD, kind, dst)["held"] for kind in ("ort", "dense")}
+    extra = held["dense"] - held["ort"]
+    assert extra < weight_bytes / 4, (
+        f"DenseSession holds {extra / 1e6:.0f} MB more than onnxruntime's session ({weight_bytes / 1e6:.0f} MB of weights)"
+    )
+
+
 def test_external_small_tensors_from_another_cwd(tmp_path, monkeypatch):
     """onnx's default size_threshold (1024) puts 1 KiB tensors (256-float biases) in the .data file."""
     proto, _ = build_model(hidden=256)  # fc1.bias: 256 floats = exactly 1 KiB, external

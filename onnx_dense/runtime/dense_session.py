@@ -48,6 +48,7 @@ Choices, and why:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -729,6 +730,7 @@ def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo
         ir_model = model_io.load(path)
         info = metadata.read(ir_model)
         del ir_model
+        gc.collect()  # the onnx-ir model's reference cycles would keep a copy of the weights alive
         proto = None
     else:
         path = None

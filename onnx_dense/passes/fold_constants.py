@@ -170,7 +170,9 @@ def _evaluate(node: ir.Node, inputs: list, opset: int) -> list[np.ndarray] | Non
 def _replace_with_constants(graph: ir.Graph, node: ir.Node, values: list[np.ndarray]) -> None:
     for out, array in zip(node.outputs, values):
         name = out.name
-        const = ir.node("Constant", [], {"value": ir.tensor(np.ascontiguousarray(array), name=name)})
+        # np.array, not np.ascontiguousarray: the latter makes a scalar [1] (ndim >= 1), and an
+        # Unsqueeze then Concat of folded scalars (timm's TF-SAME pads) would get the wrong rank
+        const = ir.node("Constant", [], {"value": ir.tensor(np.array(array, order="C"), name=name)})
         new = const.outputs[0]
         new.shape = ir.Shape(array.shape)
         new.dtype = ir.DataType.from_numpy(array.dtype)

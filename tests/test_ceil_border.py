@@ -84,3 +84,56 @@ def test_every_phase_is_the_shifted_original_to_the_last_position(name, size):
         assert phase.shape == want.shape, f"phase {a},{b}: {phase.shape} != original {want.shape}"
         worst = max(worst, float(np.max(np.abs(phase - want))))
         assert np.allclose(phase, want, rtol=1e-5, atol=1e-5), f"phase {a},{b}: max abs {np.max(np.abs(phase - want)):.3e}"
+
+
+def _drop_last_row(dense):
+    """The dense model with its output's last row cut off (metadata kept): a one-position-short phase."""
+    import onnx
+    import onnx.helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(dense)
+    g = copy.graph
+    out = g.output[0].name
+    for n in g.node:
+        for i, o in enumerate(n.output):
+            if o == out:
+                n.output[i] = out + "_full"
+    g.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "cut_start"),
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "cut_end"),
+        onnx.numpy_helper.from_array(np.array([2], np.int64), "cut_axis"),
+    ])
+    g.node.append(onnx.helper.make_node("Slice", [out + "_full", "cut_start", "cut_end", "cut_axis"], [out]))
+    del g.output[0].type.tensor_type.shape.dim[:]
+    return copy
+
+
+def test_verify_phases_fails_a_phase_one_position_short():
+    import onnx_dense
+
+    # 24 -> conv 3/2 -> 11 fine positions: 21 -> pool k3 (ceil) dense -> 21 - 8 + 4*... ; cut one row
+    original = model(BODIES["maxpool_conv"], 24, 24)
+    dense = rewrite(original, 1)
+    short = _drop_last_row(dense)
+    x = np.random.default_rng(2).standard_normal((1, 3, 24, 24)).astype(np.float32)
+    full_rows = run(dense, {"x": x})["y"].shape[2]
+    assert (full_rows - 1) % 4 != 0, "the cut row must not be one of phase 0's"
+    assert onnx_dense.verify(original, dense, inputs={"x": x}, phases=True)
+    report = onnx_dense.verify(original, short, inputs={"x": x}, phases=True)
+    assert not report, report.text()
+    assert "positions" in report.text()
+
+
+@pytest.mark.parametrize("name", ["avgpool_conv", "two_maxpools"])
+def test_verify_phases_compares_partial_windows_with_random_inputs(name):
+    import onnx_dense
+
+    original = model(BODIES[name], 24, 24)
+    dense = rewrite(original, 1)
+    report = onnx_dense.verify(original, dense, phases=True)
+    assert report, report.text()
+    phase_lines = [c for c in report.comparisons if c.check.startswith("phase ")]
+    assert phase_lines and not any(c.skipped for c in phase_lines), report.text()
+    # the random input is odd-sized, so the shifted inputs end in partial windows
+    assert all("whole phase" in c.note for c in phase_lines), report.text()

@@ -160,3 +160,60 @@ def test_folded_scalars_keep_rank_0():
     consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in dense.graph.node if n.op_type == "Constant"}
     assert consts[pad.input[1]].shape == (8,)
     assert onnx_dense.verify(original, dense, phases=True)
+
+
+# torch's x.chunk(2, dim=1) as the TorchScript exporter writes it: Slice bounds computed from
+# Shape(x)[1] (a channel count, static), then a gate and a strided conv.
+CHUNK = """
+net (float[1,3,32,32] x) => (float y) <float[8,3,3,3] w1, float[4,4,3,3] w2> {
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    shape = Shape (c)
+    one = Constant <value = int64[1] {1}> ()
+    channels = Gather <axis = 0> (shape, one)
+    zero = Constant <value = int64[1] {0}> ()
+    add1 = Constant <value = int64[1] {1}> ()
+    cp1 = Add (channels, add1)
+    two = Constant <value = int64[1] {2}> ()
+    half = Div (cp1, two)
+    m1 = Constant <value = int64[1] {1}> ()
+    end1 = Mul (half, m1)
+    a = Slice (c, zero, end1, one)
+    m2 = Constant <value = int64[1] {2}> ()
+    end2 = Mul (half, m2)
+    b = Slice (c, end1, end2, one)
+    g = Sigmoid (b)
+    ab = Mul (a, g)
+    y = Conv <strides = [2,2], pads = [1,1,1,1]> (ab, w2)
+}
+"""
+
+
+@pytest.mark.parametrize("strategy", ["dilate", "fragments"])
+def test_channel_split_bounds_from_shape_are_folded(strategy):
+    original = _model(CHUNK, {"w1": (8, 3, 3, 3), "w2": (4, 4, 3, 3)})
+    dense = ir.serde.serialize_model(api.rewrite_model(original, output_stride=1, strategy=strategy))
+    assert "Shape" not in [n.op_type for n in dense.graph.node if n.op_type == "Shape" and "c" in n.input]
+    assert onnx_dense.verify(original, dense, phases=True)
+
+
+# A slice of a spatial axis whose end is computed from the spatial size: folding it at the
+# static size would bake a size the dense model does not have; refused where dense, named.
+SPATIAL_SLICE = """
+net (float[1,3,32,32] x) => (float y) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    shape = Shape (c)
+    ax = Constant <value = int64[1] {2}> ()
+    h = Gather <axis = 0> (shape, ax)
+    one = Constant <value = int64[1] {1}> ()
+    hm1 = Sub (h, one)
+    zero = Constant <value = int64[1] {0}> ()
+    s = Slice (c, zero, hm1, ax)
+    y = Conv <strides = [2,2], pads = [1,1,1,1]> (s, w2)
+}
+"""
+
+
+def test_spatial_slice_bounds_from_a_dense_shape_are_refused_by_name():
+    original = _model(SPATIAL_SLICE, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)})
+    with pytest.raises(DenseError, match="Slice"):
+        api.rewrite_model(original, output_stride=1, strategy="dilate")

@@ -44,6 +44,7 @@ def rewrite_model(
     )
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
+    model_io.negative_dims_unknown(model)
     check_model_runs(model, options.input_shapes, options.outputs)
     at = input_label(model, options.input_shapes)
     if tune:
@@ -77,7 +78,7 @@ def output_strides(
     if isinstance(model, (str, os.PathLike)):
         model = model_io.load(model)
     elif isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
+        model = model_io.negative_dims_unknown(ir.serde.deserialize_model(model))
     options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
     check_model_runs(model, options.input_shapes, options.outputs)
     normalise(options)(model)

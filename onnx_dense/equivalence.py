@@ -112,6 +112,12 @@ class Report:
 
 
 def _load_proto(model, what: str) -> onnx.ModelProto:
+    from onnx_dense.model_io import proto_negative_dims_unknown
+
+    return proto_negative_dims_unknown(_load_any(model, what))
+
+
+def _load_any(model, what: str) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if hasattr(model, "graph") and hasattr(model, "opset_imports"):  # onnx-ir Model

@@ -15,7 +15,10 @@ must read those numbers, so this pass computes them. Rules:
   read through ``Shape`` (timm's TF-style SAME padding, torch's ``chunk``) become constants
   at the static size. A Pad's amount at the static size is what ``auto_pad=SAME`` becomes
   (passes/explicit_padding.py); the dims a Slice or Split read are recorded like an If's
-  (a split of channels is fine; a spatial size of a dense tensor is refused).
+  (a split of channels is fine; a spatial size of a dense tensor is refused). So does a
+  ``Reshape`` target that reads only batch sizes where ONNX's data propagation could not
+  follow it (paddle2onnx's flatten through a Cast), leaving the output shape unknown;
+  passes/densify_reshapes.py takes a baked batch from the running tensor.
 * Nothing else changes. ``Shape`` of an image tensor is not folded: that would bake the
   traced size into the dense model, which must run at any size.
 
@@ -38,8 +41,10 @@ ASSUMED_DIMS = "onnx_dense.assumed_dims"  # model.meta: list of (value, dims, no
 _MAX_BYTES = 1 << 20
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 # Operands that must be known to the analysis, computed from static dims where they are not
-# constant: Pad's pads and axes, Slice's starts/ends/axes/steps, Split's sizes.
-_STATIC_OPERANDS = {"Pad": (1, 3), "Slice": (1, 2, 3, 4), "Split": (1,)}
+# constant: Pad's pads and axes, Slice's starts/ends/axes/steps, Split's sizes, and Reshape
+# targets that read nothing but batch sizes where shape inference could not follow them
+# (paddle2onnx's flatten: Shape, Gather, Cast, Concat).
+_STATIC_OPERANDS = {"Pad": (1, 3), "Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,)}
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
@@ -93,6 +98,11 @@ class FoldShapeArithmetic(ir.passes.InPlacePass):
             array = self._static_value(node.inputs[i], reads, depth=0)
             if array is None:
                 continue
+            if node.op_type == "Reshape" and (
+                _static_shape(node.outputs[0]) is not None
+                or not all(dims <= {0} or (v.shape is not None and v.shape.rank() <= 2) for v, dims in reads.items())
+            ):
+                continue  # shape inference followed it, or it reads image sizes: passes/densify_reshapes.py
             nodes: list[ir.Node] = []
             editor = _ir.Editor(graph)
             value = editor.const(nodes, np.array(array, order="C"), base=f"{node.inputs[i].name or node.op_type}_static")

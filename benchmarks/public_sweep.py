@@ -50,7 +50,7 @@ TOL = 1e-4  # max abs / max |original|
 
 
 def _import_torchvision():
-    if getattr(_import_torchvision, "keep", None) is not None:
+    if getattr(_import_torchvision, "keep", None) is not None or "torchvision" in sys.modules:
         import torchvision
 
         return torchvision

@@ -6,6 +6,7 @@ trunk exercises the ceil_mode AvgPool shortcut, at both strategies.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "public_sweep.py"
 
 
+@functools.cache
 def _load_script():
     spec = importlib.util.spec_from_file_location("public_sweep", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -26,7 +28,8 @@ def _load_script():
 
 @pytest.mark.parametrize("strategy", ["dilate", "fragments"])
 def test_resnet_d_trunk_is_exact_against_torch(strategy, tmp_path):
-    pytest.importorskip("timm")
+    if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
+        pytest.skip("needs the sweep extra (timm, torchvision)")
     public_sweep = _load_script()
 
     module = public_sweep._randomise(public_sweep.FAMILIES["resnet18d"][0]()).eval()

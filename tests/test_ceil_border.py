@@ -48,6 +48,12 @@ BODIES = {
         p1 = AveragePool <kernel_shape = [2,2], strides = [2,2], ceil_mode = 1, count_include_pad = 0> (c1)
         y = Conv <pads = [1,1,1,1]> (p1, w3)
     """,
+    # dense pads below the kernel: a dilated AveragePool (opset >= 19), count_include_pad=0 in ORT
+    "avgpool_k5": """
+        c1 = Conv <strides = [2,2]> (x, w1)
+        p1 = AveragePool <kernel_shape = [5,5], strides = [2,2], ceil_mode = 1, count_include_pad = 0> (c1)
+        y = Conv <pads = [1,1,1,1]> (p1, w3)
+    """,
     # GoogLeNet-like: two ceil_mode MaxPools in a row
     "two_maxpools": """
         c1 = Conv <strides = [2,2]> (x, w1)

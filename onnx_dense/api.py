@@ -25,6 +25,7 @@ def rewrite_model(
     per_phase_global: bool = False,
     tune: bool = False,
     provider: str = "cpu",
+    rederive_sizes: bool = False,
 ) -> ir.Model:
     """Return the dense equivalent of ``model`` (an onnx-ir Model is modified in place).
 
@@ -32,7 +33,10 @@ def rewrite_model(
     (:class:`~onnx_dense.passes.plans.Strategy` or its name): "auto" (the default, as in the
     CLI: dilate where the analysis allows it, else fragments), "dilate" or "fragments";
     ``per_phase_global``: dilate SE blocks as per-phase means; ``tune`` (with "auto"):
-    build every strategy the model allows and keep the fastest on ``provider``.
+    build every strategy the model allows and keep the fastest on ``provider``;
+    ``rederive_sizes``: Resize sizes baked in at export are taken at run time from the tensor
+    of that size (passes/rederive_sizes.py; ``model.meta["onnx_dense.size_notes"]`` says what
+    was baked and what was re-derived).
     """
     options = RewriteOptions(
         output_stride=output_stride,
@@ -41,9 +45,11 @@ def rewrite_model(
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
         strategy=strategy,
         per_phase_global=per_phase_global,
+        rederive_sizes=rederive_sizes,
     )
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
+    model_io.negative_dims_unknown(model)
     check_model_runs(model, options.input_shapes, options.outputs)
     at = input_label(model, options.input_shapes)
     if tune:
@@ -77,7 +83,7 @@ def output_strides(
     if isinstance(model, (str, os.PathLike)):
         model = model_io.load(model)
     elif isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
+        model = model_io.negative_dims_unknown(ir.serde.deserialize_model(model))
     options = RewriteOptions(outputs=outputs, input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()})
     check_model_runs(model, options.input_shapes, options.outputs)
     normalise(options)(model)

@@ -10,7 +10,9 @@ Checks, each a :class:`Comparison` in a :class:`Report` that is truthy when all 
   static input size, on the same inputs.
 * ``phase a``: (``phases=True``) dense positions eST*o + a vs the original run on the input
   cropped by a * (dense grid stride) at the top/left, at the positions whose receptive field
-  does not reach the cropped input's new border (there zero padding differs by design).
+  does not reach the cropped input's new border (there zero padding differs by design). For
+  an output marked exact, the phase must have the shifted original's length and is compared
+  to its end (random inputs are odd-sized so that strided windows end partial).
 * ``weights``: every weight of the original is in the dense model with the same name,
   shape and values (what makes dpoa export possible).
 * ``any size``: the dense model also runs at a larger input (skipped when the original does
@@ -110,6 +112,12 @@ class Report:
 
 
 def _load_proto(model, what: str) -> onnx.ModelProto:
+    from onnx_dense.model_io import proto_negative_dims_unknown
+
+    return proto_negative_dims_unknown(_load_any(model, what))
+
+
+def _load_any(model, what: str) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if hasattr(model, "graph") and hasattr(model, "opset_imports"):  # onnx-ir Model
@@ -526,6 +534,8 @@ def _phase_sizes(
             if align and not small:
                 q = min(entry.size[k] & -entry.size[k], 256)
                 dims[a] = entry.size[k] + -(-(dims[a] - entry.size[k]) // q) * q
+            elif dims[a] % 2 == 0:
+                dims[a] += 1  # odd: strided windows end partial there (ceil_mode, padding at the end)
         sizes[vi.name] = tuple(dims)
     return sizes
 
@@ -582,8 +592,9 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
                         expected = run_orig(shifted, outs)
                         end_cropped = True
                     except DenseError:
-                        results.append(
-                            Comparison(outs[0], "phases", True, skipped=True, note=f"skipped: the original does not run at other sizes ({exc})")
+                        results.extend(
+                            Comparison(n, "phases", True, skipped=True, note=f"skipped: the original does not run at other sizes ({exc})")
+                            for n in outs
                         )
                         break
                 lengths = tuple(shifted[input_name].shape[a] for a in entry.spatial_axes)
@@ -629,4 +640,17 @@ def _compare_phase(
                               note="skipped: no position away from the border at this input size")
         e_index[a] = slice(start, stop)
         d_index[a] = slice(start, stop)
-    return compare(expected[tuple(e_index)], sampled[tuple(d_index)], rtol, atol, name, label)
+    result = compare(expected[tuple(e_index)], sampled[tuple(d_index)], rtol, atol, name, label)
+    whole = out.off_grid == "exact" and not end_cropped
+    if not whole:
+        return result
+    # an exact output: the phase has the shifted original's length, and is compared to its end
+    want = tuple(expected.shape[a] for a in out.spatial_axes)
+    have = tuple(sampled.shape[a] for a in out.spatial_axes)
+    if want != have:
+        result.passed = False
+        result.note = (f"the dense phase has {'x'.join(map(str, have))} positions, the original on the shifted input "
+                       f"{'x'.join(map(str, want))}")
+    else:
+        result.note = "whole phase to its end border" + (f"; {result.note}" if result.note else "")
+    return result

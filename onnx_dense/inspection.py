@@ -16,8 +16,8 @@ import onnx_ir as ir
 
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
-from onnx_dense.passes.plans import GlobalPlan, HeadConvPlan, SpatialPlan
-from onnx_dense.pipeline import RewriteOptions, analyse_grid, normalise, resolve_output_stride
+from onnx_dense.passes.plans import ANALYSIS, GlobalPlan, HeadConvPlan, SpatialPlan
+from onnx_dense.pipeline import RewriteOptions, analyse_grid, choose_strategy, normalise, resolve_output_stride
 from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 
 
@@ -59,17 +59,29 @@ def inspect_model(
     input_shapes: dict | None = None,
     outputs=None,
     all_nodes: bool = False,
+    strategy: str = "dilate",
+    per_phase_global: bool = False,
 ) -> Inspection:
+    """The per-node view of the rewrite's analysis. ``strategy`` and ``per_phase_global`` as
+    for rewrite ("dilate" by default: the table shows dilations; "auto" analyses as rewrite
+    would, dilate where allowed, else fragments)."""
     if not isinstance(model, ir.Model):
         model = model_io.load(model)
-    options = RewriteOptions(output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes)
+    options = RewriteOptions(
+        output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes,
+        strategy=strategy, per_phase_global=per_phase_global,
+    )
     check_model_runs(model, input_shapes, outputs)
     at = input_label(model, input_shapes)
     normalise(options)(model)
     stride = None
     if output_stride is not None or from_node is not None:
         stride = resolve_output_stride(model, options)
-    analysis = analyse_grid(model, stride)
+    if stride is None:
+        analysis = analyse_grid(model, stride)
+    else:
+        choose_strategy(model, stride, options)
+        analysis = model.meta[ANALYSIS]
     if stride is not None:
         check_dense_sizes(
             [(o.name, o.grid.dense_size, o.grid.rf_size) for o in analysis.outputs if o.grid is not None],

@@ -79,6 +79,7 @@ def _load(p: Path) -> ir.Model:
         raise DenseError(f"{p}: malformed ONNX model ({_first_line(exc)})") from None
     finally:
         logger.setLevel(level)
+    negative_dims_unknown(model)
     ir.external_data.set_base_dir(model.graph, str(p.parent))
     _check_external_data(model, p)
     model.meta["onnx_dense.path"] = str(p)
@@ -92,6 +93,30 @@ def _load(p: Path) -> ir.Model:
                 "onnx-dense rewrite"
             ) from None
     return model
+
+
+def negative_dims_unknown(model: ir.Model) -> ir.Model:
+    """Graph input/output dims declared negative (paddle2onnx's -1 batch) as unknown dims."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape.dims):
+            value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape.dims])
+    return model
+
+
+def proto_negative_dims_unknown(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same for a ModelProto: ``proto`` itself when it has none, else a fixed copy."""
+    def negative(vi) -> bool:
+        return any(d.HasField("dim_value") and d.dim_value < 0 for d in vi.type.tensor_type.shape.dim)
+
+    if not any(negative(vi) for vi in [*proto.graph.input, *proto.graph.output]):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for vi in [*copy.graph.input, *copy.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value < 0:
+                d.Clear()
+    return copy
 
 
 def _parse(path: Path) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """The rewrite as the algorithm reads (``densify``):
 
-1. normalise: cut, static shapes, folded shape arithmetic, explicit pads;
+1. normalise: cut, static shapes, folded shape arithmetic, baked Resize sizes (noted, or
+   re-derived with ``rederive_sizes``), explicit pads;
 2. analyse: grids, per-node plans, the strategy, the phase plan (fragments); every refusal
    happens here, and the graph is not touched (passes/analyse.py, passes/plans.py);
 3. rewrite: the plans applied (dilate: passes/densify_*.py; fragments: passes/fragments.py);
@@ -37,6 +38,7 @@ from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
 from onnx_dense.passes.finalise import CheckModel, DynamicSpatialDims, RecordDenseMetadata, RestoreOutputLayout
 from onnx_dense.passes.fragments import RecordFragmentsMetadata, SplitIntoPhases
 from onnx_dense.passes.phase_global import MarkPerPhaseGlobal, PerPhaseGlobalContext
+from onnx_dense.passes.rederive_sizes import RederiveSizes
 from onnx_dense.passes.plans import ANALYSIS, DEFAULT_STRATEGY, Analysis, Strategy, UnreachableStride
 from onnx_dense.passes.static_shapes import InferStaticShapes, SetStaticInputShapes
 
@@ -55,6 +57,7 @@ class RewriteOptions:
     # Strategy (passes/plans.py) or its name; onnx_dense/strategies.py tunes "auto".
     strategy: Strategy | str = DEFAULT_STRATEGY
     per_phase_global: bool = False  # dilate: global context as per-phase means (passes/phase_global.py)
+    rederive_sizes: bool = False  # Resize sizes baked at export taken from the graph (passes/rederive_sizes.py)
 
     def __post_init__(self) -> None:
         self.output_stride = canonical_stride(self.output_stride)
@@ -104,6 +107,7 @@ def normalise(options: RewriteOptions) -> Step:
         SetStaticInputShapes(options.input_shapes),
         InferStaticShapes(),
         FoldShapeArithmeticToFixpoint(),
+        RederiveSizes(options.rederive_sizes),
         ExplicitAutoPad(),
         ExplicitCeilMode(),
         InferStaticShapes(),

@@ -669,7 +669,9 @@ class _Paddle(_Graph):
         return self.node("Mul", [x, y], self.p2o("Mul"), output=self.tmp("elementwise_mul"), shape=self.shapes[x])
 
 
-def paddle_mobilenet_v3(seed: int = 0, size: int = 64, classes: int = 10, opset: int = 11, width: int = 8) -> onnx.ModelProto:
+def paddle_mobilenet_v3(
+    seed: int = 0, size: int = 64, classes: int = 10, opset: int = 11, width: int = 8, dynamic: bool = False,
+) -> onnx.ModelProto:
     """A PaddleClas MobileNetV3-like classifier through paddle2onnx.
 
     Stem (stride 2), then inverted-residual blocks; squeeze-and-excitation in the blocks at
@@ -678,6 +680,11 @@ def paddle_mobilenet_v3(seed: int = 0, size: int = 64, classes: int = 10, opset:
     Clip with Constant min/max, a head of 1x1 Conv -> GlobalAveragePool -> 1x1 Conv ->
     HardSwish -> dropout (Identity) -> Reshape([0, -1] from a Constant) -> MatMul + Add ->
     Softmax. Total stride 32.
+
+    ``dynamic``: as paddle2onnx writes a model exported with ``InputSpec([None, 3, None, None])``:
+    the input declared ``[-1, 3, "?", "?"]`` (a negative dim_value and "?" dim_params), and the
+    head's Reshape target built at run time, ``Cast(Concat(Cast(Gather(Shape(y), [0]), int32),
+    [-1]), int64)``.
     """
     g = _Paddle(seed, opset)
     x = "x"
@@ -708,15 +715,32 @@ def paddle_mobilenet_v3(seed: int = 0, size: int = 64, classes: int = 10, opset:
     y = g.node("GlobalAveragePool", [y], g.p2o("GlobalAveragePool"), output=g.tmp("pool2d"), shape=(n, c, 1, 1))
     y = g.act(g.conv(y, "last_1x1_conv", 16 * width, 1, bias=False), "hardswish")
     y = g.node("Identity", [y], g.p2o("Identity"), output=g.tmp("dropout"))
-    target = g.constant_node(g.p2o("Constant"), np.array([0, -1], np.int64))
+    if dynamic:
+        shape = g.node("Shape", [y], g.p2o("Shape"), output=g.tmp("shape"), shape=(4,))
+        first = g.constant_node(g.p2o("Constant"), np.array([0], np.int64))
+        batch = g.node("Gather", [shape, first], g.p2o("Gather"), output=g.tmp("slice"), shape=(1,), axis=0)
+        batch = g.node("Cast", [batch], g.p2o("Cast"), output=g.tmp("cast"), to=TensorProto.INT32)
+        rest = g.constant_node(g.p2o("Constant"), np.array([-1], np.int32))
+        target = g.node("Concat", [batch, rest], g.p2o("Concat"), output=g.tmp("concat"), shape=(2,), axis=0)
+        target = g.node("Cast", [target], g.p2o("Cast"), output=g.tmp("cast"), to=TensorProto.INT64)
+    else:
+        target = g.constant_node(g.p2o("Constant"), np.array([0, -1], np.int64))
     y = g.node("Reshape", [y, target], g.p2o("Reshape"), output=g.tmp("flatten"), shape=(n, 16 * width))
     w = g.dense_weight("fc_0.w_0", 16 * width, classes)
     y = g.node("MatMul", [y, w], g.p2o("MatMul"), output=g.tmp("linear"), shape=(n, classes))
     b = g.vector("fc_0.b_0", classes, "bias")
     y = g.node("Add", [y, b], g.p2o("Add"), output=g.tmp("linear"))
     g.node("Softmax", [y], g.p2o("Softmax"), output="softmax_0.tmp_0", axis=-1 if opset >= 13 else 1)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.DynamicDimension.0", 3, size, size])
+    if dynamic:
+        dims = x_info.type.tensor_type.shape.dim
+        dims[0].Clear()
+        dims[0].dim_value = -1
+        for d in dims[2:]:
+            d.Clear()
+            d.dim_param = "?"
     return g.model(
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.DynamicDimension.0", 3, size, size])],
+        [x_info],
         [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT, ["p2o.DynamicDimension.1", classes])],
         "paddle_mobilenet_v3", ("PaddlePaddle", "2.6.1"), ir_version=7 if opset <= 13 else 8,
     )

@@ -117,3 +117,103 @@ def test_if_on_a_spatial_dim_is_refused_once_dense():
     assert onnx_dense.verify(original, ir.serde.serialize_model(dense))
     with pytest.raises(DenseError, match=r"If\).*size of spatial axis 3"):
         api.rewrite_model(_conditional(axis=3, one=8), output_stride=1, strategy="dilate")
+
+
+# timm's TF-style dynamic SAME padding as the TorchScript exporter writes it at a fixed size:
+# scalar float arithmetic (Ceil, Sub, Mul, Clip, Div, Cast), each scalar Unsqueezed to [1] and
+# concatenated into the [4] pads of a Pad. A folded scalar must stay rank 0, or the Unsqueeze
+# makes [1, 1] and the Concat [4, 1].
+TF_SAME_PADS = """
+net (float[1,2,16,16] x) => (float[1,4,8,8] y) <float[4,2,3,3] w> {
+    n = Constant <value = float {8.0}> ()
+    c = Ceil (n)
+    one = Constant <value = float {1.0}> ()
+    s = Sub (c, one)
+    two = Constant <value = float {2.0}> ()
+    m = Mul (s, two)
+    k = Constant <value = float {3.0}> ()
+    a = Add (m, k)
+    size = Constant <value = float {16.0}> ()
+    t = Sub (a, size)
+    zero = Constant <value = float {0.0}> ()
+    total = Clip (t, zero)
+    half = Div (total, two)
+    lo_i = Cast <to = 7> (half)
+    lo = Cast <to = 1> (lo_i)
+    hi = Sub (total, lo)
+    ax = Constant <value = int64[1] {0}> ()
+    u0 = Unsqueeze (lo, ax)
+    u1 = Unsqueeze (hi, ax)
+    zf = Constant <value = float[2] {0.0, 0.0}> ()
+    hw = Concat <axis = 0> (zf, u0, u0, zf, u1, u1)
+    pads = Cast <to = 7> (hw)
+    p = Pad <mode = "constant"> (x, pads, zero)
+    y = Conv <strides = [2,2]> (p, w)
+}
+"""
+
+
+def test_folded_scalars_keep_rank_0():
+    original = _model(TF_SAME_PADS, {"w": (4, 2, 3, 3)})
+    dense = ir.serde.serialize_model(api.rewrite_model(original, output_stride=1, strategy="dilate"))
+    pad = next(n for n in dense.graph.node if n.op_type == "Pad")
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in dense.graph.node if n.op_type == "Constant"}
+    assert consts[pad.input[1]].shape == (8,)
+    assert onnx_dense.verify(original, dense, phases=True)
+
+
+# torch's x.chunk(2, dim=1) as the TorchScript exporter writes it: Slice bounds computed from
+# Shape(x)[1] (a channel count, static), then a gate and a strided conv.
+CHUNK = """
+net (float[1,3,32,32] x) => (float y) <float[8,3,3,3] w1, float[4,4,3,3] w2> {
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    shape = Shape (c)
+    one = Constant <value = int64[1] {1}> ()
+    channels = Gather <axis = 0> (shape, one)
+    zero = Constant <value = int64[1] {0}> ()
+    add1 = Constant <value = int64[1] {1}> ()
+    cp1 = Add (channels, add1)
+    two = Constant <value = int64[1] {2}> ()
+    half = Div (cp1, two)
+    m1 = Constant <value = int64[1] {1}> ()
+    end1 = Mul (half, m1)
+    a = Slice (c, zero, end1, one)
+    m2 = Constant <value = int64[1] {2}> ()
+    end2 = Mul (half, m2)
+    b = Slice (c, end1, end2, one)
+    g = Sigmoid (b)
+    ab = Mul (a, g)
+    y = Conv <strides = [2,2], pads = [1,1,1,1]> (ab, w2)
+}
+"""
+
+
+@pytest.mark.parametrize("strategy", ["dilate", "fragments"])
+def test_channel_split_bounds_from_shape_are_folded(strategy):
+    original = _model(CHUNK, {"w1": (8, 3, 3, 3), "w2": (4, 4, 3, 3)})
+    dense = ir.serde.serialize_model(api.rewrite_model(original, output_stride=1, strategy=strategy))
+    assert "Shape" not in [n.op_type for n in dense.graph.node if n.op_type == "Shape" and "c" in n.input]
+    assert onnx_dense.verify(original, dense, phases=True)
+
+
+# A slice of a spatial axis whose end is computed from the spatial size: folding it at the
+# static size would bake a size the dense model does not have; refused where dense, named.
+SPATIAL_SLICE = """
+net (float[1,3,32,32] x) => (float y) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    shape = Shape (c)
+    ax = Constant <value = int64[1] {2}> ()
+    h = Gather <axis = 0> (shape, ax)
+    one = Constant <value = int64[1] {1}> ()
+    hm1 = Sub (h, one)
+    zero = Constant <value = int64[1] {0}> ()
+    s = Slice (c, zero, hm1, ax)
+    y = Conv <strides = [2,2], pads = [1,1,1,1]> (s, w2)
+}
+"""
+
+
+def test_spatial_slice_bounds_from_a_dense_shape_are_refused_by_name():
+    original = _model(SPATIAL_SLICE, {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)})
+    with pytest.raises(DenseError, match="Slice"):
+        api.rewrite_model(original, output_stride=1, strategy="dilate")

@@ -355,3 +355,31 @@ def test_any_size_skipped_when_the_original_cannot_run_at_other_sizes():
     assert report, report.text()
     any_size = next(c for c in report.comparisons if c.check == "any size")
     assert any_size.note.startswith("skipped: the original does not run"), any_size.note
+
+
+# paddle2onnx with InputSpec([None, 3, None, None]): input [-1, 3, "?", "?"], the head's Reshape
+# target computed through Shape/Gather/Cast/Concat (ONNX data propagation stops at the Cast).
+PADDLE_DYNAMIC = {"x": (1, 3, 64, 64)}
+
+
+@pytest.mark.parametrize("stride, per_phase_global", [(8, False), (4, True)])
+def test_paddle_dynamic_dims_and_computed_flatten(stride, per_phase_global, tmp_path):
+    original = foreign.paddle_mobilenet_v3(dynamic=True)
+    assert original.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    dense = rewrite(original, stride, input_shapes=PADDLE_DYNAMIC, per_phase_global=per_phase_global)
+    assert info(dense).outputs
+    path = tmp_path / "paddle.onnx"
+    onnx.save(original, path)
+    report = onnx_dense.verify(path, dense)
+    assert report, report.text()
+    assert (stride,) in api.output_strides(path, input_shapes=PADDLE_DYNAMIC)
+    table = api.inspect_model(str(path), output_stride=stride, input_shapes=PADDLE_DYNAMIC, per_phase_global=per_phase_global)
+    assert table.rows
+    # the command line too, with the flag the rewrite needed
+    flags = ["--per-phase-global"] if per_phase_global else []
+    assert cli_main(["inspect", str(path), "-r", str(stride), "--input-shape", "x:1,3,64,64", *flags]) == 0
+
+
+def test_paddle_dynamic_input_shape_hint_says_batch_1():
+    with pytest.raises(onnx_dense.DenseError, match=r"--input-shape x:1,3,H,W"):
+        api.rewrite_model(foreign.paddle_mobilenet_v3(dynamic=True), output_stride=8)

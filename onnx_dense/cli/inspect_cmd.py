@@ -7,6 +7,7 @@ import click
 from onnx_dense import api
 from onnx_dense.cli import options
 from onnx_dense.grid import fmt
+from onnx_dense.passes.plans import Strategy
 
 
 @click.command("inspect")
@@ -15,9 +16,13 @@ from onnx_dense.grid import fmt
 @options.from_node
 @options.input_shape
 @options.outputs
+@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default="dilate", show_default=True,
+              help="analyse as rewrite --strategy would (auto: dilate where allowed, else fragments)")
+@click.option("--per-phase-global", is_flag=True, help="analyse as rewrite --per-phase-global would (SE blocks)")
 @click.option("--all", "all_nodes", is_flag=True, help="list every node, not only the spatial ones")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def inspect(model, output_stride, from_node, input_shapes, outputs, all_nodes, as_json) -> None:
+def inspect(model, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, all_nodes,
+            as_json) -> None:
     """Show, per spatial node, what the rewrite at an output stride would change.
 
     Kernel, stride, dilation and pads before and after, eST, receptive field, output size in
@@ -35,7 +40,7 @@ def inspect(model, output_stride, from_node, input_shapes, outputs, all_nodes, a
     names = options.parse_names(outputs)
     result = api.inspect_model(
         model, output_stride=options.parse_stride(output_stride), from_node=from_node, input_shapes=shapes,
-        outputs=names, all_nodes=all_nodes,
+        outputs=names, all_nodes=all_nodes, strategy=strategy, per_phase_global=per_phase_global,
     )
     reachable = None
     if output_stride is None and from_node is None:

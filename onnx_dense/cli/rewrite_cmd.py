@@ -26,12 +26,14 @@ from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 )
 @click.option("--per-phase-global", is_flag=True,
               help="dilate: global context in the dense region (SE blocks) as exact per-phase means")
+@click.option("--rederive-sizes", is_flag=True,
+              help="Resize sizes baked in at export: take them at run time from the tensor of that size")
 @click.option("--tune", is_flag=True, help="with --strategy auto: build every strategy the model allows, keep the fastest")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where --tune measures")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing on success")
-def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, tune, provider,
-            quiet) -> None:
+def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, rederive_sizes, tune,
+            provider, quiet) -> None:
     """Rewrite the CNN in IN into its dense equivalent and write it to OUT.
 
     Give the output stride with -r/--output-stride R, or the node whose stride becomes 1
@@ -58,6 +60,7 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
         input_shapes=options.parse_shapes(input_shapes),
         strategy=strategy,
         per_phase_global=per_phase_global,
+        rederive_sizes=rederive_sizes,
         tune=tune,
         provider=provider,
     )
@@ -77,6 +80,8 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
     for name in (o.name for o in model.graph.outputs):
         if name not in info.outputs:
             click.echo(f"  output '{name}': no spatial axes, unchanged")
+    for note in model.meta.get("onnx_dense.size_notes", []):
+        click.echo(f"  {note}")
     if all(v == 1 for out in info.outputs.values() for v in out.est):
         click.echo("  nothing to densify: the output stride asked for is the model's own (eST 1), "
                    "so the model written computes what the original does")

@@ -240,7 +240,8 @@ class _Analyser(*RULE_CLASSES):
             spatial = sorted(set(dims) & set(g.axes))
             if spatial:
                 raise DenseError(
-                    f"node {label}: its branch was chosen from the size of spatial axis {spatial[0]} of '{value.name}', "
+                    f"node {label}: {'its branch was chosen' if label.endswith('(If)') else 'its operands were computed'} "
+                    f"from the size of spatial axis {spatial[0]} of '{value.name}', "
                     f"which the dense model changes (eST {fmt(g.est)}); cut the graph before it with --outputs, "
                     "or choose an output stride that keeps it at eST 1"
                 )

@@ -4,8 +4,10 @@ Rules:
 * ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID on Conv and pooling nodes becomes explicit
   ``pads`` computed at the static input size (ORT leaves dilation out of SAME pooling pads,
   so SAME cannot survive into a dilated model).
-* ``ceil_mode=1`` pooling becomes ``ceil_mode=0`` with the partial last window added as end
-  padding. The output size follows ONNX Runtime and PyTorch, which drop a last window that
+* ``ceil_mode=1`` pooling becomes ``ceil_mode=0`` with ``min(s - 1, k_eff - 1 - pe)`` more end
+  padding, a value that does not depend on the input size (``_ceil_extra_end``): the
+  floor-mode pool then has ceil_mode's window count at every length, so every phase of the
+  dense model keeps its partial last window. The output size follows ONNX Runtime and PyTorch, which drop a last window that
   would start in the end padding (ONNX shape inference keeps it). Max pooling pads with -inf, so this is exact. Average pooling must not count that
   extra padding: with ``count_include_pad=0`` it already does not; with
   ``count_include_pad=1`` and no pads the flag is switched off (nothing else to count);
@@ -72,18 +74,9 @@ class ExplicitCeilMode(ir.passes.InPlacePass):
                 continue
             params = _ir.window_params(node)
             n = len(params.kernel)
-            in_dims = _ir.require_static(node.inputs[0], "input", node)[-n:]
-            out_dims = tuple(
-                _ceil_output_size(size, k, s, pb, pe)
-                for size, k, s, pb, pe in zip(
-                    in_dims, params.effective_kernel, params.strides, params.pads_begin, params.pads_end
-                )
-            )
             extra = tuple(
-                max((o - 1) * s + ek - (size + pb + pe), 0)
-                for o, s, ek, size, pb, pe in zip(
-                    out_dims, params.strides, params.effective_kernel, in_dims, params.pads_begin, params.pads_end
-                )
+                _ceil_extra_end(ek, s, pe)
+                for ek, s, pe in zip(params.effective_kernel, params.strides, params.pads_end)
             )
             node.attributes.pop("ceil_mode")
             modified = True
@@ -108,10 +101,14 @@ class ExplicitCeilMode(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _ceil_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int) -> int:
-    """ceil_mode output length as ONNX Runtime and PyTorch compute it."""
-    span = size + pad_begin + pad_end - kernel
-    out = -(-span // stride) + 1
-    if (out - 1) * stride >= size + pad_begin:
-        out -= 1
-    return out
+def _ceil_extra_end(kernel: int, stride: int, pad_end: int) -> int:
+    """End padding that makes a floor-mode pool count ceil_mode's windows at EVERY input length.
+
+    With P = pad_end + x the floor count is floor((L + pb + P - k) / s) + 1. x = s - 1 turns
+    it into ceil((L + pb + pe - k) / s) + 1, ceil_mode's count; x = k - 1 - pe makes it the
+    number of window starts before L + pb, the rule of ONNX Runtime and PyTorch that drops a
+    last window starting in the end padding. The smaller of the two is both rules at once.
+    Being independent of L, it also gives every phase of the dense model (an input shorter by
+    the phase offset) its partial last window, scaled by eST like any pad.
+    """
+    return max(min(stride - 1, kernel - 1 - pad_end), 0)

@@ -11,6 +11,14 @@ must read those numbers, so this pass computes them. Rules:
   ``Shape`` (``Gather``/``Slice`` of it) is replaced by the branch it takes at the static size.
   The dims it read are recorded in ``model.meta[ASSUMED_DIMS]``; the analysis refuses the
   model if any of them is a spatial dim of a dense tensor (the dense size differs there).
+* ``Pad`` pads, ``Slice`` bounds and ``Split`` sizes computed from constants and static dims
+  read through ``Shape`` (timm's TF-style SAME padding, torch's ``chunk``) become constants
+  at the static size. A Pad's amount at the static size is what ``auto_pad=SAME`` becomes
+  (passes/explicit_padding.py); the dims a Slice or Split read are recorded like an If's
+  (a split of channels is fine; a spatial size of a dense tensor is refused). So does a
+  ``Reshape`` target that reads only batch sizes where ONNX's data propagation could not
+  follow it (paddle2onnx's flatten through a Cast), leaving the output shape unknown;
+  passes/densify_reshapes.py takes a baked batch from the running tensor.
 * Nothing else changes. ``Shape`` of an image tensor is not folded: that would bake the
   traced size into the dense model, which must run at any size.
 
@@ -32,6 +40,11 @@ ASSUMED_DIMS = "onnx_dense.assumed_dims"  # model.meta: list of (value, dims, no
 
 _MAX_BYTES = 1 << 20
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Operands that must be known to the analysis, computed from static dims where they are not
+# constant: Pad's pads and axes, Slice's starts/ends/axes/steps, Split's sizes, and Reshape
+# targets that read nothing but batch sizes where shape inference could not follow them
+# (paddle2onnx's flatten: Shape, Gather, Cast, Concat).
+_STATIC_OPERANDS = {"Pad": (1, 3), "Slice": (1, 2, 3, 4), "Split": (1,), "Reshape": (1,)}
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
@@ -48,6 +61,8 @@ class FoldShapeArithmetic(ir.passes.InPlacePass):
                 continue
             if node.op_type == "If":
                 modified |= self._inline_if(graph, node, assumed)
+            elif node.op_type in _STATIC_OPERANDS and self._fold_operands(graph, node, assumed):
+                modified = True
             elif self._foldable(node):
                 values = _evaluate(node, [_ir.const_array(v) for v in node.inputs], self.opset)
                 if values is not None:
@@ -72,6 +87,33 @@ class FoldShapeArithmetic(ir.passes.InPlacePass):
                 return False
             total += array.nbytes
         return total <= _MAX_BYTES
+
+    def _fold_operands(self, graph: ir.Graph, node: ir.Node, assumed: list) -> bool:
+        """Pad pads, Slice bounds, Split sizes computed from static dims become constants."""
+        modified = False
+        for i in _STATIC_OPERANDS[node.op_type]:
+            if i >= len(node.inputs) or node.inputs[i] is None or _ir.const_array(node.inputs[i]) is not None:
+                continue
+            reads: dict[ir.Value, set[int]] = {}
+            array = self._static_value(node.inputs[i], reads, depth=0)
+            if array is None:
+                continue
+            if node.op_type == "Reshape" and (
+                _static_shape(node.outputs[0]) is not None
+                or not all(dims <= {0} or (v.shape is not None and v.shape.rank() <= 2) for v, dims in reads.items())
+            ):
+                continue  # shape inference followed it, or it reads image sizes: passes/densify_reshapes.py
+            nodes: list[ir.Node] = []
+            editor = _ir.Editor(graph)
+            value = editor.const(nodes, np.array(array, order="C"), base=f"{node.inputs[i].name or node.op_type}_static")
+            graph.insert_before(node, nodes)
+            node.replace_input_with(i, value)
+            modified = True
+            if node.op_type != "Pad":  # Pad amounts at the static size are TF's SAME, like auto_pad
+                label = f"'{node.name or '<unnamed>'}' ({node.op_type})"
+                for value, dims in reads.items():
+                    assumed.append((value, tuple(sorted(dims)), label))
+        return modified
 
     def _inline_if(self, graph: ir.Graph, node: ir.Node, assumed: list) -> bool:
         reads: dict[ir.Value, set[int]] = {}
@@ -170,7 +212,9 @@ def _evaluate(node: ir.Node, inputs: list, opset: int) -> list[np.ndarray] | Non
 def _replace_with_constants(graph: ir.Graph, node: ir.Node, values: list[np.ndarray]) -> None:
     for out, array in zip(node.outputs, values):
         name = out.name
-        const = ir.node("Constant", [], {"value": ir.tensor(np.ascontiguousarray(array), name=name)})
+        # np.array, not np.ascontiguousarray: the latter makes a scalar [1] (ndim >= 1), and an
+        # Unsqueeze then Concat of folded scalars (timm's TF-SAME pads) would get the wrong rank
+        const = ir.node("Constant", [], {"value": ir.tensor(np.array(array, order="C"), name=name)})
         new = const.outputs[0]
         new.shape = ir.Shape(array.shape)
         new.dtype = ir.DataType.from_numpy(array.dtype)

@@ -156,7 +156,9 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def _shape_hint(shape: ir.Shape) -> str:
     """Static dims as they are, batch 1, other dynamic dims as placeholders (H,W; D,H,W; L)."""
     dims = list(shape.dims)
-    dynamic = [i for i, d in enumerate(dims) if i > 0 and not isinstance(d, int)]
+    dynamic = [i for i, d in enumerate(dims) if i > 0 and not (isinstance(d, int) and d > 0)]
     names = {1: ["L"], 2: ["H", "W"], 3: ["D", "H", "W"]}.get(len(dynamic), [f"D{k}" for k in range(len(dynamic))])
     hint = {i: n for i, n in zip(dynamic, names)}
-    return ",".join(str(d) if isinstance(d, int) else ("1" if i == 0 else hint[i]) for i, d in enumerate(dims))
+    return ",".join(
+        str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else hint[i]) for i, d in enumerate(dims)
+    )

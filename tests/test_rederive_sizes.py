@@ -1,0 +1,91 @@
+"""--rederive-sizes: a Resize size baked in at export, taken from the tensor it must match.
+
+An image-pooling branch (global average, 1x1 conv, Resize back to the feature map) exported
+at a fixed size: dynamo writes the sizes as an initializer, the TorchScript exporter as
+Concat(Shape(p)[0:2], [h, w]). Such an original runs only at its export size. With the option
+the sizes come from Shape of the Concat partner, and the dense model runs at any size; the
+oracle at another size is the same graph written for that size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnx_dense
+from tests._graphs import graph, rewrite, run
+
+SIG = "float[1,3,{n},{n}] x, float[8,3,3,3] w1, float[4,8,1,1] w2, float[3,12,1,1] w3"
+BODY = """
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    f = Relu (c)
+    g = GlobalAveragePool (f)
+    p = Conv (g, w2)
+    {sizes}
+    [up] u = Resize <mode = "nearest"> (p, , , sizes)
+    j = Concat <axis = 1> (f, u)
+    y = Conv (j, w3)
+"""
+SIZES = {
+    "dynamo": "sizes = Constant <value = int64[4] {{1, 4, {h}, {h}}}> ()",
+    "torchscript": """s = Shape (p)
+    lo = Constant <value = int64[1] {{0}}> ()
+    hi = Constant <value = int64[1] {{2}}> ()
+    nc = Slice (s, lo, hi)
+    hw = Constant <value = int64[2] {{{h}, {h}}}> ()
+    sizes = Concat <axis = 0> (nc, hw)""",
+}
+
+
+def model(kind: str, n: int, h: int | None = None):
+    return graph(SIG.format(n=n), BODY.format(sizes=SIZES[kind].format(h=h or n // 2)), seed=4)
+
+
+def _dense(kind, **kw):
+    return ir.serde.deserialize_model(rewrite(model(kind, 32), 1, strategy="fragments", **kw))
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "torchscript"])
+def test_rederived_size_runs_at_any_size(kind):
+    dense_ir = onnx_dense.rewrite_model(model(kind, 32), output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and "'f'" in n and "re-derived" in n for n in notes), notes
+    dense = ir.serde.serialize_model(dense_ir)
+    assert onnx_dense.verify(model(kind, 32), dense)
+    x = np.random.default_rng(5).standard_normal((1, 3, 40, 40)).astype(np.float32)
+    got = run(dense, {"x": x})["y"]
+    want = run(model(kind, 40), {"x": x})["y"]  # the same network exported at 40x40
+    np.testing.assert_allclose(got[:, :, ::2, ::2], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dynamo", "torchscript"])
+def test_without_the_option_the_summary_says_the_size_is_baked(kind):
+    dense = onnx_dense.rewrite_model(model(kind, 32), output_stride=1, strategy="fragments")
+    notes = dense.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and "16x16" in n and "--rederive-sizes" in n for n in notes), notes
+
+
+def test_a_size_no_tensor_has_is_reported_not_guessed():
+    # 24x24: no tensor of the graph has it
+    original = graph(
+        SIG.format(n=32),
+        BODY.format(sizes=SIZES["dynamo"].format(h=24)).replace("j = Concat <axis = 1> (f, u)\n    y = Conv (j, w3)",
+                                                                "y = Relu (u)"),
+        seed=4,
+    )
+    dense = onnx_dense.rewrite_model(original, output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and "24x24" in n and "no tensor" in n for n in notes), notes
+
+
+def test_cli_prints_the_note(tmp_path, capsys):
+    import onnx
+
+    from onnx_dense.cli import main
+
+    src = tmp_path / "seg.onnx"
+    onnx.save(model("torchscript", 32), src)
+    assert main(["rewrite", str(src), str(tmp_path / "d.onnx"), "-r", "1", "--rederive-sizes"]) == 0
+    out = capsys.readouterr().out
+    assert "re-derived" in out and "'up'" in out

@@ -260,12 +260,12 @@ def reachable_output_strides(
 def stride_candidates(grids: Sequence[Grid]) -> list[tuple[int, ...]]:
     """Output strides worth trying: 1 to the largest where every stride is the same on every
     axis; else, per axis, the divisors of the outputs' strides, every combination in order."""
-    if all(len(set(g.stride)) == 1 for g in grids):
-        largest = max((g.stride[0] for g in grids), default=1)
+    if all(len(set(g.info_stride)) == 1 for g in grids):
+        largest = max((g.info_stride[0] for g in grids), default=1)
         return [(r,) for r in range(1, largest + 1)]
     rank = max(g.rank for g in grids)
     per_axis = [
-        sorted({d for g in grids if g.rank == rank for d in range(1, g.stride[i] + 1) if g.stride[i] % d == 0})
+        sorted({d for g in grids if g.rank == rank for d in range(1, g.info_stride[i] + 1) if g.info_stride[i] % d == 0})
         for i in range(rank)
     ]
     return [(c[0],) if len(set(c)) == 1 else c for c in itertools.product(*per_axis)]

@@ -23,6 +23,7 @@ def rewrite_model(
     input_shapes: dict[str, Sequence[int]] | None = None,
     strategy: Strategy | str = DEFAULT_STRATEGY,
     per_phase_global: bool = False,
+    final_upsampling: bool = True,
     tune: bool = False,
     provider: str = "cpu",
 ) -> ir.Model:
@@ -33,6 +34,8 @@ def rewrite_model(
     CLI: dilate where the analysis allows it, else fragments), "dilate" or "fragments";
     ``per_phase_global``: dilate SE blocks as per-phase means; ``tune`` (with "auto"):
     build every strategy the model allows and keep the fastest on ``provider``.
+    ``final_upsampling`` False (``--no-final-upsampling``): a segmentation head's output is
+    the dense score map its final upsampling reads, not the upsampling rebuilt on it.
     """
     options = RewriteOptions(
         output_stride=output_stride,
@@ -41,6 +44,7 @@ def rewrite_model(
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
         strategy=strategy,
         per_phase_global=per_phase_global,
+        final_upsampling=final_upsampling,
     )
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)

@@ -38,6 +38,10 @@ class DenseOutput:
     # "global": global context (SE, InstanceNorm) in the dense region: phase p is the original
     #   whose first removed-stride node reads a shifted map; no cropped input reproduces it.
     off_grid: str = "exact"
+    # A segmentation output whose final upsampling was rebuilt on a dense score map
+    # (passes/final_upsampling.py): what it reads and how (onnx_dense/interpolation.py); verify
+    # recomputes it from the score map, which is an output too. None for every other output.
+    upsampling: dict | None = None
 
     def centres(self, axis: int, count: int) -> list[float]:
         """Input-pixel centre of each of ``count`` dense predictions along spatial axis ``axis``."""

@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.grid import fmt
+from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.base import Rules
 from onnx_dense.passes.plans import UPSAMPLING
 
@@ -40,6 +41,16 @@ class UpsamplingRules(Rules):
             size = tuple(s * block for s in g.size)
         else:
             size = self.out_size(node, g)
+        if node.op_type == "ConvTranspose":  # (a - 1) s + k - pads: the factor is the stride, a crop may follow
+            strides = _ir.window_params(node).strides
+            stride = []
+            for S, u in zip(g.stride, strides):
+                if S % u:
+                    raise UnsupportedNodeError(
+                        node, f"upsamples by {u}, not a factor of the stride {fmt(g.stride)}", "fix the model"
+                    )
+                stride.append(S // u)
+            return self._upsampled(node, g, size, stride)
         stride = []
         for S, a, b in zip(g.stride, g.size, size):
             if b % a or S % (b // a):
@@ -48,6 +59,9 @@ class UpsamplingRules(Rules):
                     "fix the model",
                 )
             stride.append(S // (b // a))
+        return self._upsampled(node, g, size, stride)
+
+    def _upsampled(self, node: ir.Node, g, size, stride):
         # Interpolation and transposed kernels read neighbours: widen the field by one input step
         # each side (conservative: margins built from it stay exact).
         rf_size = tuple(r + 2 * S for r, S in zip(g.rf_size, g.stride))

@@ -62,6 +62,9 @@ class Grid:
     # node whose upsampling made the grid finer than the information.
     info: tuple[int, ...] | None = None
     upsampled_from: str | None = None
+    # GroupNorm as exporters write it: Reshape (N, C, *spatial) -> (N, G, C/G * positions),
+    # a per-group normalisation, Reshape back. Between the two: the dims before the fold.
+    grouped: tuple[int, ...] | None = None
 
     @property
     def info_stride(self) -> tuple[int, ...]:

@@ -143,7 +143,15 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
     learned = None
     crop = [0] * sg.rank
     tail = []
-    for n in rest:
+    if up.op_type == "Resize":
+        fields = _resize(up, sg, og)
+    elif up.op_type == "ConvTranspose":
+        fields = _transpose(up, sg, og)
+    else:
+        fields = f"is a {up.op_type}, not a fixed interpolation"
+    if isinstance(fields, str):
+        learned = (up, fields)
+    for n in rest if learned is None else ():
         if n.op_type == "Slice":
             why = _crop(n, sg, crop)
             if why:
@@ -164,15 +172,6 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
         else:
             learned = (n, "is learned or mixes positions after the upsampling")
             break
-    if learned is None:
-        if up.op_type == "Resize":
-            fields = _resize(up, sg, og)
-        elif up.op_type == "ConvTranspose":
-            fields = _transpose(up, sg, og)
-        else:
-            fields = f"is a {up.op_type}, not a fixed interpolation"
-        if isinstance(fields, str):
-            learned = (up, fields)
     if learned is not None:
         node, why = learned
         problem = (

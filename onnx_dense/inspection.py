@@ -96,13 +96,20 @@ def inspect_model(
         n, d = math.prod(g.size), math.prod(g.dense_size)
         preds += n
         dense_preds += d
-        outs.append(
-            {
-                "name": info.name, "spatial": True, "stride": list(g.stride), "dense_stride": list(g.dense_stride),
-                "est": list(g.est), "rf_size": list(g.rf_size), "size": list(g.size), "dense_size": list(g.dense_size),
-                "predictions": n, "dense_predictions": d,
-            }
-        )
+        entry = {
+            "name": info.name, "spatial": True, "stride": list(g.stride), "dense_stride": list(g.dense_stride),
+            "est": list(g.est), "rf_size": list(g.rf_size), "size": list(g.size), "dense_size": list(g.dense_size),
+            "predictions": n, "dense_predictions": d,
+        }
+        if g.info is not None:  # an upsampled map: its predictions are further apart than its positions
+            up = next((node for node in model.graph if (node.name or node.op_type) == g.upsampled_from), None)
+            source = up.inputs[0].meta.get(GRID) if up is not None and up.inputs[0] is not None else None
+            entry.update(
+                information_stride=list(g.info), upsampled_by=g.upsampled_from,
+                upsampled_from=up.inputs[0].name if up is not None else None,
+                upsampled_factor=[a // b for a, b in zip(source.stride, g.stride)] if source is not None else None,
+            )
+        outs.append(entry)
     return Inspection(analysis.target, rows, outs, total, dense_total, preds, dense_preds)
 
 
@@ -205,6 +212,12 @@ def render(result: Inspection, console=None) -> None:
         if not o["spatial"]:
             console.print(f"output {o['name']}: no spatial axes")
             continue
+        if o.get("information_stride"):
+            factor = f" x{fmt(o['upsampled_factor'])}" if o.get("upsampled_factor") else ""
+            console.print(
+                f"output {o['name']}: grid stride {fmt(o['stride'])}, predictions every {fmt(o['information_stride'])} px, "
+                f"upsampled{factor} from '{o['upsampled_from']}' by '{o['upsampled_by']}'"
+            )
         console.print(
             f"output {o['name']}: stride {fmt(o['stride'])} -> dense grid stride {fmt(o['dense_stride'])} (eST "
             f"{fmt(o['est'])}), receptive field {fmt(o['rf_size'])}, predictions {o['predictions']} -> "

@@ -66,7 +66,11 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
                 y.shape = ir.Shape(dims)
             graph.outputs.append(score)
             m = tuple(s // e for s, e in zip(block.factor, entry.est))
-            rf_size, rf_start = self.rf[block.output]
+            # Output pixel i is the image's pixel i (its grid's stride S_o: position i covers
+            # pixels i*S_o..): centre the (conservative) receptive field there.
+            rf_size, _ = self.rf[block.output]
+            rf_size = tuple(r + 1 - r % 2 for r in rf_size)
+            rf_start = tuple(round((so - 1) / 2 - (r - 1) / 2) for so, r in zip(block.out_stride, rf_size))
             outputs[block.output] = metadata.DenseOutput(
                 name=block.output, spatial_axes=tuple(block.axes), est=(1,) * len(block.axes),
                 stride=tuple(block.out_stride), original_stride=tuple(block.out_stride), rf_size=tuple(rf_size),

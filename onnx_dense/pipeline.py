@@ -133,7 +133,12 @@ def final_upsampling_route(model: ir.Model, stride, options: RewriteOptions) -> 
     """The final blocks to cut at (and rebuild unless ``final_upsampling`` is off): those of the
     outputs whose score map is coarser than ``stride``. Refuses a learned block there, naming it
     and offering --no-final-upsampling."""
-    AnalyseGrid(None)(model)
+    try:
+        AnalyseGrid(None)(model)
+    except DenseError:
+        if not options.final_upsampling:
+            raise
+        return {}  # the analysis at the stride asked for says what is wrong
     blocks = final_blocks(model)
     if not options.final_upsampling:
         if not blocks:

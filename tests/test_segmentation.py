@@ -295,3 +295,45 @@ def test_learned_final_blocks_refused_and_cut(samples, name, shapes):
         assert report.passed, report.text()
         (out,) = metadata.read(dense).outputs.values()
         assert out.stride == (stride, stride) and out.upsampling is None
+
+
+def test_run_writes_full_resolution_label_maps(samples, tmp_path):
+    """``onnx-dense run`` on a rewritten FPN: the label map has the image's size (the FPN runs at
+    any multiple of 32), and T's map (a prediction every 2 px) comes with it."""
+    from PIL import Image
+
+    from tests._cli import run
+
+    dense = tmp_path / "fpn_dense.onnx"
+    onnx_dense.rewrite(samples("fpn"), dense, output_stride=2)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(image)
+    code, stdout, stderr = run("run", str(dense), str(image), "--out", str(tmp_path / "maps"))
+    assert code == 0, stderr
+    maps = np.load(tmp_path / "maps" / "img.output.npy")
+    assert maps.shape == (1, 5, 64, 96)
+    labels = np.asarray(Image.open(tmp_path / "maps" / "img.output.labels.png"))
+    assert labels.shape == (64, 96) and set(np.unique(labels)) <= set(range(5))
+
+
+def test_cli_flag_and_refusal(tmp_path):
+    from tests._cli import assert_clean_error, run
+
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(RULES["half_pixel"](), fixed)
+    code, out, err = run("rewrite", fixed, tmp_path / "d.onnx", "-r", "2")
+    assert code == 0, err
+    assert "the final upsampling rebuilt on the dense score map 'score'" in out
+    code, out, err = run("rewrite", fixed, tmp_path / "t.onnx", "-r", "2", "--no-final-upsampling")
+    assert code == 0, err
+    assert "output 'score': eST 4" in out and "output 'y'" not in out
+    code, out, err = run("inspect", fixed)
+    assert "grid stride 1, predictions every 8 px, upsampled x8 from 'score' by 'up'" in out
+    assert "reachable output strides: 1, 2, 4, 8" in out
+    body, _ = transpose_head()
+    learned = tmp_path / "learned.onnx"
+    onnx.save(head(body, weights={"wt": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)}),
+              learned)
+    code, out, err = run("rewrite", learned, tmp_path / "l.onnx", "-r", "4")
+    assert_clean_error(code, out, err, "'up' (ConvTranspose)", "--no-final-upsampling")
+    assert not (tmp_path / "l.onnx").exists()

@@ -34,10 +34,15 @@ Rules (per spatial axis; S stride, e eST, D = S/e dense grid stride, R target):
   tensor must reach a Gemm/MatMul, which becomes a Conv with the original spatial size as
   kernel (the paper's fully connected -> convolution).
 * Upsampling (Resize, strided ConvTranspose, DepthToSpace) is allowed only where e = 1.
+  Its output keeps its input's information stride (grid.py): an upsampled map's predictions
+  are as far apart as its source's; a join carries the finest of its operands', any node at
+  least its own grid stride. An output is on R also where its information is (I / e = R).
+  A segmentation head's final upsampling is cut off and rebuilt by the pipeline instead
+  (passes/analysis/final_upsampling.py, passes/final_upsampling.py).
 * A head vector (N, C) reshaped or unsqueezed to (N, 1, 1, C) or (N, C, 1, 1) is a map
   again: its dense tensor (N, positions, C) is kept or transposed to match.
 * Every output must end on a dense grid D = min(R, S), and on every axis some output on R
-  itself (R above every output's stride would change nothing).
+  itself (R above every output's information stride would change nothing).
 
 Strategy "fragments" (``AnalyseGrid(R, "fragments")``, lowered by passes/fragments.py): every
 phase runs the original ops, so global context broadcast back, whole-image normalisation,

@@ -1,6 +1,7 @@
 """Upsampling: Resize, Upsample, DepthToSpace and strided ConvTranspose.
 
-Allowed only where e = 1 under dilate (two dense phases would claim one output position);
+The factor is the ratio of sizes (a ConvTranspose's: its stride; a crop may follow). Allowed
+only where e = 1 under dilate (two dense phases would claim one output position);
 under fragments an upsampling by u leaves e/u (or 1 when u is a multiple of e; anything else
 is refused). No plan: dilate leaves the node alone, fragments collapses phases
 (passes/analysis/phases.py). A Resize of a 1x1 map of global context is a broadcast

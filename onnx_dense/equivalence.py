@@ -460,7 +460,8 @@ def _check_upsampling(name, out: metadata.DenseOutput, expected, got, rtol, atol
         return [Comparison(name, "size", False, note=f"shape {list(dense.shape)}, original {list(expected.shape)}")]
     size = Comparison(name, "size", True, note=f"same shape as the original's output {list(expected.shape)}")
     score = got[up["score"]]
-    want = reference(score, up, out.spatial_axes, tuple(dense.shape[a] for a in out.spatial_axes))
+    axes = tuple(up.get("score_axes", out.spatial_axes))
+    want = reference(score, up, axes, tuple(dense.shape[a] for a in out.spatial_axes))
     check = compare(want, dense, rtol, atol, name, "upsampling")
     check.note = (
         f"= x{fmt(up['factor'])} {up['kind']} {up['mode']} of dense '{up['score']}' (a prediction every "

@@ -108,6 +108,9 @@ RULES = {
     "argmax_after": lambda: head(
         SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1> (u)', out="int64 y"
     ),
+    "argmax_keepdims0": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1, keepdims=0> (u)', out="int64 y"
+    ),
     "transpose_pads": lambda: thead(),
     "transpose_crop_sigmoid": lambda: thead(pads=0, crop=4, tail="Sigmoid"),
     "transpose_group_bias": lambda: thead(group=True, bias=[0.1, -0.2, 0.3]),
@@ -147,7 +150,7 @@ def test_formula_is_the_original_op(case):
     x = np.random.default_rng(1).standard_normal((1, 2, 32, 32)).astype(np.float32)
     got = ort_run(with_output(model, "score"), {"x": x}, ["y", "score"])
     want = reference(got["score"], block.description((1, 1)), block.axes, block.out_size)
-    if case == "argmax_after":
+    if case.startswith("argmax"):
         assert np.array_equal(want, got["y"])
     else:
         assert np.abs(want - got["y"]).max() <= 1e-5 * max(1.0, np.abs(got["y"]).max())

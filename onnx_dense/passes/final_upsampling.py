@@ -61,7 +61,7 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             y.type = otype
             dims = list(oshape.dims) if oshape is not None else None
             if dims is not None:
-                for k, a in enumerate(block.axes):
+                for k, a in enumerate(block.out_axes):
                     dims[a] = ir.SymbolicDim(f"{block.output}_{('height', 'width', 's2')[k] if k < 3 else k}")
                 y.shape = ir.Shape(dims)
             graph.outputs.append(score)
@@ -72,7 +72,7 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             rf_size = tuple(r + 1 - r % 2 for r in rf_size)
             rf_start = tuple(round((so - 1) / 2 - (r - 1) / 2) for so, r in zip(block.out_stride, rf_size))
             outputs[block.output] = metadata.DenseOutput(
-                name=block.output, spatial_axes=tuple(block.axes), est=(1,) * len(block.axes),
+                name=block.output, spatial_axes=tuple(block.out_axes), est=(1,) * len(block.axes),
                 stride=tuple(block.out_stride), original_stride=tuple(block.out_stride), rf_size=tuple(rf_size),
                 rf_start=tuple(rf_start), inserted=False, input=entry.input, size=tuple(block.out_size),
                 dense_size=tuple(block.out_size),

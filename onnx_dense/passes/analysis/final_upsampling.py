@@ -45,7 +45,8 @@ class FinalUpsampling:
     score: str  # T: the tensor the block reads
     node: str  # the upsampling node, as messages name it ("'up' (Resize)")
     nodes: tuple[str, ...]  # every node of the block, upsampling first
-    axes: tuple[int, ...]  # spatial axes of T and of the output
+    axes: tuple[int, ...]  # spatial axes of T
+    out_axes: tuple[int, ...]  # spatial axes of the output (ArgMax with keepdims=0 moves them)
     score_stride: tuple[int, ...]  # T's grid stride (= its information stride)
     out_stride: tuple[int, ...]  # the output's grid stride
     score_size: tuple[int, ...]
@@ -69,7 +70,7 @@ class FinalUpsampling:
         """What the dense model's metadata records (verify recomputes the output from it)."""
         m = [s // e for s, e in zip(self.factor, est)]
         return {
-            "score": self.score, "kind": self.kind, "mode": self.mode, "nearest_mode": self.nearest_mode,
+            "score": self.score, "score_axes": list(self.axes), "kind": self.kind, "mode": self.mode, "nearest_mode": self.nearest_mode,
             "align_corners": self.align_corners, "factor": m, "offset": list(self.offset),
             "score_est": list(est), "score_size": list(self.score_size), "bias": list(self.bias) if self.bias else None,
             "tail": [tail_record(n) for n in self.tail], "replaces": list(self.nodes),
@@ -129,6 +130,7 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
         return None
     base = dict(
         output=output.name, score=score.name, nodes=tuple(n.name or n.op_type for n in chain), axes=tuple(sg.axes),
+        out_axes=tuple(og.axes),
         score_stride=tuple(sg.stride), out_stride=tuple(og.stride), score_size=tuple(sg.size), out_size=tuple(og.size),
     )
     for n in chain[:-1]:  # T itself may be read elsewhere: the dense region keeps it

@@ -17,7 +17,12 @@ import onnx_ir as ir
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
 from onnx_dense.passes.plans import GlobalPlan, HeadConvPlan, SpatialPlan
-from onnx_dense.pipeline import RewriteOptions, analyse_grid, normalise, resolve_output_stride
+from onnx_dense.errors import DenseError
+from onnx_dense.passes.cut import CutAtOutputs
+from onnx_dense.passes.plans import Strategy, UnreachableStride
+from onnx_dense.pipeline import (
+    RewriteOptions, analyse_grid, cut_names, final_upsampling_route, normalise, resolve_output_stride,
+)
 from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 
 
@@ -69,7 +74,17 @@ def inspect_model(
     stride = None
     if output_stride is not None or from_node is not None:
         stride = resolve_output_stride(model, options)
-    analysis = analyse_grid(model, stride)
+    blocks = final_upsampling_route(model, stride, options) if stride is not None else {}
+    if blocks:  # as the rewrite does: the score maps are made dense, their upsampling rebuilt
+        CutAtOutputs(cut_names(model, blocks))(model)
+    try:
+        analysis = analyse_grid(model, stride)
+    except UnreachableStride:
+        raise
+    except DenseError:
+        if stride is None:
+            raise
+        analysis = analyse_grid(model, stride, Strategy.FRAGMENTS)  # what --strategy auto falls back to
     if stride is not None:
         check_dense_sizes(
             [(o.name, o.grid.dense_size, o.grid.rf_size) for o in analysis.outputs if o.grid is not None],
@@ -109,6 +124,9 @@ def inspect_model(
                 upsampled_from=up.inputs[0].name if up is not None else None,
                 upsampled_factor=[a // b for a, b in zip(source.stride, g.stride)] if source is not None else None,
             )
+        rebuilt = [b.output for b in blocks.values() if b.score == info.name]
+        if rebuilt:
+            entry["final_upsampling_of"] = rebuilt
         outs.append(entry)
     return Inspection(analysis.target, rows, outs, total, dense_total, preds, dense_preds)
 
@@ -217,6 +235,11 @@ def render(result: Inspection, console=None) -> None:
             console.print(
                 f"output {o['name']}: grid stride {fmt(o['stride'])}, predictions every {fmt(o['information_stride'])} px, "
                 f"upsampled{factor} from '{o['upsampled_from']}' by '{o['upsampled_by']}'"
+            )
+        if o.get("final_upsampling_of"):
+            console.print(
+                f"output {o['name']}: the score map that the final upsampling of "
+                f"{', '.join(repr(n) for n in o['final_upsampling_of'])} reads, rebuilt on its dense form"
             )
         console.print(
             f"output {o['name']}: stride {fmt(o['stride'])} -> dense grid stride {fmt(o['dense_stride'])} (eST "

@@ -76,7 +76,7 @@ class DenseInfo:
             "strategy": self.strategy,
             "source": self.source,
             "inputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.inputs.items()},
-            "outputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.outputs.items()},
+            "outputs": {k: _output_json(v) for k, v in self.outputs.items()},
         }
         if self.per_phase_global:
             data["per_phase_global"] = True
@@ -170,6 +170,14 @@ def check_against(info: DenseInfo, model) -> None:
             rank = len(value.shape) if value.shape is not None else None
             if rank is not None and any(a >= rank for a in entry.spatial_axes):
                 raise ValueError(f"{kind} '{name}' has rank {rank} but spatial_axes {list(entry.spatial_axes)}")
+
+
+def _output_json(out: DenseOutput) -> dict[str, Any]:
+    """An output's fields; ``upsampling`` only where there is one (older readers never see it)."""
+    data = _plain(dataclasses.asdict(out))
+    if data.get("upsampling") is None:
+        data.pop("upsampling", None)
+    return data
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,12 @@ def train(steps: int, size: int, seed: int = 0) -> torch.nn.Module:
     weight = torch.tensor([0.2] + [1.0] * (len(CLASSES) - 1))  # most pixels are background
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(len(x_all), 16, replace=False))
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx], weight=weight)
+        # Shifted by up to a stride (wrapping round): a stride-8 network that has not seen its
+        # input at every offset predicts differently at each, which the dense map would show.
+        dy, dx = (int(v) for v in rng.integers(0, 8, 2))
+        xb = torch.roll(x_all[idx], (dy, dx), dims=(2, 3))
+        yb = torch.roll(y_all[idx], (dy, dx), dims=(1, 2))
+        loss = F.cross_entropy(model(xb), yb, weight=weight)
         opt.zero_grad()
         loss.backward()
         opt.step()

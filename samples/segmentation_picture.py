@@ -69,7 +69,7 @@ def run_onnx(model, x: np.ndarray) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m samples.segmentation_picture")
     ap.add_argument("out", type=Path, nargs="?", default=Path("docs/segmentation.png"))
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--stride", type=int, default=2)
     args = ap.parse_args(argv)
     start = time.perf_counter()

@@ -23,6 +23,7 @@ def rewrite_model(
     input_shapes: dict[str, Sequence[int]] | None = None,
     strategy: Strategy | str = DEFAULT_STRATEGY,
     per_phase_global: bool = False,
+    final_upsampling: bool = True,
     tune: bool = False,
     provider: str = "cpu",
     rederive_sizes: bool = False,
@@ -36,7 +37,9 @@ def rewrite_model(
     build every strategy the model allows and keep the fastest on ``provider``;
     ``rederive_sizes``: Resize sizes baked in at export are taken at run time from the tensor
     of that size (passes/rederive_sizes.py; ``model.meta["onnx_dense.size_notes"]`` says what
-    was baked and what was re-derived).
+    was baked and what was re-derived). ``final_upsampling`` False (``--no-final-upsampling``):
+    a segmentation head's output is the dense score map its final upsampling reads, not the
+    upsampling rebuilt on it.
     """
     options = RewriteOptions(
         output_stride=output_stride,
@@ -46,6 +49,7 @@ def rewrite_model(
         strategy=strategy,
         per_phase_global=per_phase_global,
         rederive_sizes=rederive_sizes,
+        final_upsampling=final_upsampling,
     )
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)

@@ -12,6 +12,9 @@ spatial axis, in spatial order (height before width):
   dense model's at the same input size.
 * ``rf_size`` and ``rf_start``: receptive field of position 0, in input pixels; position i
   of the dense tensor sees ``rf_start + i * dense_stride`` onwards.
+* ``info``    the information stride: input pixels between the predictions this tensor
+  carries. An upsampled map has a finer grid than its information (a segmentation head's
+  output: grid stride 1, predictions every 8 px); None where it equals ``stride``.
 
 Pure data and arithmetic: nothing here touches a graph.
 """
@@ -55,6 +58,17 @@ class Grid:
     # input pixel that position 0 shows: -p after a Pad of p (Keras' ZeroPadding2D before the
     # first Conv). Becomes the receptive field's start once the layout is known.
     origin: tuple[int, ...] | None = None
+    # Information stride (module docstring); None: the grid stride. ``upsampled_from``: the
+    # node whose upsampling made the grid finer than the information.
+    info: tuple[int, ...] | None = None
+    upsampled_from: str | None = None
+    # GroupNorm as exporters write it: Reshape (N, C, *spatial) -> (N, G, C/G * positions),
+    # a per-group normalisation, Reshape back. Between the two: the dims before the fold.
+    grouped: tuple[int, ...] | None = None
+
+    @property
+    def info_stride(self) -> tuple[int, ...]:
+        return self.info if self.info is not None else self.stride
 
     @property
     def rank(self) -> int:

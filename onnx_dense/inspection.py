@@ -16,8 +16,12 @@ import onnx_ir as ir
 
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
+from onnx_dense.passes.cut import CutAtOutputs
 from onnx_dense.passes.plans import ANALYSIS, GlobalPlan, HeadConvPlan, SpatialPlan
-from onnx_dense.pipeline import RewriteOptions, analyse_grid, choose_strategy, normalise, resolve_output_stride
+from onnx_dense.pipeline import (
+    RewriteOptions, analyse_grid, choose_strategy, cut_names, final_upsampling_route, normalise,
+    resolve_output_stride,
+)
 from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 
 
@@ -59,12 +63,12 @@ def inspect_model(
     input_shapes: dict | None = None,
     outputs=None,
     all_nodes: bool = False,
-    strategy: str = "dilate",
+    strategy: str = "auto",
     per_phase_global: bool = False,
 ) -> Inspection:
     """The per-node view of the rewrite's analysis. ``strategy`` and ``per_phase_global`` as
-    for rewrite ("dilate" by default: the table shows dilations; "auto" analyses as rewrite
-    would, dilate where allowed, else fragments)."""
+    for rewrite ("auto" by default, as rewrite: the dilations where every node allows them,
+    else the fragments' plan)."""
     if not isinstance(model, ir.Model):
         model = model_io.load(model)
     options = RewriteOptions(
@@ -77,10 +81,13 @@ def inspect_model(
     stride = None
     if output_stride is not None or from_node is not None:
         stride = resolve_output_stride(model, options)
+    blocks = final_upsampling_route(model, stride, options) if stride is not None else {}
+    if blocks:  # as the rewrite does: the score maps are made dense, their upsampling rebuilt
+        CutAtOutputs(cut_names(model, blocks))(model)
     if stride is None:
         analysis = analyse_grid(model, stride)
     else:
-        choose_strategy(model, stride, options)
+        choose_strategy(model, stride, options)  # auto: dilate where allowed, else fragments
         analysis = model.meta[ANALYSIS]
     if stride is not None:
         check_dense_sizes(
@@ -108,13 +115,23 @@ def inspect_model(
         n, d = math.prod(g.size), math.prod(g.dense_size)
         preds += n
         dense_preds += d
-        outs.append(
-            {
-                "name": info.name, "spatial": True, "stride": list(g.stride), "dense_stride": list(g.dense_stride),
-                "est": list(g.est), "rf_size": list(g.rf_size), "size": list(g.size), "dense_size": list(g.dense_size),
-                "predictions": n, "dense_predictions": d,
-            }
-        )
+        entry = {
+            "name": info.name, "spatial": True, "stride": list(g.stride), "dense_stride": list(g.dense_stride),
+            "est": list(g.est), "rf_size": list(g.rf_size), "size": list(g.size), "dense_size": list(g.dense_size),
+            "predictions": n, "dense_predictions": d,
+        }
+        if g.info is not None:  # an upsampled map: its predictions are further apart than its positions
+            up = next((node for node in model.graph if (node.name or node.op_type) == g.upsampled_from), None)
+            source = up.inputs[0].meta.get(GRID) if up is not None and up.inputs[0] is not None else None
+            entry.update(
+                information_stride=list(g.info), upsampled_by=g.upsampled_from,
+                upsampled_from=up.inputs[0].name if up is not None else None,
+                upsampled_factor=[a // b for a, b in zip(source.stride, g.stride)] if source is not None else None,
+            )
+        rebuilt = [b.output for b in blocks.values() if b.score == info.name]
+        if rebuilt:
+            entry["final_upsampling_of"] = rebuilt
+        outs.append(entry)
     return Inspection(analysis.target, rows, outs, total, dense_total, preds, dense_preds)
 
 
@@ -217,6 +234,17 @@ def render(result: Inspection, console=None) -> None:
         if not o["spatial"]:
             console.print(f"output {o['name']}: no spatial axes")
             continue
+        if o.get("information_stride"):
+            factor = f" x{fmt(o['upsampled_factor'])}" if o.get("upsampled_factor") else ""
+            console.print(
+                f"output {o['name']}: grid stride {fmt(o['stride'])}, predictions every {fmt(o['information_stride'])} px, "
+                f"upsampled{factor} from '{o['upsampled_from']}' by '{o['upsampled_by']}'"
+            )
+        if o.get("final_upsampling_of"):
+            console.print(
+                f"output {o['name']}: the score map that the final upsampling of "
+                f"{', '.join(repr(n) for n in o['final_upsampling_of'])} reads, rebuilt on its dense form"
+            )
         console.print(
             f"output {o['name']}: stride {fmt(o['stride'])} -> dense grid stride {fmt(o['dense_stride'])} (eST "
             f"{fmt(o['est'])}), receptive field {fmt(o['rf_size'])}, predictions {o['predictions']} -> "

@@ -38,6 +38,10 @@ class DenseOutput:
     # "global": global context (SE, InstanceNorm) in the dense region: phase p is the original
     #   whose first removed-stride node reads a shifted map; no cropped input reproduces it.
     off_grid: str = "exact"
+    # A segmentation output whose final upsampling was rebuilt on a dense score map
+    # (passes/final_upsampling.py): what it reads and how (onnx_dense/interpolation.py); verify
+    # recomputes it from the score map, which is an output too. None for every other output.
+    upsampling: dict | None = None
 
     def centres(self, axis: int, count: int) -> list[float]:
         """Input-pixel centre of each of ``count`` dense predictions along spatial axis ``axis``."""
@@ -72,7 +76,7 @@ class DenseInfo:
             "strategy": self.strategy,
             "source": self.source,
             "inputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.inputs.items()},
-            "outputs": {k: _plain(dataclasses.asdict(v)) for k, v in self.outputs.items()},
+            "outputs": {k: _output_json(v) for k, v in self.outputs.items()},
         }
         if self.per_phase_global:
             data["per_phase_global"] = True
@@ -166,6 +170,14 @@ def check_against(info: DenseInfo, model) -> None:
             rank = len(value.shape) if value.shape is not None else None
             if rank is not None and any(a >= rank for a in entry.spatial_axes):
                 raise ValueError(f"{kind} '{name}' has rank {rank} but spatial_axes {list(entry.spatial_axes)}")
+
+
+def _output_json(out: DenseOutput) -> dict[str, Any]:
+    """An output's fields; ``upsampling`` only where there is one (older readers never see it)."""
+    data = _plain(dataclasses.asdict(out))
+    if data.get("upsampling") is None:
+        data.pop("upsampling", None)
+    return data
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from onnx_dense.passes.densify_windows import DensifyWindows
 from onnx_dense.passes.fold_constants import FoldShapeArithmetic
 from onnx_dense.passes.explicit_padding import ExplicitAutoPad, ExplicitCeilMode
 from onnx_dense.passes.finalise import CheckModel, DynamicSpatialDims, RecordDenseMetadata, RestoreOutputLayout
+from onnx_dense.passes.analysis.final_upsampling import final_blocks
+from onnx_dense.passes.final_upsampling import RebuildFinalUpsampling
 from onnx_dense.passes.fragments import RecordFragmentsMetadata, SplitIntoPhases
 from onnx_dense.passes.phase_global import MarkPerPhaseGlobal, PerPhaseGlobalContext
 from onnx_dense.passes.rederive_sizes import RederiveSizes
@@ -58,6 +60,9 @@ class RewriteOptions:
     strategy: Strategy | str = DEFAULT_STRATEGY
     per_phase_global: bool = False  # dilate: global context as per-phase means (passes/phase_global.py)
     rederive_sizes: bool = False  # Resize sizes baked at export taken from the graph (passes/rederive_sizes.py)
+    # Segmentation heads: False outputs the dense score map before the final upsampling instead
+    # of rebuilding the upsampling on it (passes/final_upsampling.py).
+    final_upsampling: bool = True
 
     def __post_init__(self) -> None:
         self.output_stride = canonical_stride(self.output_stride)
@@ -92,13 +97,82 @@ class Step(Sequential):
 
 
 def densify(model: ir.Model, options: RewriteOptions) -> ir.Model:
-    """Rewrite ``model`` in place into its dense equivalent and return it."""
+    """Rewrite ``model`` in place into its dense equivalent and return it.
+
+    A segmentation head's output whose final upsampling (passes/analysis/final_upsampling.py)
+    reads a score map T coarser than the stride asked for is cut at T, the rest made dense, and
+    the upsampling rebuilt on the dense T (passes/final_upsampling.py); with
+    ``final_upsampling=False`` the dense T is the output.
+    """
     normalise(options)(model)
     stride = resolve_output_stride(model, options)
+    blocks = final_upsampling_route(model, stride, options)
+    rebuild = None
+    if blocks:
+        originals = {v.name: (v.type, v.shape) for v in model.graph.outputs}
+        rf = {v.name: (v.meta[GRID].rf_size, v.meta[GRID].rf_start) for v in model.graph.outputs if v.name in blocks}
+        CutAtOutputs(cut_names(model, blocks))(model)
+        if options.final_upsampling:
+            rebuild = RebuildFinalUpsampling(blocks, originals, rf)
     strategy = analyse(model, stride, options)
     rewrite(options, strategy)(model)
     finalise(options, strategy)(model)
+    if rebuild is not None:
+        Step(rebuild, TopologicalSortPass(), CheckModel())(model)
     return model
+
+
+def cut_names(model: ir.Model, blocks: dict) -> list[str]:
+    """Graph outputs with each upsampled one replaced by its score map (once)."""
+    names: list[str] = []
+    for v in model.graph.outputs:
+        name = blocks[v.name].score if v.name in blocks else v.name
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def final_upsampling_route(model: ir.Model, stride, options: RewriteOptions) -> dict:
+    """The final blocks to cut at (and rebuild unless ``final_upsampling`` is off): those of the
+    outputs whose score map is coarser than ``stride``. Refuses a learned block there, naming it
+    and offering --no-final-upsampling."""
+    try:
+        AnalyseGrid(None)(model)
+    except DenseError:
+        if not options.final_upsampling:
+            raise
+        return {}  # the analysis at the stride asked for says what is wrong
+    blocks = final_blocks(model)
+    if not options.final_upsampling:
+        if not blocks:
+            raise DenseError(
+                "--no-final-upsampling: no output of this model is an upsampled map (every output's predictions are "
+                "as far apart as its positions); rewrite without it"
+            )
+        return blocks
+    if stride is None:
+        return {}
+    chosen = {}
+    for name, block in blocks.items():
+        n = len(block.score_stride)
+        tgt = stride * n if len(stride) == 1 else tuple(stride)
+        if len(tgt) != n or all(r >= s for r, s in zip(tgt, block.score_stride)):
+            continue  # at or above the score map's stride: nothing to rebuild
+        dense = tuple(min(r, s) for r, s in zip(tgt, block.score_stride))
+        est = tuple(s // d for s, d in zip(block.score_stride, dense))
+        if not block.fixed:
+            raise DenseError(
+                f"node {block.node}: {block.problem} (at output stride {fmt(tgt)} it would run at eST {fmt(est)}); "
+                f"rewrite with --no-final-upsampling to output the score map '{block.score}' itself (dense, a prediction "
+                f"every {fmt(dense)} px), or choose output stride {fmt(block.score_stride)}"
+            )
+        if any(d % o for d, o in zip(dense, block.out_stride)):
+            raise DenseError(
+                f"output '{name}': output stride {fmt(tgt)} is not reachable: its final upsampling {block.node} returns to "
+                f"a grid of stride {fmt(block.out_stride)}; choose a multiple of it, or --no-final-upsampling"
+            )
+        chosen[name] = block
+    return chosen
 
 
 def normalise(options: RewriteOptions) -> Step:
@@ -253,7 +327,13 @@ def reachable_output_strides(
     found = []
     for r in stride_candidates(grids):
         try:
-            AnalyseGrid(r, strategy, per_phase_global)(model)
+            chosen = final_upsampling_route(model, r, RewriteOptions())
+            if chosen:  # the rewrite cuts at the score maps: analyse that cut, on a copy
+                cut = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+                CutAtOutputs(cut_names(cut, chosen))(cut)
+                AnalyseGrid(r, strategy, per_phase_global)(cut)
+            else:
+                AnalyseGrid(r, strategy, per_phase_global)(model)
         except DenseError:
             continue
         found.append(r)
@@ -264,12 +344,12 @@ def reachable_output_strides(
 def stride_candidates(grids: Sequence[Grid]) -> list[tuple[int, ...]]:
     """Output strides worth trying: 1 to the largest where every stride is the same on every
     axis; else, per axis, the divisors of the outputs' strides, every combination in order."""
-    if all(len(set(g.stride)) == 1 for g in grids):
-        largest = max((g.stride[0] for g in grids), default=1)
+    if all(len(set(g.info_stride)) == 1 for g in grids):
+        largest = max((g.info_stride[0] for g in grids), default=1)
         return [(r,) for r in range(1, largest + 1)]
     rank = max(g.rank for g in grids)
     per_axis = [
-        sorted({d for g in grids if g.rank == rank for d in range(1, g.stride[i] + 1) if g.stride[i] % d == 0})
+        sorted({d for g in grids if g.rank == rank for d in range(1, g.info_stride[i] + 1) if g.info_stride[i] % d == 0})
         for i in range(rank)
     ]
     return [(c[0],) if len(set(c)) == 1 else c for c in itertools.product(*per_axis)]

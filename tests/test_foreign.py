@@ -308,12 +308,14 @@ def test_pad_of_the_raw_input_moves_the_receptive_field(crop):
 
 def test_upsampling_to_a_dense_shape_names_the_upsampling():
     """analyse.visit: a Resize whose sizes come from Shape of a dense tensor is refused for
-    upsampling at eST > 1, not for the computed sizes."""
+    upsampling at eST > 1, not for the computed sizes. (It joins a stride-1 branch: a final
+    upsampling alone is rebuilt instead, tests/test_segmentation.py.)"""
     m = _stride2(
         "shp = Shape (h)\n  st = Constant <value = int64[1] {2}> ()\n  en = Constant <value = int64[1] {4}> ()\n"
         "  hw = Slice (shp, st, en)\n  two = Constant <value = int64[1] {2}> ()\n  hw2 = Mul (hw, two)\n"
         "  zero = Constant <value = int64[1] {0}> ()\n  nc = Slice (shp, zero, st)\n  sz = Concat <axis=0> (nc, hw2)\n"
-        "  [up] y = Resize <mode=\"nearest\"> (h, , , sz)",
+        "  [up] u = Resize <mode=\"nearest\"> (h, , , sz)\n  [c0] k = Conv <pads=[1,1,1,1]> (x, w0)\n  y = Add (u, k)",
+        ", float[3,2,3,3] w0",
     )
     refuse(m, "'up' (Resize)", "upsamples at eST 2", output_stride=1)
 

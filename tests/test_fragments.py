@@ -280,12 +280,14 @@ def test_upsampling_with_two_outputs_keeps_the_level_one_of_them_needs():
 
 def test_uneven_upsampling_is_refused():
     """A stride 4 removed at once (4x4 phases, 1 pixel apart) upsampled x2: phases a and a+2
-    coincide, a and a+1 do not: no layout of whole levels, refused."""
+    coincide, a and a+1 do not: no layout of whole levels, refused. (The upsampled map joins a
+    stride-2 branch, so it is not a final upsampling, which would be rebuilt instead.)"""
     m = graph(
-        "float[1,2,16,16] x, float[3,2,3,3] w1, float[3,3,3,3] w2",
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[3,3,3,3] w2, float[3,2,3,3] w0",
         "[c1] h = Conv <strides=[4,4], pads=[1,1,1,1]> (x, w1)\n"
         'sc = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()\n[up] u = Resize <mode="nearest"> (h, , sc)\n'
-        "[c2] y = Conv <pads=[1,1,1,1]> (u, w2)",
+        "[c0] k = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w0)\nj = Add (u, k)\n"
+        "[c2] y = Conv <pads=[1,1,1,1]> (j, w2)",
     )
     with pytest.raises(onnx_dense.DenseError, match="'up' \\(Resize\\).*unevenly"):
         rewrite(m, 1, strategy="fragments")

@@ -16,7 +16,7 @@ from onnx_dense.passes.plans import Strategy
 @options.from_node
 @options.input_shape
 @options.outputs
-@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default="dilate", show_default=True,
+@click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default="auto", show_default=True,
               help="analyse as rewrite --strategy would (auto: dilate where allowed, else fragments)")
 @click.option("--per-phase-global", is_flag=True, help="analyse as rewrite --per-phase-global would (SE blocks)")
 @click.option("--all", "all_nodes", is_flag=True, help="list every node, not only the spatial ones")

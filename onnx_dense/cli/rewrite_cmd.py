@@ -28,12 +28,15 @@ from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
               help="dilate: global context in the dense region (SE blocks) as exact per-phase means")
 @click.option("--rederive-sizes", is_flag=True,
               help="Resize sizes baked in at export: take them at run time from the tensor of that size")
+@click.option("--no-final-upsampling", is_flag=True,
+              help="segmentation heads: output the dense score map before the final upsampling (a prediction every R "
+              "pixels) instead of the upsampling rebuilt on it")
 @click.option("--tune", is_flag=True, help="with --strategy auto: build every strategy the model allows, keep the fastest")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where --tune measures")
 @click.option("--quiet", "-q", is_flag=True, help="print nothing on success")
-def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, rederive_sizes, tune,
-            provider, quiet) -> None:
+def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, rederive_sizes,
+            no_final_upsampling, tune, provider, quiet) -> None:
     """Rewrite the CNN in IN into its dense equivalent and write it to OUT.
 
     Give the output stride with -r/--output-stride R, or the node whose stride becomes 1
@@ -61,6 +64,7 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
         strategy=strategy,
         per_phase_global=per_phase_global,
         rederive_sizes=rederive_sizes,
+        final_upsampling=not no_final_upsampling,
         tune=tune,
         provider=provider,
     )
@@ -73,6 +77,14 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
         times = ", ".join(f"{k} {v:.2f} ms" for k, v in info.tuning["median_ms"].items())
         click.echo(f"  tuned on {info.tuning['provider']}: {times} (median)")
     for out in info.outputs.values():
+        if out.upsampling:
+            up = out.upsampling
+            click.echo(
+                f"  output '{out.name}': the final upsampling rebuilt on the dense score map '{up['score']}': a "
+                f"prediction every {fmt(up['information_stride'])} input pixels, upsampled x{fmt(up['factor'])} "
+                f"({up['kind']}, {up['mode']}) to the original's size {fmt(out.size)}"
+            )
+            continue
         click.echo(
             f"  output '{out.name}': eST {fmt(out.est)}, a prediction every {fmt(out.stride)} input pixels "
             f"(original: every {fmt(out.original_stride)}), receptive field {fmt(out.rf_size)}"

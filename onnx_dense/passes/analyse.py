@@ -34,10 +34,15 @@ Rules (per spatial axis; S stride, e eST, D = S/e dense grid stride, R target):
   tensor must reach a Gemm/MatMul, which becomes a Conv with the original spatial size as
   kernel (the paper's fully connected -> convolution).
 * Upsampling (Resize, strided ConvTranspose, DepthToSpace) is allowed only where e = 1.
+  Its output keeps its input's information stride (grid.py): an upsampled map's predictions
+  are as far apart as its source's; a join carries the finest of its operands', any node at
+  least its own grid stride. An output is on R also where its information is (I / e = R).
+  A segmentation head's final upsampling is cut off and rebuilt by the pipeline instead
+  (passes/analysis/final_upsampling.py, passes/final_upsampling.py).
 * A head vector (N, C) reshaped or unsqueezed to (N, 1, 1, C) or (N, C, 1, 1) is a map
   again: its dense tensor (N, positions, C) is kept or transposed to match.
 * Every output must end on a dense grid D = min(R, S), and on every axis some output on R
-  itself (R above every output's stride would change nothing).
+  itself (R above every output's information stride would change nothing).
 
 Strategy "fragments" (``AnalyseGrid(R, "fragments")``, lowered by passes/fragments.py): every
 phase runs the original ops, so global context broadcast back, whole-image normalisation,
@@ -180,7 +185,7 @@ class _Analyser(*RULE_CLASSES):
         results = rule(node, grids)
         for out, g in zip(node.outputs, results):
             if g is not None:
-                out.meta[GRID] = g
+                out.meta[GRID] = with_information_stride(node, grids, g)
 
     def check_output(self, value: ir.Value) -> OutputInfo:
         g = self.grid(value)
@@ -196,8 +201,12 @@ class _Analyser(*RULE_CLASSES):
         if target is not None:
             n = g.rank
             tgt = target * n if len(target) == 1 else target
+            # An upsampled output (information stride I above its grid stride) also ends on R
+            # where its information does: I / e == min(R, I) (R = I: nothing removed).
+            info_dense = tuple(i // e for i, e in zip(g.info_stride, g.est))
+            on_info = g.info is not None and all(d == min(R, i) for d, R, i in zip(info_dense, tgt, g.info_stride))
             for D, S, R in zip(g.dense_stride, g.stride, tgt):
-                if D != min(R, S):
+                if D != min(R, S) and not on_info:
                     candidates = [(v,) for v in self.model_strides(value)]  # the pipeline narrows them
                     raise UnreachableStride(value.name, tgt, g.dense_stride, g.stride, candidates)
         return OutputInfo(value.name, g, value.shape)
@@ -220,10 +229,10 @@ class _Analyser(*RULE_CLASSES):
         tgt = target * rank if len(target) == 1 else target
         if len(tgt) != rank:
             return  # the Conv/pool rules refuse a count of values that fits no node
-        coarsest = tuple(max(g.stride[i] for _, g in grids) for i in range(rank))
+        coarsest = tuple(max(g.info_stride[i] for _, g in grids) for i in range(rank))
         if any(r > s for r, s in zip(tgt, coarsest)):
-            name, g = max(grids, key=lambda item: item[1].stride)
-            raise UnreachableStride(name, tgt, g.dense_stride, g.stride, [(v,) for v in strides_along(g)])
+            name, g = max(grids, key=lambda item: item[1].info_stride)
+            raise UnreachableStride(name, tgt, g.dense_stride, g.info_stride, [(v,) for v in strides_along(g)])
 
     def model_strides(self, value: ir.Value) -> list[int]:
         g = self.grid(value)
@@ -247,7 +256,27 @@ class _Analyser(*RULE_CLASSES):
                 )
 
 
+def with_information_stride(node: ir.Node, grids: Sequence[Grid | None], out: Grid) -> Grid:
+    """The output grid with its information stride: an upsampling keeps its input's (its grid
+    is finer than its predictions); a join of several maps carries the finest of theirs; any
+    node's is at least its grid stride."""
+    if out.axes is None or not out.stride:
+        return out
+    inputs = [g for g in grids if g is not None and g.axes is not None and g.rank == out.rank]
+    if not inputs:
+        return out
+    info = tuple(min(g.info_stride[i] for g in inputs) for i in range(out.rank))
+    info = tuple(max(i, s) for i, s in zip(info, out.stride))
+    if info == tuple(out.stride):
+        return out.replace(info=None, upsampled_from=None)
+    if any(a > b for a, b in zip(inputs[0].stride, out.stride)):  # this node upsamples
+        src = node.name or node.op_type
+    else:
+        src = next((g.upsampled_from for g in inputs if g.upsampled_from), None)
+    return out.replace(info=info, upsampled_from=src)
+
+
 def strides_along(g: Grid) -> list[int]:
     """Divisors of the output's stride: candidates to list in a message (checked by the caller)."""
-    s = max(g.stride) if g.stride else 1
+    s = max(g.info_stride) if g.stride else 1
     return [d for d in range(1, s + 1) if s % d == 0]

@@ -85,9 +85,13 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
     # shape vectors read from a tensor of phases: its levels (None: read from several)
     shapes: dict[ir.Value, Layout | None] = {}
     p = PhasePlan(layouts, [], [], [], [], [], set())
+    # Every level, disabled ones too: upsamplings collapse levels by these, as the analysis'
+    # eST counts them (a disabled level still moves the grid of what follows it).
+    virtual: dict[ir.Value, Layout] = {}
     for node in graph:
         ins = [(v, layouts.get(v, ())) for v in node.inputs if v is not None]
         layout = _merge(node, ins)
+        vlayout = next((virtual[v] for v in node.inputs if v is not None and virtual.get(v)), ())
         read = {shapes[v] for v in node.inputs if v is not None and v in shapes}
         if any(v in p.global_values for v, _ in ins):
             p.global_values.update(node.outputs)
@@ -95,11 +99,16 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
         if found is not None:
             plan, g = found
             level = _level(node, plan, g)
+            vlayout = vlayout + (level,)
             if level not in disabled:
                 if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]):
                     raise UnsupportedNodeError(node, "MaxPool indices of a pool computed per phase index a different tensor")
                 p.splits.append((node, level))
                 layout = layout + (level,)
+        if vlayout and node.op_type not in ("Shape", "Size"):
+            if _is_upsampling(node):
+                vlayout = _collapse(node, vlayout, None)
+            virtual.update((out, vlayout) for out in node.outputs)
         if not layout:
             if read:  # shape arithmetic: the vector keeps the batch (number of phases) it was read with
                 tag = read.pop() if len(read) == 1 else None
@@ -110,7 +119,11 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
             continue  # a shape vector: no batch of phases, but its batch entry counts them
         _check_batch_axis(node)
         if _is_upsampling(node):
-            layout = _collapse(node, layout, p)
+            kept = virtual.get(node.outputs[0], ())
+            dropped = [lvl for lvl in layout if lvl not in kept]
+            if dropped:
+                p.collapses.append((node, math.prod(lvl.phases for lvl in dropped)))
+            layout = tuple(lvl for lvl in layout if lvl in kept)
         _check_shape_operands(node, layout, shapes)
         if node.op_type == "Reshape":
             rp = node.meta.get(PLAN)
@@ -188,7 +201,7 @@ def _describe(layout: Layout) -> str:
     return " then ".join("x".join(map(str, lvl.factor)) for lvl in layout) or "none"
 
 
-def _collapse(node: ir.Node, layout: Layout, p: PhasePlan) -> Layout:
+def _collapse(node: ir.Node, layout: Layout, p: PhasePlan | None) -> Layout:
     """Upsampling: drop the outermost levels whose phases are now whole steps apart."""
     g_out = node.outputs[0].meta.get(GRID)
     if g_out is None or g_out.axes is None:
@@ -214,8 +227,6 @@ def _collapse(node: ir.Node, layout: Layout, p: PhasePlan) -> Layout:
             node, f"upsamples at eST {'x'.join(map(str, g_out.est))} by a factor that splits the phases of a removed "
             f"stride unevenly (levels {_describe(layout)})", "choose another output stride",
         )
-    if keep < len(layout):
-        p.collapses.append((node, math.prod(l.phases for l in layout[keep:])))
     return kept
 
 

@@ -10,7 +10,7 @@ import math
 import onnx_ir as ir
 
 from onnx_dense.errors import DenseError, UnsupportedNodeError, node_label
-from onnx_dense.grid import PLAN
+from onnx_dense.grid import PLAN, fmt
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.base import Rules
 from onnx_dense.passes.plans import ReshapePlan, VectorPlan
@@ -41,6 +41,13 @@ class ReshapeRules(Rules):
             if unfolded is not None:
                 return [unfolded]
             raise UnsupportedNodeError(node, "reshapes a head vector")
+        if g.grouped is not None:  # the Reshape back of a GroupNorm
+            if tuple(out_dims[1:]) == tuple(g.grouped[1:]) and same_batch:
+                return [g.replace(grouped=None)]
+            raise UnsupportedNodeError(node, "reshapes a map folded into groups to another shape than it had")
+        grouped = self.group_fold(node, g, in_dims, out_dims, same_batch)
+        if grouped is not None:
+            return [grouped]
         rank = len(in_dims)
         if len(out_dims) == 2 and same_batch and out_dims[1] == math.prod(in_dims[1:]):
             return [self.fold(node, g, rank)]
@@ -53,6 +60,39 @@ class ReshapeRules(Rules):
             f"Reshape from {_dims(in_dims)} to {_dims(out_dims)} mixes spatial axes with others, which has no "
             "dense equivalent",
         )
+
+    def group_fold(self, node: ir.Node, g, in_dims, out_dims, same_batch: bool):
+        """GroupNorm's Reshape (N, C, *spatial) -> (N, G, C/G * positions), read only by a per-group
+        normalisation and a Reshape back: whole-image normalisation of each group, exact per phase
+        (strategy fragments: each phase is the original on its grid), refused at eST > 1 under dilate."""
+        rank = len(in_dims)
+        n = g.rank
+        if (
+            not same_batch or len(out_dims) != 3 or tuple(g.axes) != tuple(range(rank - n, rank)) or rank - n != 2
+            or out_dims[1] is None or in_dims[1] % out_dims[1]
+            or out_dims[2] != in_dims[1] // out_dims[1] * math.prod(in_dims[2:])
+            or not _group_fold_users_ok(node.outputs[0])
+        ):
+            return None
+        if g.is_dense and not self.fragments:
+            raise UnsupportedNodeError(
+                node, f"folds the map into {out_dims[1]} groups to normalise each over the whole image (GroupNorm) at "
+                f"eST {fmt(g.est)}; a dense tensor mixes phases",
+                "rewrite with --strategy fragments (exact per phase), or choose an output stride that keeps it at eST 1",
+            )
+        return g.replace(grouped=tuple(in_dims))
+
+
+def _group_fold_users_ok(value: ir.Value) -> bool:
+    """The folded tensor is only normalised per group (InstanceNormalization) and reshaped back."""
+    for user, _ in value.uses():
+        if user.op_type == "Reshape":
+            continue
+        if user.op_type not in ("InstanceNormalization", "MeanVarianceNormalization"):
+            return False
+        if not all(_group_fold_users_ok(out) for out in user.outputs):
+            return False
+    return True
 
 
 def _spatial_preserving_reshape(in_dims, out_dims, axes) -> tuple[ReshapePlan, tuple[int, ...]] | None:

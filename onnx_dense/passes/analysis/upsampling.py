@@ -1,6 +1,7 @@
 """Upsampling: Resize, Upsample, DepthToSpace and strided ConvTranspose.
 
-Allowed only where e = 1 under dilate (two dense phases would claim one output position);
+The factor is the ratio of sizes (a ConvTranspose's: its stride; a crop may follow). Allowed
+only where e = 1 under dilate (two dense phases would claim one output position);
 under fragments an upsampling by u leaves e/u (or 1 when u is a multiple of e; anything else
 is refused). No plan: dilate leaves the node alone, fragments collapses phases
 (passes/analysis/phases.py). A Resize of a 1x1 map of global context is a broadcast
@@ -13,6 +14,7 @@ import onnx_ir as ir
 
 from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.grid import fmt
+from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.base import Rules
 from onnx_dense.passes.plans import UPSAMPLING
 
@@ -40,6 +42,16 @@ class UpsamplingRules(Rules):
             size = tuple(s * block for s in g.size)
         else:
             size = self.out_size(node, g)
+        if node.op_type == "ConvTranspose":  # (a - 1) s + k - pads: the factor is the stride, a crop may follow
+            strides = _ir.window_params(node).strides
+            stride = []
+            for S, u in zip(g.stride, strides):
+                if S % u:
+                    raise UnsupportedNodeError(
+                        node, f"upsamples by {u}, not a factor of the stride {fmt(g.stride)}", "fix the model"
+                    )
+                stride.append(S // u)
+            return self._upsampled(node, g, size, stride)
         stride = []
         for S, a, b in zip(g.stride, g.size, size):
             if b % a or S % (b // a):
@@ -48,6 +60,9 @@ class UpsamplingRules(Rules):
                     "fix the model",
                 )
             stride.append(S // (b // a))
+        return self._upsampled(node, g, size, stride)
+
+    def _upsampled(self, node: ir.Node, g, size, stride):
         # Interpolation and transposed kernels read neighbours: widen the field by one input step
         # each side (conservative: margins built from it stay exact).
         rf_size = tuple(r + 2 * S for r, S in zip(g.rf_size, g.stride))

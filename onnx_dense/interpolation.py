@@ -1,0 +1,153 @@
+"""The rebuilt final upsampling of a dense segmentation model, as numbers (no graph).
+
+A segmentation head's final block reads its score map T at output pixel y at T coordinate
+x = (y - offset) / s (passes/analysis/final_upsampling.py). The dense model's T has e = s / m
+times more positions (m: output pixels per dense position), and its rebuilt block reads the dense
+score map at x_d = (y - offset) / m: the same place on the image, predictions m pixels apart
+instead of s. Linear (a Resize: clamped at the ends; a bilinear ConvTranspose: zero beyond
+them, plus its bias) or nearest (the original's rounding); align_corners maps the first and
+last dense positions that the original's first and last positions are, onto the first and
+last output pixels.
+
+``axis_plan`` gives the ONNX form's per-axis numbers (pad, upsample, crop;
+passes/final_upsampling.py builds it); ``reference`` recomputes the output in numpy
+(``verify`` checks the dense model against it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+    """Pad the dense score map by ``pad_begin``/``pad_end`` (edge for a Resize, zeros for a
+    ConvTranspose), upsample by ``factor`` (Resize asymmetric, or ConvTranspose of ``kernel``
+    taps), then keep every ``step``-th position from ``start`` and drop ``tail`` at the end."""
+
+    pad_begin: int
+    pad_end: int
+    factor: int
+    kernel: int
+    start: int
+    step: int
+    tail: int
+
+
+def axis_plan(kind: str, m: int, offset: float, length: int, out: int, odd: bool = False, step: int = 1) -> AxisPlan:
+    """Per-axis numbers of the rebuilt block: dense score map of ``length`` positions, output
+    of ``out`` pixels; ``step`` 2 where the offset is a half pixel (a Resize upsamples 2m then)."""
+    if kind == "transpose":
+        kernel = 2 * m - 1 if odd else 2 * m
+        centre = (kernel - 1) / 2
+        p0 = max(0, math.ceil((offset - centre) / m))
+        start = p0 * m + centre - offset
+        if start != int(start):
+            raise ValueError("the offset is not on the kernel's grid")
+        start = int(start)
+        p1 = 0
+        while (length + p0 + p1 - 1) * m + kernel - (start + out) < 0:
+            p1 += 1
+        tail = (length + p0 + p1 - 1) * m + kernel - (start + out)
+        return AxisPlan(p0, p1, m, kernel, start, 1, tail)
+    q = step
+    if (q * offset) != int(q * offset):
+        raise ValueError("the offset is not a multiple of half a pixel")
+    p0 = max(0, math.ceil(offset / m))
+    p1 = max(1, math.ceil((out - 1 - offset) / m - length + 1))
+    start = int(q * (p0 * m - offset))
+    tail = (length + p0 + p1) * q * m - (start + q * (out - 1) + 1)
+    while tail < 0:
+        p1 += 1
+        tail += q * m
+    return AxisPlan(p0, p1, q * m, 0, start, q, tail)
+
+
+def axis_matrix(desc: dict, k: int, length: int, out: int) -> np.ndarray:
+    """(out, length): output pixel y as a combination of the dense score map's positions."""
+    m = desc["factor"][k]
+    offset = desc["offset"][k]
+    y = np.arange(out, dtype=np.float64)
+    j = np.arange(length, dtype=np.float64)
+    if desc["kind"] == "transpose":
+        return np.maximum(0.0, 1 - np.abs(y[:, None] - offset - j[None, :] * m) / m)
+    if desc["align_corners"]:
+        e = desc["score_est"][k]
+        used = length - (e - 1)
+        x = y * (used - 1) / (out - 1) if out > 1 else np.zeros_like(y)
+    else:
+        x = (y - offset) / m
+    matrix = np.zeros((out, length))
+    rows = np.arange(out)
+    if desc["mode"] == "nearest":
+        rounding = {
+            "round_prefer_floor": lambda v: np.ceil(v - 0.5), "round_prefer_ceil": lambda v: np.floor(v + 0.5),
+            "floor": np.floor, "ceil": np.ceil,
+        }[desc["nearest_mode"]]
+        idx = np.clip(rounding(x), 0, length - 1).astype(int)
+        matrix[rows, idx] = 1.0
+        return matrix
+    x = np.clip(x, 0, length - 1)
+    i0 = np.floor(x).astype(int)
+    i1 = np.minimum(i0 + 1, length - 1)
+    w = x - i0
+    np.add.at(matrix, (rows, i0), 1 - w)
+    np.add.at(matrix, (rows, i1), w)
+    return matrix
+
+
+def reference(score: np.ndarray, desc: dict, axes: tuple[int, ...], out_size: tuple[int, ...]) -> np.ndarray:
+    """The rebuilt block's output from the dense score map ``score`` (float64), tail included."""
+    x = score.astype(np.float64)
+    for k, a in enumerate(axes):
+        matrix = axis_matrix(desc, k, x.shape[a], out_size[k])
+        x = np.moveaxis(np.tensordot(matrix, np.moveaxis(x, a, 0), axes=(1, 0)), 0, a)
+    if desc.get("bias"):
+        shape = [1] * x.ndim
+        shape[1] = -1
+        x = x + np.asarray(desc["bias"]).reshape(shape)
+    for op in desc["tail"]:
+        x = _tail(op["op"], op["attrs"], x)
+    return x
+
+
+def _tail(op: str, attrs: dict, x: np.ndarray) -> np.ndarray:
+    if op in ("Identity", "Cast"):
+        if op == "Cast":
+            import onnx
+
+            return x.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+        return x
+    if op == "Sigmoid":
+        return 1 / (1 + np.exp(-x))
+    if op == "Relu":
+        return np.maximum(x, 0)
+    if op == "Tanh":
+        return np.tanh(x)
+    if op == "Exp":
+        return np.exp(x)
+    if op == "Softplus":
+        return np.log1p(np.exp(x))
+    if op == "HardSigmoid":
+        return np.clip(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1)
+    if op == "Clip":
+        lo, hi = attrs.get("bounds", [None, None])
+        return np.clip(x, -np.inf if lo is None else lo, np.inf if hi is None else hi)
+    axis = attrs.get("axis", 0 if op == "ArgMax" else -1)
+    if op in ("Softmax", "LogSoftmax"):
+        z = x - x.max(axis=axis, keepdims=True)
+        if op == "LogSoftmax":
+            return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+        ez = np.exp(z)
+        return ez / ez.sum(axis=axis, keepdims=True)
+    if op == "ArgMax":
+        keep = bool(attrs.get("keepdims", 1))
+        if attrs.get("select_last_index", 0):
+            r = x.shape[axis] - 1 - np.argmax(np.flip(x, axis=axis), axis=axis)
+        else:
+            r = np.argmax(x, axis=axis)
+        return np.expand_dims(r, axis) if keep else r
+    raise ValueError(f"no reference for {op}")

@@ -1,0 +1,290 @@
+"""Final upsampling: the block that takes a segmentation head's score map back to the input size.
+
+Reads the grids of ``AnalyseGrid(None)`` (passes/analyse.py), changes nothing. The final block
+of an output is what lies between the output and the last tensor T on its path whose
+information stride equals its grid stride (grid.py: an upsampled map is finer than its
+predictions). It is *fixed* (:class:`FinalUpsampling`, rebuilt by
+passes/final_upsampling.py) when it is, in any order after the upsampling:
+
+* one upsampling by an integer factor s per spatial axis: a Resize in mode linear or nearest
+  with coordinate_transformation_mode half_pixel, pytorch_half_pixel, half_pixel_symmetric,
+  asymmetric or align_corners, or a ConvTranspose whose weight is the bilinear kernel of its
+  stride per channel (FCN's, with group C or a diagonal weight; any bias per channel);
+* crops: Slice on spatial axes with constant starts and step 1;
+* per-position ops: unary activations, Cast, Softmax/LogSoftmax/ArgMax over a non-spatial axis.
+
+Every such block reads T at output pixel y at T coordinate x = (y - offset) / s (in T
+positions), linearly (zero beyond the ends for a ConvTranspose, clamped for a Resize) or by
+nearest rounding; align_corners reads x = y (h - 1) / (H - 1). Anything else in the block (a
+learned ConvTranspose, a Conv after the upsampling, a U-Net's last decoder block) makes it
+*learned*: ``problem`` says which node, and only the score map T itself can be made dense
+(``--no-final-upsampling``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_dense.errors import node_label
+from onnx_dense.grid import GRID, Grid, fmt
+from onnx_dense.passes import _ir
+
+TAIL_UNARY = {"Identity", "Sigmoid", "Relu", "Tanh", "Exp", "HardSigmoid", "Cast", "Softplus", "Clip"}
+TAIL_AXIS = {"Softmax", "LogSoftmax", "ArgMax"}
+RESIZE_MODES = {"half_pixel", "pytorch_half_pixel", "half_pixel_symmetric", "asymmetric", "align_corners"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalUpsampling:
+    """The final block of one output (module docstring). Sizes are static, spatial axes in order."""
+
+    output: str
+    score: str  # T: the tensor the block reads
+    node: str  # the upsampling node, as messages name it ("'up' (Resize)")
+    nodes: tuple[str, ...]  # every node of the block, upsampling first
+    axes: tuple[int, ...]  # spatial axes of T
+    out_axes: tuple[int, ...]  # spatial axes of the output (ArgMax with keepdims=0 moves them)
+    score_stride: tuple[int, ...]  # T's grid stride (= its information stride)
+    out_stride: tuple[int, ...]  # the output's grid stride
+    score_size: tuple[int, ...]
+    out_size: tuple[int, ...]
+    problem: str | None = None  # learned: why the block cannot be rebuilt (names the node)
+    kind: str = "resize"  # "resize" or "transpose" (fixed bilinear ConvTranspose)
+    mode: str = "linear"  # "linear" or "nearest"
+    nearest_mode: str = "round_prefer_floor"
+    align_corners: bool = False
+    factor: tuple[int, ...] = ()  # s: output positions per T position
+    offset: tuple[float, ...] = ()  # output pixel at which T position 0 sits
+    odd_kernel: tuple[bool, ...] = ()  # transpose: kernel 2s-1 (centre on a pixel) rather than 2s
+    bias: tuple[float, ...] | None = None  # transpose: per channel
+    tail: tuple[ir.Node, ...] = ()  # per-position ops after the upsampling, in order
+
+    @property
+    def fixed(self) -> bool:
+        return self.problem is None
+
+    def description(self, est: tuple[int, ...]) -> dict:
+        """What the dense model's metadata records (verify recomputes the output from it)."""
+        m = [s // e for s, e in zip(self.factor, est)]
+        return {
+            "score": self.score, "score_axes": list(self.axes), "kind": self.kind, "mode": self.mode, "nearest_mode": self.nearest_mode,
+            "align_corners": self.align_corners, "factor": m, "offset": list(self.offset),
+            "score_est": list(est), "score_size": list(self.score_size), "bias": list(self.bias) if self.bias else None,
+            "tail": [tail_record(n) for n in self.tail], "replaces": list(self.nodes),
+        }
+
+
+def tail_record(node: ir.Node) -> dict:
+    attrs = {}
+    for name in ("axis", "keepdims", "select_last_index", "to", "alpha", "beta"):
+        a = node.attributes.get(name)
+        if a is not None:
+            attrs[name] = a.value
+    if node.op_type == "Clip":
+        bounds = [_ir.const_array(v) if v is not None else None for v in node.inputs[1:3]]
+        attrs["bounds"] = [None if b is None else float(b) for b in bounds] + [None] * (2 - len(bounds))
+    return {"op": node.op_type, "attrs": attrs}
+
+
+def final_blocks(model: ir.Model) -> dict[str, FinalUpsampling]:
+    """Per graph output ending in an upsampled map, its final block (read from the grids of
+    ``AnalyseGrid(None)``, which the caller has run)."""
+    found = {}
+    for value in model.graph.outputs:
+        g = value.meta.get(GRID)
+        if g is None or g.axes is None or g.info is None:
+            continue
+        block = _final_block(model, value, g)
+        if block is not None:
+            found[value.name] = block
+    return found
+
+
+def _image_inputs(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and v.meta.get(GRID) is not None]
+
+
+def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling | None:
+    chain: list[ir.Node] = []
+    value = output
+    while True:
+        g: Grid = value.meta.get(GRID)
+        if g is None or g.axes is None:
+            return None
+        if g.info is None:
+            break
+        node = value.producer()
+        if node is None:
+            return None
+        inputs = _image_inputs(node)
+        if len(inputs) != 1:
+            return None  # joins of two upsampled maps: no single score map
+        chain.append(node)
+        value = inputs[0]
+    chain.reverse()
+    score, sg = value, value.meta[GRID]
+    if not chain or sg.rank != og.rank:
+        return None
+    base = dict(
+        output=output.name, score=score.name, nodes=tuple(n.name or n.op_type for n in chain), axes=tuple(sg.axes),
+        out_axes=tuple(og.axes),
+        score_stride=tuple(sg.stride), out_stride=tuple(og.stride), score_size=tuple(sg.size), out_size=tuple(og.size),
+    )
+    for n in chain[:-1]:  # T itself may be read elsewhere: the dense region keeps it
+        v = n.outputs[0]
+        if len(v.uses()) != 1 or v.is_graph_output():
+            return FinalUpsampling(
+                node=node_label(n), problem=f"the final upsampling block of output '{output.name}' has tensor "
+                f"'{v.name}', which is read outside it, so it has no dense form at a finer stride", **base,
+            )
+    up, rest = chain[0], chain[1:]
+    label = node_label(up)
+    learned = None
+    crop = [0] * sg.rank
+    tail = []
+    if up.op_type == "Resize":
+        fields = _resize(up, sg, og)
+    elif up.op_type == "ConvTranspose":
+        fields = _transpose(up, sg, og)
+    else:
+        fields = f"is a {up.op_type}, not a fixed interpolation"
+    if isinstance(fields, str):
+        learned = (up, fields)
+    for n in rest if learned is None else ():
+        if n.op_type == "Slice":
+            why = _crop(n, sg, crop)
+            if why:
+                learned = (n, why)
+                break
+        elif n.op_type in TAIL_UNARY:
+            tail.append(n)
+        elif n.op_type in TAIL_AXIS:
+            default = 0 if n.op_type == "ArgMax" else (-1 if _ir.opset(model) >= 13 else 1)
+            axis = n.attributes.get_int("axis", default)
+            rank = n.inputs[0].shape.rank() if n.inputs[0].shape is not None else None
+            if rank is None or _ir.normalise_axis(axis, rank) in sg.axes or (
+                n.op_type != "ArgMax" and _ir.opset(model) < 13
+            ):
+                learned = (n, "runs over a spatial axis")
+                break
+            tail.append(n)
+        else:
+            learned = (n, "is learned or mixes positions after the upsampling")
+            break
+    if learned is not None:
+        node, why = learned
+        problem = (
+            f"the final upsampling block from '{score.name}' (predictions every {fmt(sg.stride)} px) to output "
+            f"'{output.name}' has node {node_label(node)}, which {why}, so it has no dense form at a finer stride"
+        )
+        return FinalUpsampling(node=label, problem=problem, **base)
+    factor = fields.pop("factor")
+    if any(f * os != ss for f, os, ss in zip(factor, og.stride, sg.stride)):
+        return FinalUpsampling(node=label, problem=f"node {label} scales by {fmt(factor)}, not the grid's ratio", **base)
+    offset = tuple(o - c for o, c in zip(fields.pop("offset"), crop))
+    return FinalUpsampling(node=label, factor=tuple(factor), offset=offset, tail=tuple(tail), **fields, **base)
+
+
+def _crop(node: ir.Node, g: Grid, crop: list[int]) -> str | None:
+    starts, ends = (_ir.const_array(v) for v in node.inputs[1:3])
+    axes = _ir.const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = _ir.const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
+    if starts is None or ends is None or rank is None:
+        return "is a crop whose bounds are not constant"
+    axes = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+    if steps is not None and any(int(s) != 1 for s in steps):
+        return "is a strided Slice"
+    dims = _ir.static_dims(node.inputs[0])
+    for a, s in zip(axes, starts):
+        a = _ir.normalise_axis(a, rank)
+        s = int(s)
+        if a not in g.axes:
+            if s != 0:
+                return "slices a non-spatial axis"
+            continue
+        if s < 0:
+            if dims is None or dims[a] is None:
+                return "is a crop counted from the end"
+            s += int(dims[a])
+        crop[g.axes.index(a)] += s
+    return None
+
+
+def _resize(node: ir.Node, sg: Grid, og: Grid):
+    attrs = node.attributes
+    mode = attrs.get_string("mode", "nearest")
+    coord = attrs.get_string("coordinate_transformation_mode", "half_pixel")
+    if mode not in ("linear", "nearest"):
+        return f"interpolates in mode {mode} (onnx-dense rebuilds linear and nearest)"
+    if coord not in RESIZE_MODES:
+        return f"uses coordinate_transformation_mode {coord}"
+    if attrs.get_string("keep_aspect_ratio_policy", "stretch") != "stretch":
+        return "keeps the aspect ratio"
+    ind = _ir.static_dims(node.inputs[0])
+    outd = _ir.static_dims(node.outputs[0])
+    if ind is None or outd is None or None in ind or None in outd:
+        return "has no static sizes"
+    for a in range(len(ind)):
+        if a not in sg.axes and ind[a] != outd[a]:
+            return "resizes a non-spatial axis"
+    factor, offset = [], []
+    for a in sg.axes:
+        h, H = int(ind[a]), int(outd[a])
+        if H % h:
+            return f"scales {h} to {H}, not by an integer factor"
+        s = H // h
+        factor.append(s)
+        offset.append(0.0 if coord in ("asymmetric", "align_corners") else (s - 1) / 2)
+    return dict(
+        kind="resize", mode=mode, nearest_mode=attrs.get_string("nearest_mode", "round_prefer_floor"),
+        align_corners=coord == "align_corners", factor=factor, offset=offset, odd_kernel=(False,) * len(factor),
+    )
+
+
+def bilinear_kernel(size: int, factor: int) -> np.ndarray:
+    """1-D bilinear upsampling kernel of ``size`` taps for ``factor`` (FCN's initialisation)."""
+    centre = (size - 1) / 2
+    return np.maximum(0.0, 1 - np.abs(np.arange(size) - centre) / factor)
+
+
+def _transpose(node: ir.Node, sg: Grid, og: Grid):
+    params = _ir.window_params(node)
+    weight = _ir.const_array(node.inputs[1])
+    if weight is None:
+        return "is a ConvTranspose whose weight is computed"
+    if any(d != 1 for d in params.dilations) or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return "is a dilated or auto-padded ConvTranspose"
+    group = node.attributes.get_int("group", 1)
+    cin = weight.shape[0]
+    expected = 1.0
+    for k, s in zip(params.kernel, params.strides):
+        if k not in (2 * s, 2 * s - 1):
+            return f"is a learned ConvTranspose (kernel {fmt(params.kernel)} at stride {fmt(params.strides)}, not bilinear)"
+        expected = np.multiply.outer(expected, bilinear_kernel(k, s))
+    w = weight.astype(np.float64)
+    if group == cin and w.shape[1] == 1:
+        per = w[:, 0]
+    elif group == 1 and w.shape[0] == w.shape[1]:
+        eye = np.eye(cin, dtype=bool)
+        if np.abs(w[~eye]).max(initial=0.0) > 0:
+            return "is a learned ConvTranspose (it mixes channels)"
+        per = w[eye]
+    else:
+        return "is a learned ConvTranspose (its weight is not one kernel per channel)"
+    if not np.allclose(per, np.broadcast_to(expected, per.shape), rtol=1e-5, atol=1e-6):
+        return "is a learned ConvTranspose (its weight is not the bilinear kernel of its stride)"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = _ir.const_array(node.inputs[2])
+        if b is None:
+            return "is a ConvTranspose whose bias is computed"
+        bias = tuple(float(v) for v in b.reshape(-1))
+    offset = [(k - 1) / 2 - pb for k, pb in zip(params.kernel, params.pads_begin)]
+    return dict(
+        kind="transpose", mode="linear", factor=list(params.strides), offset=offset,
+        odd_kernel=tuple(k % 2 == 1 for k in params.kernel), bias=bias,
+    )

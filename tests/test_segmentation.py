@@ -1,0 +1,342 @@
+"""Dense segmentation: the final upsampling rebuilt on the dense score map (passes/final_upsampling.py).
+
+Per rule, a tiny graph (ONNX text, ORT with optimisations off): a stride-8 score map T, then
+one final upsampling (each Resize coordinate mode, nearest, align_corners, a bilinear
+ConvTranspose with pads or with a crop, then per-position ops). Each test proves:
+
+* the formula (onnx_dense/interpolation.py) is the original's op: applied to the original's T
+  with the original's factor it gives the original's output;
+* the rewrite at R: ``verify`` passes, which checks T on the subgrid and the off-grid phases, and
+  the rebuilt output against that formula on the dense T;
+* the dense graph has the rebuilt node (a Resize/ConvTranspose by the remaining factor).
+
+End to end (samples/segmentation.py, both torch exporters where cheap): FCN-8s, DeepLabv3,
+LR-ASPP, FPN with GroupNorm at two strides each; U-Net and DBNet refused for their learned final
+block with one line, exact with ``final_upsampling=False`` (``--no-final-upsampling``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnx_dense
+from onnx_dense import metadata
+from onnx_dense.interpolation import reference
+from onnx_dense.passes.analysis.final_upsampling import bilinear_kernel, final_blocks
+from onnx_dense.passes.analyse import AnalyseGrid
+from onnx_dense.pipeline import RewriteOptions, normalise
+from tests._graphs import build
+
+HEAD = """
+<ir_version: 9, opset_import: ["" : {opset}]>
+net (float[1,2,32,32] x, float[4,2,3,3] w1, float[4,4,3,3] w2, float[4,4,3,3] w3, float[3,4,1,1] w4{sig}) => ({out}) {{
+  c1 = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)
+  r1 = Relu (c1)
+  c2 = Conv <strides=[2,2], pads=[1,1,1,1]> (r1, w2)
+  r2 = Relu (c2)
+  c3 = Conv <strides=[2,2], pads=[1,1,1,1]> (r2, w3)
+  r3 = Relu (c3)
+  score = Conv (r3, w4)
+{body}
+}}"""
+
+SCALES = "  sc = Constant <value = float[4] {1.0, 1.0, 8.0, 8.0}> ()\n"
+
+
+def resize(mode: str, coord: str, extra: str = "") -> str:
+    return SCALES + f'  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="{coord}"{extra}> (score, , sc)'
+
+
+def head(body: str, *, out: str = "float y", opset: int = 17, weights: dict | None = None):
+    """The stride-8 score map and ``body``; ``weights``: initializers of given values."""
+    weights = weights or {}
+    sig = "".join(f", float[{','.join(map(str, a.shape))}] {n}" for n, a in weights.items())
+    model = build(HEAD.format(opset=opset, sig=sig, out=out, body=body))
+    for init in model.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(onnx.numpy_helper.from_array(weights[init.name], init.name))
+    return model
+
+
+def bilinear(channels: int, kernel: int, stride: int, diagonal: bool = True) -> np.ndarray:
+    k = np.multiply.outer(bilinear_kernel(kernel, stride), bilinear_kernel(kernel, stride)).astype(np.float32)
+    if not diagonal:
+        return np.broadcast_to(k, (channels, 1, kernel, kernel)).copy()
+    w = np.zeros((channels, channels, kernel, kernel), np.float32)
+    w[range(channels), range(channels)] = k
+    return w
+
+
+def thead(**kwargs) -> onnx.ModelProto:
+    body, weights = transpose_head(**kwargs)
+    return head(body, weights=weights)
+
+
+def transpose_head(kernel: int = 16, pads: int = 4, crop: int = 0, tail: str = "", group: bool = False, bias=None):
+    """score -> ConvTranspose (bilinear, stride 8) [-> crop] [-> tail op] -> y."""
+    w = bilinear(3, kernel, 8, diagonal=not group)
+    attrs = f"strides=[8,8], pads=[{pads},{pads},{pads},{pads}]" + (", group=3" if group else "")
+    args = "score, wt" + (", bt" if bias is not None else "")
+    body = f"  [up] u = ConvTranspose <{attrs}> ({args})\n"
+    last = "u"
+    if crop:
+        body += (f"  st = Constant <value = int64[2] {{{crop}, {crop}}}> ()\n  en = Constant <value = int64[2] {{-{crop}, -{crop}}}> ()\n"
+                 "  ax = Constant <value = int64[2] {2, 3}> ()\n  v = Slice (u, st, en, ax)\n")
+        last = "v"
+    body += f"  y = {tail or 'Identity'} ({last})"
+    weights = {"wt": w}
+    if bias is not None:
+        weights["bt"] = np.asarray(bias, np.float32)
+    return body, weights
+
+
+RULES = {
+    "half_pixel": lambda: head(resize("linear", "half_pixel")),
+    "pytorch_half_pixel": lambda: head(resize("linear", "pytorch_half_pixel")),
+    "asymmetric": lambda: head(resize("linear", "asymmetric")),
+    "align_corners": lambda: head(
+        '  sz = Constant <value = int64[4] {1, 3, 32, 32}> ()\n'
+        '  [up] y = Resize <mode="linear", coordinate_transformation_mode="align_corners"> (score, , , sz)'
+    ),
+    "nearest": lambda: head(resize("nearest", "half_pixel")),
+    "nearest_asymmetric_floor": lambda: head(resize("nearest", "asymmetric", ', nearest_mode="floor"')),
+    "softmax_after": lambda: head(SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = Softmax <axis=1> (u)'),
+    "argmax_after": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1> (u)', out="int64 y"
+    ),
+    "argmax_keepdims0": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1, keepdims=0> (u)', out="int64 y"
+    ),
+    "transpose_pads": lambda: thead(),
+    "transpose_crop_sigmoid": lambda: thead(pads=0, crop=4, tail="Sigmoid"),
+    "transpose_group_bias": lambda: thead(group=True, bias=[0.1, -0.2, 0.3]),
+    "transpose_odd_kernel": lambda: thead(kernel=15, pads=3),
+}
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict, outputs: list[str] | None = None) -> dict:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = outputs or [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return copy
+
+
+def block_of(model: onnx.ModelProto):
+    m = ir.serde.deserialize_model(model)
+    normalise(RewriteOptions())(m)
+    AnalyseGrid(None)(m)
+    return final_blocks(m)["y"]
+
+
+@pytest.mark.parametrize("case", list(RULES))
+def test_formula_is_the_original_op(case):
+    """At the original's own factor (eST 1) the documented formula reproduces the original output
+    from the original T: the rebuilt upsampling is the same interpolation, not a look-alike."""
+    model = RULES[case]()
+    block = block_of(model)
+    assert block.fixed, block.problem
+    x = np.random.default_rng(1).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    got = ort_run(with_output(model, "score"), {"x": x}, ["y", "score"])
+    want = reference(got["score"], block.description((1, 1)), block.axes, block.out_size)
+    if case.startswith("argmax"):
+        assert np.array_equal(want, got["y"])
+    else:
+        assert np.abs(want - got["y"]).max() <= 1e-5 * max(1.0, np.abs(got["y"]).max())
+
+
+@pytest.mark.parametrize("case", list(RULES))
+@pytest.mark.parametrize("stride", [2, 1])
+def test_rebuilt_on_the_dense_score_map(case, stride):
+    model = RULES[case]()
+    dense = onnx_dense.rewrite_model(model, output_stride=stride)
+    report = onnx_dense.verify(model, dense, phases=True)
+    assert report.passed, report.text()
+    checks = {(c.output, c.check.split()[0]) for c in report.comparisons if not c.skipped}
+    assert {("y", "size"), ("y", "upsampling"), ("score", "subgrid"), ("score", "phase")} <= checks
+    info = metadata.read(dense)
+    up = info.outputs["y"].upsampling
+    assert up["factor"] == [stride, stride] and up["information_stride"] == [stride, stride]
+    assert info.outputs["score"].est == (8 // stride, 8 // stride)
+    proto = ir.serde.serialize_model(dense)
+    assert [o.name for o in proto.graph.output] == ["y", "score"]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ("ConvTranspose" if case.startswith("transpose") else "Resize") in ops
+    x = np.random.default_rng(2).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    assert ort_run(proto, {"x": x})["y"].shape == ort_run(model, {"x": x})["y"].shape
+
+
+def test_on_grid_pixels_equal_the_original():
+    """Asymmetric linear: output pixel 8i reads T position i exactly, in the original and in the
+    dense model (dense position 8i/R is that same prediction): equal with no formula involved."""
+    model = RULES["asymmetric"]()
+    x = np.random.default_rng(3).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    want = ort_run(model, {"x": x})["y"]
+    for stride in (4, 2, 1):
+        got = ort_run(ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=stride)), {"x": x})["y"]
+        assert np.abs(got[..., ::8, ::8] - want[..., ::8, ::8]).max() < 1e-5
+        assert np.abs(got - want).max() > 1e-3  # and elsewhere it is finer than the original
+
+
+def test_learned_final_upsampling_is_refused_with_the_alternative():
+    rng = np.random.default_rng(0)
+    body, _ = transpose_head(kernel=16, pads=4)
+    model = head(body, weights={"wt": rng.standard_normal((3, 3, 16, 16)).astype(np.float32)})
+    with pytest.raises(onnx_dense.DenseError) as caught:
+        onnx_dense.rewrite_model(model, output_stride=2)
+    message = str(caught.value)
+    assert "'up' (ConvTranspose)" in message and "learned" in message and "--no-final-upsampling" in message
+    assert "\n" not in message
+    dense = onnx_dense.rewrite_model(model, output_stride=2, final_upsampling=False)
+    proto = ir.serde.serialize_model(dense)
+    assert [o.name for o in proto.graph.output] == ["score"]
+    report = onnx_dense.verify(model, dense, phases=True)
+    assert report.passed, report.text()
+
+
+def test_no_final_upsampling_on_a_fixed_one_outputs_the_score_map():
+    model = RULES["half_pixel"]()
+    dense = onnx_dense.rewrite_model(model, output_stride=4, final_upsampling=False)
+    info = metadata.read(dense)
+    assert list(info.outputs) == ["score"] and info.outputs["score"].stride == (4, 4)
+    assert onnx_dense.verify(model, dense, phases=True).passed
+
+
+def test_no_final_upsampling_without_one_is_refused():
+    model = head("  y = Identity (score)")
+    with pytest.raises(onnx_dense.DenseError, match="no-final-upsampling: no output"):
+        onnx_dense.rewrite_model(model, output_stride=4, final_upsampling=False)
+
+
+def test_information_stride_makes_finer_strides_reachable(tmp_path):
+    model = RULES["transpose_crop_sigmoid"]()
+    assert onnx_dense.api.output_strides(model) == [(1,), (2,), (4,), (8,)]
+    result = onnx_dense.inspect_model(ir.serde.deserialize_model(model))
+    out = next(o for o in result.outputs if o["name"] == "y")
+    assert out["stride"] == [1, 1] and out["information_stride"] == [8, 8]
+    assert out["upsampled_from"] == "score"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    del torch
+    from samples import segmentation
+
+    folder = tmp_path_factory.mktemp("seg")
+    cache = {}
+
+    def get(name: str, exporter: str = "torchscript") -> str:
+        key = (name, exporter)
+        if key not in cache:
+            dynamic = name == "dbnet" and exporter == "torchscript"
+            cache[key] = str(segmentation.export(segmentation.build(name), folder / f"{name}_{exporter}.onnx", exporter,
+                                                 dynamic=dynamic))
+        return cache[key]
+
+    return get
+
+
+def verified(path: str, stride: int, **kwargs) -> onnx_dense.api.ir.Model:
+    dense = onnx_dense.rewrite_model(onnx.load(path), output_stride=stride, **kwargs)
+    report = onnx_dense.verify(path, dense, phases=True)
+    assert report.passed, report.text()
+    return dense
+
+
+@pytest.mark.parametrize("name,exporter,strides", [
+    ("fcn8s", "torchscript", (4,)),
+    ("fcn8s", "dynamo", (2,)),
+    ("deeplabv3", "torchscript", (4, 2)),
+    ("lraspp", "dynamo", (4, 2)),
+    ("fpn", "torchscript", (2, 1)),
+])
+def test_heads_rebuilt_exactly(samples, name, exporter, strides):
+    path = samples(name, exporter)
+    for stride in strides:
+        dense = verified(path, stride)
+        info = metadata.read(dense)
+        rebuilt = [o for o in info.outputs.values() if o.upsampling]
+        assert len(rebuilt) == 1 and rebuilt[0].size == (64, 64)
+        assert rebuilt[0].upsampling["information_stride"] == [stride, stride]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,exporter", [
+    ("fcn8s", "torchscript"), ("fcn8s", "dynamo"), ("deeplabv3", "dynamo"), ("lraspp", "torchscript"), ("fpn", "dynamo"),
+])
+def test_heads_rebuilt_exactly_at_every_stride(samples, name, exporter):
+    for stride in ((4, 2, 1) if name in ("fcn8s", "deeplabv3") else (4, 2) if name == "lraspp" else (2, 1)):
+        verified(samples(name, exporter), stride)
+
+
+@pytest.mark.parametrize("name,shapes", [("unet", None), ("dbnet", {"x": (1, 3, 64, 64)})])
+def test_learned_final_blocks_refused_and_cut(samples, name, shapes):
+    path = samples(name)
+    with pytest.raises(onnx_dense.DenseError) as caught:
+        onnx_dense.rewrite_model(onnx.load(path), output_stride=1, input_shapes=shapes)
+    message = str(caught.value)
+    assert "--no-final-upsampling" in message and "learned" in message and message.startswith("node '")
+    for stride in (2, 1):
+        dense = onnx_dense.rewrite_model(onnx.load(path), output_stride=stride, input_shapes=shapes,
+                                         final_upsampling=False)
+        report = onnx_dense.verify(path, dense, phases=True)
+        assert report.passed, report.text()
+        (out,) = metadata.read(dense).outputs.values()
+        assert out.stride == (stride, stride) and out.upsampling is None
+
+
+def test_run_writes_full_resolution_label_maps(samples, tmp_path):
+    """``onnx-dense run`` on a rewritten FPN: the label map has the image's size (the FPN runs at
+    any multiple of 32), and T's map (a prediction every 2 px) comes with it."""
+    from PIL import Image
+
+    from tests._cli import run
+
+    dense = tmp_path / "fpn_dense.onnx"
+    onnx_dense.rewrite(samples("fpn"), dense, output_stride=2)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(image)
+    code, stdout, stderr = run("run", str(dense), str(image), "--out", str(tmp_path / "maps"))
+    assert code == 0, stderr
+    maps = np.load(tmp_path / "maps" / "img.output.npy")
+    assert maps.shape == (1, 5, 64, 96)
+    labels = np.asarray(Image.open(tmp_path / "maps" / "img.output.labels.png"))
+    assert labels.shape == (64, 96) and set(np.unique(labels)) <= set(range(5))
+
+
+def test_cli_flag_and_refusal(tmp_path):
+    from tests._cli import assert_clean_error, run
+
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(RULES["half_pixel"](), fixed)
+    code, out, err = run("rewrite", fixed, tmp_path / "d.onnx", "-r", "2")
+    assert code == 0, err
+    assert "the final upsampling rebuilt on the dense score map 'score'" in out
+    code, out, err = run("rewrite", fixed, tmp_path / "t.onnx", "-r", "2", "--no-final-upsampling")
+    assert code == 0, err
+    assert "output 'score': eST 4" in out and "output 'y'" not in out
+    code, out, err = run("inspect", fixed)
+    assert "grid stride 1, predictions every 8 px, upsampled x8 from 'score' by 'up'" in out
+    assert "reachable output strides: 1, 2, 4, 8" in out
+    body, _ = transpose_head()
+    learned = tmp_path / "learned.onnx"
+    onnx.save(head(body, weights={"wt": np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)}),
+              learned)
+    code, out, err = run("rewrite", learned, tmp_path / "l.onnx", "-r", "4")
+    assert_clean_error(code, out, err, "'up' (ConvTranspose)", "--no-final-upsampling")
+    assert not (tmp_path / "l.onnx").exists()

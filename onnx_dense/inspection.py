@@ -65,15 +65,16 @@ def inspect_model(
     all_nodes: bool = False,
     strategy: str = "auto",
     per_phase_global: bool = False,
+    final_upsampling: bool = True,
 ) -> Inspection:
-    """The per-node view of the rewrite's analysis. ``strategy`` and ``per_phase_global`` as
-    for rewrite ("auto" by default, as rewrite: the dilations where every node allows them,
-    else the fragments' plan)."""
+    """The per-node view of the rewrite's analysis. ``strategy``, ``per_phase_global`` and
+    ``final_upsampling`` as for rewrite ("auto" by default, as rewrite: the dilations where
+    every node allows them, else the fragments' plan)."""
     if not isinstance(model, ir.Model):
         model = model_io.load(model)
     options = RewriteOptions(
         output_stride=output_stride, from_node=from_node, outputs=outputs, input_shapes=input_shapes,
-        strategy=strategy, per_phase_global=per_phase_global,
+        strategy=strategy, per_phase_global=per_phase_global, final_upsampling=final_upsampling,
     )
     check_model_runs(model, input_shapes, outputs)
     at = input_label(model, input_shapes)

@@ -205,6 +205,41 @@ def test_learned_final_upsampling_is_refused_with_the_alternative():
     assert report.passed, report.text()
 
 
+@pytest.mark.parametrize("tail, why", [
+    ("  [last] y = Conv <pads=[1,1,1,1]> (u, wl)", "'last' (Conv), which has learned weights after the upsampling"),
+    ("  [last] y = Transpose <perm=[0,1,3,2]> (u)",
+     "'last' (Transpose), which is neither an interpolation nor a per-position op after the upsampling"),
+])
+def test_a_final_block_that_is_not_an_interpolation_says_why(tail, why):
+    weights = {"wl": np.ones((3, 3, 3, 3), np.float32)} if "wl" in tail else None
+    model = head(SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n' + tail, weights=weights)
+    with pytest.raises(onnx_dense.DenseError) as caught:
+        onnx_dense.rewrite_model(model, output_stride=2)
+    assert why in str(caught.value) and "--no-final-upsampling" in str(caught.value)
+    onnx_dense.rewrite_model(model, output_stride=2, final_upsampling=False)
+
+
+def test_inspect_takes_no_final_upsampling_as_rewrite_does(tmp_path):
+    """A learned final block: inspect -r refuses as rewrite does, and shows the cut rewrite
+    --no-final-upsampling would make (the score map as the output, at the stride asked for)."""
+    from tests._cli import assert_clean_error, run
+
+    rng = np.random.default_rng(0)
+    body, _ = transpose_head(kernel=16, pads=4)
+    model = head(body, weights={"wt": rng.standard_normal((3, 3, 16, 16)).astype(np.float32)})
+    with pytest.raises(onnx_dense.DenseError, match="--no-final-upsampling"):
+        onnx_dense.inspect_model(ir.serde.deserialize_model(model), output_stride=2)
+    result = onnx_dense.inspect_model(ir.serde.deserialize_model(model), output_stride=2, final_upsampling=False)
+    assert [(o["name"], o["est"]) for o in result.outputs] == [("score", [4, 4])]
+    src = tmp_path / "learned.onnx"
+    onnx.save(model, src)
+    code, out, err = run("inspect", src, "-r", "2")
+    assert_clean_error(code, out, err, "'up' (ConvTranspose)", "--no-final-upsampling")
+    code, out, err = run("inspect", src, "-r", "2", "--no-final-upsampling")
+    assert code == 0, err
+    assert "score" in out
+
+
 def test_no_final_upsampling_on_a_fixed_one_outputs_the_score_map():
     model = RULES["half_pixel"]()
     dense = onnx_dense.rewrite_model(model, output_stride=4, final_upsampling=False)

@@ -19,10 +19,12 @@ from onnx_dense.passes.plans import Strategy
 @click.option("--strategy", type=click.Choice([s.value for s in Strategy]), default="auto", show_default=True,
               help="analyse as rewrite --strategy would (auto: dilate where allowed, else fragments)")
 @click.option("--per-phase-global", is_flag=True, help="analyse as rewrite --per-phase-global would (SE blocks)")
+@click.option("--no-final-upsampling", is_flag=True,
+              help="segmentation heads: analyse as rewrite --no-final-upsampling would (the score map as the output)")
 @click.option("--all", "all_nodes", is_flag=True, help="list every node, not only the spatial ones")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def inspect(model, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, all_nodes,
-            as_json) -> None:
+def inspect(model, output_stride, from_node, input_shapes, outputs, strategy, per_phase_global, no_final_upsampling,
+            all_nodes, as_json) -> None:
     """Show, per spatial node, what the rewrite at an output stride would change.
 
     Kernel, stride, dilation and pads before and after, eST, receptive field, output size in
@@ -41,6 +43,7 @@ def inspect(model, output_stride, from_node, input_shapes, outputs, strategy, pe
     result = api.inspect_model(
         model, output_stride=options.parse_stride(output_stride), from_node=from_node, input_shapes=shapes,
         outputs=names, all_nodes=all_nodes, strategy=strategy, per_phase_global=per_phase_global,
+        final_upsampling=not no_final_upsampling,
     )
     reachable = None
     if output_stride is None and from_node is None:

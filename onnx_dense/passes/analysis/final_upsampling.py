@@ -172,7 +172,10 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
                 break
             tail.append(n)
         else:
-            learned = (n, "is learned or mixes positions after the upsampling")
+            kind = "has learned weights" if any(v is not None and v.const_value is not None and v.shape is not None
+                                                 and v.shape.rank() and v.shape.rank() > 1 for v in n.inputs[1:]) \
+                else "is neither an interpolation nor a per-position op"
+            learned = (n, f"{kind} after the upsampling")
             break
     if learned is not None:
         node, why = learned

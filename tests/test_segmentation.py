@@ -219,6 +219,25 @@ def test_a_final_block_that_is_not_an_interpolation_says_why(tail, why):
     onnx_dense.rewrite_model(model, output_stride=2, final_upsampling=False)
 
 
+def test_several_outputs_each_rebuilt():
+    """Two upsamplings of one score map (linear and nearest) and the score map itself as outputs."""
+    body = (SCALES + '  [up] y = Resize <mode="linear"> (score, , sc)\n'
+            '  [up_nearest] z = Resize <mode="nearest"> (score, , sc)')
+    model = head(body, out="float y, float z, float score")
+    x = np.random.default_rng(3).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    want = ort_run(model, {"x": x})
+    for stride in (4, 2):
+        dense = onnx_dense.rewrite_model(model, output_stride=stride)
+        proto = ir.serde.serialize_model(dense)
+        assert [o.name for o in proto.graph.output] == ["y", "z", "score"]
+        got = ort_run(proto, {"x": x})
+        assert got["y"].shape == want["y"].shape and got["z"].shape == want["z"].shape
+        assert np.abs(got["score"][..., :: 8 // stride, :: 8 // stride] - want["score"]).max() < 1e-5
+        report = onnx_dense.verify(model, dense, phases=True)  # y and z: the documented upsampling of score
+        assert report.passed, report.text()
+        assert {c.output for c in report.comparisons if c.check == "upsampling"} == {"y", "z"}, report.text()
+
+
 def test_inspect_takes_no_final_upsampling_as_rewrite_does(tmp_path):
     """A learned final block: inspect -r refuses as rewrite does, and shows the cut rewrite
     --no-final-upsampling would make (the score map as the output, at the stride asked for)."""

@@ -257,11 +257,21 @@ def choose_strategy(model: ir.Model, stride, options: RewriteOptions) -> Strateg
     try:
         analyse_grid(model, stride, Strategy.DILATE, options.per_phase_global)
         return Strategy.DILATE
-    except UnreachableStride:
-        raise
+    except UnreachableStride as unreachable:
+        # fragments reaches strides dilate cannot (through upsamplings): its verdict, with the
+        # strides auto can reach, is the one to give; dilate's stands where fragments refuses a node
+        try:
+            analyse_grid(model, stride, Strategy.FRAGMENTS)
+        except UnreachableStride:
+            raise
+        except DenseError:
+            raise unreachable from None
+        return Strategy.FRAGMENTS
     except DenseError as dilate_error:
         try:
             analyse_grid(model, stride, Strategy.FRAGMENTS)
+        except UnreachableStride:
+            raise  # no lowering gets past a stride the model cannot reach: dilate's refusal is beside the point
         except DenseError as exc:
             if str(exc) == str(dilate_error):
                 raise

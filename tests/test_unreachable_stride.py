@@ -213,3 +213,18 @@ def test_cli_at_the_models_own_stride_says_nothing_changed(model_file, tmp_path)
     code, out, err = run("rewrite", src, tmp_path / "e.onnx", "-r", "4")
     assert code == 0, err
     assert "nothing to densify" not in out and "eST 2" in out
+
+
+def test_auto_lists_the_strides_fragments_reaches():
+    """An upsampling network (output stride 2, stride-4 bottleneck) asked for 4: auto's refusal
+    lists what auto can reach (fragments: 1, 2), not dilate's empty list, and says nothing of
+    dilate's own refusal of the Resize, which no stride above the model's would get past."""
+    from tests._graphs import rewrite
+    from tests.test_fragments import UPNET, UPNET_SIG, graph
+
+    m = graph(UPNET_SIG, UPNET)
+    with pytest.raises(UnreachableStride) as caught:
+        rewrite(m, 4, strategy="auto")
+    message = str(caught.value)
+    assert "reachable output strides: 1, 2" in message and "dilate refused" not in message, message
+    assert rewrite(m, 2, strategy="auto") is not None

@@ -24,6 +24,10 @@ weights, and its runs, leave out what follows the cut.
 Tolerance: an output passes when max|dense - original| <= atol + rtol * max|original|
 (error relative to the output's scale; per-element relative error is meaningless where the
 original crosses zero).
+
+Why one module of about 700 lines: the checks share the inputs, the sessions of both models
+and the tolerance rule, and each is a few short functions; split, each part would import all
+of the others.
 """
 
 from __future__ import annotations

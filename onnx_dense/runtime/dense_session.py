@@ -43,6 +43,11 @@ Choices, and why:
   off, as verify does.
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
   keeps them spinning): worth it when other sessions or processes share a few CPU cores.
+
+Why one module of about 840 lines: every way of running (whole, tiles, phases, phases on
+tiles) goes through the same feeds, providers, metadata and error wording, and the schedule
+chooses among them per run; the parts that stand alone live beside it (``tiling``, ``phases``,
+``schedule``, ``session``).
 """
 
 from __future__ import annotations

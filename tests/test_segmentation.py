@@ -329,6 +329,22 @@ def test_heads_rebuilt_exactly(samples, name, exporter, strides):
         assert rebuilt[0].upsampling["information_stride"] == [stride, stride]
 
 
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_deeplab_sizes_baked_at_export_rederived(samples, exporter):
+    """Both exporters bake DeepLab's image-pooling and final Resize sizes (64x64 here): with
+    rederive_sizes the dense model runs at other sizes and verify's any-size check runs (it is
+    skipped without, the original being bound to 64x64 too)."""
+    path = samples("deeplabv3", exporter)
+    plain = onnx_dense.verify(path, onnx_dense.rewrite_model(onnx.load(path), output_stride=2), phases=True)
+    assert [c.skipped for c in plain.comparisons if c.check == "any size"] == [True], plain.text()
+    dense = verified(path, 2, rederive_sizes=True)
+    report = onnx_dense.verify(path, dense)
+    assert [c.passed and not c.skipped for c in report.comparisons if c.check == "any size"] == [True], report.text()
+    x = np.random.default_rng(0).standard_normal((1, 3, 96, 96)).astype(np.float32)
+    got = ort_run(ir.serde.serialize_model(dense), {"input": x})
+    assert got["output"].shape == (1, 5, 96, 96)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,exporter", [
     ("fcn8s", "torchscript"), ("fcn8s", "dynamo"), ("deeplabv3", "dynamo"), ("lraspp", "torchscript"), ("fpn", "dynamo"),

@@ -89,3 +89,50 @@ def test_cli_prints_the_note(tmp_path, capsys):
     assert main(["rewrite", str(src), str(tmp_path / "d.onnx"), "-r", "1", "--rederive-sizes"]) == 0
     out = capsys.readouterr().out
     assert "re-derived" in out and "'up'" in out
+
+
+# LR-ASPP's head (torchvision): the gated high-level map resized to the stride-8 skip's size,
+# then a 1x1 classifier, then added to the skip's own 1x1 classifier, computed after the Resize.
+# Several tensors have the skip's size (16x16), so only the join past the classifier names it.
+LRASPP_SIG = ("float[1,3,{n},{n}] x, float[8,3,3,3] w1, float[8,8,3,3] w2, float[8,8,3,3] w3, float[3,8,1,1] wh, "
+              "float[3,8,1,1] wl")
+LRASPP_BODY = """
+    a = Conv <strides = [2,2], pads = [1,1,1,1]> (x, w1)
+    b = Conv <pads = [1,1,1,1]> (a, w2)
+    low = Relu (b)
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (low, w3)
+    high = Relu (c)
+    g = GlobalAveragePool (high)
+    s = Sigmoid (g)
+    m = Mul (high, s)
+    sizes = Constant <value = int64[4] {{1, 8, {h}, {h}}}> ()
+    [up] u = Resize <mode = "linear"> (m, , , sizes)
+    hc = Conv (u, wh)
+    lc = Conv (low, wl)
+    y = Add (lc, hc)
+"""
+
+
+def test_the_join_is_found_past_per_position_ops():
+    def lraspp(n):
+        return graph(LRASPP_SIG.format(n=n), LRASPP_BODY.format(h=n // 2), seed=6)
+
+    dense_ir = onnx_dense.rewrite_model(lraspp(32), output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and "re-derived from the size of 'lc'" in n for n in notes), notes
+    dense = ir.serde.serialize_model(dense_ir)
+    assert onnx_dense.verify(lraspp(32), dense)
+    x = np.random.default_rng(7).standard_normal((1, 3, 40, 40)).astype(np.float32)
+    np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(lraspp(40), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_partner_computed_from_the_resized_map_is_not_a_source():
+    """Concat(u, Relu(u)): Relu(u) has the size but depends on the Resize (a cycle): not used."""
+    body = BODY.replace("j = Concat <axis = 1> (f, u)", "r = Relu (u)\n    j = Concat <axis = 1> (r, u)").replace(
+        "float[3,12,1,1] w3", "float[3,8,1,1] w3")
+    original = graph(SIG.format(n=32).replace("float[3,12,1,1] w3", "float[3,8,1,1] w3"),
+                     body.format(sizes=SIZES["dynamo"].format(h=16)), seed=4)
+    dense = onnx_dense.rewrite_model(original, output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense.meta.get("onnx_dense.size_notes", [])
+    assert not any("from the size of 'r'" in n for n in notes), notes

@@ -8,8 +8,10 @@ size. Rules, for each default-domain Resize with ``sizes`` (no ``axes`` attribut
 * Baked axes: the entries of ``sizes`` that are constants (all of them for a constant,
   the constant operands of a Concat) and differ from the input's static size there.
 * The size is derivable when a tensor of the same rank has exactly those sizes on the baked
-  axes: first another operand of a node that joins the Resize's output (Concat, Add, Mul,
-  Sub, Div, Sum, Max, Min: the image-pooling branch's partner), else a graph input (an
+  axes: first another operand of a node that joins the Resize's output, or a tensor computed
+  from it at that size (Concat, Add, Mul, Sub, Div, Sum, Max, Min: the image-pooling branch's
+  partner, LR-ASPP's skip past its 1x1 classifier), never one computed from the Resize's own
+  output (a cycle), else a graph input (an
   upsampling back to the image size), else the one tensor computed before the Resize that
   has them (none when there are several: not guessed).
 * With ``rederive`` on, a derivable size is replaced by
@@ -45,6 +47,8 @@ class RederiveSizes(ir.passes.InPlacePass):
             if node.op_type == "Resize" and node.domain in ("", "ai.onnx"):
                 modified |= self._resize(graph, node, seen, notes, [v for v in graph.inputs if v.name not in graph.initializers])
             seen.extend(node.outputs)
+        if modified:
+            graph.sort()  # a source computed after the Resize (past its classifier) comes first now
         return ir.passes.PassResult(model, modified)
 
     def _resize(self, graph, node: ir.Node, seen, notes, inputs) -> bool:
@@ -122,13 +126,36 @@ def _matches(value: ir.Value, want: dict[int, int], rank: int) -> bool:
 
 def _source(node: ir.Node, want: dict[int, int], rank: int, seen, inputs) -> ir.Value | None:
     out = node.outputs[0]
-    for user, _ in out.uses():
-        if user.op_type in _JOINS and user.domain in ("", "ai.onnx"):
-            for v in user.inputs:
-                if v is not None and v is not out and v.producer() is not node and _matches(v, want, rank):
-                    return v
+    after = _downstream(out)
+    # The join the resized map meets, past ops that keep its size (LR-ASPP's 1x1 classifier
+    # before the Add with the skip's): its other operand, unless it is computed from the map.
+    frontier, visited = [out], set()
+    while frontier:
+        value = frontier.pop(0)
+        for user, _ in value.uses():
+            if id(user) in visited:
+                continue
+            visited.add(id(user))
+            if user.op_type in _JOINS and user.domain in ("", "ai.onnx"):
+                for v in user.inputs:
+                    if v is not None and id(v) not in after and not v.is_initializer() and _matches(v, want, rank):
+                        return v
+            frontier.extend(o for o in user.outputs if _matches(o, want, rank))
     for v in inputs:
         if _matches(v, want, rank):
             return v
     found = [v for v in seen if v is not node.inputs[0] and _matches(v, want, rank) and not v.is_initializer()]
     return found[0] if len(found) == 1 else None
+
+
+def _downstream(value: ir.Value) -> set[int]:
+    """ids of ``value`` and of every value computed from it."""
+    done = {id(value)}
+    stack = [value]
+    while stack:
+        for user, _ in stack.pop().uses():
+            for o in user.outputs:
+                if id(o) not in done:
+                    done.add(id(o))
+                    stack.append(o)
+    return done

@@ -238,6 +238,19 @@ def test_several_outputs_each_rebuilt():
         assert {c.output for c in report.comparisons if c.check == "upsampling"} == {"y", "z"}, report.text()
 
 
+def test_at_the_score_maps_stride_the_summary_says_what_the_output_carries(tmp_path):
+    """-r 8 on a head upsampling a stride-8 map: the model is the original, and the summary says
+    the output carries a prediction every 8 px upsampled to every pixel (not "every 1 px")."""
+    from tests._cli import run
+
+    src = tmp_path / "fixed.onnx"
+    onnx.save(RULES["half_pixel"](), src)
+    code, out, err = run("rewrite", src, tmp_path / "d.onnx", "-r", "8")
+    assert code == 0, err
+    assert "output 'y': a prediction every 8 input pixels, upsampled x8 by 'up' to every 1 (as the original)" in out, out
+    assert "nothing to densify" in out and "every 1 input pixels" not in out, out
+
+
 def test_inspect_takes_no_final_upsampling_as_rewrite_does(tmp_path):
     """A learned final block: inspect -r refuses as rewrite does, and shows the cut rewrite
     --no-final-upsampling would make (the score map as the output, at the stride asked for)."""

@@ -8,7 +8,7 @@ import click
 
 from onnx_dense import api, metadata
 from onnx_dense.cli import options
-from onnx_dense.grid import fmt
+from onnx_dense.grid import GRID, fmt
 from onnx_dense.passes.plans import DEFAULT_STRATEGY, Strategy
 
 
@@ -76,6 +76,7 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
     if info.tuning:
         times = ", ".join(f"{k} {v:.2f} ms" for k, v in info.tuning["median_ms"].items())
         click.echo(f"  tuned on {info.tuning['provider']}: {times} (median)")
+    grids = {v.name: v.meta.get(GRID) for v in model.graph.outputs}
     for out in info.outputs.values():
         if out.upsampling:
             up = out.upsampling
@@ -83,6 +84,15 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
                 f"  output '{out.name}': the final upsampling rebuilt on the dense score map '{up['score']}': a "
                 f"prediction every {fmt(up['information_stride'])} input pixels, upsampled x{fmt(up['factor'])} "
                 f"({up['kind']}, {up['mode']}) to the original's size {fmt(out.size)}"
+            )
+            continue
+        grid = grids.get(out.name)
+        if grid is not None and grid.info is not None and grid.info != grid.stride and all(e == 1 for e in out.est):
+            # an upsampled map left as it is (the stride asked for is its score map's own)
+            factor = tuple(i // s for i, s in zip(grid.info, grid.stride))
+            click.echo(
+                f"  output '{out.name}': a prediction every {fmt(grid.info)} input pixels, upsampled x{fmt(factor)} by "
+                f"'{grid.upsampled_from}' to every {fmt(out.stride)} (as the original), receptive field {fmt(out.rf_size)}"
             )
             continue
         click.echo(

@@ -251,6 +251,29 @@ def test_at_the_score_maps_stride_the_summary_says_what_the_output_carries(tmp_p
     assert "nothing to densify" in out and "every 1 input pixels" not in out, out
 
 
+@pytest.mark.parametrize("rule", ["half_pixel", "align_corners", "transpose_crop_sigmoid", "argmax_after"])
+def test_tiles_and_phases_of_a_rebuilt_upsampling_equal_the_whole_run(rule):
+    """The rebuilt upsampling reads the whole score map: the session tiles (or splits into
+    phases) the body up to it and runs the upsampling once on the stitched map
+    (runtime/final_tail.py); every output equals the whole run's, bit for bit."""
+    from onnx_dense.runtime import DenseSession
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
+    size = (32, 32) if rule == "align_corners" else (96, 112)  # align_corners: the export size only
+    x = np.random.default_rng(0).standard_normal((1, 2, *size)).astype(np.float32)
+    with DenseSession(dense, provider="cpu") as session:
+        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
+    for kwargs, kind in ((dict(tile=48), "tiles"), (dict(schedule="phases"), "phases"),
+                         (dict(max_memory="1GB", schedule="phases+tiles"), "phases+tiles")):
+        with DenseSession(dense, provider="cpu", **kwargs) as session:
+            got = session.run({"x": x})
+            assert session.last_schedule.kind == kind
+        assert list(got) == list(whole)
+        for name, value in whole.items():
+            np.testing.assert_array_equal(got[name].numpy(), value, err_msg=f"{name}, {kind}")
+            assert got[name].info == session.info.outputs[name]  # the pixel grid of the whole model's output
+
+
 def test_inspect_takes_no_final_upsampling_as_rewrite_does(tmp_path):
     """A learned final block: inspect -r refuses as rewrite does, and shows the cut rewrite
     --no-final-upsampling would make (the score map as the output, at the stride asked for)."""

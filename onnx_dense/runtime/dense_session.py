@@ -64,7 +64,7 @@ import onnxruntime as ort
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
-from onnx_dense.runtime import phases, tiling
+from onnx_dense.runtime import final_tail, phases, tiling
 from onnx_dense.runtime import schedule as sched
 from onnx_dense.runtime.schedule import KINDS as SCHEDULES, Schedule, parse_memory
 from onnx_dense.runtime.session import cuda_options, preload_cuda, set_spinning
@@ -244,7 +244,12 @@ class DenseSession:
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.session = None
         self._closed = False
-        if self.max_memory is None and schedule in ("auto", "whole", "tiles"):
+        self._options = dict(provider=provider, fp16=fp16, nhwc=nhwc, fixed_shapes=fixed_shapes,
+                             conv_algo_search=conv_algo_search, max_workspace=max_workspace, device_id=device_id,
+                             allow_cpu_nodes=allow_cpu_nodes, optimize=optimize, threads=threads, spinning=spinning)
+        self._split = None  # (body DenseSession, tail session, Split): a rebuilt final upsampling, tiled
+        self._rebuilt = final_tail.rebuilt_outputs(self.info)
+        if self.max_memory is None and schedule in ("auto", "whole", "tiles") and not (self._rebuilt and tile is not None):
             self._open()  # the whole dense model, as before
             self.input_names = [i.name for i in self.session.get_inputs()]
             self.output_names = [o.name for o in self.session.get_outputs()]
@@ -394,6 +399,9 @@ class DenseSession:
     def close(self) -> None:
         self.session = None
         self._plan = None
+        if self._split is not None:
+            self._split[0].close()
+            self._split = None
         self._closed = True
 
     def run(
@@ -414,6 +422,13 @@ class DenseSession:
         """
         feeds = self._feeds(inputs)
         tile = self.tile if tile is _UNSET else tile
+        kind = schedule or self.schedule
+        if self._rebuilt and (tile is not None or kind in ("phases", "phases+tiles", "tiles")
+                              or (kind == "auto" and self.max_memory is not None)):
+            if keep_on_device:
+                raise DenseError("a rebuilt final upsampling run by tiles or phases is put together on the host; "
+                                 "keep_on_device needs an untiled run")
+            return self._run_body_and_tail(feeds, tile, progress, schedule)
         chosen = self.choose(feeds, tile=tile, schedule=schedule)
         self.last_schedule = chosen
         if chosen.kind != "whole" and keep_on_device:
@@ -437,6 +452,42 @@ class DenseSession:
         return result
 
     __call__ = run
+
+    def _run_body_and_tail(self, feeds, tile, progress, schedule) -> dict[str, DenseMap]:
+        """Tiles or phases of the body up to the score maps, then the rebuilt upsampling on them
+        (:mod:`onnx_dense.runtime.final_tail`)."""
+        body, tail, parts = self._body_and_tail()
+        maps = body.run({k: v for k, v in feeds.items() if k in body.input_names}, tile=tile, progress=progress,
+                        schedule=schedule)
+        self.last_schedule = body.last_schedule
+        tail_feeds = {name: (maps[name].numpy() if name in maps else feeds[name]) for name in parts.tail_inputs}
+        try:
+            values = dict(zip(parts.rebuilt, tail.run(parts.rebuilt, tail_feeds)))
+        except Exception as exc:
+            raise DenseError(f"onnxruntime failed to run the final upsampling of {self.label}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+        result = {}
+        for name in self.output_names:
+            if name in values:
+                out = self.info.outputs[name]
+                result[name] = DenseMap(name, values[name], PixelGrid.of(out, values[name].shape), out)
+            else:
+                result[name] = maps[name]
+        return result
+
+    def _body_and_tail(self):
+        if self._split is None:
+            parts = final_tail.split(self._full_proto(), self.info)
+            if self.session is not None:  # never two copies of the weights in sessions
+                self.session = None
+            body = DenseSession(parts.body, **self._options, max_memory=self.max_memory, schedule=self.schedule)
+            body.label = self.label
+            try:
+                tail = ort.InferenceSession(parts.tail.SerializeToString(), self._so, providers=self._providers)
+            except Exception as exc:
+                raise DenseError(self._creation_error(exc)) from None
+            self._split = (body, tail, parts)
+        return self._split
 
     def run_raw(self, feeds: Mapping[str, Any], *, keep_on_device: bool = False) -> dict[str, Any]:
         """One run through IOBinding: numpy (or OrtValue) feeds in, outputs by name out."""
@@ -705,6 +756,8 @@ class DenseSession:
         if name is None:
             raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
         tile = tiling.parse_tile(tile, len(self.info.inputs[name].spatial_axes))
+        if self._rebuilt:  # the body is what is tiled (run_body_and_tail)
+            return self._body_and_tail()[0].check_tile(tile)
         if self._tileable is None:
             tiling.check_tileable(self._structure(), self.info, name)
             self._tileable = True

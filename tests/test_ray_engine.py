@@ -127,6 +127,32 @@ def test_ray_options_need_the_ray_engine(data, tmp_path):
     assert_clean_error(code, out, err, "--engine ray")
 
 
+UPSAMPLED = """
+<ir_version: 8, opset_import: ["" : 17]>
+seg (float[1,3,32,32] input) => (float[1,4,32,32] output) <float[4] scales = {1.0, 1.0, 4.0, 4.0}> {
+  score = Conv <strides=[4,4], pads=[1,1,1,1]> (input, w)
+  output = Resize <mode="linear"> (score, , scales)
+}
+"""
+
+
+def test_tiles_of_a_rebuilt_upsampling_are_refused_before_any_worker(data, tmp_path):
+    """A worker's tile of a rebuilt final upsampling would interpolate at the tile's border:
+    refused in one line (the local tiled run does it right), before a cluster starts."""
+    pytest.importorskip("ray")
+    model = onnx.parser.parse_model(UPSAMPLED)
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    onnx.save(model, tmp_path / "seg.onnx")
+    onnx_dense.rewrite(tmp_path / "seg.onnx", tmp_path / "dense.onnx", output_stride=1)
+    code, out, err = run("run", tmp_path / "dense.onnx", data["big"], "--out", tmp_path / "o", "--engine", "ray",
+                         "--tile", "64")
+    assert_clean_error(code, out, err, "output 'output' is a final upsampling rebuilt", "without --engine ray")
+    assert not (tmp_path / "o").exists()
+    code, out, err = run("run", tmp_path / "dense.onnx", data["big"], "--out", tmp_path / "local", "--tile", "64")
+    assert code == 0, err
+
+
 def test_an_address_nobody_answers_at_is_one_line(data, tmp_path):
     pytest.importorskip("ray")
     with socket.socket() as s:  # a port that was free a moment ago: connection refused

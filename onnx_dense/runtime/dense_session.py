@@ -453,6 +453,11 @@ class DenseSession:
 
     __call__ = run
 
+    @property
+    def rebuilt_outputs(self) -> list[str]:
+        """Outputs whose final upsampling was rebuilt: a tile of them is not a tile of the run."""
+        return list(self._rebuilt)
+
     def _run_body_and_tail(self, feeds, tile, progress, schedule) -> dict[str, DenseMap]:
         """Tiles or phases of the body up to the score maps, then the rebuilt upsampling on them
         (:mod:`onnx_dense.runtime.final_tail`)."""

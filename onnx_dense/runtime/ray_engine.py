@@ -238,6 +238,12 @@ def run_images(
         entry, channels = batch.image_layout(planner)
         outputs = list(planner.output_names)
         tile_v = planner.tile
+        if tile_v and planner.rebuilt_outputs:
+            raise DenseError(
+                f"{model}: output '{planner.rebuilt_outputs[0]}' is a final upsampling rebuilt on the whole score map, "
+                "which a worker's tile cannot compute; run it with --tile without --engine ray (the local run tiles the "
+                "model up to the score map), or with --engine ray without --tile"
+            )
         axes = tiling.output_axes(planner.info, planner.image_input, outputs) if tile_v else None
         dense_outputs = {name: planner.info.outputs.get(name) for name in outputs}
         input_name = planner.image_input

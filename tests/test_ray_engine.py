@@ -239,3 +239,46 @@ def test_an_image_that_always_kills_its_worker_fails_alone(cluster, data, refere
     assert "died 4 times" in summary.failed[0][1]
     ref = _files(reference["small"])
     assert _files(tmp_path / "out") == {k: v for k, v in ref.items() if not k.startswith("im1.")}
+
+
+WINDOW_TILE = 768
+
+
+@pytest.fixture(scope="module")
+def windowed_image(data):
+    """A 3000x2000 image as a .npy (read by windows) and as a PNG, and the in-memory tiled run of the PNG."""
+    d = data["dir"] / "windowed"
+    (d / "png").mkdir(parents=True)
+    (d / "npy").mkdir()
+    pixels = np.random.default_rng(5).integers(0, 256, (3000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(d / "png" / "wide.png")
+    np.save(d / "npy" / "wide.npy", pixels)
+    run_images(data["dense"], [d / "png" / "wide.png"], d / "ref", provider="cpu", tile=WINDOW_TILE)
+    return {"npy": d / "npy" / "wide.npy", "png": d / "png" / "wide.png", "ref": d / "ref"}
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["workers-read-the-file", "driver-sends-pixels"])
+def test_a_npy_image_is_read_by_windows_and_stitched_on_disk(cluster, data, windowed_image, tmp_path, monkeypatch,
+                                                             shared):
+    """Workers read their own windows from the path; where they cannot see the same file (another
+    machine), the driver reads each window and sends its pixels. Same bytes either way."""
+    from onnx_dense.runtime import ray_engine, windowed
+
+    read = []
+    real_window = windowed.NpyImage.window
+    monkeypatch.setattr(windowed.NpyImage, "window", lambda self, index: read.append(index) or real_window(self, index))
+    if not shared:  # as a worker on another machine sees it: not the driver's file
+        monkeypatch.setattr(windowed, "signature", lambda path: (0, 0))
+    out = tmp_path / "out"
+    summary = ray_engine.run_images(data["dense"], [windowed_image["npy"]], out, provider="cpu", workers=2,
+                                    tile=WINDOW_TILE)
+    assert summary.ok, summary.failed
+    assert (len(read) == 0) == shared  # the driver read no pixel when the workers could
+    names = sorted(p.name for p in windowed_image["ref"].iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names  # no temporary file left behind
+    for name in names:
+        a, b = (windowed_image["ref"] / name).read_bytes(), (out / name).read_bytes()
+        if name.endswith(".json"):
+            a, b = json.loads(a), json.loads(b)
+            assert a.pop("image") == str(windowed_image["png"]) and b.pop("image") == str(windowed_image["npy"])
+        assert a == b, name

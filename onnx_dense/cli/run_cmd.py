@@ -23,7 +23,8 @@ from onnx_dense.errors import DenseError
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="auto: CUDA when the installed onnxruntime has it, else CPU")
 @click.option("--tile", metavar="N|HxW",
-              help="run tiles of N input pixels (overlap included) and stitch them: same output, less memory")
+              help="run tiles of N input pixels (overlap included) and stitch them: same output, less memory "
+                   "(a .npy image is then read by windows and its outputs stitched on disk)")
 @click.option("--max-memory", metavar="SIZE",
               help="memory budget for the whole process, e.g. 2GB: runs whole, phase by phase, or phase by phase on "
                    "tiles, whichever is fastest within it (one line per image says which)")

@@ -13,6 +13,8 @@ image writes into ``out_dir``:
   centre of prediction ``i`` along an axis is ``origin + i * stride``; divide by ``scale`` for
   pixels of the image file when it was resized).
 
+A ``.npy`` image run with a tile is read window by window and its outputs are stitched into
+.npy files on disk (:mod:`onnx_dense.runtime.windowed`): memory bounded by a tile, not the image.
 Every file is written to a temporary name and renamed, so a failure never leaves half a file;
 input files are never written (an output path that is an input is an error for that image).
 An image that cannot be read or run is reported through ``on_error`` and the others go on.
@@ -33,8 +35,9 @@ from onnx_dense import pictures
 from onnx_dense.errors import DenseError
 from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
-from onnx_dense.runtime import picture_stream
-from onnx_dense.runtime.dense_session import DenseSession
+from onnx_dense.runtime import picture_stream, tiling, windowed
+from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid
+from onnx_dense.runtime.schedule import Schedule
 
 
 STREAM_PICTURES_ABOVE = 2048 * 2048  # input pixels above which pictures are drawn band by band
@@ -157,21 +160,59 @@ def image_layout(session: DenseSession):
 
 def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_axes, view, write_npy, inputs,
          class_names=None) -> ImageResult:
-    image = imglib.load_image(
-        path, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
-        dtype=session.input_dtype(session.image_input),
-    )
-    maps = session.run({session.image_input: image.array})
-    check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
-    described: dict[str, dict] = {}
-    files: list[str] = []
-    schedule = session.last_schedule
-    for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile, described,
-                                  class_names, schedule.to_dict() if schedule else None):
-        target = out / filename
-        imglib.write_atomic(target, write)
-        files.append(str(target))
+    load = dict(size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
+                dtype=session.input_dtype(session.image_input))
+    disk = None
+    try:
+        if windowed.is_windowed(path) and session.tile is not None and session.schedule in ("auto", "tiles"):
+            # read by windows, stitched into .npy files in ``out``: memory bounded by a tile, not the image
+            image = windowed.open_image(path, **load)
+            disk = windowed.DiskOutputs(out, stem)
+            maps, schedule = run_windows(session, image, disk)
+        else:
+            image = imglib.load_image(path, **load)
+            maps = session.run({session.image_input: image.array})
+            schedule = session.last_schedule
+        check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
+        described: dict[str, dict] = {}
+        files: list[str] = []
+        for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile,
+                                      described, class_names, schedule.to_dict() if schedule else None):
+            target = out / filename
+            windowed.write(target, write)
+            files.append(str(target))
+    finally:
+        if disk is not None:
+            disk.discard()
     return ImageResult(str(path), files, described, schedule.describe() if schedule else None)
+
+
+def run_windows(session: DenseSession, image, disk) -> tuple[dict, Schedule]:
+    """The session's tiled run of a windowed image: each tile read from the file, outputs stitched on disk."""
+    name = session.image_input
+    entry = session.info.inputs[name]
+    check_minimum(image.shape, entry.spatial_axes, session.minimum_input(name), name, session.label)
+    outputs = tiling.output_axes(session.info, name, session.output_names)
+    crops = tiling.plan_tiles(image.shape, entry.spatial_axes, outputs, session.tile)
+    stitcher = tiling.Stitcher(outputs, crops, allocate=disk.allocate)
+    for crop in crops:
+        stitcher.add(crop, session.run_raw({name: image.window(crop.index)}))
+    values = stitcher.result()
+    maps = {}
+    for out_name in session.output_names:
+        value, meta = values[out_name], session.info.outputs.get(out_name)
+        maps[out_name] = DenseMap(out_name, value, PixelGrid.of(meta, value.shape) if meta else None, meta)
+    return maps, Schedule("tiles", tile=tuple(session.tile), tiles=len(crops))
+
+
+def check_minimum(shape, spatial_axes, minimum, input_name: str, label) -> None:
+    """DenseSession's check of an input's size, for inputs the driver only plans tiles of."""
+    fed = tuple(shape[a] for a in spatial_axes)
+    if any(n < m for n, m in zip(fed, minimum)):  # below this some kernels divide by a zero size
+        raise DenseError(
+            f"input '{input_name}' is {'x'.join(map(str, fed))} pixels; {label} needs at least "
+            f"{'x'.join(map(str, minimum))} (below that an output has no prediction left)"
+        )
 
 
 def planned_names(stem: str, outputs: Sequence[str], view: str, write_npy: bool) -> list[str]:
@@ -210,7 +251,9 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
         described[name] = entry
         if write_npy:
             filename = f"{stem}.{_safe(name)}.npy"
-            yield filename, lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+            # an output stitched on disk is moved into place, else written
+            yield filename, windowed.disk_file(dense.value) or (
+                lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
             entry["npy"] = filename
         if image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE:  # drawn and written band by band
             drawn = picture_stream.picture_writer(dense, image, view)

@@ -31,6 +31,7 @@ import numpy as np
 
 from onnx_dense.errors import DenseError
 from onnx_dense.files import atomic_output
+from onnx_dense.runtime import windowed
 
 VIEWS = ("auto", "labels", "heatmap", "none")
 
@@ -106,6 +107,9 @@ def load_image(
 
     p = Path(path)
     size = parse_size(size)
+    if windowed.is_windowed(p):  # a .npy array, read whole here (tiled runs read it by windows)
+        return windowed.open_image(p, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
+                                   dtype=dtype, data=data).load()
     if channels not in (1, 3):
         raise DenseError(f"the model's input has {channels} channels; images are read as RGB (3) or grayscale (1)")
     mean_v = _per_channel(parse_floats(mean, "--mean"), channels, "--mean")

@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from onnx_dense.runtime import images as imglib
+from onnx_dense.runtime import windowed
 
 BAND_PIXELS = 1 << 21  # pixels per band: ~2M (a few tens of MB of temporaries)
 
@@ -55,7 +56,8 @@ def picture_writer(dense, image, view: str = "auto", alpha: float = 0.5):
             r1 = min(height, r0 + rows_per_band)
             rows = grid.nearest(np.arange(r0, r1), 0)
             lo, hi = int(rows.min()), int(rows.max()) + 1
-            part = np.asarray(scores[:, lo:hi, :])
+            part = np.array(scores[:, lo:hi, :])
+            windowed.release(scores)  # a map stitched on disk: read pages leave this process
             if kind == "labels":
                 labels = np.argmax(part, axis=0)[(rows - lo)[:, None], cols[None, :]]
                 if extra["classes"] <= 256:
@@ -96,6 +98,7 @@ def _plan(dense, image, view: str):
             for r in range(0, scores.shape[1], step):
                 part = np.asarray(scores[0, r:r + step], dtype=np.float64)
                 lo, hi = min(lo, float(np.min(part))), max(hi, float(np.max(part)))
+                windowed.release(scores)
             extra.update(lo=lo, hi=hi)
         else:
             # render's test "already probabilities", over the whole map, then the top class's mean
@@ -104,10 +107,12 @@ def _plan(dense, image, view: str):
                 part = np.asarray(scores[:, r:r + step], dtype=np.float64)
                 smin, smax = min(smin, float(part.min())), max(smax, float(part.max()))
                 sums_ok = sums_ok and bool(np.allclose(part.sum(axis=0), 1, atol=1e-3))
+                windowed.release(scores)
             extra["given"] = smin >= 0 and smax <= 1 and sums_ok
             total = np.zeros(classes, dtype=np.float64)
             for r in range(0, scores.shape[1], step):
                 total += _probs(np.asarray(scores[:, r:r + step]), extra["given"]).reshape(classes, -1).sum(axis=1)
+                windowed.release(scores)
             extra["top"] = int(np.argmax(total / max(1, scores.shape[1] * scores.shape[2])))
     return view, scores, extra
 

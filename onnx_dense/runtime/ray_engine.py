@@ -21,6 +21,12 @@ What runs where:
   (overlap by the receptive field); the tiles of all images go to the workers as one stream, so
   a single huge image keeps every worker busy, and :class:`tiling.Stitcher` puts them back as
   they return, in any order. The stitched map is then drawn and written on the driver.
+* A ``.npy`` image with ``--tile`` (:mod:`windowed`) is never decoded on the driver: a task is
+  the file's absolute path, its (size, mtime) and the tile's window, and the worker reads and
+  normalises the window itself. A worker that does not see the same file (another machine
+  without shared storage) answers ``NOT_HERE``; the driver then reads that window and every
+  later one and sends the pixels. Outputs are stitched into .npy files on the driver's disk
+  and moved into place, so the driver's memory is a tile's, whatever the image's size.
 * Failures. A bad image (unreadable, too small) is one line and the others go on. A worker
   process that dies (killed, out of memory, a crash in a kernel) is restarted by Ray
   (``max_restarts``) and the tasks it held run again there (``max_task_retries``): a retried
@@ -40,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import os
@@ -51,7 +58,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from onnx_dense.errors import DenseError
-from onnx_dense.runtime import batch, images as imglib, tiling
+from onnx_dense.runtime import batch, images as imglib, tiling, windowed
 from onnx_dense.runtime.batch import ImageResult, RunSummary
 from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid
 from onnx_dense.runtime.schedule import Schedule
@@ -65,6 +72,7 @@ FAULT_ENV = "ONNX_DENSE_RAY_FAULT"
 _DEPTH = 1  # tasks given to an actor at a time: a task queued behind one that kills the actor would share its retries
 _INLINE_MODEL = 64 * 1024  # bytes; a smaller model travels inside the actors' creation tasks
 _TASK_RETRIES = 3  # re-runs of a task whose worker died, before its image fails
+NOT_HERE = "not-here"  # a worker's reply: the windowed image's file is not (the same file) on its machine
 
 
 def import_ray():
@@ -136,6 +144,24 @@ class _Worker:
         except Exception as exc:
             return None, _internal(exc)
 
+    def window(self, label: str, path: str, signature, index):
+        """A tile this worker reads itself from a windowed image at ``path`` (the driver's file when
+        ``signature`` matches; else ``(None, NOT_HERE)`` and the driver sends the pixels)."""
+        self._maybe_die(label)
+        try:
+            if windowed.signature(path) != tuple(signature):
+                return None, NOT_HERE
+        except OSError:
+            return None, NOT_HERE
+        try:
+            load = dict(self.load, dtype=self.session.input_dtype(self.session.image_input))
+            array = windowed.open_image(path, **load).window(index)
+            return self.session.run_raw({self.session.image_input: array}), None
+        except DenseError as exc:
+            return None, str(exc)
+        except Exception as exc:
+            return None, _internal(exc)
+
     def _maybe_die(self, label: str) -> None:
         target, _, marker = (self.fault or "").partition("@")
         if target != label:
@@ -178,9 +204,16 @@ class _Image:
     stem: str
     tiles: int = 1
     reported: float = 0.0  # of this image, given to on_progress so far
-    image: imglib.ImageInput | None = None
+    image: imglib.ImageInput | windowed.NpyImage | None = None
     stitcher: tiling.Stitcher | None = None
+    disk: windowed.DiskOutputs | None = None  # a windowed image's outputs, stitched on disk
     failed: bool = False
+
+    def drop(self) -> None:
+        """Let go of the image and its partial outputs (their temporary files too)."""
+        self.image = self.stitcher = None
+        if self.disk is not None:
+            self.disk.discard()
 
 
 def run_images(
@@ -275,7 +308,7 @@ def run_images(
         if item.failed:
             return
         item.failed = True
-        item.image = item.stitcher = None
+        item.drop()
         if not message.startswith(str(item.path)):
             message = f"{item.path}: {message}"
         summary.failed.append((str(item.path), message))
@@ -288,7 +321,7 @@ def run_images(
             batch.check_not_inputs(item.path, out, [name for name, _ in files], inputs)
             written = []
             for filename, write in files:
-                imglib.write_atomic(out / filename, write)
+                windowed.write(out / filename, write)
                 written.append(str(out / filename))
         except DenseError as exc:
             fail(item, str(exc))
@@ -303,28 +336,37 @@ def run_images(
         """(item, method name, label, args) for each task, reading or decoding images only as needed."""
         for item in todo:
             try:
-                data = _read(item.path)
-                if tile_v is None:
-                    yield item, "image", item.path.name, (str(item.path), item.stem, data, outputs, view, write_npy, class_names)
-                    continue
-                item.image = imglib.load_image(item.path, data=data, dtype=dtype, **load)
-                del data
-                x = item.image.array
-                fed = tuple(x.shape[a] for a in entry.spatial_axes)
-                if any(n < m for n, m in zip(fed, minimum)):  # the local run's check (DenseSession._feeds)
-                    raise DenseError(
-                        f"input '{input_name}' is {'x'.join(map(str, fed))} pixels; {model} needs at least "
-                        f"{'x'.join(map(str, minimum))} (below that an output has no prediction left)"
-                    )
-                crops = tiling.plan_tiles(x.shape, entry.spatial_axes, axes, tile_v)
+                if tile_v is not None and windowed.is_windowed(item.path):
+                    # read by windows (by the workers themselves where they see the file), stitched on disk
+                    item.image = windowed.open_image(item.path, dtype=dtype, **load)
+                    item.disk = windowed.DiskOutputs(out, item.stem)
+                    where = (str(item.path.resolve()), windowed.signature(item.path))
+                    shape, x = item.image.shape, None
+                else:
+                    data = _read(item.path)
+                    if tile_v is None:
+                        yield item, "image", item.path.name, (str(item.path), item.stem, data, outputs, view, write_npy, class_names)
+                        continue
+                    item.image = imglib.load_image(item.path, data=data, dtype=dtype, **load)
+                    del data
+                    x = item.image.array
+                    shape = x.shape
+                # the local run's check (DenseSession._feeds)
+                batch.check_minimum(shape, entry.spatial_axes, minimum, input_name, model)
+                crops = tiling.plan_tiles(shape, entry.spatial_axes, axes, tile_v)
             except DenseError as exc:
                 fail(item, str(exc))
                 continue
-            item.tiles, item.stitcher = len(crops), tiling.Stitcher(axes, crops)
+            allocate = item.disk.allocate if item.disk else None
+            item.tiles, item.stitcher = len(crops), tiling.Stitcher(axes, crops, allocate=allocate)
             for crop in crops:
                 if item.failed:
                     break
-                yield item, "tile", f"{item.path.name}#{crop.number}", (crop, x[crop.index])
+                label = f"{item.path.name}#{crop.number}"
+                if x is not None:
+                    yield item, "tile", label, (crop, x[crop.index])
+                else:
+                    yield item, "window", label, (crop, where)
 
     with _cluster(ray, address, workers, cpus_per_worker, provider) as (n_workers, use_gpu):
         # A large model's bytes live in one named holder actor for the run, and a worker restarted by Ray
@@ -359,17 +401,25 @@ def run_images(
 
             stream = tasks()
             inflight: dict = {}
+            again: list = []  # window tasks whose worker could not read the file: their pixels go out
+            ship_pixels = False  # set once a worker could not read a windowed image's file
 
             def submit(actor) -> None:
-                for item, method, label, args in stream:
+                for item, method, label, args in itertools.chain(_drain(again), stream):
                     if item.failed:
                         continue
                     if method == "image":
                         ref = actor.image.remote(label, *args)
+                    elif method == "window" and not ship_pixels:
+                        crop, (path, signature) = args
+                        ref = actor.window.remote(label, path, signature, crop.index)
+                        args = (crop, label)
                     else:
-                        crop, array = args
+                        crop = args[0]
+                        array = args[1] if method == "tile" else item.image.window(crop.index)
+                        method = "tile"
                         ref = actor.tile.remote(label, array)
-                        args = crop
+                        args = (crop, label)
                     inflight[ref] = (item, method, args, actor)
                     return
 
@@ -378,7 +428,7 @@ def run_images(
                     submit(actor)
             while inflight:
                 [ref], _ = ray.wait(list(inflight), num_returns=1)
-                item, method, crop, actor = inflight.pop(ref)
+                item, method, args, actor = inflight.pop(ref)
                 try:
                     reply = ray.get(ref)
                 except ray.exceptions.RayActorError:
@@ -397,7 +447,11 @@ def run_images(
                             finish(item, [(name, _writer(data)) for name, data in files], described)
                     else:
                         values, error = reply
-                        if error:
+                        crop, label = args
+                        if error == NOT_HERE:  # not on shared storage: the driver reads the window
+                            ship_pixels = True
+                            again.append((item, "tile", label, (crop, item.image.window(crop.index))))
+                        elif error:
                             fail(item, error)
                         else:
                             item.stitcher.add(crop, values)
@@ -410,6 +464,9 @@ def run_images(
         finally:  # a cluster the caller started stays up: give its CPUs back
             for actor in [*actors, holder] if holder else actors:
                 ray.kill(actor)
+            for item in todo:  # an interrupted run leaves no temporary file behind
+                if item.disk is not None:
+                    item.disk.discard()
     order = {str(p): i for i, p in enumerate(inputs)}
     summary.written.sort(key=lambda r: order[r.image])
     summary.failed.sort(key=lambda f: order[f[0]])
@@ -430,7 +487,12 @@ def _finish_tiled(item, outputs, dense_outputs, view, write_npy, class_names, pr
         finish(item, files, described)
     except DenseError as exc:
         fail(item, str(exc))
-    item.image = item.stitcher = None
+    item.drop()
+
+
+def _drain(items: list) -> Iterator:
+    while items:
+        yield items.pop(0)
 
 
 def _writer(data: bytes):

@@ -44,6 +44,7 @@ import onnx
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
+from onnx_dense.runtime import windowed
 
 # Ops that look at the whole map, or whose output positions do not map to fixed input windows.
 NONLOCAL_OPS = {
@@ -246,11 +247,15 @@ class Stitcher:
     """Puts each tile's outputs where the plan says, in any order the tiles come back.
 
     An output's full size is known from crop 0 (the last tile on every axis); tiles that
-    arrive before it wait. ``result()`` once every crop was added.
+    arrive before it wait. ``result()`` once every crop was added. ``allocate(name, shape,
+    dtype)`` makes each output's array (default: in memory; :class:`windowed.DiskOutputs`: a
+    .npy file on disk, whose pages are given back after each tile).
     """
 
-    def __init__(self, outputs: Sequence[OutputAxes], crops: Sequence[Crop]) -> None:
+    def __init__(self, outputs: Sequence[OutputAxes], crops: Sequence[Crop],
+                 allocate: Callable[[str, tuple, np.dtype], np.ndarray] | None = None) -> None:
         self.outputs = list(outputs)
+        self.allocate = allocate or (lambda name, shape, dtype: np.empty(shape, dtype=dtype))
         self.remaining = {c.number for c in crops}
         self.stitched: dict[str, np.ndarray] = {}
         self._waiting: list[tuple[Crop, Mapping[str, np.ndarray]]] = []
@@ -279,7 +284,7 @@ class Stitcher:
                 shape = list(value.shape)
                 for k, axis in enumerate(out.axes):
                     shape[axis] = spans[k].start // out.geometry[k].stride + value.shape[axis]
-                self.stitched[out.name] = np.empty(shape, dtype=value.dtype)
+                self.stitched[out.name] = self.allocate(out.name, tuple(shape), value.dtype)
             target = self.stitched[out.name]
             src = [slice(None)] * value.ndim
             dst = [slice(None)] * value.ndim
@@ -296,6 +301,7 @@ class Stitcher:
                 src[axis] = slice(lo - offset, hi - offset)
                 dst[axis] = slice(lo, hi)
             target[tuple(dst)] = value[tuple(src)]
+            windowed.release(target)  # an output stitched on disk: its pages leave this process
 
 
 def _axis_name(k: int, rank: int) -> str:

@@ -56,6 +56,11 @@ def verified(original, dense, **kwargs):
     return report
 
 
+def splits(m: onnx.ModelProto) -> list:
+    """The space-to-batch points of a fragments model (one per split removal node)."""
+    return [n for n in m.graph.node if n.name.endswith("_phases")]
+
+
 def phase_checks(report) -> list:
     return [c for c in report.comparisons if c.check.startswith("phase ")]
 
@@ -73,9 +78,13 @@ def test_dividing_size_equals_dilation_everywhere():
     np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
     out = info(dense).outputs["y"]
     assert info(dense).strategy == "fragments" and out.est == (4, 4) and out.off_grid == "interior"
-    # space-to-batch: one Pad + 4 Slices + Concat per level, the convs keep their strides
-    assert len(nodes(dense, "Pad")) == 2
-    assert [n for n in dense.graph.node if n.op_type == "Conv" and n.name == "c1"]
+    # space-to-batch of each removal node's output: c1, c2 run at stride 1, then their phases
+    # move to the batch (after the Relu, which stays fused to its Conv in ORT)
+    assert len(splits(dense)) == 2 and not nodes(dense, "Pad")
+    c1 = next(n for n in dense.graph.node if n.name == "c1")
+    assert list(next(a for a in c1.attribute if a.name == "strides").ints) == [1, 1]
+    relu = next(n for n in dense.graph.node if n.op_type == "Relu")
+    assert [n for n in dense.graph.node if relu.output[0] in n.input][0].op_type in ("Shape", "Slice")
     report = verified(m, dense, phases=True)
     assert len(phase_checks(report)) == 15 and all(c.compared for c in phase_checks(report))
 
@@ -130,7 +139,9 @@ def test_kept_part_of_a_stride_shifts_by_it():
 
 
 def test_maxpool_pads_with_the_lowest_value():
-    """A removed MaxPool's pads move into the Pad node: -inf-like, not zero (all-negative input)."""
+    """A removed MaxPool's pads (and the phases' extension) are ignored, not zeros (all-negative
+    input): in its own pads when it runs at the kept stride, a -inf-like Pad value under
+    ceil_mode (below)."""
     m = graph(
         "float[1,2,16,16] x, float[3,2,3,3] w1",
         "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n[mp] p = MaxPool <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]> (h)"
@@ -141,10 +152,29 @@ def test_maxpool_pads_with_the_lowest_value():
         w.CopyFrom(onnx.numpy_helper.from_array(np.abs(onnx.numpy_helper.to_array(w)), w.name))
     d, f, dense, _ = both(m, 1, feeds=feeds)
     np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
-    pad = nodes(dense, "Pad")[0]
-    value = next(n for n in dense.graph.node if n.output[0] == pad.input[2])
-    assert onnx.numpy_helper.to_array(value.attribute[0].t) < -1e38
+    mp = next(n for n in dense.graph.node if n.name == "mp")
+    assert list(next(a for a in mp.attribute if a.name == "pads").ints) == [1, 1, 2, 2]
     verified(m, dense, inputs=feeds, phases=True)
+
+
+def test_ceil_mode_pool_splits_its_input():
+    """ceil_mode clips each phase's partial last window at that phase's own end, which one run
+    at the kept stride cannot: that pool takes shifted copies of its input (Pad with a
+    -inf-like value, Slices, Concat); phase 0 is still the original."""
+    m = graph(
+        "float[1,2,15,15] x, float[3,2,3,3] w1",
+        "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n"
+        "[mp] p = MaxPool <kernel_shape=[3,3], strides=[2,2], ceil_mode=1> (h)\n"
+        "[mp2] y = MaxPool <kernel_shape=[2,2], strides=[2,2], ceil_mode=1> (p)",
+    )
+    feeds = {"x": -np.abs(feeds_for(m)["x"]) - 5}
+    dense = rewrite(m, 1, strategy="fragments")
+    np.testing.assert_array_equal(sample(run(dense, feeds)["y"], (4, 4)), run(m, feeds)["y"])
+    pads = nodes(dense, "Pad")
+    assert pads and len(splits(dense)) == 2  # (mp may lose ceil_mode where its windows divide)
+    value = next(n for n in dense.graph.node if n.output[0] == pads[0].input[2])
+    assert onnx.numpy_helper.to_array(value.attribute[0].t) < -1e38
+    verified(m, dense, inputs=feeds)
 
 
 def test_average_pool_that_does_not_count_pads():
@@ -259,7 +289,7 @@ def test_upsampling_collapses_the_levels_it_makes_whole_steps():
     y = run(dense, feeds)["y"]
     assert y.shape == (1, 3, 16, 16) and info(dense).outputs["y"].est == (2, 2)
     np.testing.assert_array_equal(sample(y, (2, 2)), run(m, feeds)["y"])
-    assert len(nodes(dense, "Pad")) == 1  # one split (p1); p2 keeps its stride per phase
+    assert len(splits(dense)) == 1  # one split (p1); p2 keeps its stride per phase
     report = verified(m, dense, phases=True)
     assert all(c.compared for c in phase_checks(report))
 
@@ -274,7 +304,7 @@ def test_upsampling_with_two_outputs_keeps_the_level_one_of_them_needs():
     assert info(dense).outputs["e3"].est == (4, 4) and info(dense).outputs["y"].est == (2, 2)
     np.testing.assert_array_equal(sample(got["y"], (2, 2)), ref["y"])
     np.testing.assert_array_equal(sample(got["e3"], (4, 4)), ref["e3"])
-    assert len(nodes(dense, "Pad")) == 2
+    assert len(splits(dense)) == 2
     verified(m, dense, phases=True)
 
 
@@ -410,7 +440,7 @@ def test_unet_fpn(mode, stride, tmp_path):
     assert any(c.compared for c in phase_checks(report))
     # the stride-8 pool is never split: its level is collapsed by the upsampling on every path
     # (R=1 splits the pools to strides 2 and 4, R=2 only the one to stride 4)
-    assert len([n for n in onnx.load(str(dst)).graph.node if n.op_type == "Pad"]) == (2 if stride == 1 else 1)
+    assert len(splits(onnx.load(str(dst)))) == (2 if stride == 1 else 1)
 
 
 # ============================================================================ out of reach

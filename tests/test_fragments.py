@@ -496,3 +496,64 @@ def test_cli_default_is_auto_and_verify_passes(tmp_path):
     assert meta.tuning["chosen"] in meta.tuning["median_ms"] and "dilate" in meta.tuning["refused"]
     r = runner.invoke(cli, ["verify", str(src), str(tmp_path / "t.onnx")])
     assert r.exit_code == 0, r.output
+
+
+# ============================================================================ where the phases move to the batch
+
+
+def test_space_to_batch_goes_after_the_pointwise_chain_where_it_is_narrowest():
+    """Conv 3x3/2 -> BatchNormalization -> Relu -> 1x1 Conv (8 -> 2 channels) -> Add of a
+    per-channel constant: every one acts position by position, so the phases move to the batch
+    after the last of them, on the 2-channel tensor; values as dilation's everywhere."""
+    m = graph(
+        "float[1,2,16,16] x, float[8,2,3,3] w1, float[8] s, float[8] b, float[8] mu, float[8] var, "
+        "float[2,8,1,1] w2, float[1,2,1,1] c, float[3,2,3,3] w3",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n"
+        "bn = BatchNormalization (h, s, b, mu, var)\nr = Relu (bn)\n"
+        "[narrow] k = Conv (r, w2)\na = Add (k, c)\n[c3] y = Conv <pads=[1,1,1,1]> (a, w3)",
+    )
+    for w in m.graph.initializer:
+        if w.name == "var":
+            w.CopyFrom(onnx.numpy_helper.from_array(np.abs(onnx.numpy_helper.to_array(w)) + 0.5, w.name))
+    d, f, dense, feeds = both(m, 1)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    np.testing.assert_allclose(sample(f["y"], (2, 2)), run(m, feeds)["y"], rtol=0, atol=1e-5)
+    (split,) = splits(dense)
+    shape = next(n for n in dense.graph.node if n.name == "c1_phases_shape")
+    assert next(n for n in dense.graph.node if shape.input[0] in n.output).op_type == "Add"
+    verified(m, dense, phases=True)
+
+
+def test_a_used_intermediate_keeps_the_space_to_batch_before_it():
+    """A value of the chain read twice (Relu feeding a 1x1 conv and the Add's other side) stops
+    the move there: the phases go to the batch on the Relu's output."""
+    m = graph(
+        "float[1,2,16,16] x, float[2,2,3,3] w1, float[2,2,1,1] w2, float[3,2,3,3] w3",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\nr = Relu (h)\n"
+        "k = Conv (r, w2)\na = Add (k, r)\n[c3] y = Conv <pads=[1,1,1,1]> (a, w3)",
+    )
+    d, f, dense, feeds = both(m, 1)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    shape = next(n for n in dense.graph.node if n.name == "c1_phases_shape")
+    assert next(n for n in dense.graph.node if shape.input[0] in n.output).op_type == "Relu"
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_one_spatial_axis_and_unequal_factors(size):
+    """Conv1d strides 2 then 2, and a 2-D conv removing (2, 1): the phases of each axis."""
+    m1 = graph(
+        f"float[1,2,{size}] x, float[3,2,3] w1, float[3,3,3] w2, float[2,3,3] w3",
+        "[c1] h = Conv <strides=[2], pads=[1,1]> (x, w1)\n[c2] k = Conv <strides=[2], pads=[1,1]> (h, w2)\n"
+        "[c3] y = Conv <pads=[1,1]> (k, w3)",
+    )
+    m2 = graph(
+        f"float[1,2,{size},{size}] x, float[3,2,3,3] w1, float[2,3,3,3] w2",
+        "[c1] h = Conv <strides=[2,1], pads=[1,1,1,1]> (x, w1)\n[c2] y = Conv <pads=[1,1,1,1]> (h, w2)",
+    )
+    for m, est in ((m1, (4,)), (m2, (2, 1))):
+        d, f, dense, feeds = both(m, 1)
+        assert info(dense).outputs["y"].est == est
+        np.testing.assert_allclose(sample(f["y"], est), run(m, feeds)["y"], rtol=0, atol=1e-5)
+        if size % 4 == 0:
+            np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+        verified(m, dense, phases=True)

@@ -199,12 +199,13 @@ def table(rows, args, machine) -> str:
             return f"{v['of_minima']:.2f} ({v['median_per_round']:.2f})" if v else "-"
 
         d = r["dilate"]
+        bound = f"{r['flop_bound']:.2f}" if "flop_bound" in r else "-"
         lines.append(
             f"| {r['model']} | {r['stride']} | {r['est']} | {cell('original')} | "
             f"{cell(d) + (' pg' if d == 'dilate+pg' else '') if d else 'refused'} | {cell('fragments-before')} | "
             f"{cell('fragments')} | {cell('shift-and-stitch')} | {rat(f'fragments-before / {d}')} | "
             f"{rat(f'fragments / {d}')} | {rat('shift-and-stitch / fragments-before')} | "
-            f"{rat('shift-and-stitch / fragments')} | {f"{r['flop_bound']:.2f}" if "flop_bound" in r else "-"} |"
+            f"{rat('shift-and-stitch / fragments')} | {bound} |"
         )
     lines.append("")
     lines.append("ms: minimum (median); ratios: of the minima (median of the per-round ratios); FLOP bound: "

@@ -3,9 +3,10 @@
 Where the analysis removes a factor f = s/s' of a node's stride s (keeping s'), dense position
 ``j = a + f*i`` (phase a in [0, f)) of that node's output is the original window at
 ``i*s + a*s' - p``. So phase a is the original node (stride s, its pads made explicit) applied
-to its padded input shifted by ``a*s'`` positions. This pass stacks the ``prod(f)`` shifted
-copies on the batch axis (Pad once, one Slice per phase, Concat: space-to-batch), runs that node
-and everything downstream unchanged on batch ``N * prod(f)``, and at every dense output
+to its padded input shifted by ``a*s'`` positions. This pass runs the node at stride s' (dense
+window ``a + f*i`` is phase a's window i), moves every phase to the batch axis (space-to-batch:
+Reshape/Transpose), runs everything downstream unchanged on batch ``N * prod(f)``, and at every
+dense output
 interleaves the phases back (Reshape, Transpose, Reshape: batch-to-space). A node downstream
 that removes another factor adds a level: with levels f1 (first) and f2, output position
 ``j = a1 + f1*(a2 + f2*i)``. The batch is phase-major, the last level outermost:
@@ -19,7 +20,17 @@ Rules:
 * Level of a removal node: factor f = s/s' and shift = s' * (input-pixel stride of its input)
   per spatial axis; shifts grow along a path (each is a multiple of the previous level's
   shift times its factor).
-* Space-to-batch: Pad by the node's pads plus ``(f-1)*s'`` at the end (zeros; the lowest finite
+* Space-to-batch of the output (Conv, and pools without ceil_mode; ``check_split_after``): the
+  node's stride becomes s', its end pads grow by the extension ``(f-1)*s'`` (zeros counted, or
+  ignored, as its own pads are); of its dense output's ``D`` windows per axis the first
+  ``f*(D//f)`` are kept (``D//f`` = phase 0's number of windows, which every phase gets), then
+  each phase axis in turn moves to the front of the batch ([Q, f, R] -> [f, Q, R] transposes,
+  which ORT copies in runs; one 6-D transpose was ~5x slower). The move goes after the chain of
+  pointwise ops that follows the node (activations, BatchNormalization, per-channel constants,
+  1x1 convs; one consumer each, no graph output), at its narrowest tensor, so ORT keeps its
+  Conv + activation fusions and copies the least.
+* Space-to-batch of the input (ceil_mode pools: a phase's partial last window is clipped at that
+  phase's own end): Pad by the node's pads plus ``(f-1)*s'`` at the end (zeros; the lowest finite
   value for MaxPool), phase a = Slice ``[a*s', a*s' + L_padded)``, so every phase has phase 0's
   number of windows, phase 0 (= the original) included. The node's own pads become 0. An
   AveragePool that does not count pads divides by the same pool over a mask of ones.

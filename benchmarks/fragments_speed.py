@@ -18,7 +18,8 @@ Each of --repeat rounds runs every variant once, in an order rotating from round
 each timed run preceded by an untimed run of the same session (warm threads and caches, as
 shift-and-stitch's back-to-back passes have). The table gives minima and medians, and the
 ratios fragments / dilate and shift-and-stitch / fragments as the ratio of the minima and
-the median of the per-round ratios. The outputs of both fragments lowerings are compared.
+the median of the per-round ratios, in wall time and in CPU time (ORT workers not spin-waiting:
+CPU time is the better estimate on a shared machine). The outputs of both lowerings are compared.
 
     python benchmarks/fragments_speed.py --json fragments_speed.json
     # options: --models mobilenetv2,resnet18,mobilenetv3_fcn,unet,lraspp,fpn,resnet50
@@ -105,20 +106,24 @@ def write_dilate(src: Path, dst: Path, r: int) -> str | None:
     return None
 
 
-def time_rounds(fns: dict, repeat: int, warmup: int) -> dict[str, list[float]]:
+def time_rounds(fns: dict, repeat: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU milliseconds per run. The CPU time of the process (all threads; ORT's
+    workers do not spin-wait, see bench_one) is what a run costs when neighbours preempt it."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for r in range(repeat):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
             fns[k]()  # untimed pass of the same session
-            start = time.perf_counter()
+            c0, start = time.process_time(), time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - start) * 1e3)
-    return times
+            cpu[k].append((time.process_time() - c0) * 1e3)
+    return times, cpu
 
 
 def ratio(times, num: str, den: str) -> dict:
@@ -142,7 +147,7 @@ def bench_one(name: str, r: int, src: Path, work: Path, args) -> dict:
     row = {"model": name, "stride": r, "est": est, "dilate": dilate}
     with ExitStack() as stack:
         pair = load_pair(src, paths["fragments"], seed=0)
-        runner = dict(provider="cpu", optimize=True, threads=args.threads)
+        runner = dict(provider="cpu", optimize=True, threads=args.threads, spinning=False)
         orig = stack.enter_context(OrtRunner(pair.original, **runner))
         fns = {"original": lambda: orig(pair.feeds, pair.names)}
         for label, path in paths.items():
@@ -166,21 +171,23 @@ def bench_one(name: str, r: int, src: Path, work: Path, args) -> dict:
             f_frag = count_flops(onnx.load(str(paths[dilate])), shapes)[0]
         if f_orig and f_frag:  # what shift-and-stitch / fragments could be at equal time per FLOP
             row["flop_bound"] = est_phases(pair) * f_orig / f_frag
-        times = time_rounds(fns, args.repeat, args.warmup)
-    row["min_ms"] = {k: min(v) for k, v in times.items()}
-    row["median_ms"] = {k: statistics.median(v) for k, v in times.items()}
-    row["ratios"] = {}
-    for frag in ("fragments", "fragments-before"):
-        if dilate:
-            row["ratios"][f"{frag} / {dilate}"] = ratio(times, frag, dilate)
-        if "shift-and-stitch" in times:
-            row["ratios"][f"shift-and-stitch / {frag}"] = ratio(times, "shift-and-stitch", frag)
-    row["runs_ms"] = times
+        times, cpu = time_rounds(fns, args.repeat, args.warmup)
+    for label, t in (("", times), ("cpu_", cpu)):
+        row[f"{label}min_ms"] = {k: min(v) for k, v in t.items()}
+        row[f"{label}median_ms"] = {k: statistics.median(v) for k, v in t.items()}
+        row[f"{label}ratios"] = {}
+        for frag in ("fragments", "fragments-before"):
+            if dilate:
+                row[f"{label}ratios"][f"{frag} / {dilate}"] = ratio(t, frag, dilate)
+            if "shift-and-stitch" in t:
+                row[f"{label}ratios"][f"shift-and-stitch / {frag}"] = ratio(t, "shift-and-stitch", frag)
+    row["runs_ms"], row["cpu_runs_ms"] = times, cpu
     return row
 
 
-def table(rows, args, machine) -> str:
+def table(rows, args, machine, prefix: str = "") -> str:
     lines = [
+        f"{'CPU time' if prefix else 'wall time'}: "
         f"input {args.size}x{args.size}, ORT CPU, {args.threads} threads, {args.repeat} rounds; "
         f"{machine['cpu']}, {machine['cores']} cores, load average {machine.get('load_average')} at the end",
         "",
@@ -189,13 +196,13 @@ def table(rows, args, machine) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        m, md = r["min_ms"], r["median_ms"]
+        m, md = r[f"{prefix}min_ms"], r[f"{prefix}median_ms"]
 
         def cell(k):
             return f"{m[k]:.1f} ({md[k]:.1f})" if k in m else "-"
 
         def rat(key):
-            v = r["ratios"].get(key)
+            v = r[f"{prefix}ratios"].get(key)
             return f"{v['of_minima']:.2f} ({v['median_per_round']:.2f})" if v else "-"
 
         d = r["dilate"]
@@ -243,10 +250,12 @@ def main(argv=None) -> int:
             for r in strides:
                 row = bench_one(name, r, src, work, args)
                 rows.append(row)
-                print(f"{name} R={r}: " + ", ".join(f"{k} {v['of_minima']:.2f}" for k, v in row["ratios"].items()),
+                print(f"{name} R={r}: " + ", ".join(f"{k} {v['of_minima']:.2f}" for k, v in row["cpu_ratios"].items()),
                       file=sys.stderr, flush=True)
     end = machine_info()
     print(table(rows, args, end))
+    print()
+    print(table(rows, args, end, "cpu_"))
     if args.json:
         args.json.write_text(json.dumps({"machine_start": start, "machine_end": end,
                                          "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

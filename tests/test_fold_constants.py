@@ -192,7 +192,9 @@ net (float[1,3,32,32] x) => (float y) <float[8,3,3,3] w1, float[4,4,3,3] w2> {
 def test_channel_split_bounds_from_shape_are_folded(strategy):
     original = _model(CHUNK, {"w1": (8, 3, 3, 3), "w2": (4, 4, 3, 3)})
     dense = ir.serde.serialize_model(api.rewrite_model(original, output_stride=1, strategy=strategy))
-    assert "Shape" not in [n.op_type for n in dense.graph.node if n.op_type == "Shape" and "c" in n.input]
+    # (fragments reads the shape of c's dense output itself, to move its phases to the batch)
+    read = [n for n in dense.graph.node if n.op_type == "Shape" and "c" in n.input and not n.name.endswith("_phases_shape")]
+    assert not read
     assert onnx_dense.verify(original, dense, phases=True)
 
 

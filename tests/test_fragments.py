@@ -56,6 +56,11 @@ def verified(original, dense, **kwargs):
     return report
 
 
+def splits(m: onnx.ModelProto) -> list:
+    """The space-to-batch points of a fragments model (one per split removal node)."""
+    return [n for n in m.graph.node if n.name.endswith("_phases")]
+
+
 def phase_checks(report) -> list:
     return [c for c in report.comparisons if c.check.startswith("phase ")]
 
@@ -73,9 +78,13 @@ def test_dividing_size_equals_dilation_everywhere():
     np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
     out = info(dense).outputs["y"]
     assert info(dense).strategy == "fragments" and out.est == (4, 4) and out.off_grid == "interior"
-    # space-to-batch: one Pad + 4 Slices + Concat per level, the convs keep their strides
-    assert len(nodes(dense, "Pad")) == 2
-    assert [n for n in dense.graph.node if n.op_type == "Conv" and n.name == "c1"]
+    # space-to-batch of each removal node's output: c1, c2 run at stride 1, then their phases
+    # move to the batch (after the Relu, which stays fused to its Conv in ORT)
+    assert len(splits(dense)) == 2 and not nodes(dense, "Pad")
+    c1 = next(n for n in dense.graph.node if n.name == "c1")
+    assert list(next(a for a in c1.attribute if a.name == "strides").ints) == [1, 1]
+    relu = next(n for n in dense.graph.node if n.op_type == "Relu")
+    assert [n for n in dense.graph.node if relu.output[0] in n.input][0].op_type in ("Shape", "Slice")
     report = verified(m, dense, phases=True)
     assert len(phase_checks(report)) == 15 and all(c.compared for c in phase_checks(report))
 
@@ -130,7 +139,9 @@ def test_kept_part_of_a_stride_shifts_by_it():
 
 
 def test_maxpool_pads_with_the_lowest_value():
-    """A removed MaxPool's pads move into the Pad node: -inf-like, not zero (all-negative input)."""
+    """A removed MaxPool's pads (and the phases' extension) are ignored, not zeros (all-negative
+    input): in its own pads when it runs at the kept stride, a -inf-like Pad value under
+    ceil_mode (below)."""
     m = graph(
         "float[1,2,16,16] x, float[3,2,3,3] w1",
         "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n[mp] p = MaxPool <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]> (h)"
@@ -141,10 +152,29 @@ def test_maxpool_pads_with_the_lowest_value():
         w.CopyFrom(onnx.numpy_helper.from_array(np.abs(onnx.numpy_helper.to_array(w)), w.name))
     d, f, dense, _ = both(m, 1, feeds=feeds)
     np.testing.assert_array_equal(sample(f["y"], (4, 4)), run(m, feeds)["y"])
-    pad = nodes(dense, "Pad")[0]
-    value = next(n for n in dense.graph.node if n.output[0] == pad.input[2])
-    assert onnx.numpy_helper.to_array(value.attribute[0].t) < -1e38
+    mp = next(n for n in dense.graph.node if n.name == "mp")
+    assert list(next(a for a in mp.attribute if a.name == "pads").ints) == [1, 1, 2, 2]
     verified(m, dense, inputs=feeds, phases=True)
+
+
+def test_ceil_mode_pool_splits_its_input():
+    """ceil_mode clips each phase's partial last window at that phase's own end, which one run
+    at the kept stride cannot: that pool takes shifted copies of its input (Pad with a
+    -inf-like value, Slices, Concat); phase 0 is still the original."""
+    m = graph(
+        "float[1,2,15,15] x, float[3,2,3,3] w1",
+        "[c1] h = Conv <pads=[1,1,1,1]> (x, w1)\n"
+        "[mp] p = MaxPool <kernel_shape=[3,3], strides=[2,2], ceil_mode=1> (h)\n"
+        "[mp2] y = MaxPool <kernel_shape=[2,2], strides=[2,2], ceil_mode=1> (p)",
+    )
+    feeds = {"x": -np.abs(feeds_for(m)["x"]) - 5}
+    dense = rewrite(m, 1, strategy="fragments")
+    np.testing.assert_array_equal(sample(run(dense, feeds)["y"], (4, 4)), run(m, feeds)["y"])
+    pads = nodes(dense, "Pad")
+    assert pads and len(splits(dense)) == 2  # (mp may lose ceil_mode where its windows divide)
+    value = next(n for n in dense.graph.node if n.output[0] == pads[0].input[2])
+    assert onnx.numpy_helper.to_array(value.attribute[0].t) < -1e38
+    verified(m, dense, inputs=feeds)
 
 
 def test_average_pool_that_does_not_count_pads():
@@ -259,7 +289,7 @@ def test_upsampling_collapses_the_levels_it_makes_whole_steps():
     y = run(dense, feeds)["y"]
     assert y.shape == (1, 3, 16, 16) and info(dense).outputs["y"].est == (2, 2)
     np.testing.assert_array_equal(sample(y, (2, 2)), run(m, feeds)["y"])
-    assert len(nodes(dense, "Pad")) == 1  # one split (p1); p2 keeps its stride per phase
+    assert len(splits(dense)) == 1  # one split (p1); p2 keeps its stride per phase
     report = verified(m, dense, phases=True)
     assert all(c.compared for c in phase_checks(report))
 
@@ -274,7 +304,7 @@ def test_upsampling_with_two_outputs_keeps_the_level_one_of_them_needs():
     assert info(dense).outputs["e3"].est == (4, 4) and info(dense).outputs["y"].est == (2, 2)
     np.testing.assert_array_equal(sample(got["y"], (2, 2)), ref["y"])
     np.testing.assert_array_equal(sample(got["e3"], (4, 4)), ref["e3"])
-    assert len(nodes(dense, "Pad")) == 2
+    assert len(splits(dense)) == 2
     verified(m, dense, phases=True)
 
 
@@ -410,7 +440,7 @@ def test_unet_fpn(mode, stride, tmp_path):
     assert any(c.compared for c in phase_checks(report))
     # the stride-8 pool is never split: its level is collapsed by the upsampling on every path
     # (R=1 splits the pools to strides 2 and 4, R=2 only the one to stride 4)
-    assert len([n for n in onnx.load(str(dst)).graph.node if n.op_type == "Pad"]) == (2 if stride == 1 else 1)
+    assert len(splits(onnx.load(str(dst)))) == (2 if stride == 1 else 1)
 
 
 # ============================================================================ out of reach
@@ -466,3 +496,64 @@ def test_cli_default_is_auto_and_verify_passes(tmp_path):
     assert meta.tuning["chosen"] in meta.tuning["median_ms"] and "dilate" in meta.tuning["refused"]
     r = runner.invoke(cli, ["verify", str(src), str(tmp_path / "t.onnx")])
     assert r.exit_code == 0, r.output
+
+
+# ============================================================================ where the phases move to the batch
+
+
+def test_space_to_batch_goes_after_the_pointwise_chain_where_it_is_narrowest():
+    """Conv 3x3/2 -> BatchNormalization -> Relu -> 1x1 Conv (8 -> 2 channels) -> Add of a
+    per-channel constant: every one acts position by position, so the phases move to the batch
+    after the last of them, on the 2-channel tensor; values as dilation's everywhere."""
+    m = graph(
+        "float[1,2,16,16] x, float[8,2,3,3] w1, float[8] s, float[8] b, float[8] mu, float[8] var, "
+        "float[2,8,1,1] w2, float[1,2,1,1] c, float[3,2,3,3] w3",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\n"
+        "bn = BatchNormalization (h, s, b, mu, var)\nr = Relu (bn)\n"
+        "[narrow] k = Conv (r, w2)\na = Add (k, c)\n[c3] y = Conv <pads=[1,1,1,1]> (a, w3)",
+    )
+    for w in m.graph.initializer:
+        if w.name == "var":
+            w.CopyFrom(onnx.numpy_helper.from_array(np.abs(onnx.numpy_helper.to_array(w)) + 0.5, w.name))
+    d, f, dense, feeds = both(m, 1)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    np.testing.assert_allclose(sample(f["y"], (2, 2)), run(m, feeds)["y"], rtol=0, atol=1e-5)
+    (split,) = splits(dense)
+    shape = next(n for n in dense.graph.node if n.name == "c1_phases_shape")
+    assert next(n for n in dense.graph.node if shape.input[0] in n.output).op_type == "Add"
+    verified(m, dense, phases=True)
+
+
+def test_a_used_intermediate_keeps_the_space_to_batch_before_it():
+    """A value of the chain read twice (Relu feeding a 1x1 conv and the Add's other side) stops
+    the move there: the phases go to the batch on the Relu's output."""
+    m = graph(
+        "float[1,2,16,16] x, float[2,2,3,3] w1, float[2,2,1,1] w2, float[3,2,3,3] w3",
+        "[c1] h = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)\nr = Relu (h)\n"
+        "k = Conv (r, w2)\na = Add (k, r)\n[c3] y = Conv <pads=[1,1,1,1]> (a, w3)",
+    )
+    d, f, dense, feeds = both(m, 1)
+    np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+    shape = next(n for n in dense.graph.node if n.name == "c1_phases_shape")
+    assert next(n for n in dense.graph.node if shape.input[0] in n.output).op_type == "Relu"
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_one_spatial_axis_and_unequal_factors(size):
+    """Conv1d strides 2 then 2, and a 2-D conv removing (2, 1): the phases of each axis."""
+    m1 = graph(
+        f"float[1,2,{size}] x, float[3,2,3] w1, float[3,3,3] w2, float[2,3,3] w3",
+        "[c1] h = Conv <strides=[2], pads=[1,1]> (x, w1)\n[c2] k = Conv <strides=[2], pads=[1,1]> (h, w2)\n"
+        "[c3] y = Conv <pads=[1,1]> (k, w3)",
+    )
+    m2 = graph(
+        f"float[1,2,{size},{size}] x, float[3,2,3,3] w1, float[2,3,3,3] w2",
+        "[c1] h = Conv <strides=[2,1], pads=[1,1,1,1]> (x, w1)\n[c2] y = Conv <pads=[1,1,1,1]> (h, w2)",
+    )
+    for m, est in ((m1, (4,)), (m2, (2, 1))):
+        d, f, dense, feeds = both(m, 1)
+        assert info(dense).outputs["y"].est == est
+        np.testing.assert_allclose(sample(f["y"], est), run(m, feeds)["y"], rtol=0, atol=1e-5)
+        if size % 4 == 0:
+            np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
+        verified(m, dense, phases=True)

@@ -358,3 +358,20 @@ def test_cuda_session_matches_cpu_and_keeps_outputs_on_device(fcn):
     assert np.max(np.abs(tiled - gpu)) <= 1e-5 * scale
     half = DenseSession(fcn, provider="cuda", fp16=True, nhwc=True, fixed_shapes=True).run(x)["output"].numpy()
     assert np.max(np.abs(half - cpu)) <= 2e-2 * scale
+
+
+def test_fixed_size_fixes_the_input_dims_and_refuses_other_sizes(tiny):
+    """fixed_size: the symbolic spatial dims become static for ORT (its input shape says so),
+    the outputs equal a free session's, another size is one clear error, and tiles (runs at
+    other sizes) are refused at construction."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 24, 20)).astype(np.float32)
+    with DenseSession(tiny, provider="cpu") as free, DenseSession(tiny, provider="cpu", fixed_size=(24, 20)) as fixed:
+        assert fixed.session.get_inputs()[0].shape[2:] == [24, 20]
+        assert fixed.fixed_size == (24, 20) and free.fixed_size is None
+        np.testing.assert_array_equal(fixed.run(x)["output"].numpy(), free.run(x)["output"].numpy())
+        with pytest.raises(DenseError, match=r"fixed to size \(24, 20\)"):
+            fixed.run(np.zeros((1, 3, 26, 20), np.float32))
+    with pytest.raises(DenseError, match="cannot be combined with tile"):
+        DenseSession(tiny, provider="cpu", fixed_size=24, tile=16)
+    with pytest.raises(DenseError, match="one positive size per spatial axis"):
+        DenseSession(tiny, provider="cpu", fixed_size=(24, 20, 3))

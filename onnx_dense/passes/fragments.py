@@ -3,9 +3,10 @@
 Where the analysis removes a factor f = s/s' of a node's stride s (keeping s'), dense position
 ``j = a + f*i`` (phase a in [0, f)) of that node's output is the original window at
 ``i*s + a*s' - p``. So phase a is the original node (stride s, its pads made explicit) applied
-to its padded input shifted by ``a*s'`` positions. This pass stacks the ``prod(f)`` shifted
-copies on the batch axis (Pad once, one Slice per phase, Concat: space-to-batch), runs that node
-and everything downstream unchanged on batch ``N * prod(f)``, and at every dense output
+to its padded input shifted by ``a*s'`` positions. This pass runs the node at stride s' (dense
+window ``a + f*i`` is phase a's window i), moves every phase to the batch axis (space-to-batch:
+Reshape/Transpose), runs everything downstream unchanged on batch ``N * prod(f)``, and at every
+dense output
 interleaves the phases back (Reshape, Transpose, Reshape: batch-to-space). A node downstream
 that removes another factor adds a level: with levels f1 (first) and f2, output position
 ``j = a1 + f1*(a2 + f2*i)``. The batch is phase-major, the last level outermost:
@@ -19,7 +20,17 @@ Rules:
 * Level of a removal node: factor f = s/s' and shift = s' * (input-pixel stride of its input)
   per spatial axis; shifts grow along a path (each is a multiple of the previous level's
   shift times its factor).
-* Space-to-batch: Pad by the node's pads plus ``(f-1)*s'`` at the end (zeros; the lowest finite
+* Space-to-batch of the output (Conv, and pools without ceil_mode; ``check_split_after``): the
+  node's stride becomes s', its end pads grow by the extension ``(f-1)*s'`` (zeros counted, or
+  ignored, as its own pads are); of its dense output's ``D`` windows per axis the first
+  ``f*(D//f)`` are kept (``D//f`` = phase 0's number of windows, which every phase gets), then
+  each phase axis in turn moves to the front of the batch ([Q, f, R] -> [f, Q, R] transposes,
+  which ORT copies in runs; one 6-D transpose was ~5x slower). The move goes after the chain of
+  pointwise ops that follows the node (activations, BatchNormalization, per-channel constants,
+  1x1 convs; one consumer each, no graph output), at its narrowest tensor, so ORT keeps its
+  Conv + activation fusions and copies the least.
+* Space-to-batch of the input (ceil_mode pools: a phase's partial last window is clipped at that
+  phase's own end): Pad by the node's pads plus ``(f-1)*s'`` at the end (zeros; the lowest finite
   value for MaxPool), phase a = Slice ``[a*s', a*s' + L_padded)``, so every phase has phase 0's
   number of windows, phase 0 (= the original) included. The node's own pads become 0. An
   AveragePool that does not count pads divides by the same pool over a mask of ones.
@@ -87,7 +98,8 @@ class SplitIntoPhases(ir.passes.InPlacePass):
         editor = _ir.Editor(graph)
         p: PhasePlan = model.meta[PHASES]  # planned in the analysis step (passes/analysis/phases.py)
         for node, level in p.splits:
-            _split(graph, editor, node, level)
+            if not _split_after(graph, editor, node, level, p):
+                _split(graph, editor, node, level)
         for node, dropped in p.collapses:
             _keep_first_block(graph, editor, node, dropped)
         for node in p.reshapes:
@@ -166,6 +178,159 @@ def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level) -> 
             use.node.replace_input_with(use.idx, ratio)
         if out.is_graph_output():
             _ir.replace_value(out, ratio)
+
+
+# Ops that act on each position alone (given constant per-channel operands): the
+# batch-to-space of _split_after commutes with them, so it goes after them and ORT can still
+# fuse them into the node (Conv + BatchNormalization / Relu / Clip ...).
+_POINTWISE = frozenset({
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+    "Mish", "Neg", "Abs", "Identity", "ThresholdedRelu", "Erf", "Exp", "Sqrt", "Reciprocal", "Gelu",
+})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"})
+
+
+def check_split_after(node: ir.Node) -> str | None:
+    """Why a removal node cannot run at its kept stride followed by a space-to-batch of its output."""
+    if node.op_type not in ("Conv", "MaxPool", "AveragePool"):
+        return f"{node.op_type} is not a Conv or pool"
+    if node.attributes.get_int("ceil_mode", 0):
+        return "ceil_mode: a phase's partial last window is clipped at that phase's own end"
+    if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return "auto_pad is not explicit"
+    if node.outputs[0].is_graph_output():
+        return "its output is a graph output"
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return "MaxPool indices are used"
+    if node.inputs[0] is None or node.inputs[0].shape is None:
+        return "input rank unknown"
+    return None
+
+
+def _pointwise(node: ir.Node, value: ir.Value, rank: int, lead: int) -> bool:
+    """``node`` maps ``value`` position by position (other operands constant per channel)."""
+    if len(node.outputs) != 1 or node.domain not in ("", "ai.onnx"):
+        return False
+    others = [v for i, v in enumerate(node.inputs) if v is not None and not (v is value and i == _data_index(node, value))]
+    if node.op_type in _POINTWISE:
+        return node.inputs[0] is value and not others
+    if node.op_type == "Clip":
+        return node.inputs[0] is value and all(_ir.const_array(v) is not None for v in others)
+    if node.op_type == "BatchNormalization":
+        return node.inputs[0] is value and lead >= 2 and all(
+            (a := _ir.const_array(v)) is not None and a.ndim == 1 for v in others
+        )
+    if node.op_type == "Conv":  # 1x1, stride 1, no pads: a per-position matrix product
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        return (
+            node.inputs[0] is value and w is not None and w.const_value is not None and lead == 2
+            and all(k == 1 for k in w.const_value.shape[2:])
+            and all(v == 1 for v in (node.attributes.get_ints("strides") or (1,)))
+            and not any(node.attributes.get_ints("pads") or ())
+            and node.attributes.get_string("auto_pad", "NOTSET") in ("NOTSET", "", "VALID")
+            and all(_ir.const_array(v) is not None for v in node.inputs[2:] if v is not None)
+        )
+    if node.op_type in _BINARY and len(node.inputs) == 2 and len(others) == 1:
+        a = _ir.const_array(others[0])
+        if a is None or a.ndim > rank:
+            return False
+        dims = (1,) * (rank - a.ndim) + a.shape  # right-aligned broadcast
+        return dims[0] == 1 and all(d == 1 for d in dims[lead:])
+    return False
+
+
+def _channels(value: ir.Value) -> float:
+    """Axis 1 at the analysis size (unknown: infinite, never preferred)."""
+    dims = _ir.static_dims(value)
+    return dims[1] if dims is not None and len(dims) > 1 and dims[1] is not None else math.inf
+
+
+def _data_index(node: ir.Node, value: ir.Value) -> int:
+    return next(i for i, v in enumerate(node.inputs) if v is value)
+
+
+def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level, p: PhasePlan) -> bool:
+    """Space-to-batch of the node's *output*: run it at its kept stride s' (every phase's windows
+    at once: dense window ``j = a + f*i`` is phase a's window i), then move every f-th position to
+    the batch with one Reshape/Transpose/Reshape. Same windows as ``_split`` (the node's pads grow
+    by the extension ``(f-1)*s'`` at the end, zeros counted or ignored as the node's own pads
+    are), one copy of the output instead of f^2 shifted copies of the input. False (nothing
+    changed) where check_split_after gives a reason."""
+    if check_split_after(node) is not None:
+        return False
+    plan: SpatialPlan = node.meta[PLAN]
+    params = plan.params
+    rank = node.inputs[0].shape.rank()
+    n = len(params.kernel)
+    lead = rank - n
+    ext = tuple((f - 1) * k for f, k in zip(level.factor, plan.kept))
+    _ir.set_ints(node, "strides", tuple(plan.kept))
+    _ir.set_ints(node, "pads", tuple(params.pads_begin) + tuple(pe + e for pe, e in zip(params.pads_end, ext)))
+    if node.op_type == "AveragePool" and not any(params.pads_begin + params.pads_end):
+        _ir.set_int(node, "count_include_pad", 1)  # no pads of its own: the extension counts, as in _split
+    # The space-to-batch may go after any chain of pointwise ops that follows (single consumer,
+    # no graph output): it goes where the tensor is smallest (a 1x1 conv that narrows it), the
+    # latest such place (keeps ORT's Conv + activation fusions).
+    y = node.outputs[0]
+    chain = [y]
+    while True:
+        uses = list(y.uses())
+        if len(uses) != 1 or y.is_graph_output():
+            break
+        user = uses[0].node
+        if not _pointwise(user, y, rank, lead) or user.outputs[0].is_graph_output():
+            break
+        y = user.outputs[0]
+        chain.append(y)
+    y = min(reversed(chain), key=_channels)
+    users = list(y.uses())
+    base = f"{node.name or node.op_type}_phases"
+    nodes: list[ir.Node] = []
+    factor = np.array(level.factor, dtype=np.int64)
+    shape = editor.op(nodes, "Shape", [y], base=f"{base}_shape")
+    dense = _slice1(editor, nodes, shape, lead, rank, f"{base}_dense")
+    f = editor.const(nodes, factor, base=f"{base}_factor")
+    windows = editor.op(nodes, "Div", [dense, f], base=f"{base}_windows")  # phase 0's (= every phase's)
+    keep = editor.op(nodes, "Mul", [windows, f], base=f"{base}_keep")
+    zeros = editor.const(nodes, np.zeros(n, dtype=np.int64), base=f"{base}_zeros")
+    axes = editor.const(nodes, np.arange(lead, rank, dtype=np.int64), base=f"{base}_axes")
+    kept = editor.op(nodes, "Slice", [y, zeros, keep, axes], base=f"{base}_kept")
+    # Each phase axis in turn, last first, moves to the front: a [Q, f, R] -> [f, Q, R] transpose
+    # that ORT copies in runs of R (a single 6-D transpose is ~5x slower there).
+    moved = kept
+    for t in reversed(range(n)):
+        if level.factor[t] == 1:
+            continue
+        head = editor.const(nodes, np.array([-1, level.factor[t]], dtype=np.int64), base=f"{base}_q{t}")
+        rest = _product(editor, nodes, windows, t + 1, n, f"{base}_r{t}") if t + 1 < n else None  # later windows
+        if rest is not None:
+            target = editor.op(nodes, "Concat", [head, rest], {"axis": 0}, base=f"{base}_s{t}")
+        else:
+            target = head
+        folded = editor.op(nodes, "Reshape", [moved, target], base=f"{base}_fold{t}")
+        perm = [1, 0, 2] if rest is not None else [1, 0]
+        moved = editor.op(nodes, "Transpose", [folded], {"perm": perm}, base=f"{base}_move{t}")
+    minus1 = editor.const(nodes, np.array([-1], dtype=np.int64), base=f"{base}_batch")
+    parts = [minus1] + ([_slice1(editor, nodes, shape, 1, lead, f"{base}_channels")] if lead > 1 else []) + [windows]
+    merged_shape = editor.op(nodes, "Concat", parts, {"axis": 0}, base=f"{base}_merged_shape")
+    out = editor.op(nodes, "Reshape", [moved, merged_shape], base=base)
+    out.shape, out.type = y.shape, y.type
+    for key, val in y.meta.items():
+        out.meta[key] = val
+    if y in p.layouts:
+        p.layouts[out] = p.layouts[y]
+    graph.insert_after(y.producer(), nodes)
+    for use in users:
+        use.node.replace_input_with(use.idx, out)
+    return True
+
+
+def _product(editor, nodes, vec: ir.Value, lo: int, hi: int, base: str) -> ir.Value:
+    """``prod(vec[lo:hi])`` as a 1-element vector (a chain of Mul: no opset-dependent ReduceProd)."""
+    out = _slice1(editor, nodes, vec, lo, lo + 1, f"{base}_{lo}")
+    for i in range(lo + 1, hi):
+        out = editor.op(nodes, "Mul", [out, _slice1(editor, nodes, vec, i, i + 1, f"{base}_{i}")], base=f"{base}_mul")
+    return out
 
 
 def _slice1(editor, nodes, vec: ir.Value, lo: int, hi: int, base: str) -> ir.Value:

@@ -183,7 +183,8 @@ class DenseSession:
     ``tile``: default for :meth:`run`: None (whole image), an int or one int per spatial axis
     (input pixels per tile, overlap included). ``max_memory``: a budget for the process (bytes
     or ``'2GB'``); ``schedule``: ``auto`` (whole, or chosen from the budget), ``whole``,
-    ``phases``, ``phases+tiles`` or ``tiles``.
+    ``phases``, ``phases+tiles`` or ``tiles``. ``fixed_size`` (an int or one per spatial axis):
+    every run is at that size, so ORT sees static shapes and fuses more (see ``_fix_size``).
     """
 
     def __init__(
@@ -204,6 +205,7 @@ class DenseSession:
         tile=None,
         max_memory=None,
         schedule: str = "auto",
+        fixed_size=None,
     ) -> None:
         self.provider = resolve_provider(provider)
         self.max_memory = parse_memory(max_memory)
@@ -228,6 +230,7 @@ class DenseSession:
         if threads:
             so.intra_op_num_threads = int(threads)
         set_spinning(so, spinning)
+        self.fixed_size = self._fix_size(so, fixed_size, tile, max_memory, schedule)
         if self.provider == "cuda":
             if not allow_cpu_nodes:
                 so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -275,6 +278,35 @@ class DenseSession:
         self.tile = self.check_tile(tile) if tile is not None else None
 
     # -- set-up helpers ---------------------------------------------------------------------
+
+    def _fix_size(self, so, fixed_size, tile, max_memory, schedule) -> tuple[int, ...] | None:
+        """``fixed_size`` (an int or one per spatial axis of the image input): every run is at
+        that size, so the symbolic spatial dims of the dense model's input are fixed for ORT
+        (``add_free_dimension_override_by_name``): shapes become static and ORT folds the shape
+        arithmetic and fuses what it cannot prove shape-safe otherwise (residual Add + Relu into
+        the Conv)."""
+        if fixed_size is None:
+            return None
+        if tile is not None or max_memory is not None or schedule not in ("auto", "whole"):
+            raise DenseError("fixed_size fixes the whole model's input size; it cannot be combined with tile, "
+                             "max_memory or a phase schedule")
+        graph = self._light_structure().graph
+        inputs = [i for i in graph.input if i.name in self.info.inputs]
+        if len(inputs) != 1:
+            raise DenseError(f"{self.label}: fixed_size needs exactly one image input (found {len(inputs)})")
+        value = inputs[0]
+        axes = self.info.inputs[value.name].spatial_axes
+        sizes = (fixed_size,) * len(axes) if isinstance(fixed_size, int) else tuple(int(v) for v in fixed_size)
+        if len(sizes) != len(axes) or any(v < 1 for v in sizes):
+            raise DenseError(f"fixed_size {fixed_size!r}: give one positive size per spatial axis ({len(axes)})")
+        dims = value.type.tensor_type.shape.dim
+        for a, v in zip(axes, sizes):
+            d = dims[a]
+            if d.dim_param:
+                so.add_free_dimension_override_by_name(d.dim_param, v)
+            elif d.HasField("dim_value") and d.dim_value != v:
+                raise DenseError(f"fixed_size {sizes}: input '{value.name}' axis {a} is fixed at {d.dim_value}")
+        return sizes
 
     def _open(self) -> None:
         """The onnxruntime session of the whole dense model."""
@@ -421,6 +453,11 @@ class DenseSession:
         overrides the session's (see :meth:`choose`); what was done is in ``last_schedule``.
         """
         feeds = self._feeds(inputs)
+        if self.fixed_size is not None and self.image_input in feeds:
+            got = tuple(_shape(feeds[self.image_input])[a] for a in self.info.inputs[self.image_input].spatial_axes)
+            if got != self.fixed_size:
+                raise DenseError(f"{self.label}: this session is fixed to size {self.fixed_size} (fixed_size); "
+                                 f"got {got}. Make a session without fixed_size for images of several sizes")
         tile = self.tile if tile is _UNSET else tile
         kind = schedule or self.schedule
         if self._rebuilt and (tile is not None or kind in ("phases", "phases+tiles", "tiles")

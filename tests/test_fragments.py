@@ -205,6 +205,20 @@ def test_classifier_head_gives_one_prediction_per_phase():
     verified(m, dense, phases=True)
 
 
+def test_classifier_head_at_the_models_own_stride():
+    """Nothing split (eST 1): the head's output still gets the spatial axes the metadata declares,
+    (N, K) -> (N, K, 1, 1) as dilate gives; verify --phases used to fail with an IndexError."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[5,4] wf, float[5] bf",
+        CHAIN.replace("[c3] y = Conv <pads=[1,1,1,1]> (r2, w3)", "")
+        + "  g = GlobalAveragePool (r2)\n  fl = Flatten (g)\n  [fc] y = Gemm <transB=1> (fl, wf, bf)",
+    )
+    d, f, dense, feeds = both(m, 4)
+    assert f["y"].shape == d["y"].shape == (1, 5, 1, 1)
+    np.testing.assert_allclose(f["y"][:, :, 0, 0], run(m, feeds)["y"], rtol=0, atol=1e-6)
+    verified(m, dense, phases=True)
+
+
 def test_reshape_with_a_baked_batch():
     """dynamo's Reshape(x, [1, C*H*W]) takes the batch from the running tensor."""
     m = graph(

@@ -423,6 +423,14 @@ def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: La
         rank += n
     else:
         spatial = tuple(g.axes)
+    if not layout:  # nothing split (eST 1): the head's (B, K, 1, 1) is the output
+        graph.extend(nodes)
+        index = next(i for i, v in enumerate(graph.outputs) if v is value)
+        value.name = f"{name}_phases"
+        y.name = name
+        y.type = value.type
+        graph.outputs[index] = y
+        return
     m = len(layout)
     factors = [f for lvl in reversed(layout) for f in lvl.factor]  # outermost level first
     total = math.prod(lvl.phases for lvl in layout)

@@ -142,7 +142,8 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
             layouts[out] = layout
     for value in graph.outputs:
         layout = layouts.get(value, ())
-        if layout:
+        g = value.meta.get(GRID)
+        if layout or (g is not None and g.inserted):  # a head's (N, K) gets its spatial axes even unsplit
             p.outputs.append((value, layout))
             if value in p.global_values:
                 p.global_outputs.add(value.name)

@@ -67,11 +67,11 @@ class Config:
     n_test: int = 300
     n_test_bin: int = 150  # test images per object-size bin
     max_objects: int = 3
-    r_min: float = 3.0  # object radius range (px) of the training and main test set
-    r_max: float = 20.0
-    bins: str = "3-6,6-11,11-20"  # radius bins (px) of the size ablation
+    r_min: float = 4.0  # object radius range (px) of the training and main test set
+    r_max: float = 22.0
+    bins: str = "4-8,8-14,14-22"  # radius bins (px) of the size ablation
     batch: int = 16
-    base_steps: int = 1200  # FCN-32s from scratch: Adam, warm-up then cosine
+    base_steps: int = 2000  # FCN-32s from scratch (once): Adam, warm-up then cosine
     base_lr: float = 1e-3
     base_warmup: int = 100
     stage_steps: int = 200  # K: each fine-tuning stage
@@ -83,12 +83,12 @@ class Config:
     eval_batch: int = 50
     data_seed: int = 3000
     exporter: str = "torchscript"
-    ablations: str = "loss,upsampling,size,regime"
+    ablations: str = "loss,upsampling,size"
 
 
 CONFIGS = {
     "small": Config("small"),
-    "tiny": Config("tiny", size=32, width=2, n_train=16, n_test=8, n_test_bin=4, r_min=2.0, r_max=8.0,
+    "tiny": Config("tiny", ablations="loss,upsampling,size,regime", size=32, width=2, n_train=16, n_test=8, n_test_bin=4, r_min=2.0, r_max=8.0,
                    bins="2-4,4-8", batch=4, base_steps=2, base_warmup=1, stage_steps=1, learned_steps=2,
                    eval_batch=8),
 }
@@ -223,10 +223,72 @@ def export(net, path: Path, cfg: Config) -> Path:
     return path
 
 
+def pretrained(cfg: Config, paths: dict[str, str], out: Path) -> dict[str, Any]:
+    """The starting point of every seed: FCN-32s trained from scratch once (with BatchNorm,
+    folded away; seed ``cfg.data_seed``), our stand-in for the paper's ImageNet VGG-16, which
+    is shared by all its runs. Cached in ``OUT/data``."""
+    key = f"{cfg.size}_{cfg.width}_{cfg.n_train}_{cfg.r_min:g}-{cfg.r_max:g}_{cfg.base_steps}_{cfg.base_lr:g}_{cfg.data_seed}"
+    path = out / "data" / f"fcn32s_scratch_{key}.onnx"
+    info = path.with_suffix(".json")
+    if path.exists() and info.exists():
+        return {**json.loads(info.read_text()), "path": path, "reused": True}
+    images, labels = load(paths, "train")
+    net = build(32, cfg, cfg.data_seed)
+    stats = train_scratch(net, cfg, cfg.data_seed, images, labels)
+    tmp = path.with_name("tmp_" + path.name)
+    export(net, tmp, cfg)
+    os.replace(tmp, path)
+    info.write_text(json.dumps(stats))
+    return {**stats, "path": path, "reused": False}
+
+
+def _convs(net):
+    """(owner, key, conv) of every conv of the backbone and of fc6/fc7."""
+    import torch.nn as nn
+
+    for stage in (net.stage1, net.stage2, net.stage3, net.stage4, net.stage5):
+        for i, m in enumerate(stage):
+            if isinstance(m, (nn.Conv2d, nn.Sequential)):
+                yield stage, i, m
+    for name in ("fc6", "fc7"):
+        yield net, name, getattr(net, name)
+
+
+def add_bn(net):
+    """BatchNorm after every conv of the backbone and fc6/fc7, for training from scratch (VGG-16
+    depth does not train from scratch without it here); :func:`fold_bn` removes it again."""
+    import torch.nn as nn
+
+    for owner, key, conv in list(_convs(net)):
+        seq = nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels))
+        if isinstance(key, int):
+            owner[key] = seq
+        else:
+            setattr(owner, key, seq)
+    return net
+
+
+def fold_bn(net):
+    """Fold each BatchNorm into its conv (eval statistics): the plain FCN architecture again."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net.eval()
+    for owner, key, seq in list(_convs(net)):
+        fused = fuse_conv_bn_eval(seq[0], seq[1])
+        if isinstance(key, int):
+            owner[key] = fused
+        else:
+            setattr(owner, key, fused)
+    return net
+
+
 def train_scratch(net, cfg: Config, seed: int, images, labels) -> dict[str, Any]:
-    """FCN-32s from scratch in plain PyTorch: Adam, warm-up then cosine, CE on the full output."""
+    """FCN-32s from scratch in plain PyTorch, with BatchNorm (folded away afterwards): Adam,
+    warm-up then cosine, CE on the full output."""
     import torch
     import torch.nn.functional as F
+
+    add_bn(net)
 
     params = [p for n, p in net.named_parameters() if not n.startswith(FIXED)]
     for n, p in net.named_parameters():
@@ -252,7 +314,7 @@ def train_scratch(net, cfg: Config, seed: int, images, labels) -> dict[str, Any]
         losses.append(float(loss.detach()))
         if len(losses) % 200 == 0:
             print(f"  seed {seed} FCN-32s step {len(losses)}: loss {np.mean(losses[-50:]):.3f}", flush=True)
-    net.eval()
+    fold_bn(net)
     return {"steps": total, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-20:]))}
 
 
@@ -393,6 +455,7 @@ def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, l
             res.save_onnx(out)
             weights = res.state_dict_onnx()
             models[f"fcn{v}s"] = out
+            print(f"  seed {seed} {regime} FCN-{v}s: loss {res.final_loss:.3f}", flush=True)
         control = dt.train(str(models["fcn8s"]), data=data, label_mode="upsample", **ft)
         control.save_onnx(work / "control.onnx")
         models["control"] = work / "control.onnx"
@@ -416,6 +479,7 @@ def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, l
         res.save_onnx(out)
         weights = res.state_dict_onnx()
         models[f"dense{v}s{tag}"] = out
+        print(f"  seed {seed} {regime} dense-{v}s{tag}: loss {res.final_loss:.3f}", flush=True)
         models[f"dense{v}s{tag}_skeleton"] = dense
     dpoa = work / f"dpoa8s{tag}.onnx"
     # The rewrite rebuilt FCN-8s's fixed final upsampling (upscore8) as a Constant of the dense
@@ -480,11 +544,16 @@ def run_seed(seed: int, cfg: Config, paths: dict[str, str], out: Path, threads: 
     times: dict[str, float] = {}
     res: dict[str, Any] = {"seed": seed, "times": times}
 
-    net = build(32, cfg, seed)
-    res["fcn32s_scratch"] = train_scratch(net, cfg, seed, images, labels)
-    times["fcn32s_scratch"] = res["fcn32s_scratch"]["seconds"]
-    fcn32 = export(net, work / "fcn32s.onnx", cfg)
     data = (images, labels)
+    t = time.perf_counter()
+    res["pretrained"] = pretrained(cfg, paths, out)
+    res["pretrained_path"] = str(res["pretrained"].pop("path"))
+    ft = _ft(cfg, cfg.regime, seed)
+    fcn32_res = dt.train(res["pretrained_path"], data=data, label_mode="upsample", **ft)
+    fcn32 = work / f"fcn32s_{cfg.regime}.onnx"
+    fcn32_res.save_onnx(fcn32)
+    print(f"  seed {seed} {cfg.regime} FCN-32s: loss {fcn32_res.final_loss:.3f}", flush=True)
+    times["fcn32s"] = time.perf_counter() - t
 
     main = chains(cfg, seed, work / cfg.regime, fcn32, data, cfg.regime, "output", None, times)
     main["fcn32s"] = fcn32
@@ -496,8 +565,11 @@ def run_seed(seed: int, cfg: Config, paths: dict[str, str], out: Path, threads: 
     if "regime" in abl:
         other = "sgd" if cfg.regime == "adam" else "adam"
         t2: dict[str, float] = {}
-        runs[other] = chains(cfg, seed, work / other, fcn32, data, other, "output", None, t2)
-        runs[other]["fcn32s"] = fcn32
+        r32 = dt.train(res["pretrained_path"], data=data, label_mode="upsample", **_ft(cfg, other, seed))
+        fcn32_other = work / f"fcn32s_{other}.onnx"
+        r32.save_onnx(fcn32_other)
+        runs[other] = chains(cfg, seed, work / other, fcn32_other, data, other, "output", None, t2)
+        runs[other]["fcn32s"] = fcn32_other
         times.update({f"{k}_{other}": v for k, v in t2.items()})
 
     t = time.perf_counter()
@@ -629,8 +701,10 @@ def report(payload: dict) -> str:
               f"names and shapes, {sum(c['verify'] for c in checks)}/{len(checks)} verified equal to their dense-8s "
               "sampled every 2nd prediction."]
     per_seed = ", ".join(f"{x['seconds'] / 60:.1f}" for x in runs)
+    cpu = f", CPU time {payload['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in payload else ""
+    load = f", load average at the end {payload['load_average'][1]:.1f}" if "load_average" in payload else ""
     lines += ["", f"Wall time {payload['wall_seconds'] / 60:.1f} min ({payload['threads']} thread(s); per seed "
-              f"{per_seed} min) on {payload['machine']}.", "",
+              f"{per_seed} min{cpu}{load}) on {payload['machine']}.", "",
               f"`{payload['command']}`", ""]
     return "\n".join(lines)
 
@@ -663,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     print(f"config {json.dumps(dataclasses.asdict(cfg))}", flush=True)
     paths = make_data(cfg, out / "data")
     data_seconds = time.perf_counter() - started
@@ -679,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {json.dumps(r['metrics'])} ({r['seconds']:.0f} s)", flush=True)
         payload = {"config": dataclasses.asdict(cfg), "seeds": seeds, "command": command, "threads": args.threads,
                    "wall_seconds": time.perf_counter() - started, "data_seconds": data_seconds,
+                   "cpu_seconds": time.process_time() - cpu0, "load_average": os.getloadavg(),
                    "machine": _machine(), "runs": runs}
         (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))  # after every seed
     md = report(payload)

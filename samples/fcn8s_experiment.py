@@ -67,6 +67,7 @@ class Config:
     n_test: int = 300
     n_test_bin: int = 150  # test images per object-size bin
     max_objects: int = 3
+    classes: int = 2  # 2: object vs background; 5: background and the four shapes
     r_min: float = 4.0  # object radius range (px) of the training and main test set
     r_max: float = 22.0
     bins: str = "4-8,8-14,14-22"  # radius bins (px) of the size ablation
@@ -74,16 +75,16 @@ class Config:
     base_steps: int = 2000  # FCN-32s from scratch (once): Adam, warm-up then cosine
     base_lr: float = 1e-3
     base_warmup: int = 100
-    stage_steps: int = 200  # K: each fine-tuning stage
+    stage_steps: int = 150  # K: each fine-tuning stage
     regime: str = "adam"  # main regime; the "regime" ablation runs the other
-    adam_lr: float = 1e-4
-    sgd_lr: float = 1e-3
+    adam_lr: float = 1e-3
+    sgd_lr: float = 5e-3
     dense_r: int = 4  # output stride of the dense nets (pool3 stride 1)
     learned_steps: int = 300  # fitting the learned upsampling
     eval_batch: int = 50
     data_seed: int = 3000
     exporter: str = "torchscript"
-    ablations: str = "loss,upsampling,size"
+    ablations: str = "loss,upsampling,size,regime"
 
 
 CONFIGS = {
@@ -124,13 +125,13 @@ def make_data(cfg: Config, root: Path) -> dict[str, str]:
         sets[f"bin{k}"] = (cfg.n_test_bin, b, cfg.data_seed + 10 + k)
     paths = {}
     for name, (n, r_range, seed) in sets.items():
-        key = f"{cfg.size}_{n}_{r_range[0]:g}-{r_range[1]:g}_{cfg.max_objects}_{seed}"
+        key = f"{cfg.size}_{n}_{r_range[0]:g}-{r_range[1]:g}_{cfg.max_objects}_{seed}_{cfg.classes}"
         path = root / f"{name}_{key}.npz"
         paths[name] = str(path)
         if not path.exists():
             d = sd.segmentation_set(n, cfg.size, seed=seed, max_objects=cfg.max_objects, r_range=r_range)
             tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, images=((d["images"] - MEAN) / STD).astype(np.float32), labels=d["labels"].astype(np.int64))
+            np.savez(tmp, images=((d["images"] - MEAN) / STD).astype(np.float32), labels=(d["labels"] if cfg.classes == 5 else d["labels"] > 0).astype(np.int64))
             os.replace(tmp, path)
     return paths
 
@@ -191,7 +192,7 @@ def build(variant: int, cfg: Config, seed: int):
     from samples.zoo import _finish
 
     cls = _nets()[variant]
-    return _finish(lambda: cls(cfg.width, N_CLASSES), seed, (1, 3, cfg.size, cfg.size))
+    return _finish(lambda: cls(cfg.width, cfg.classes), seed, (1, 3, cfg.size, cfg.size))
 
 
 def next_stage(variant: int, cfg: Config, weights: dict[str, np.ndarray]):
@@ -211,7 +212,7 @@ def next_stage(variant: int, cfg: Config, weights: dict[str, np.ndarray]):
         if new and not any(k.startswith(new[0]) for k in weights):
             state[f"{new[0]}.weight"].zero_()
             state[f"{new[0]}.bias"].zero_()
-            state[f"{new[1]}.weight"].copy_(bilinear_weight(N_CLASSES, 4))
+            state[f"{new[1]}.weight"].copy_(bilinear_weight(cfg.classes, 4))
     net.load_state_dict(state)
     return net.eval()
 
@@ -227,7 +228,7 @@ def pretrained(cfg: Config, paths: dict[str, str], out: Path) -> dict[str, Any]:
     """The starting point of every seed: FCN-32s trained from scratch once (with BatchNorm,
     folded away; seed ``cfg.data_seed``), our stand-in for the paper's ImageNet VGG-16, which
     is shared by all its runs. Cached in ``OUT/data``."""
-    key = f"{cfg.size}_{cfg.width}_{cfg.n_train}_{cfg.r_min:g}-{cfg.r_max:g}_{cfg.base_steps}_{cfg.base_lr:g}_{cfg.data_seed}"
+    key = f"{cfg.size}_{cfg.classes}_{cfg.width}_{cfg.n_train}_{cfg.r_min:g}-{cfg.r_max:g}_{cfg.base_steps}_{cfg.base_lr:g}_{cfg.data_seed}"
     path = out / "data" / f"fcn32s_scratch_{key}.onnx"
     info = path.with_suffix(".json")
     if path.exists() and info.exists():
@@ -398,7 +399,7 @@ def fit_learned(scores: np.ndarray, labels: np.ndarray, stride: int, offset: int
     from samples.segmentation import bilinear_weight
 
     torch.manual_seed(seed)
-    w = bilinear_weight(N_CLASSES, 2 * stride).clone().requires_grad_(True)
+    w = bilinear_weight(scores.shape[1], 2 * stride).clone().requires_grad_(True)
     size = labels.shape[-1]
 
     def up(x):

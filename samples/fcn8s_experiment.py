@@ -475,13 +475,21 @@ def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, l
         else:
             score = _score_name(dense)
             res = dt.train(str(dense), data=data, label_mode="sample", output=score,
-                           geometry=score_geometry(cfg.dense_r), **ft)
+                           geometry=score_geometry(cfg.dense_r, v), **ft)
         out = work / f"dense{v}s{tag}.onnx"
         res.save_onnx(out)
         weights = res.state_dict_onnx()
         models[f"dense{v}s{tag}"] = out
         print(f"  seed {seed} {regime} dense-{v}s{tag}: loss {res.final_loss:.3f}", flush=True)
         models[f"dense{v}s{tag}_skeleton"] = dense
+    if loss_on == "output":  # dpoa at the earlier stages too: dense-32s into FCN-32s, dense-16s into FCN-16s
+        for v, into in ((32, fcn32), (16, models["fcn16s"])):
+            path = work / f"dpoa{v}s.onnx"
+            w = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(models[f"dense{v}s"])).graph.initializer}
+            w.update({i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(into)).graph.initializer
+                      if i.name.startswith(FIXED)})
+            dt.export_dpoa(str(into), w, str(path))
+            models[f"dpoa{v}s"] = path
     dpoa = work / f"dpoa8s{tag}.onnx"
     # The rewrite rebuilt FCN-8s's fixed final upsampling (upscore8) as a Constant of the dense
     # graph, so the dense weights lack it: it is the original's own, untrained, bilinear kernel.
@@ -498,19 +506,20 @@ def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, l
     return models
 
 
-def score_geometry(stride: int):
-    """Where the score map's predictions sit: prediction i at pixel 3.5 + stride * i.
+def score_geometry(stride: int, variant: int = 8):
+    """Where the score map's predictions sit: prediction i at pixel (variant - 1) / 2 + stride * i.
 
-    FCN-8s's fuse_pool3 is aligned with pool3 (pool3's cell i covers pixels 8i..8i+7; the
-    upscore kernels are bilinear around the same centres, and the rewrite keeps dense
-    prediction 2i equal to the original's i). The metadata's receptive-field centre is not
+    FCN-xs's score map is aligned with the cells of its last pool (FCN-8s's fuse_pool3 with
+    pool3: cell i covers pixels 8i..8i+7, centre 8i + 3.5; the upscore kernels are bilinear
+    around the same centres), and the rewrite keeps dense prediction (x/stride) i equal to
+    the original's i. The metadata's receptive-field centre is not
     that point here: the union of the receptive fields of the skip paths is lopsided (the
     bilinear ConvTranspose kernels' support is not centred on their alignment), which would
     put the first prediction tens of pixels off.
     """
     from onnx_dense.train.losses import Geometry
 
-    return Geometry((2, 3), (stride, stride), (0, 0), (8, 8))
+    return Geometry((2, 3), (stride, stride), (0, 0), (variant, variant))
 
 
 def _inits(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -646,7 +655,8 @@ def _per_seed(values) -> str:
 
 TITLES = {
     "fcn32s": "FCN-32s", "fcn16s": "FCN-16s", "fcn8s": "FCN-8s", "control": "FCN-8s +K (control)",
-    "dense32s": "dense-32s", "dense16s": "dense-16s", "dense8s": "dense-8s", "dpoa8s": "dpoa-8s",
+    "dense32s": "dense-32s", "dense16s": "dense-16s", "dense8s": "dense-8s",
+    "dpoa32s": "dpoa-32s", "dpoa16s": "dpoa-16s", "dpoa8s": "dpoa-8s",
     "dense32s_T": "dense-32s (loss on T)", "dense16s_T": "dense-16s (loss on T)", "dense8s_T": "dense-8s (loss on T)",
     "dpoa8s_T": "dpoa-8s (loss on T)",
 }
@@ -666,7 +676,8 @@ def report(payload: dict) -> str:
     lines += ["", "Differences seed by seed (mean ± std; the values per seed):", ""]
     lines += ["| difference | regime | mean ± std | per seed |", "|---|---|---|---|"]
     pairs = [("dpoa8s", "fcn8s"), ("dpoa8s", "control"), ("dense8s", "control"), ("control", "fcn8s"),
-             ("dense8s", "fcn8s"), ("fcn8s", "fcn32s"), ("dense32s", "fcn32s"), ("dpoa8s_T", "control"),
+             ("dense8s", "fcn8s"), ("fcn8s", "fcn32s"), ("dense32s", "fcn32s"), ("dpoa32s", "fcn32s"),
+             ("dense16s", "fcn16s"), ("dpoa16s", "fcn16s"), ("dpoa8s_T", "control"),
              ("dense8s_T", "control")]
     for r in regimes:
         for a, b in pairs:

@@ -31,7 +31,7 @@ def run(tmp_path_factory):
 def test_every_stage_and_ablation_is_reported(run):
     out, payload = run
     (r,) = payload["runs"]
-    stages = {"fcn32s", "fcn16s", "fcn8s", "control", "dense32s", "dense16s", "dense8s", "dpoa8s"}
+    stages = {"fcn32s", "fcn16s", "fcn8s", "control", "dense32s", "dense16s", "dense8s", "dpoa32s", "dpoa16s", "dpoa8s"}
     assert set(r["metrics"]) == {"adam", "sgd"}  # the regime ablation
     for regime, metrics in r["metrics"].items():
         assert stages <= set(metrics), regime

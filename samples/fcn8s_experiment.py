@@ -5,9 +5,10 @@
 Per seed (data from :mod:`samples.shapes_data`, drawn once and shared by all seeds; the seed
 sets the initial weights and the batch order):
 
-* **FCN-32s** trained from scratch in plain PyTorch (no ImageNet VGG here), the architecture
-  of :class:`samples.segmentation.FCN8s` with its score map upsampled x32 by a fixed bilinear
-  ConvTranspose; **FCN-16s** initialised from it (score_pool4 zero, upscore2 bilinear, as FCN
+* **FCN-32s**: the layers of :class:`samples.segmentation.FCN8s` with the score map upsampled
+  x32 by a fixed bilinear ConvTranspose, trained once from scratch in plain PyTorch with
+  BatchNorm (folded away afterwards; the stand-in for the paper's ImageNet VGG-16, shared by
+  every seed, cached in ``OUT/data``), then fine-tuned K steps per seed; **FCN-16s** initialised from it (score_pool4 zero, upscore2 bilinear, as FCN
   does), **FCN-8s** from FCN-16s (score_pool3 zero), each fine-tuned for K steps with
   :func:`onnx_dense.train.train` on its ONNX export. FCN-8s is the untouched
   ``samples.segmentation.FCN8s``.

@@ -492,11 +492,9 @@ def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, l
             dt.export_dpoa(str(into), w, str(path))
             models[f"dpoa{v}s"] = path
     dpoa = work / f"dpoa8s{tag}.onnx"
-    # The rewrite rebuilt FCN-8s's fixed final upsampling (upscore8) as a Constant of the dense
-    # graph, so the dense weights lack it: it is the original's own, untrained, bilinear kernel.
-    fixed = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(models["fcn8s"])).graph.initializer
-             if i.name.startswith(FIXED) and i.name not in weights}
-    exp = dt.export_dpoa(str(models["fcn8s"]), {**{k: np.asarray(v) for k, v in weights.items()}, **fixed}, str(dpoa))
+    # The dense weights lack upscore8's kernel (the rewrite rebuilt that fixed bilinear
+    # upsampling by the remaining factor): export_dpoa keeps the original's own.
+    exp = dt.export_dpoa(str(models["fcn8s"]), {k: np.asarray(v) for k, v in weights.items()}, str(dpoa))
     models[f"dpoa8s{tag}"] = dpoa
     models[f"dpoa8s{tag}_check"] = {
         "replaced": exp.replaced, "changed": exp.changed,

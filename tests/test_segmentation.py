@@ -274,6 +274,28 @@ def test_tiles_and_phases_of_a_rebuilt_upsampling_equal_the_whole_run(rule):
             assert got[name].info == session.info.outputs[name]  # the pixel grid of the whole model's output
 
 
+def test_dpoa_keeps_the_originals_fixed_bilinear_kernel(tmp_path):
+    """The rewrite rebuilds FCN's fixed bilinear ConvTranspose by the remaining factor, so the
+    dense weights lack its kernel: export-dpoa takes it from the original (it is never trained),
+    and still refuses any other missing weight."""
+    pytest.importorskip("torch")
+    from onnx_dense.train import export_dpoa
+
+    original = RULES["transpose_crop_sigmoid"]()
+    onnx.save(original, tmp_path / "fcn.onnx")
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(original, output_stride=2))
+    weights = {i.name: onnx.numpy_helper.to_array(i) * 2 for i in dense.graph.initializer if i.name.startswith("w")}
+    assert "wt" not in weights and {"w1", "w2", "w3", "w4"} <= set(weights)
+    export_dpoa(tmp_path / "fcn.onnx", weights, tmp_path / "dpoa.onnx")
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "dpoa.onnx").graph.initializer}
+    np.testing.assert_array_equal(got["wt"], onnx.numpy_helper.to_array(
+        next(i for i in original.graph.initializer if i.name == "wt")))
+    np.testing.assert_array_equal(got["w1"], weights["w1"])
+    del weights["w4"]
+    with pytest.raises(onnx_dense.DenseError, match="lacks 1 of"):
+        export_dpoa(tmp_path / "fcn.onnx", weights, tmp_path / "dpoa2.onnx")
+
+
 def test_inspect_takes_no_final_upsampling_as_rewrite_does(tmp_path):
     """A learned final block: inspect -r refuses as rewrite does, and shows the cut rewrite
     --no-final-upsampling would make (the score map as the output, at the stride asked for)."""

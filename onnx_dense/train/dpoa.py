@@ -137,13 +137,14 @@ def replace_initializers(
     (replaced, changed).
     """
     used = _used_names(proto.graph)
+    fixed = _fixed_upsampling_kernels(proto.graph) if require == "used" else set()
     missing, replaced, changed = [], 0, 0
     for init in proto.graph.initializer:
         if init.data_type not in _FLOAT_TYPES:
             continue
         new = weights.get(init.name)
         if new is None:
-            if require == "all" or (init.name in used and len(init.dims) > 0):
+            if require == "all" or (init.name in used and len(init.dims) > 0 and init.name not in fixed):
                 missing.append(init.name)
             continue
         new = np.asarray(new)
@@ -171,6 +172,40 @@ def replace_initializers(
     if replaced == 0:
         raise DenseError(f"{weights_label} shares no weight names with {model_label}; are these a pair?")
     return replaced, changed
+
+
+def _fixed_upsampling_kernels(graph: onnx.GraphProto) -> set[str]:
+    """Weights of ConvTransposes that are a fixed bilinear upsampling (FCN's final one): the
+    dense model rebuilds that upsampling by its remaining factor (passes/final_upsampling.py), so
+    trained weights lack the kernel, which is never trained: the original keeps its own."""
+    from onnx_dense.passes.analysis.final_upsampling import bilinear_kernel
+
+    inits = {t.name: t for t in graph.initializer}
+    found = set()
+    for node in graph.node:
+        if node.op_type != "ConvTranspose" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        strides = list(attrs.get("strides", [1] * (w.ndim - 2)))
+        if w.ndim < 3 or any(k not in (2 * s, 2 * s - 1) for k, s in zip(w.shape[2:], strides)):
+            continue
+        kernel = np.ones(())
+        for k, s in zip(w.shape[2:], strides):
+            kernel = np.multiply.outer(kernel, bilinear_kernel(k, s))
+        group = attrs.get("group", 1)
+        if group == w.shape[0] and w.shape[1] == 1:
+            per = w[:, 0]
+        elif group == 1 and w.shape[0] == w.shape[1]:
+            eye = np.eye(w.shape[0], dtype=bool)
+            if np.abs(w[~eye]).max(initial=0.0) > 0:
+                continue
+            per = w[eye]
+        else:
+            continue
+        if np.allclose(per, kernel, rtol=0, atol=1e-6):
+            found.add(node.input[1])
+    return found
 
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:

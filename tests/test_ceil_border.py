@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 
+import onnx_dense
 from tests._graphs import graph, rewrite, run
 
 W = "float[8,3,3,3] w1, float[8,8,1,1] w2, float[8,8,3,3] w3"
@@ -143,3 +144,20 @@ def test_verify_phases_compares_partial_windows_with_random_inputs(name):
     assert phase_lines and not any(c.skipped for c in phase_lines), report.text()
     # the random input is odd-sized, so the shifted inputs end in partial windows
     assert all("whole phase" in c.note for c in phase_lines), report.text()
+
+
+@pytest.mark.parametrize("name", sorted(BODIES))
+def test_fragments_run_and_keep_the_subgrid(name):
+    """Under fragments the pool runs at its kept stride with the split's extension added to its
+    end pads; where that reaches the kernel (onnxruntime's pools refuse it: ResNet-D's 2x2
+    AvgPool after its ceil_mode pad) the input is split instead. Phase 0 is the original."""
+    h, w = 23, 24
+    body = BODIES[name]
+    stride, _ = est_and_step(name)
+    original = model(body, h, w)
+    dense = rewrite(original, 1, strategy="fragments")
+    x = np.random.default_rng(2).standard_normal((1, 3, h, w)).astype(np.float32)
+    got = run(dense, {"x": x})["y"]
+    want = run(original, {"x": x})["y"]
+    np.testing.assert_allclose(got[:, :, ::stride, ::stride], want, rtol=1e-5, atol=1e-5)
+    assert onnx_dense.verify(original, dense)

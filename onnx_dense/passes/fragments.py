@@ -264,8 +264,11 @@ def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Leve
     n = len(params.kernel)
     lead = rank - n
     ext = tuple((f - 1) * k for f, k in zip(level.factor, plan.kept))
+    pads_end = tuple(pe + e for pe, e in zip(params.pads_end, ext))
+    if node.op_type != "Conv" and any(pe >= k for pe, k in zip(pads_end, params.kernel)):
+        return False  # onnxruntime's pools take pads below the kernel only: the input's split serves
     _ir.set_ints(node, "strides", tuple(plan.kept))
-    _ir.set_ints(node, "pads", tuple(params.pads_begin) + tuple(pe + e for pe, e in zip(params.pads_end, ext)))
+    _ir.set_ints(node, "pads", tuple(params.pads_begin) + pads_end)
     if node.op_type == "AveragePool" and not any(params.pads_begin + params.pads_end):
         _ir.set_int(node, "count_include_pad", 1)  # no pads of its own: the extension counts, as in _split
     # The space-to-batch may go after any chain of pointwise ops that follows (single consumer,

@@ -71,6 +71,18 @@ net (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, floa
 """
 TINY_WEIGHTS = {"w1": (8, 3, 3, 3), "w2": (4, 8, 3, 3)}
 
+#: TINY_NET without its last Relu (signed scores, so label maps show several classes): the
+#: model of the run, Ray and windowed tests, weights TINY_WEIGHTS added by each.
+SEG = """
+<ir_version: 9, opset_import: ["" : 20]>
+seg (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
+    c1 = Conv <pads = [1,1,1,1]> (input, w1)
+    r1 = Relu (c1)
+    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
+    output = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
+}
+"""
+
 
 def with_weights(text: str, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
     """Parse ``text`` and add seeded random float32 initializers of these names and shapes (the text
@@ -229,3 +241,4 @@ def const_value(model: onnx.ModelProto, name: str) -> np.ndarray:
         if n.op_type == "Constant" and n.output[0] == name:
             return onnx.numpy_helper.to_array(attrs(n)["value"])
     raise KeyError(name)
+

@@ -14,19 +14,11 @@ from PIL import Image
 
 import onnx_dense
 from onnx_dense.runtime import DenseSession, load_image, run_images
+from tests._graphs import SEG
 from tests._cli import run
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
-SEG = """
-<ir_version: 9, opset_import: ["" : 20]>
-seg (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
-    c1 = Conv <pads = [1,1,1,1]> (input, w1)
-    r1 = Relu (c1)
-    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
-    output = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
-}
-"""
 
 CLS = """
 <ir_version: 9, opset_import: ["" : 20]>

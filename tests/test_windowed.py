@@ -24,19 +24,11 @@ from PIL import Image
 
 import onnx_dense
 from onnx_dense.runtime import run_images, windowed
+from tests._graphs import SEG
 from tests._cli import assert_clean_error, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SEG = """
-<ir_version: 9, opset_import: ["" : 20]>
-seg (float[1,3,32,32] input) => (float[1,4,8,8] output) <float[8,3,3,3] w1, float[4,8,3,3] w2> {
-    c1 = Conv <pads = [1,1,1,1]> (input, w1)
-    r1 = Relu (c1)
-    p1 = MaxPool <kernel_shape = [2,2], strides = [2,2]> (r1)
-    output = Conv <pads = [1,1,1,1], strides = [2,2]> (p1, w2)
-}
-"""
 GRAY = SEG.replace("float[1,3,32,32]", "float[1,1,32,32]").replace("float[8,3,3,3]", "float[8,1,3,3]")
 
 

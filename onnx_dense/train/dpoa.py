@@ -178,32 +178,19 @@ def _fixed_upsampling_kernels(graph: onnx.GraphProto) -> set[str]:
     """Weights of ConvTransposes that are a fixed bilinear upsampling (FCN's final one): the
     dense model rebuilds that upsampling by its remaining factor (passes/final_upsampling.py), so
     trained weights lack the kernel, which is never trained: the original keeps its own."""
-    from onnx_dense.passes.analysis.final_upsampling import bilinear_kernel
+    from onnx_dense.passes.analysis.final_upsampling import bilinear_weight_problem
 
     inits = {t.name: t for t in graph.initializer}
     found = set()
     for node in graph.node:
         if node.op_type != "ConvTranspose" or len(node.input) < 2 or node.input[1] not in inits:
             continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim < 3:
+            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         strides = list(attrs.get("strides", [1] * (w.ndim - 2)))
-        if w.ndim < 3 or any(k not in (2 * s, 2 * s - 1) for k, s in zip(w.shape[2:], strides)):
-            continue
-        kernel = np.ones(())
-        for k, s in zip(w.shape[2:], strides):
-            kernel = np.multiply.outer(kernel, bilinear_kernel(k, s))
-        group = attrs.get("group", 1)
-        if group == w.shape[0] and w.shape[1] == 1:
-            per = w[:, 0]
-        elif group == 1 and w.shape[0] == w.shape[1]:
-            eye = np.eye(w.shape[0], dtype=bool)
-            if np.abs(w[~eye]).max(initial=0.0) > 0:
-                continue
-            per = w[eye]
-        else:
-            continue
-        if np.allclose(per, kernel, rtol=0, atol=1e-6):
+        if bilinear_weight_problem(w, strides, attrs.get("group", 1)) is None:
             found.add(node.input[1])
     return found
 

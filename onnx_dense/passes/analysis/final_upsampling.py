@@ -254,19 +254,15 @@ def bilinear_kernel(size: int, factor: int) -> np.ndarray:
     return np.maximum(0.0, 1 - np.abs(np.arange(size) - centre) / factor)
 
 
-def _transpose(node: ir.Node, sg: Grid, og: Grid):
-    params = _ir.window_params(node)
-    weight = _ir.const_array(node.inputs[1])
-    if weight is None:
-        return "is a ConvTranspose whose weight is computed"
-    if any(d != 1 for d in params.dilations) or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        return "is a dilated or auto-padded ConvTranspose"
-    group = node.attributes.get_int("group", 1)
+def bilinear_weight_problem(weight: np.ndarray, strides, group: int) -> str | None:
+    """Why a ConvTranspose weight is not a fixed bilinear upsampling by ``strides`` (one
+    bilinear kernel per channel, as FCN initialises and freezes it), or None when it is."""
+    kernel = weight.shape[2:]
     cin = weight.shape[0]
     expected = 1.0
-    for k, s in zip(params.kernel, params.strides):
+    for k, s in zip(kernel, strides):
         if k not in (2 * s, 2 * s - 1):
-            return f"is a learned ConvTranspose (kernel {fmt(params.kernel)} at stride {fmt(params.strides)}, not bilinear)"
+            return f"is a learned ConvTranspose (kernel {fmt(kernel)} at stride {fmt(strides)}, not bilinear)"
         expected = np.multiply.outer(expected, bilinear_kernel(k, s))
     w = weight.astype(np.float64)
     if group == cin and w.shape[1] == 1:
@@ -280,6 +276,19 @@ def _transpose(node: ir.Node, sg: Grid, og: Grid):
         return "is a learned ConvTranspose (its weight is not one kernel per channel)"
     if not np.allclose(per, np.broadcast_to(expected, per.shape), rtol=1e-5, atol=1e-6):
         return "is a learned ConvTranspose (its weight is not the bilinear kernel of its stride)"
+    return None
+
+
+def _transpose(node: ir.Node, sg: Grid, og: Grid):
+    params = _ir.window_params(node)
+    weight = _ir.const_array(node.inputs[1])
+    if weight is None:
+        return "is a ConvTranspose whose weight is computed"
+    if any(d != 1 for d in params.dilations) or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return "is a dilated or auto-padded ConvTranspose"
+    problem = bilinear_weight_problem(weight, params.strides, node.attributes.get_int("group", 1))
+    if problem is not None:
+        return problem
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         b = _ir.const_array(node.inputs[2])

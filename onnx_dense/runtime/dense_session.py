@@ -520,8 +520,7 @@ class DenseSession:
     def _body_and_tail(self):
         if self._split is None:
             parts = final_tail.split(self._full_proto(), self.info)
-            if self.session is not None:  # never two copies of the weights in sessions
-                self.session = None
+            self.session = None  # never two copies of the weights in sessions
             body = DenseSession(parts.body, **self._options, max_memory=self.max_memory, schedule=self.schedule)
             body.label = self.label
             try:

@@ -654,13 +654,13 @@ def _check_phases(orig, dens, info, feeds, got, names, rtol, atol, max_phases, p
 
 
 def _aligned_crop(x: np.ndarray, entry: metadata.DenseInput, phase, out: metadata.DenseOutput) -> np.ndarray:
-    """``x`` shifted by ``phase`` and cut at the end to a size with the same power-of-two factor."""
+    """``x`` shifted by ``phase`` and cut at the end to a multiple of the power of two that
+    divides the model's own input size (at most 256): the sizes such originals run at."""
     index = [slice(None)] * x.ndim
     for k, a in enumerate(entry.spatial_axes):
-        size = x.shape[a]
-        q = min(size & -size, 256)
+        q = min(entry.size[k] & -entry.size[k], 256)
         shift = phase[k] * out.stride[k]
-        length = size - -(-shift // q) * q
+        length = (x.shape[a] - shift) // q * q
         if length <= 0:
             raise DenseError("input too small to crop")
         index[a] = slice(shift, shift + length)

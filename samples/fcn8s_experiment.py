@@ -511,10 +511,10 @@ def score_geometry(stride: int, variant: int = 8):
     FCN-xs's score map is aligned with the cells of its last pool (FCN-8s's fuse_pool3 with
     pool3: cell i covers pixels 8i..8i+7, centre 8i + 3.5; the upscore kernels are bilinear
     around the same centres), and the rewrite keeps dense prediction (x/stride) i equal to
-    the original's i. The metadata's receptive-field centre is not
-    that point here: the union of the receptive fields of the skip paths is lopsided (the
-    bilinear ConvTranspose kernels' support is not centred on their alignment), which would
-    put the first prediction tens of pixels off.
+    the original's i. The dense model's metadata puts the fused score map's prediction 0 at
+    the same 3.5 px (tests/test_receptive_field.py); before the analysis placed a transposed
+    kernel's output where its pads put it, it said 39.5 px, so the experiment kept its own
+    geometry, as it still does (its recorded numbers do not move).
     """
     from onnx_dense.train.losses import Geometry
 

@@ -46,7 +46,6 @@ import onnx  # noqa: E402
 import onnx_dense  # noqa: E402
 from onnx_dense import metadata  # noqa: E402
 from onnx_dense.bench.driver import load_pair  # noqa: E402
-from onnx_dense.bench.flops import count_flops  # noqa: E402
 from onnx_dense.bench.machine import machine_info  # noqa: E402
 from onnx_dense.bench.stitch import _stitch_phases, _Stitcher  # noqa: E402
 from onnx_dense.passes import fragments  # noqa: E402
@@ -132,7 +131,11 @@ def ratio(times, num: str, den: str) -> dict:
 
 
 def est_phases(pair) -> int:
-    return int(np.prod(_stitch_phases(pair.info, pair.spatial[:1])))
+    """How many times shift-and-stitch runs the original (as bench_one's _Stitcher)."""
+    try:
+        return int(np.prod(_stitch_phases(pair.info, pair.spatial)))
+    except onnx_dense.DenseError:
+        return int(np.prod(_stitch_phases(pair.info, pair.spatial[:1])))
 
 
 def bench_one(name: str, r: int, src: Path, work: Path, args) -> dict:
@@ -164,13 +167,11 @@ def bench_one(name: str, r: int, src: Path, work: Path, args) -> dict:
             float(np.max(np.abs(outs["fragments"][n] - outs["fragments-before"][n]))) for n in outs["fragments"]
         )
         row["max_abs_output"] = max(float(np.max(np.abs(v))) for v in outs["fragments-before"].values())
-        shapes = {k: v.shape for k, v in pair.feeds.items()}
-        f_orig = count_flops(pair.original_counted, shapes)[0]
-        f_frag = count_flops(onnx.load(str(paths["fragments"])), shapes)[0]
-        if not f_frag and dilate:  # shape inference stops at run-time reshapes; dilation does the same work
-            f_frag = count_flops(onnx.load(str(paths[dilate])), shapes)[0]
-        if f_orig and f_frag:  # what shift-and-stitch / fragments could be at equal time per FLOP
-            row["flop_bound"] = est_phases(pair) * f_orig / f_frag
+        # What shift-and-stitch / fragments could be at equal time per FLOP. The FLOPs from the
+        # analysis (inspect: the phases each node runs on, which upsamplings collapse); the FLOP
+        # counter's shape inference stops at the fragments models' run-time reshapes.
+        inspection = onnx_dense.inspect_model(str(src), output_stride=r, strategy="fragments", **OPTIONS)
+        row["flop_bound"] = est_phases(pair) * inspection.flops / inspection.dense_flops
         times, cpu = time_rounds(fns, args.repeat, args.warmup)
     for label, t in (("", times), ("cpu_", cpu)):
         row[f"{label}min_ms"] = {k: min(v) for k, v in t.items()}

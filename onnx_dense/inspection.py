@@ -17,10 +17,9 @@ import onnx_ir as ir
 from onnx_dense import model_io
 from onnx_dense.grid import GRID, PLAN, Grid, fmt
 from onnx_dense.passes.cut import CutAtOutputs
-from onnx_dense.passes.plans import ANALYSIS, GlobalPlan, HeadConvPlan, SpatialPlan
+from onnx_dense.passes.plans import ANALYSIS, PHASES, GlobalPlan, HeadConvPlan, SpatialPlan
 from onnx_dense.pipeline import (
-    RewriteOptions, analyse_grid, choose_strategy, cut_names, final_upsampling_route, normalise,
-    resolve_output_stride,
+    RewriteOptions, analyse, analyse_grid, cut_names, final_upsampling_route, normalise, resolve_output_stride,
 )
 from onnx_dense.runnable import check_dense_sizes, check_model_runs, input_label
 
@@ -88,8 +87,11 @@ def inspect_model(
     if stride is None:
         analysis = analyse_grid(model, stride)
     else:
-        choose_strategy(model, stride, options)  # auto: dilate where allowed, else fragments
+        analyse(model, stride, options)  # auto: dilate where allowed, else fragments (and its phase plan)
         analysis = model.meta[ANALYSIS]
+    # fragments: a node runs once per phase its tensor carries, which an upsampling collapses
+    # (deeper levels' phases coincide), so its work is not eST^2 times the original's.
+    phases = model.meta.get(PHASES)
     if stride is not None:
         check_dense_sizes(
             [(o.name, o.grid.dense_size, o.grid.rf_size) for o in analysis.outputs if o.grid is not None],
@@ -102,6 +104,9 @@ def inspect_model(
         out = node.outputs[0].meta.get(GRID) if node.outputs else None
         inp = node.inputs[0].meta.get(GRID) if node.inputs and node.inputs[0] is not None else None
         flops, dense_flops = _flops(node, plan, inp, out)
+        if phases is not None and flops:
+            carried = node.inputs[0] if node.op_type == "ConvTranspose" else node.outputs[0]
+            dense_flops = flops * math.prod(level.phases for level in phases.layouts.get(carried, ()))
         total += flops
         dense_total += dense_flops
         if plan is None and not all_nodes and not flops:

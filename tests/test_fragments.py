@@ -457,6 +457,52 @@ def test_unet_fpn(mode, stride, tmp_path):
     assert len(splits(onnx.load(str(dst)))) == (2 if stride == 1 else 1)
 
 
+
+def _work_as_run(path, size: int) -> int:
+    """FLOPs of the Conv, ConvTranspose and pooling nodes of ``path`` at the shapes onnxruntime
+    actually runs them (every such output made a graph output), counted as inspect counts them."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    counted = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "MaxPool", "AveragePool")]
+    for n in counted:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None))
+    for n in counted:
+        if n.op_type == "ConvTranspose":
+            model.graph.output.append(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    shapes = dict(zip(names, (v.shape for v in sess.run(None, {sess.get_inputs()[0].name: x}))))
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    total = 0
+    for n in counted:
+        out = shapes[n.output[0]]
+        if n.op_type == "Conv":
+            total += 2 * int(np.prod(weights[n.input[1]])) * out[0] * int(np.prod(out[2:]))
+        elif n.op_type == "ConvTranspose":
+            inp = shapes[n.input[0]]
+            total += 2 * int(np.prod(weights[n.input[1]])) * inp[0] * int(np.prod(inp[2:]))
+        else:
+            kernel = next(a.ints for a in n.attribute if a.name == "kernel_shape")
+            total += int(np.prod(out)) * int(np.prod(kernel))
+    return total
+
+
+@pytest.mark.parametrize("stride", [2, 1])
+def test_inspect_counts_the_work_of_the_phases(stride, tmp_path):
+    """Under fragments an upsampling collapses the phases of deeper levels, so the deep layers run
+    on fewer phases than their eST: inspect's dense FLOPs are what the fragments model runs
+    (to the few % of the split maps' end extension), not eST^2 times each layer."""
+    src = tmp_path / "unet.onnx"
+    src.write_bytes(_unet("nearest"))
+    dst = tmp_path / "dense.onnx"
+    onnx_dense.rewrite(src, dst, output_stride=stride, strategy="fragments")
+    inspection = onnx_dense.inspect_model(str(src), output_stride=stride, strategy="fragments")
+    size = onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    assert inspection.dense_flops == pytest.approx(_work_as_run(dst, size), rel=0.05)
+    assert inspection.flops == _work_as_run(src, size)
+
 # ============================================================================ out of reach
 
 

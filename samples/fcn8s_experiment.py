@@ -1,6 +1,7 @@
 """The paper's FCN protocol (section 3.1) at small scale on generated data: dense-8s and dpoa-8s.
 
     python -m samples.fcn8s_experiment --config small --seeds 0,1,2 --out exp_fcn8s
+    python -m samples.fcn8s_experiment --config large --seeds 0,1,2 --out exp_fcn8s_large --device cuda
 
 Per seed (data from :mod:`samples.shapes_data`, drawn once and shared by all seeds; the seed
 sets the initial weights and the batch order):
@@ -86,10 +87,15 @@ class Config:
     data_seed: int = 3000
     exporter: str = "torchscript"
     ablations: str = "loss,upsampling,size,regime"
+    device: str = "cpu"  # training: cpu, cuda or auto (CUDA when torch sees one); evaluation runs on the CPU
 
 
 CONFIGS = {
     "small": Config("small"),
+    # For a GPU (not run yet: no GPU was lent): 128x128 images (FCN-8s's score map 16x16,
+    # dense-8s's 32x32), twice the width, four times the data, radii and bins scaled x2.
+    "large": Config("large", size=128, width=8, n_train=6000, n_test=1000, n_test_bin=300, r_min=8.0, r_max=44.0,
+                    bins="8-16,16-28,28-44", base_steps=6000, stage_steps=1000, learned_steps=1000, device="auto"),
     "tiny": Config("tiny", ablations="loss,upsampling,size,regime", size=32, width=2, n_train=16, n_test=8, n_test_bin=4, r_min=2.0, r_max=8.0,
                    bins="2-4,4-8", batch=4, base_steps=2, base_warmup=1, stage_steps=1, learned_steps=2,
                    eval_batch=8),
@@ -290,7 +296,10 @@ def train_scratch(net, cfg: Config, seed: int, images, labels) -> dict[str, Any]
     import torch
     import torch.nn.functional as F
 
-    add_bn(net)
+    from onnx_dense.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    add_bn(net).to(device)
 
     params = [p for n, p in net.named_parameters() if not n.startswith(FIXED)]
     for n, p in net.named_parameters():
@@ -308,7 +317,8 @@ def train_scratch(net, cfg: Config, seed: int, images, labels) -> dict[str, Any]
         if len(order) < cfg.batch:
             order = np.concatenate([order, rng.permutation(len(images))])
         idx, order = order[: cfg.batch], order[cfg.batch:]
-        loss = F.cross_entropy(net(torch.from_numpy(images[idx])), torch.from_numpy(labels[idx]))
+        x, y = torch.from_numpy(images[idx]).to(device), torch.from_numpy(labels[idx]).to(device)
+        loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -316,7 +326,7 @@ def train_scratch(net, cfg: Config, seed: int, images, labels) -> dict[str, Any]
         losses.append(float(loss.detach()))
         if len(losses) % 200 == 0:
             print(f"  seed {seed} FCN-32s step {len(losses)}: loss {np.mean(losses[-50:]):.3f}", flush=True)
-    fold_bn(net)
+    fold_bn(net.cpu())
     return {"steps": total, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-20:]))}
 
 
@@ -431,7 +441,7 @@ def _ft(cfg: Config, regime: str, seed: int) -> dict[str, Any]:
     lr = cfg.adam_lr if regime == "adam" else cfg.sgd_lr
     return dict(task="segmentation", steps=cfg.stage_steps, batch_size=cfg.batch, lr=lr,
                 optimizer=regime, momentum=0.9, schedule="cosine" if regime == "adam" else "constant",
-                seed=seed, device="cpu", progress=False, trainable=lambda n: not n.startswith(FIXED))
+                seed=seed, device=cfg.device, progress=False, trainable=lambda n: not n.startswith(FIXED))
 
 
 def chains(cfg: Config, seed: int, work: Path, fcn32: Path, data, regime: str, loss_on: str,
@@ -720,10 +730,16 @@ def report(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
+def _machine(cfg: Config) -> str:
+    """The CPU (evaluation, and training on --device cpu) and the GPU that trained, if one did."""
+    import torch
+
     from samples.experiments import _machine as m
 
-    return m()
+    from onnx_dense.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    return m() + (f"; training on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -732,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=None, help="default: exp_fcn8s_CONFIG")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default=None, help="training device: cpu, cuda, auto (default: the config's)")
     ap.add_argument("--ablations", default=None, help="comma-separated subset of loss,upsampling,size,regime ('' for none)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--report", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
@@ -745,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     if args.ablations is not None:
         overrides["ablations"] = args.ablations
+    if args.device:
+        overrides["device"] = args.device
     cfg = dataclasses.replace(CONFIGS[args.config], **overrides)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out.mkdir(parents=True, exist_ok=True)
@@ -757,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python -m samples.fcn8s_experiment --config {cfg.name} --seeds {args.seeds} --out {out}"
     if args.ablations is not None:
         command += f" --ablations '{args.ablations}'"
-    command += "".join(f" --set {s}" for s in args.set)
+    command += "".join(f" --set {s}" for s in args.set) + (f" --device {args.device}" if args.device else "")
     for seed in seeds:
         r = run_seed(seed, cfg, paths, out, args.threads)
         runs.append(r)
@@ -765,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"config": dataclasses.asdict(cfg), "seeds": seeds, "command": command, "threads": args.threads,
                    "wall_seconds": time.perf_counter() - started, "data_seconds": data_seconds,
                    "cpu_seconds": time.process_time() - cpu0, "load_average": os.getloadavg(),
-                   "machine": _machine(), "runs": runs}
+                   "machine": _machine(cfg), "runs": runs}
         (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))  # after every seed
     md = report(payload)
     (out / "results.md").write_text(md)

@@ -1,6 +1,6 @@
 """The classification and regression experiments (the paper's 3.3 and 3.4) with the paper's protocol.
 
-    python -m samples.cls_reg_paper --config small --seeds 0,1,2 --out exp_cls_reg_paper
+    python -m samples.cls_reg_paper --config small --seeds 0,1,2 --out exp_cls_reg_small
 
 :mod:`samples.experiments` trains its cls/reg baselines from scratch on 3000 images, at the
 same size in training and test, with Adam and a cosine decay. The paper did otherwise; this
@@ -40,9 +40,9 @@ dense net); **dense, not fine-tuned**.
 
 Variants (``--variants``; the first of each task is the main protocol, the rest ablations):
 ``cls`` (as above), ``cls-full`` (no crops: baseline, control and dense all fine-tuned on the
-full images), ``cls-adam`` (as ``cls`` with Adam and a cosine decay in every fine-tuning
-stage), ``reg-jJ`` (regression with jitter J px, e.g. ``reg-j4``; ``reg-any``: objects
-anywhere, the unaligned set of :mod:`samples.experiments`).
+full images), ``cls-adam`` (as ``cls`` with Adam, the same ``lr``, and a cosine decay in every
+fine-tuning stage), ``reg-jJ`` (regression with jitter J px, e.g. ``reg-j4``; ``reg-any``: objects
+anywhere, as in :mod:`samples.experiments`).
 
 Runs in one process, one torch thread (``--threads``); the data is drawn once (``data_seed``),
 the source net once (``source_seed``; kept with the data in ``OUT/data`` and reused); the
@@ -344,7 +344,6 @@ def lr_check(pc: PaperConfig, rates: list[float], root: Path) -> dict[str, float
     """The one short check that picks the fixed SGD learning rate: seed 0's source net, the cls
     baseline fine-tuned (crops) with each rate, scored on a validation set (drawn from
     ``data_seed + 5``, never the test set)."""
-    from onnx_dense import train as dt  # noqa: F401  (torch settings as in a run)
     from samples import shapes_data as sd
 
     timing: dict[str, float] = {}

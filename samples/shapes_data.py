@@ -231,7 +231,7 @@ def _random_object(rng: np.random.Generator, size: int, r_range: tuple[float, fl
         cx, cy = rng.uniform(margin, size - 1 - margin, 2)
     else:  # "aligned": the image centre, off by up to centre_jitter px on each axis
         # the same draw whatever the jitter: sets that differ only in centre_jitter hold the same
-        # objects (kind, radius, style, colour, background), only moved
+        # objects (kind, radius, rotation, style) on the same backgrounds, only moved
         cx, cy = (size - 1) / 2 + centre_jitter * rng.uniform(-1.0, 1.0, 2)
     outline = int(rng.integers(2, 5)) if rng.random() < 0.4 else 0
     return {"kind": kind, "cx": float(cx), "cy": float(cy), "r": r, "angle": float(rng.uniform(0, 2 * math.pi)), "outline": outline}

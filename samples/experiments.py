@@ -219,9 +219,14 @@ def task_arrays(task: str, cfg: Config, paths: dict[str, str], split: str) -> tu
     with np.load(paths[f"obj_{split}"]) as d:
         images = d["images"]
         if task == "reg":
-            lo, hi = radius_range(cfg)
-            return images, ((d["radius"] - (lo + hi) / 2) / ((hi - lo) / 2)).astype(np.float32)
+            return images, radius_targets(cfg, d["radius"])
         return images, d["classes"].astype(np.int64)
+
+
+def radius_targets(cfg: Config, radius: np.ndarray) -> np.ndarray:
+    """The regression targets: the radius scaled from :func:`radius_range` to [-1, 1] (the paper's (a - 45) / 45)."""
+    lo, hi = radius_range(cfg)
+    return ((radius - (lo + hi) / 2) / ((hi - lo) / 2)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,20 +282,36 @@ def _metric(task: str, cfg: Config, m: dict[str, float]) -> float:
     return m["mae"] * (hi - lo) / 2
 
 
-def train_baseline(net, task: str, cfg: Config, seed: int, images, labels, geometry, device) -> dict[str, Any]:
-    """From scratch in plain PyTorch: Adam, warm-up then cosine, the trainer's loss (TaskLoss)."""
+def train_baseline(net, task: str, cfg: Config, seed: int, images, labels, geometry, device, *,
+                   steps: int | None = None, lr: float | None = None, warmup: int | None = None,
+                   optimizer: str = "adam", momentum: float = 0.9, schedule: str = "cosine",
+                   crop: int | None = None, bn_train: bool = True) -> dict[str, Any]:
+    """Plain PyTorch with the trainer's loss (TaskLoss). By default the from-scratch baseline:
+    Adam ``cfg.base_lr``, ``cfg.base_warmup`` steps of warm-up then cosine over ``cfg.base_steps``.
+    The keywords make it a fine-tuning stage (:mod:`samples.cls_reg_paper`): ``optimizer``
+    "sgd" (with ``momentum``), ``schedule`` "constant", ``crop`` (a random ``crop`` x ``crop``
+    window of each image, drawn per step, as the paper's 224 crops of 256 images),
+    ``bn_train=False`` (BatchNorm keeps its statistics, as in the exported, folded net)."""
     import torch
     from onnx_dense.train.losses import TaskLoss
 
     loss_fn = TaskLoss(TRAIN_TASKS[task], geometry, label_mode="upsample")
-    net.to(device).train()
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.base_lr)
-    total = cfg.base_steps
-    warm = max(1, cfg.base_warmup)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    net.to(device).train(bn_train)
+    lr = cfg.base_lr if lr is None else lr
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+    total = cfg.base_steps if steps is None else steps
+    warm = max(1, cfg.base_warmup if warmup is None else warmup)
+    if schedule == "constant":
+        sched = None
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
     rng = np.random.default_rng([seed, 7])
+    crop_rng = np.random.default_rng([seed, 8])
     order = np.empty(0, np.int64)
     losses = []
     started = time.perf_counter()
@@ -298,16 +319,26 @@ def train_baseline(net, task: str, cfg: Config, seed: int, images, labels, geome
         if len(order) < cfg.batch:
             order = np.concatenate([order, rng.permutation(len(images))])
         idx, order = order[: cfg.batch], order[cfg.batch :]
-        x = torch.from_numpy(images[idx]).to(device)
+        batch = images[idx] if crop is None else random_crops(images[idx], crop, crop_rng)
+        x = torch.from_numpy(batch).to(device)
         y = torch.from_numpy(labels[idx]).to(device)
         loss = loss_fn(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(float(loss.detach()))
     net.eval()
     return {"steps": total, "seconds": time.perf_counter() - started, "final_loss": float(np.mean(losses[-20:]))}
+
+
+def random_crops(images: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """One random ``crop`` x ``crop`` window of each image (N, C, H, W), offsets from ``rng``."""
+    n, c, h, w = images.shape
+    ys = rng.integers(0, h - crop + 1, n)
+    xs = rng.integers(0, w - crop + 1, n)
+    return np.stack([im[:, y : y + crop, x : x + crop] for im, y, x in zip(images, ys, xs)])
 
 
 def run_unit(task: str, seed: int, cfg: Config, paths: dict[str, str], out: str, with_loc: bool, threads: int) -> list[dict]:

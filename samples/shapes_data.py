@@ -38,6 +38,7 @@ import numpy as np
 __all__ = [
     "CLASSES",
     "OBJECT_CLASSES",
+    "SOURCE_CLASSES",
     "draw_object_image",
     "object_set",
     "segmentation_set",
@@ -46,6 +47,9 @@ __all__ = [
 
 CLASSES = ("background", "circle", "square", "triangle", "cross")
 OBJECT_CLASSES = CLASSES[1:]
+# Other shapes, never in the default sets: a source task to pretrain on before fine-tuning on
+# OBJECT_CLASSES (the paper's ImageNet or face-identity pretraining, :mod:`samples.cls_reg_paper`).
+SOURCE_CLASSES = ("ellipse", "hexagon", "bar", "semicircle")
 
 _MIN_CONTRAST = 0.35  # minimum RGB distance between an object's colour and the background under it
 
@@ -70,7 +74,19 @@ def _gauge(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if kind == "cross":  # arms of half-length r and half-width 0.32 r
         au, av = np.abs(u), np.abs(v)
         return np.minimum(np.maximum(au, av / 0.32), np.maximum(au / 0.32, av))
-    raise ValueError(f"unknown shape {kind!r}; known: {', '.join(OBJECT_CLASSES)}")
+    if kind == "ellipse":  # semi-axes r and 0.5 r
+        return np.hypot(u, v / 0.5)
+    if kind == "hexagon":  # regular, circumradius r
+        d = np.full(u.shape, -np.inf)
+        for k in range(6):
+            a = math.pi * k / 3
+            d = np.maximum(d, u * math.cos(a) + v * math.sin(a))
+        return d / math.cos(math.pi / 6)
+    if kind == "bar":  # a rectangle of half-length r and half-width 0.3 r
+        return np.maximum(np.abs(u), np.abs(v) / 0.3)
+    if kind == "semicircle":  # the half disc v >= 0 of radius r
+        return np.where(v >= 0, np.hypot(u, v), np.inf)
+    raise ValueError(f"unknown shape {kind!r}; known: {', '.join(OBJECT_CLASSES + SOURCE_CLASSES)}")
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -181,11 +197,12 @@ def draw_object_image(
     rng: np.random.Generator,
     size: int,
     objects: list[dict],
+    kinds: tuple[str, ...] = OBJECT_CLASSES,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Draw ``objects`` (dicts with kind, cx, cy, r, angle, outline) over a cluttered background.
 
-    Returns (image float32 (3, H, W) in [0, 1], label map (H, W) int64, the visible mask of
-    each object). Colours and the background come from ``rng``.
+    Returns (image float32 (3, H, W) in [0, 1], label map (H, W) int64: 1 + the kind's index in
+    ``kinds``, the visible mask of each object). Colours and the background come from ``rng``.
     """
     img = _background(rng, size, size)
     label = np.zeros((size, size), np.int64)
@@ -197,7 +214,7 @@ def draw_object_image(
         ys, xs = np.nonzero(m)
         shade = 1.0 + rng.uniform(-0.3, 0.3) * (xs - size / 2) / size  # a slight left-right gradient
         img[:, ys, xs] = np.clip(colour[:, None] * shade[None, :], 0, 1)
-        label[m] = OBJECT_CLASSES.index(obj["kind"]) + 1
+        label[m] = kinds.index(obj["kind"]) + 1
         for prev in masks:
             prev &= ~m
         masks.append(m.copy())
@@ -205,11 +222,17 @@ def draw_object_image(
     return np.clip(img, 0, 1).astype(np.float32), label, masks
 
 
-def _random_object(rng: np.random.Generator, size: int, r_range: tuple[float, float], kind: str | None = None) -> dict:
+def _random_object(rng: np.random.Generator, size: int, r_range: tuple[float, float], kind: str | None = None,
+                   centre_jitter: float | None = None) -> dict:
     kind = kind or OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
     r = float(rng.uniform(*r_range))
-    margin = r * 0.9
-    cx, cy = rng.uniform(margin, size - 1 - margin, 2)
+    if centre_jitter is None:  # anywhere, with at least 90% of its radius inside the image
+        margin = r * 0.9
+        cx, cy = rng.uniform(margin, size - 1 - margin, 2)
+    else:  # "aligned": the image centre, off by up to centre_jitter px on each axis
+        # the same draw whatever the jitter: sets that differ only in centre_jitter hold the same
+        # objects (kind, radius, rotation, style) on the same backgrounds, only moved
+        cx, cy = (size - 1) / 2 + centre_jitter * rng.uniform(-1.0, 1.0, 2)
     outline = int(rng.integers(2, 5)) if rng.random() < 0.4 else 0
     return {"kind": kind, "cx": float(cx), "cy": float(cy), "r": r, "angle": float(rng.uniform(0, 2 * math.pi)), "outline": outline}
 
@@ -233,13 +256,19 @@ def segmentation_set(n: int, size: int = 64, seed: int = 0, max_objects: int = 3
 
 
 def object_set(n: int, size: int = 64, seed: int = 0,
-               r_range: tuple[float, float] | None = None, start: int = 0) -> dict[str, np.ndarray]:
+               r_range: tuple[float, float] | None = None, start: int = 0,
+               kinds: tuple[str, ...] | None = None, centre_jitter: float | None = None) -> dict[str, np.ndarray]:
     """One object per image: images, classes (N,) in 0..3, radius (N,) px, boxes (N, 4), masks.
 
     Item ``i`` has class ``i % 4`` (every class is present in any 4 consecutive items; all else
     is drawn from the seed), radius in ``r_range`` (default 0.13 to 0.34 of the size). Items
-    ``start .. start + n - 1``.
+    ``start .. start + n - 1``. ``kinds``: the shapes of the classes (default
+    :data:`OBJECT_CLASSES`; e.g. :data:`SOURCE_CLASSES`). ``centre_jitter``: None (default)
+    places the object anywhere; a number centres it ("aligned", as a detected face) with a
+    uniform offset of up to that many pixels on each axis. The defaults give the same arrays
+    as before these two parameters existed.
     """
+    kinds = tuple(kinds) if kinds is not None else OBJECT_CLASSES
     r_range = r_range or (size * 0.13, size * 0.34)
     images = np.empty((n, 3, size, size), np.float32)
     classes = np.empty(n, np.int64)
@@ -249,10 +278,10 @@ def object_set(n: int, size: int = 64, seed: int = 0,
     for k in range(n):
         i = start + k
         rng = _item_rng(seed, i, 2)
-        obj = _random_object(rng, size, r_range, kind=OBJECT_CLASSES[i % len(OBJECT_CLASSES)])
-        images[k], _, (m,) = draw_object_image(rng, size, [obj])
+        obj = _random_object(rng, size, r_range, kind=kinds[i % len(kinds)], centre_jitter=centre_jitter)
+        images[k], _, (m,) = draw_object_image(rng, size, [obj], kinds)
         ys, xs = np.nonzero(m)
-        classes[k] = i % len(OBJECT_CLASSES)
+        classes[k] = i % len(kinds)
         radius[k] = obj["r"]
         boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         masks[k] = m

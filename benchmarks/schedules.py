@@ -212,7 +212,8 @@ def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['model']} | {r['size']} | {r['kind']} | error: {r['error']} | | | | |"
     mib = 2**20
-    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {r.get('ratio', 1.0):.2f}x | "
+    ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {ratio} | "
             f"{r['peak'] / mib:,.0f} | {r.get('equal', '-')} | {r['schedule']} | {r['load_before']} |")
 
 

@@ -264,7 +264,7 @@ class DenseSession:
             # the stage sessions do not hold a second copy of the weights beside it.
             _return_freed_memory()
             # Whole runs too without the memory arena: it grows by doubling and keeps what it once
-            # held, 1.35x the values' peak measured on a ResNet at 2048-4096 (1.0x without it)
+            # held (a ResNet's whole run at 4096 peaked at 855 MiB with it, 710 without)
             so.enable_cpu_mem_arena = False
             graph = self._light_structure().graph
             inits = {t.name for t in graph.initializer}
@@ -726,7 +726,7 @@ class DenseSession:
         ``largest`` does. Tiles are laid from both ends of the image at their full size, so a
         tile larger than its count needs only recomputes more overlap: at 4096 pixels and a
         receptive field of 627, 2 tiles of 2468 per axis compute 1.45x the image's pixels, 2 of
-        2258 1.22x."""
+        2362 1.33x."""
         count = self._count_tiles(feeds, self.check_tile(largest))
         if self._count_tiles(feeds, self.check_tile(smallest)) <= count:
             return smallest
@@ -937,10 +937,6 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _nbytes(value) -> int:
-    return int(getattr(value, "nbytes", 0) or 0)
 
 
 def _shape(value) -> tuple:

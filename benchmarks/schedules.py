@@ -7,8 +7,12 @@ process (so its peak is its own):
 
 * ``whole``: the dense model on the whole image (no budget);
 * ``tiled``: ``tile=--tile`` (overlap included), the tiling that existed before;
-* ``budget``: ``max_memory=--budget``: the session picks whole, phases or phases+tiles from
-  its estimate (the schedule chosen is in the table).
+* ``budget``: ``max_memory=--budget`` (``budget=2GB``: that budget): the session picks whole,
+  phases or phases+tiles from its estimate (the schedule chosen is in the table).
+
+A whole run whose estimate is above ``--max-whole`` is not run (its row says what it would
+need); the other runs are then compared with the tiled run. ``--keep`` keeps the outputs, so
+that runs made by several invocations can be compared.
 
 Each child reports the run's wall time (one run, after building the session), its peak RSS
 (``VmHWM`` of the whole process: Python, onnxruntime, weights, image, outputs) and the RSS
@@ -26,7 +30,7 @@ Models (built in code, random weights, TorchScript export, nothing downloaded):
 Run (Linux: reads /proc/self/status):
 
     python benchmarks/schedules.py --workdir /tmp/onnx-dense-schedules --json schedules.json
-    # --models fcn,resnet  --sizes 512,1024,2048,4096  --budget 1GB  --tile 512  --runs whole,tiled,budget
+    # --models fcn,resnet  --sizes 512,1024,2048,4096  --budget 1GB  --tile 512  --runs whole,tiled,budget,budget=2GB
 """
 
 from __future__ import annotations
@@ -66,8 +70,8 @@ _CHILD = textwrap.dedent(
     options = {}
     if kind == "tiled":
         options["tile"] = int(tile)
-    if kind == "budget":
-        options["max_memory"] = budget
+    if kind.startswith("budget"):
+        options["max_memory"] = kind.partition("=")[2] or budget
     session = DenseSession(model, provider="cpu", **options)
     before = status("VmRSS")
     t0 = time.perf_counter()
@@ -134,10 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dense-schedules")
     ap.add_argument("--models", default="fcn,resnet")
     ap.add_argument("--sizes", default="512,1024,2048,4096")
-    ap.add_argument("--runs", default="whole,tiled,budget")
+    ap.add_argument("--runs", default="whole,tiled,budget", help="budget=2GB: a run with that budget instead of --budget")
     ap.add_argument("--budget", default="1GB")
     ap.add_argument("--tile", type=int, default=None, help="default: 512 (fcn), 1024 (resnet: the least is 634)")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="write the rows there (appended to the rows already in it)")
+    ap.add_argument("--max-whole", default="12GB",
+                    help="skip whole runs estimated above this (the row says what they would need)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the outputs (to compare with a whole run made by another invocation)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -149,32 +157,63 @@ def main(argv=None) -> int:
             results = {}
             for kind in args.runs.split(","):
                 out = args.workdir / f"out_{name}_{size}_{kind}"
+                if kind == "whole" and (need := whole_estimate(model, size)) > parse_memory(args.max_whole):
+                    results[kind] = dict(model=name, size=size, kind=kind, skipped=f"not run: needs ~{need / 2**30:.1f} GB (est.)")
+                    continue
                 before = load()
                 r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out)
                 r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime())
                 results[kind] = r
             ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
+            if not ref.exists():  # no whole run: compare with the tiled one
+                ref = args.workdir / f"out_{name}_{size}_tiled.0.npy"
             for kind, r in results.items():
-                if "error" not in r and kind != "whole" and ref.exists():
-                    r["equal"] = compare(ref, args.workdir / f"out_{name}_{size}_{kind}.0.npy")
+                mine = args.workdir / f"out_{name}_{size}_{kind}.0.npy"
+                if "seconds" in r and ref.exists() and mine != ref:
+                    r["equal"] = compare(ref, mine) + ("" if ref.name.endswith("whole.0.npy") else " (to tiled)")
                 base = results.get("whole", {}).get("seconds")
                 if base and "seconds" in r:
                     r["ratio"] = r["seconds"] / base
                 rows.append(r)
                 print(row(r), flush=True)
-            for f in args.workdir.glob(f"out_{name}_{size}_*.npy"):
-                f.unlink()
+            if not args.keep:
+                for f in args.workdir.glob(f"out_{name}_{size}_*.npy"):
+                    f.unlink()
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "budget": args.budget, "tile": args.tile, "rows": rows},
-                                        indent=1))
+        old = json.loads(args.json.read_text())["rows"] if args.json.exists() else []
+        args.json.write_text(json.dumps({"machine": machine, "budget": args.budget, "tile": args.tile,
+                                         "rows": old + rows}, indent=1))
     return 0
 
 
+def whole_estimate(model: Path, size: int) -> int:
+    """The session's own estimate of a whole run's peak (no image made)."""
+    from onnx_dense.runtime import DenseSession
+
+    session = DenseSession(str(model), provider="cpu", max_memory="1TB")
+    return session._estimator((size, size))(0) - _rss_now() + 150 * 2**20  # a fresh child: ~150 MB before
+
+
+def _rss_now() -> int:
+    from onnx_dense.runtime.dense_session import _rss
+
+    return _rss()
+
+
+def parse_memory(text: str) -> int:
+    from onnx_dense.runtime.schedule import parse_memory as parse
+
+    return parse(text)
+
+
 def row(r: dict) -> str:
+    if "skipped" in r:
+        return f"| {r['model']} | {r['size']} | {r['kind']} | - | - | - | - | {r['skipped']} | |"
     if "error" in r:
         return f"| {r['model']} | {r['size']} | {r['kind']} | error: {r['error']} | | | | |"
     mib = 2**20
-    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {r.get('ratio', 1.0):.2f}x | "
+    ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {ratio} | "
             f"{r['peak'] / mib:,.0f} | {r.get('equal', '-')} | {r['schedule']} | {r['load_before']} |")
 
 

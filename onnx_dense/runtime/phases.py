@@ -77,9 +77,10 @@ class PhasePlan:
         return len(self.stages) - 1
 
     def estimate_stages(self):
-        """(level, (inputs, outputs) per node, stage inputs, stage outputs) per stage, for schedule.phases_peak."""
+        """(level, (inputs, outputs, op_type) per node, stage inputs, stage outputs) per stage, for schedule.phases_peak."""
         return [
-            (s.level, [([i for i in n.input if i], [o for o in n.output if o]) for n in s.nodes], s.inputs, s.outputs)
+            (s.level, [([i for i in n.input if i], [o for o in n.output if o], n.op_type) for n in s.nodes],
+             s.inputs, s.outputs)
             for s in self.stages
         ]
 

@@ -14,11 +14,26 @@ Schedules, from fastest to leanest (all give the untiled output):
 The estimate. ONNX shape inference at the image size gives every value's bytes; a walk over
 the nodes in order, allocating outputs and freeing each value after its last reader, gives
 the largest set of live values (onnxruntime plans its memory the same way, reusing buffers
-of dead values). A stage run by phases sees its values divided by the number of phases at
-its level; the values carried across a split and the stitched outputs stay alive. Add the
-image, the outputs and what the process already holds (weights, sessions: its RSS now).
-The budget is for the whole process, so the choice is the fastest schedule whose estimate,
-times a margin for allocator slack (:data:`MARGIN`), fits.
+of dead values; an elementwise node's output takes the buffer of an input that dies there,
+as onnxruntime's fusions and in-place kernels do). A stage run by phases sees its values
+divided by the number of phases at its level; the values carried across a split, the phase
+copies of a stage's inputs and the output buffers are numpy arrays, counted exactly. The
+image (and any other feed) is in the process's RSS when the schedule is chosen, so it is
+counted once, there; a tile's copy of it is counted. Add what making the sessions costs
+(:func:`session_bytes`). The budget is for the whole process, so the choice is the fastest
+schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times. Budgeted
+sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held).
+
+Measured (2026-12-03, ORT 1.32 CPU, 2 threads; ``benchmarks/schedules.py``'s two models, the
+FCN sample at output stride 1 and a ResNet-18 layout at output stride 8, whole, 1, 2 and 4
+eST levels, phases on tiles, tiles; 512 to 4096 pixels, 26 runs): the peak (``VmHWM``) was
+0.67-0.97 of the estimate (whole runs 0.67-0.95); the largest share of ``MARGIN`` a run
+needed was 1.35 (the FCN by 16 phases at 2048), 1.3 (the ResNet by phases on tiles at 4096).
+The estimate before (the image counted up to four times, no in-place outputs, arena on) was
+1.4-2.6x the measured peak on the ResNet at 2048-4096 and chose phases on tiles where the
+whole run fits.
+Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
+GEMM), other providers (CUDA: device memory is not RSS).
 """
 
 from __future__ import annotations
@@ -34,7 +49,18 @@ import onnx
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 
-MARGIN = 1.5  # estimate x MARGIN must fit: allocator slack, kernels' scratch (im2col), Python copies
+MARGIN = 1.5  # onnxruntime's values x MARGIN must fit: allocator slack, kernels' scratch (im2col)
+SESSION_BYTES = 24 * 2**20  # onnxruntime's sessions and run-time buffers beside the weights and values
+
+
+def session_bytes(weights: int) -> int:
+    """What the sessions and a run add to the process besides the values: measured on CPU (2
+    threads), making a whole model's session 9-10 MiB + the weights, its stage sessions 10-15 MiB
+    + the weights (building them holds the weights twice for a while), and a run of small
+    models 8-13 MiB above its values: counted as twice the weights + :data:`SESSION_BYTES`."""
+    return 2 * weights + SESSION_BYTES
+
+
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 KINDS = ("auto", "whole", "phases", "phases+tiles", "tiles")
@@ -107,7 +133,7 @@ class Profile:
 
     size: tuple[int, ...]
     nbytes: dict[str, int]
-    nodes: list[tuple[list[str], list[str]]]  # (inputs, outputs) per node, in graph order
+    nodes: list[tuple[list[str], list[str], str]]  # (inputs, outputs, op_type) per node, in graph order
     outputs: list[str]
     graph_inputs: list[str]
 
@@ -145,57 +171,111 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
             continue
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
         nbytes[vi.name] = int(np.prod(dims, dtype=np.float64)) * _ITEMSIZE.get(tt.elem_type, 4)
-    nodes = [([i for i in n.input if i and i not in inits], [o for o in n.output if o]) for n in structure.graph.node]
+    nodes = [([i for i in n.input if i and i not in inits], [o for o in n.output if o], n.op_type)
+             for n in structure.graph.node]
     graph_inputs = [i.name for i in structure.graph.input if i.name not in inits]
     return Profile(tuple(size), nbytes, nodes, [o.name for o in structure.graph.output], graph_inputs)
 
 
-def live_peak(prof: Profile, nodes: Sequence[tuple[list[str], list[str]]], *, divide: float = 1.0,
-              keep: set[str] = frozenset()) -> int:
-    """Largest sum of live values while ``nodes`` run in order (inputs live until their last reader)."""
+# Elementwise ops: onnxruntime fuses them into the Conv before them (Conv + activation, Conv +
+# Add + activation on CPU) or runs them in place (kernels declared MayInplace): an input of the
+# output's size whose last reader is such a node gives its buffer to the output.
+ELEMENTWISE = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
+    "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor",
+    "Ceil", "Round", "Sign", "ThresholdedRelu", "BatchNormalization", "Identity", "Dropout",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+})
+
+
+def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
+              keep: set[str] = frozenset(), skip: set[str] = frozenset()) -> int:
+    """Largest sum of live values while ``nodes`` ((inputs, outputs[, op_type]) each) run in order.
+
+    A value lives from the node that makes it (values from outside ``nodes``: from the start)
+    to its last reader; values in ``keep`` to the end; values in ``skip`` are not counted
+    (held, and counted, by the caller). An :data:`ELEMENTWISE` node's output takes the buffer
+    of an input of its size that dies there (not one in ``keep`` or ``skip``).
+    """
     last: dict[str, int] = {}
-    for i, (ins, _) in enumerate(nodes):
-        for name in ins:
+    for i, node in enumerate(nodes):
+        for name in node[0]:
             last[name] = i
-    made = {o for _, outs in nodes for o in outs}
+    made = {o for node in nodes for o in node[1]}
     live: dict[str, int] = {}
     for name in last:  # values from outside the stage are there from the start
-        if name not in made:
+        if name not in made and name not in skip:
             live[name] = prof.nbytes.get(name, 0)
     peak = sum(live.values())
-    for i, (ins, outs) in enumerate(nodes):
+    for i, node in enumerate(nodes):
+        ins, outs = node[0], node[1]
+        dying = [n for n in ins if last.get(n) == i and n not in keep and n in live]
         for o in outs:
-            live[o] = prof.nbytes.get(o, 0)
+            if o in skip:
+                continue
+            size = prof.nbytes.get(o, 0)
+            if len(node) > 2 and node[2] in ELEMENTWISE:
+                donor = next((n for n in dying if live.get(n) == size), None)
+                if donor is not None:  # in place: the input's buffer becomes the output
+                    live.pop(donor)
+                    dying.remove(donor)
+            live[o] = size
         peak = max(peak, sum(live.values()))
-        for name in ins:
-            if last.get(name) == i and name not in keep:
-                live.pop(name, None)
+        for name in dying:
+            live.pop(name, None)
         for o in outs:
             if o not in last and o not in keep:
                 live.pop(o, None)
     return int(peak / divide)
 
 
-def whole_peak(prof: Profile) -> int:
-    """The dense model on the whole image: its live values, plus its input and outputs."""
-    io = sum(prof.nbytes.get(n, 0) for n in [*prof.graph_inputs, *prof.outputs])
-    return live_peak(prof, prof.nodes, keep=set(prof.outputs)) + io
+def whole_peak(prof: Profile, *, resident: bool = True, margin: float = MARGIN) -> int:
+    """The dense model in one onnxruntime run: bytes above what the process holds before it.
 
-
-def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str]) -> int:
-    """Phase by phase: per stage, its live values over its phases, plus what is held above it.
-
-    ``plan_stages``: (level, node names' (inputs, outputs), inputs, outputs) per stage, in order.
+    onnxruntime's values (its outputs kept to the end) times ``margin``, plus the outputs'
+    numpy copies. The inputs are counted only if not ``resident`` (a tile's copy of the image;
+    the caller's own arrays are in its RSS already).
     """
-    outputs_bytes = sum(prof.nbytes.get(n, 0) for n in output_names)
-    held = sum(prof.nbytes.get(n, 0) for n in prof.graph_inputs) + outputs_bytes
-    peak = 0
-    carried = 0
+    inputs = sum(prof.nbytes.get(n, 0) for n in prof.graph_inputs)
+    outputs = sum(prof.nbytes.get(n, 0) for n in prof.outputs)
+    ort = live_peak(prof, prof.nodes, keep=set(prof.outputs), skip=set(prof.graph_inputs))
+    return int(ort * margin) + outputs + (0 if resident else inputs)
+
+
+def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resident: bool = True,
+                margin: float = MARGIN) -> int:
+    """Phase by phase (:meth:`PhasePlan.run`): bytes above what the process holds before it.
+
+    ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs) per stage, in order.
+    While one phase of stage ``k`` runs, the process holds: the values stages above carry to
+    later ones (their phase's share), the output buffers (an output made at stage ``s`` has one
+    at every level down to ``s``), the contiguous copies of the stage's inputs (stage 0 reads
+    the image itself: counted only if not ``resident``), and onnxruntime's values of the stage
+    (times ``margin``).
+    """
+    outputs = set(output_names)
+    parts = [math.prod(level) for level, *_ in plan_stages]
+    made_at = {o: k for k, (_, _, _, outs) in enumerate(plan_stages) for o in outs}
+    held = sum(prof.nbytes.get(n, 0) * sum(1 / p for p in parts[:made_at.get(n, 0) + 1]) for n in outputs)
+    if not resident:
+        held += sum(prof.nbytes.get(n, 0) for n in prof.graph_inputs)
+    peak = 0.0
+    carried = 0.0
     for k, (level, nodes, inputs, outs) in enumerate(plan_stages):
-        parts = math.prod(level)
-        stage = live_peak(prof, nodes, divide=parts)
-        # a phase's inputs are copies of slices of what the stage above carries
-        copies = sum(prof.nbytes.get(n, 0) for n in inputs) / parts
-        peak = max(peak, held + carried + stage + copies)
-        carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in output_names) / parts
+        ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs))
+        copies = 0.0 if k == 0 else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
+        peak = max(peak, held + carried + copies + ort * margin)
+        carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs) / parts[k]
     return int(peak)
+
+
+def tiles_peak(tile_prof: Profile, image_prof: Profile, plan_stages=None, output_names: Sequence[str] = (), *,
+               margin: float = MARGIN) -> int:
+    """Tile by tile (whole or by phases on each tile): the stitched outputs, held whole, plus one
+    tile's run on its own copy of the tile (``tile_prof``: the profile at the tile's size)."""
+    outputs = sum(image_prof.nbytes.get(n, 0) for n in image_prof.outputs)
+    if plan_stages is None:
+        one = whole_peak(tile_prof, resident=False, margin=margin)
+    else:
+        one = phases_peak(tile_prof, plan_stages, output_names, resident=False, margin=margin)
+    return outputs + one

@@ -117,6 +117,10 @@ def test_the_budget_picks_the_fastest_schedule_that_fits(models, monkeypatch):
     assert tight.estimate < mid.estimate
     assert tiny.kind == "phases+tiles" and tiny.tiles > 1
     assert "estimated peak" in tiny.describe() and "phases+tiles" in tiny.describe()
+    assert "allowed" in tiny.describe() and "over" not in tiny.describe()
+    # nothing fits: the leanest schedule runs, and says it is over the budget
+    none = chosen("1MB")
+    assert none.estimate > 2**20 and "over the 1.00 MB allowed: no schedule fits" in none.describe()
     # without a budget: as before, whole (or the tile asked for)
     plain = DenseSession(models["fcn"], provider="cpu")
     assert plain.choose(plain._feeds(feeds)).kind == "whole"

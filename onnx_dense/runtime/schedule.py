@@ -111,7 +111,9 @@ class Schedule:
         line = ", ".join(parts)
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
-            if self.budget is not None:
+            if self.budget is not None and self.estimate > self.budget:
+                line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is the leanest"
+            elif self.budget is not None:
                 line += f" of {fmt_bytes(self.budget)} allowed"
         return line
 

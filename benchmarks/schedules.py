@@ -64,7 +64,7 @@ _CHILD = textwrap.dedent(
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
-    model, size, kind, tile, budget, out = sys.argv[1:7]
+    model, size, kind, tile, budget, out, runs = sys.argv[1:8]
     size = int(size)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     options = {}
@@ -77,11 +77,18 @@ _CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     maps = session.run(x)
     seconds = time.perf_counter() - t0
-    peak = status("VmHWM")
     chosen = session.last_schedule.describe() if session.last_schedule else kind
+    second = {}
+    if runs == "2":  # the same image again: the sessions exist, as for every image after the first
+        del maps
+        t0 = time.perf_counter()
+        maps = session.run(x)
+        second = {"seconds2": time.perf_counter() - t0,
+                  "schedule2": session.last_schedule.describe() if session.last_schedule else kind}
+    peak = status("VmHWM")
     for i, (name, m) in enumerate(maps.items()):
         np.save(f"{out}.{i}.npy", m.numpy())
-    print(json.dumps({"seconds": seconds, "peak": peak, "before": before, "schedule": chosen}))
+    print(json.dumps({"seconds": seconds, "peak": peak, "before": before, "schedule": chosen, **second}))
     """
 )
 
@@ -99,10 +106,10 @@ def build(name: str, workdir: Path) -> Path:
     return dst
 
 
-def child(model: Path, size: int, kind: str, tile: int, budget: str, out: Path) -> dict:
+def child(model: Path, size: int, kind: str, tile: int, budget: str, out: Path, runs: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(model), str(size), kind, str(tile), budget, str(out)],
+        [sys.executable, "-c", _CHILD, str(model), str(size), kind, str(tile), budget, str(out), str(runs)],
         capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
@@ -144,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows there (appended to the rows already in it)")
     ap.add_argument("--max-whole", default="12GB",
                     help="skip whole runs estimated above this (the row says what they would need)")
+    ap.add_argument("--second-run", action="store_true",
+                    help="run each image twice in its child and time the second run too (the sessions exist by then, "
+                    "as for every image after the first; the peak is over both)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the outputs (to compare with a whole run made by another invocation)")
     args = ap.parse_args(argv)
@@ -161,7 +171,8 @@ def main(argv=None) -> int:
                     results[kind] = dict(model=name, size=size, kind=kind, skipped=f"not run: needs ~{need / 2**30:.1f} GB (est.)")
                     continue
                 before = load()
-                r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out)
+                r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out,
+                          2 if args.second_run else 1)
                 r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime())
                 results[kind] = r
             ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
@@ -174,6 +185,9 @@ def main(argv=None) -> int:
                 base = results.get("whole", {}).get("seconds")
                 if base and "seconds" in r:
                     r["ratio"] = r["seconds"] / base
+                base2 = results.get("whole", {}).get("seconds2")
+                if base2 and "seconds2" in r:
+                    r["ratio2"] = r["seconds2"] / base2
                 rows.append(r)
                 print(row(r), flush=True)
             if not args.keep:
@@ -213,7 +227,13 @@ def row(r: dict) -> str:
         return f"| {r['model']} | {r['size']} | {r['kind']} | error: {r['error']} | | | | |"
     mib = 2**20
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-    return (f"| {r['model']} | {r['size']} | {r['kind']} | {r['seconds']:.2f} | {ratio} | "
+    seconds = f"{r['seconds']:.2f}"
+    if "seconds2" in r:  # first / second run
+        seconds += f" / {r['seconds2']:.2f}"
+        ratio += f" / {r['ratio2']:.2f}x" if "ratio2" in r else " / -"
+        if r["schedule2"].split(";")[0] != r["schedule"].split(";")[0]:
+            r["schedule"] += f"; second run: {r['schedule2']}"
+    return (f"| {r['model']} | {r['size']} | {r['kind']} | {seconds} | {ratio} | "
             f"{r['peak'] / mib:,.0f} | {r.get('equal', '-')} | {r['schedule']} | {r['load_before']} |")
 
 

@@ -448,13 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out = args.out or Path(f"exp_cls_reg_{args.config}")
     if args.report:
-        source = args.out / "results.json"
-        if not source.is_file():
-            ap.error(f"--report: {source} does not exist")
-        md = report(json.loads(source.read_text()))
-        (args.out / "results.md").write_text(md)
-        print(md)
-        return 0
+        return ex.rewrite_report(ap, args.out, report)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -495,11 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "machine": ex._machine(), "load_start": load_start, "load_end": _load(),
         "pretraining": pretraining, "runs": runs,
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
-    md = report(payload)
-    (out / "results.md").write_text(md)
-    print()
-    print(md)
+    ex.write_results(out, payload, report)
     return 0
 
 

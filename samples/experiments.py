@@ -687,13 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out = args.out or Path(f"exp_{args.config}")
     if args.report:
-        source = args.out / "results.json"
-        if not source.is_file():
-            ap.error(f"--report: {source} does not exist")
-        md = report(json.loads(source.read_text()))
-        (args.out / "results.md").write_text(md)
-        print(md)
-        return 0
+        return rewrite_report(ap, args.out, report)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -768,10 +762,27 @@ def _run(args, cfg: Config, tasks, seeds, out: Path, pool, started: float, cpu0:
         "wall_seconds": wall, "cpu_seconds": cpu, "data_seconds": data_seconds, "jobs": args.jobs,
         "threads": args.threads, "machine": _machine(), "summary": summarise(results, cfg), "runs": results,
     }
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
+    write_results(out, payload, report)
+    return 0
+
+
+def write_results(out: Path, payload: dict, report, default=float) -> None:
+    """``OUT/results.json`` (every number) and ``OUT/results.md`` (``report(payload)``), printed too:
+    the end of this module's run and of :mod:`samples.fcn8s_experiment`'s and :mod:`samples.cls_reg_paper`'s."""
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=default))
     md = report(payload)
     (out / "results.md").write_text(md)
     print()
+    print(md)
+
+
+def rewrite_report(ap: argparse.ArgumentParser, out: Path, report) -> int:
+    """``--report``: rewrite ``OUT/results.md`` from ``OUT/results.json`` with ``report``."""
+    source = out / "results.json"
+    if not source.is_file():
+        ap.error(f"--report: {source} does not exist")
+    md = report(json.loads(source.read_text()))
+    (out / "results.md").write_text(md)
     print(md)
     return 0
 

@@ -755,10 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out: Path = args.out or Path(f"exp_fcn8s_{args.config}")
     if args.report:
-        payload = json.loads((out / "results.json").read_text())
-        (out / "results.md").write_text(report(payload))
-        print(report(payload))
-        return 0
+        from samples.experiments import rewrite_report
+
+        return rewrite_report(ap, out, report)
     overrides = parse_overrides(args.set)
     if args.ablations is not None:
         overrides["ablations"] = args.ablations
@@ -786,10 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                    "cpu_seconds": time.process_time() - cpu0, "load_average": os.getloadavg(),
                    "machine": _machine(cfg), "runs": runs}
         (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))  # after every seed
-    md = report(payload)
-    (out / "results.md").write_text(md)
-    print()
-    print(md)
+    from samples.experiments import write_results
+
+    write_results(out, payload, report, default=str)
     return 0
 
 

@@ -8,7 +8,8 @@ process (so its peak is its own):
 * ``whole``: the dense model on the whole image (no budget);
 * ``tiled``: ``tile=--tile`` (overlap included), the tiling that existed before;
 * ``budget``: ``max_memory=--budget`` (``budget=2GB``: that budget): the session picks whole,
-  phases or phases+tiles from its estimate (the schedule chosen is in the table).
+  phases, tiled-trunk or phases+tiles from its estimate (the schedule chosen is in the table);
+  ``budget=700MB@phases+tiles`` forces one kind, sized to the budget (to compare two kinds).
 
 A whole run whose estimate is above ``--max-whole`` is not run (its row says what it would
 need); the other runs are then compared with the tiled run. ``--keep`` keeps the outputs, so
@@ -71,7 +72,10 @@ _CHILD = textwrap.dedent(
     if kind == "tiled":
         options["tile"] = int(tile)
     if kind.startswith("budget"):
+        kind, _, forced = kind.partition("@")
         options["max_memory"] = kind.partition("=")[2] or budget
+        if forced:
+            options["schedule"] = forced
     session = DenseSession(model, provider="cpu", **options)
     before = status("VmRSS")
     t0 = time.perf_counter()
@@ -145,7 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dense-schedules")
     ap.add_argument("--models", default="fcn,resnet")
     ap.add_argument("--sizes", default="512,1024,2048,4096")
-    ap.add_argument("--runs", default="whole,tiled,budget", help="budget=2GB: a run with that budget instead of --budget")
+    ap.add_argument("--runs", default="whole,tiled,budget",
+                    help="budget=2GB: a run with that budget instead of --budget; budget=2GB@phases+tiles: with that "
+                    "schedule forced (the session still sizes it to the budget)")
     ap.add_argument("--budget", default="1GB")
     ap.add_argument("--tile", type=int, default=None, help="default: 512 (fcn), 1024 (resnet: the least is 634)")
     ap.add_argument("--json", type=Path, help="write the rows there (appended to the rows already in it)")

@@ -68,6 +68,10 @@ class DenseInfo:
     # Per value in the dense region (eST > 1 on some axis): (eST, spatial axes). The phase
     # schedule (runtime/phases.py) splits the graph where eST grows; None for older models.
     values: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+    # Per dense value whose positions see a fixed window of the input: (dense stride, rf_start,
+    # rf_size) in input pixels, as for outputs. The trunk of a phase schedule is tiled by them
+    # (runtime/phases.py); None for models written before they were recorded.
+    fields: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
 
     def to_json(self) -> str:
         data = {
@@ -84,6 +88,8 @@ class DenseInfo:
             data["tuning"] = self.tuning
         if self.values is not None:
             data["values"] = {k: [list(e), list(a)] for k, (e, a) in self.values.items()}
+        if self.fields is not None:
+            data["fields"] = {k: [list(s), list(a), list(r)] for k, (s, a, r) in self.fields.items()}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -96,9 +102,16 @@ class DenseInfo:
         values = data.get("values")
         if values is not None:
             values = {k: (tuple(e), tuple(a)) for k, (e, a) in values.items()}
+        fields = data.get("fields")
+        if fields is not None:
+            fields = {k: (tuple(s), tuple(a), tuple(r)) for k, (s, a, r) in fields.items()}
+            for k, (s, a, r) in fields.items():
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*s, *a, *r)) \
+                        or min((*s, *r), default=1) < 1 or not len(s) == len(a) == len(r):
+                    raise ValueError(f"fields of value '{k}' are not a stride, start and size per axis")
         return cls(
             stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"),
-            bool(data.get("per_phase_global", False)), data.get("tuning"), values,
+            bool(data.get("per_phase_global", False)), data.get("tuning"), values, fields,
         )
 
 

@@ -264,7 +264,8 @@ def test_tiles_and_phases_of_a_rebuilt_upsampling_equal_the_whole_run(rule):
     with DenseSession(dense, provider="cpu") as session:
         whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
     for kwargs, kind in ((dict(tile=48), "tiles"), (dict(schedule="phases"), "phases"),
-                         (dict(max_memory="1GB", schedule="phases+tiles"), "phases+tiles")):
+                         (dict(max_memory="1GB", schedule="phases+tiles"), "phases+tiles"),
+                         (dict(max_memory="1GB", schedule="tiled-trunk"), "tiled-trunk")):
         with DenseSession(dense, provider="cpu", **kwargs) as session:
             got = session.run({"x": x})
             assert session.last_schedule.kind == kind

@@ -26,9 +26,9 @@ from onnx_dense.errors import DenseError
               help="run tiles of N input pixels (overlap included) and stitch them: same output, less memory "
                    "(a .npy image is then read by windows and its outputs stitched on disk)")
 @click.option("--max-memory", metavar="SIZE",
-              help="memory budget for the whole process, e.g. 2GB: runs whole, phase by phase, or phase by phase on "
-                   "tiles, whichever is fastest within it (one line per image says which)")
-@click.option("--schedule", type=click.Choice(["auto", "whole", "phases", "phases+tiles", "tiles"]), default="auto",
+              help="memory budget for the whole process, e.g. 2GB: runs whole, phase by phase (its trunk on tiles if "
+                   "need be), or phase by phase on tiles, whichever is fastest within it (one line per image says which)")
+@click.option("--schedule", type=click.Choice(["auto", "whole", "phases", "tiled-trunk", "phases+tiles", "tiles"]), default="auto",
               show_default=True, help="force a schedule instead of choosing one from --max-memory")
 @click.option("--fp16", is_flag=True, help="run in float16 (inputs and outputs stay float32; not bit-exact)")
 @click.option("--nhwc", is_flag=True, help="CUDA: prefer channels-last convolution kernels (prefer_nhwc)")

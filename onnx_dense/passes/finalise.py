@@ -97,7 +97,8 @@ def describe(model: ir.Model, strategy: str = "dilate", source: str | None = Non
             size=g.size,
             dense_size=g.dense_size,
         )
-    return metadata.DenseInfo(analysis.target, strategy, inputs, outputs, source, values=_dense_values(model))
+    return metadata.DenseInfo(analysis.target, strategy, inputs, outputs, source, values=_dense_values(model),
+                              fields=_dense_fields(model))
 
 
 def _dense_values(model: ir.Model) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -111,6 +112,21 @@ def _dense_values(model: ir.Model) -> dict[str, tuple[tuple[int, ...], tuple[int
             if value.name and g is not None and g.axes is not None and g.is_dense and not g.flattened:
                 values[value.name] = (tuple(g.est), tuple(g.axes))
     return values
+
+
+def _dense_fields(model: ir.Model) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Dense stride and receptive field of every dense value whose positions each see one window
+    of the input (not global context, not an upsampled map): what tiling a stage needs."""
+    from onnx_dense.grid import GRID
+
+    fields = {}
+    for node in model.graph:
+        for value in node.outputs:
+            g = value.meta.get(GRID)
+            if (value.name and g is not None and g.axes is not None and g.is_dense and not g.flattened
+                    and not g.global_from and g.info is None and not g.inserted):
+                fields[value.name] = (tuple(g.dense_stride), tuple(g.rf_start), tuple(g.rf_size))
+    return fields
 
 
 class DynamicSpatialDims(ir.passes.InPlacePass):

@@ -36,7 +36,8 @@ Choices, and why:
   stitches them; the result equals the untiled run (see :mod:`onnx_dense.runtime.tiling`).
 * Memory budget (``max_memory="2GB"``) or ``schedule="phases"``: each run takes the fastest of
   whole, phase by phase (:mod:`onnx_dense.runtime.phases`: the original's strided layers on
-  each phase, no repeated work) and phases on tiles whose estimated peak fits
+  each phase, no repeated work), phases with the trunk on tiles, and phases on tiles whose
+  estimated peak fits
   (:mod:`onnx_dense.runtime.schedule`); ``last_schedule`` says which. Such a session makes the
   whole model's onnxruntime session only when a run needs it, so the weights are held once,
   and runs without onnxruntime's memory arena, so that a run's peak is what it needs. Tiles
@@ -46,7 +47,7 @@ Choices, and why:
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
   keeps them spinning): worth it when other sessions or processes share a few CPU cores.
 
-Why one module of about 960 lines: every way of running (whole, tiles, phases, phases on
+Why one module of about 1,050 lines: every way of running (whole, tiles, phases, phases on
 tiles) goes through the same feeds, providers, metadata and error wording, and the schedule
 chooses among them per run; the parts that stand alone live beside it (``tiling``, ``phases``,
 ``schedule``, ``session``).
@@ -465,7 +466,7 @@ class DenseSession:
                                  f"got {got}. Make a session without fixed_size for images of several sizes")
         tile = self.tile if tile is _UNSET else tile
         kind = schedule or self.schedule
-        if self._rebuilt and (tile is not None or kind in ("phases", "phases+tiles", "tiles")
+        if self._rebuilt and (tile is not None or kind in ("phases", "tiled-trunk", "phases+tiles", "tiles")
                               or (kind == "auto" and self.max_memory is not None)):
             if keep_on_device:
                 raise DenseError("a rebuilt final upsampling run by tiles or phases is put together on the host; "
@@ -479,6 +480,12 @@ class DenseSession:
             values = self.run_raw(feeds, keep_on_device=keep_on_device)
         elif chosen.kind == "phases":
             values = self._phase_plan(chosen.depth).run(feeds)
+        elif chosen.kind == "tiled-trunk":
+            plan = self._phase_plan(chosen.depth)
+            trunk_axes = self._trunk_axes(chosen.depth)
+            entry = self.info.inputs[self.image_input]
+            values = plan.run(feeds, trunk=lambda f: tiling.run_tiled(
+                plan.stages[0].run, f, self.image_input, entry.spatial_axes, trunk_axes, chosen.tile, progress))
         elif chosen.kind == "phases+tiles":
             plan = self._phase_plan(chosen.depth)
             values = self._run_tiled(feeds, chosen.tile, progress, runner=plan.run)
@@ -643,12 +650,12 @@ class DenseSession:
         try:
             depths = range(1, self._max_depth() + 1)
         except DenseError as exc:
-            if kind in ("phases", "phases+tiles"):
+            if kind in ("phases", "tiled-trunk", "phases+tiles"):
                 raise
             depths, why = range(0), str(exc)
         else:
             why = ""
-        if kind in ("phases", "phases+tiles") and not depths:
+        if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:
             raise DenseError(f"{self.label}: no eST level to split at (the dense model is the original); run whole")
         estimate = self._estimator(size)
         candidates: list[Schedule] = []
@@ -662,6 +669,13 @@ class DenseSession:
                 return dataclasses.replace(c, budget=budget)
         if kind == "phases":  # asked for phases and nothing fits: the deepest split
             return dataclasses.replace(candidates[-1], budget=budget)
+        trunk = None
+        if kind in ("auto", "tiled-trunk"):
+            trunk = self._choose_trunk(feeds, size, depths, estimate, budget)
+            if trunk is not None and (trunk.estimate <= (budget or 0) or kind == "tiled-trunk"):
+                return trunk
+            if kind == "tiled-trunk":
+                raise DenseError(f"{self.label}: cannot tile the trunk ({self._trunk_refusal(depths)})")
         # Tiles: per split depth, the largest tile whose estimate fits; then the depth whose tiles
         # recompute the least overlap, a little against deep splits whose phase maps get small
         # (many short onnxruntime runs): cost = computed pixels / image pixels * (1 + 16 / phase side).
@@ -687,7 +701,7 @@ class DenseSession:
             options.append((cost, estimate(depth, lo), depth, lo, layout))
         cost, est, depth, best, layout = min(options, key=lambda o: (o[0], o[1]))
         if cost == float("inf"):  # nothing fits: the leanest of all
-            leanest = min([*candidates, None], key=lambda c: c.estimate if c else est)
+            leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
             if leanest is not None:
                 return dataclasses.replace(leanest, budget=budget)
         if depth == 0 and kind != "auto":
@@ -695,6 +709,78 @@ class DenseSession:
         tile = self.check_tile(best)
         return Schedule("phases+tiles" if depth else "tiles", depth=depth, tile=tile, estimate=est,
                         budget=budget, runs=layout.splits if layout else 1, tiles=self._count_tiles(feeds, tile))
+
+    def _choose_trunk(self, feeds, size, depths, estimate, budget) -> Schedule | None:
+        """The tiled trunk that fits ``budget`` and recomputes the least: per split depth, the
+        largest trunk tile that fits (then the fewest tiles of that count), costed as the
+        phases+tiles options are; None if no depth's trunk can be tiled. With nothing fitting,
+        the leanest (the deepest split on the smallest tiles)."""
+        options = []
+        for depth in depths:
+            try:
+                outputs = self._trunk_axes(depth)
+            except DenseError:
+                continue
+            rank = len(size)
+            need = [tiling.minimum_tile_anywhere([o.geometry[k] for o in outputs]) for k in range(rank)]
+            rf = max(g.rf_size for o in outputs for g in o.geometry)
+            lo0, hi0 = max(*need, 2 * rf), max(size)
+            layout = self._layout(depth)
+
+            def fits(t):
+                return estimate(depth, t, trunk=True) <= (budget or 0)
+
+            lo, hi = lo0, hi0
+            if lo >= hi or not fits(lo):
+                options.append((float("inf"), estimate(depth, min(lo, hi), trunk=True), depth, min(lo, hi), layout, outputs))
+                continue
+            while hi - lo > 8:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            count = self._count_tiles(feeds, (lo,) * rank, outputs)
+            a, b = lo0, lo  # the smallest tile needing no more tiles than lo does
+            if self._count_tiles(feeds, (a,) * rank, outputs) > count:
+                while b - a > 1:
+                    mid = (a + b) // 2
+                    a, b = (a, mid) if self._count_tiles(feeds, (mid,) * rank, outputs) <= count else (mid, b)
+                lo = b
+            else:
+                lo = a
+            pixels = count * math.prod(min(lo, x) for x in size)
+            side = min(size) / max(layout.stages[-1].level)
+            options.append((pixels / math.prod(size) * (1 + 16 / side), estimate(depth, lo, trunk=True), depth, lo,
+                            layout, outputs))
+        if not options:
+            return None
+        cost, est, depth, tile, layout, outputs = min(options, key=lambda o: (o[0], o[1]))
+        if cost == float("inf"):
+            cost, est, depth, tile, layout, outputs = min(options, key=lambda o: o[1])
+        tile = (tile,) * len(size)
+        return Schedule("tiled-trunk", depth=depth, tile=tile, estimate=est, budget=budget, runs=layout.splits,
+                        tiles=self._count_tiles(feeds, tile, outputs))
+
+    def _trunk_axes(self, depth: int) -> list:
+        """Stage 0's outputs as tiles stitch them; DenseError if the trunk cannot be tiled exactly."""
+        key = ("trunk", depth)
+        if key not in self._profiles:
+            try:
+                layout = self._layout(depth)
+                tiling.check_tileable(self._structure(), self.info, self.image_input, layout.stages[0].nodes)
+                self._profiles[key] = layout.trunk_axes(self.info)
+            except DenseError as exc:
+                self._profiles[key] = exc
+        value = self._profiles[key]
+        if isinstance(value, DenseError):
+            raise value
+        return value
+
+    def _trunk_refusal(self, depths) -> str:
+        for depth in depths:
+            try:
+                self._trunk_axes(depth)
+            except DenseError as exc:
+                return str(exc)
+        return "no eST level to split at"
 
     def _estimator(self, size, margin: float = sched.MARGIN):
         """``estimate(depth, tile=None)``: the process's peak RSS (bytes) expected for a run on an
@@ -705,7 +791,7 @@ class DenseSession:
         prof = self._profile(size)
         weights = sched.session_bytes(self._weight_bytes())
 
-        def estimate(depth: int, tile: int | None = None) -> int:
+        def estimate(depth: int, tile: int | None = None, trunk: bool = False) -> int:
             if depth:  # sessions of another depth are dropped before the new ones are made
                 extra = 0 if self._plan is not None else weights
                 stages = self._layout(depth).estimate_stages()
@@ -717,6 +803,8 @@ class DenseSession:
                     return base + extra + sched.whole_peak(prof, margin=margin)
                 return base + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin)
             small = prof.scaled(tuple(min(tile, x) for x in size))
+            if trunk:
+                return base + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin, trunk=small)
             return base + extra + sched.tiles_peak(small, prof, stages, self.output_names, margin=margin)
 
         return estimate
@@ -736,10 +824,10 @@ class DenseSession:
             lo, hi = (lo, mid) if self._count_tiles(feeds, self.check_tile(mid)) <= count else (mid, hi)
         return hi
 
-    def _count_tiles(self, feeds, tile) -> int:
+    def _count_tiles(self, feeds, tile, outputs=None) -> int:
         name = self.image_input
         entry = self.info.inputs[name]
-        outputs = tiling.output_axes(self.info, name, self.output_names)
+        outputs = outputs or tiling.output_axes(self.info, name, self.output_names)
         count = 1
         for k, axis in enumerate(entry.spatial_axes):
             extent = int(_shape(feeds[name])[axis])
@@ -755,7 +843,10 @@ class DenseSession:
         key = ("layout", depth)
         if key not in self._profiles:
             try:
-                self._profiles[key] = phases.layout(self._light_structure(), self.info, self.image_input, depth)
+                light = self._light_structure()
+                layout = phases.layout(light, self.info, self.image_input, depth)
+                phases.check_stages(layout, light)  # what building the stages would refuse, refused now
+                self._profiles[key] = layout
             except DenseError as exc:
                 self._profiles[key] = exc
         value = self._profiles[key]

@@ -19,6 +19,14 @@ chain; results are put back at ``[ph::s]``. Every multiply-add of the dense mode
 once (no tile overlap), and at a time only one phase's activations of a stage are alive:
 about the original network's memory at that stage, plus the values held across a split.
 
+The tiled trunk. Stage 0 (the trunk) runs on the whole image at the original strides, so
+its first maps are the largest of the run and no split makes them smaller. It is a model of
+its own, local like the whole (:func:`~onnx_dense.runtime.tiling.check_tileable` on its
+nodes), whose outputs' strides and receptive fields the rewrite records
+(``DenseInfo.fields``): it tiles exactly by :mod:`onnx_dense.runtime.tiling` with tiles that
+overlap by its own receptive field (115 px for a ResNet-18 at output stride 8, against 627
+for the model), and later stages run phase by phase on the stitched maps (``run(trunk=...)``).
+
 Stage sessions run without onnxruntime's memory arena: an arena keeps what a session once
 needed, so stages would add their peaks up instead of taking the largest.
 
@@ -95,23 +103,49 @@ class PhasePlan:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """All graph outputs for ``feeds`` (the dense model's inputs, numpy)."""
+    def run(self, feeds: Mapping[str, np.ndarray], trunk: Callable | None = None) -> dict[str, np.ndarray]:
+        """All graph outputs for ``feeds`` (the dense model's inputs, numpy). ``trunk``, if
+        given, runs stage 0 instead of its session (the tiled trunk: :func:`trunk_axes`)."""
         env = dict(feeds)
-        result = self._run_from(0, env)
+        result = self._run_from(0, env, trunk)
         return {name: result[name] for name in self.output_names}
+
+    def trunk_axes(self, info: metadata.DenseInfo) -> list:
+        """Stage 0's outputs as tiles stitch them (:class:`~onnx_dense.runtime.tiling.OutputAxes`):
+        the trunk, before the first split, is the original network, so it tiles like a model
+        whose outputs are the maps it hands on, with their own small receptive fields."""
+        from onnx_dense.runtime.tiling import Geometry, OutputAxes
+
+        fields = info.fields
+        if fields is None:
+            raise DenseError("this dense model was written before onnx-dense recorded its values' receptive fields; "
+                             "rewrite it again to tile its trunk")
+        result = []
+        for name in self.stages[0].outputs:
+            out = info.outputs.get(name)
+            if out is not None and out.input == self.input_name and out.upsampling is None:
+                geometry = zip(out.stride, out.rf_start, out.rf_size)
+                axes = tuple(out.spatial_axes)
+            elif name in fields and name in self.value_axes:
+                geometry = zip(*fields[name])
+                axes = tuple(self.value_axes[name])
+            else:
+                raise DenseError(f"the trunk hands on '{name}', whose positions do not each see one window of the "
+                                 "image, so its tiles could not be stitched")
+            result.append(OutputAxes(name, axes, tuple(Geometry(*g) for g in geometry)))
+        return result
 
     def _needed_after(self, k: int) -> set[str]:
         return {n for s in self.stages[k + 1:] for n in s.inputs}
 
-    def _run_from(self, k: int, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_from(self, k: int, env: dict[str, np.ndarray], trunk: Callable | None = None) -> dict[str, np.ndarray]:
         stage = self.stages[k]
         later = self._needed_after(k)
         feeds = {n: np.ascontiguousarray(env[n]) for n in stage.inputs}
         for n in stage.inputs:  # nothing of this level is needed once the stage has run
             if n not in later:
                 env.pop(n, None)
-        made = stage.run(feeds)
+        made = (trunk if k == 0 and trunk is not None else stage.run)(feeds)
         del feeds
         results = {n: v for n, v in made.items() if n in self.output_names}
         if k + 1 == len(self.stages):
@@ -185,6 +219,13 @@ def build(phase_plan: PhasePlan, proto: onnx.ModelProto) -> PhasePlan:
     for stage in phase_plan.stages:
         stage.model = _stage_model(proto, stage, phase_plan._constants, phase_plan._axes, phase_plan._types).SerializeToString()
     return phase_plan
+
+
+def check_stages(phase_plan: PhasePlan, proto: onnx.ModelProto) -> None:
+    """Raise the DenseError :func:`build` would (a dilation, pad or stride its level does not
+    divide), without keeping the stage models: ``proto`` may lack the weights' data."""
+    for stage in phase_plan.stages:
+        _stage_model(proto, stage, phase_plan._constants, phase_plan._axes, phase_plan._types)
 
 
 def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, depth: int | None = None) -> PhasePlan:

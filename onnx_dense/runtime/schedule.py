@@ -6,6 +6,9 @@ Schedules, from fastest to leanest (all give the untiled output):
 * ``phases``: stage by stage, phase by phase (:mod:`onnx_dense.runtime.phases`), split at
   the first ``depth`` eST levels: each split divides the activations after it by the
   number of phases and does no extra work.
+* ``tiled-trunk``: phases, with the trunk (the original network before the first split,
+  whose maps are the largest) on tiles: they overlap by the trunk's receptive field only,
+  and later stages run phase by phase on the whole maps.
 * ``phases+tiles``: the same on tiles of the image (:mod:`onnx_dense.runtime.tiling`): the
   tiles overlap by the receptive field, a tax paid only when the image is too large even
   phase by phase.
@@ -32,6 +35,8 @@ needed was 1.35 (the FCN by 16 phases at 2048), 1.3 (the ResNet by phases on til
 The estimate before (the image counted up to four times, no in-place outputs, arena on) was
 1.4-2.6x the measured peak on the ResNet at 2048-4096 and chose phases on tiles where the
 whole run fits.
+The tiled trunk (same day, the ResNet under 300 MB, 700 MB and 2 GB at 2048, 4096 and 8000):
+0.94-0.98 of the estimate.
 Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
 GEMM), other providers (CUDA: device memory is not RSS).
 """
@@ -63,7 +68,7 @@ def session_bytes(weights: int) -> int:
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
-KINDS = ("auto", "whole", "phases", "phases+tiles", "tiles")
+KINDS = ("auto", "whole", "phases", "tiled-trunk", "phases+tiles", "tiles")
 
 
 def parse_memory(text) -> int | None:
@@ -104,10 +109,14 @@ class Schedule:
 
     def describe(self) -> str:
         parts = [self.kind]
-        if "phases" in self.kind:
+        tiles = f"{self.tiles} tiles of {'x'.join(map(str, self.tile))}" if self.tile is not None else None
+        if self.kind == "tiled-trunk" and tiles:
+            parts.append(f"trunk in {tiles}")
+            tiles = None
+        if "phases" in self.kind or self.kind == "tiled-trunk":
             parts.append(f"split at {self.depth} eST level{'s' if self.depth != 1 else ''}, {self.runs} phases")
-        if self.tile is not None:
-            parts.append(f"{self.tiles} tiles of {'x'.join(map(str, self.tile))}")
+        if tiles:
+            parts.append(tiles)
         line = ", ".join(parts)
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
@@ -245,7 +254,7 @@ def whole_peak(prof: Profile, *, resident: bool = True, margin: float = MARGIN) 
 
 
 def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resident: bool = True,
-                margin: float = MARGIN) -> int:
+                margin: float = MARGIN, trunk: Profile | None = None) -> int:
     """Phase by phase (:meth:`PhasePlan.run`): bytes above what the process holds before it.
 
     ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs) per stage, in order.
@@ -253,7 +262,8 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     later ones (their phase's share), the output buffers (an output made at stage ``s`` has one
     at every level down to ``s``), the contiguous copies of the stage's inputs (stage 0 reads
     the image itself: counted only if not ``resident``), and onnxruntime's values of the stage
-    (times ``margin``).
+    (times ``margin``). ``trunk``: stage 0 runs tile by tile (the profile at the tile's size):
+    it holds its outputs stitched whole, one tile's copy of the image and that tile's values.
     """
     outputs = set(output_names)
     parts = [math.prod(level) for level, *_ in plan_stages]
@@ -264,6 +274,13 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     peak = 0.0
     carried = 0.0
     for k, (level, nodes, inputs, outs) in enumerate(plan_stages):
+        if k == 0 and trunk is not None:
+            stitched = sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs)
+            tile_input = sum(trunk.nbytes.get(n, 0) for n in trunk.graph_inputs)
+            ort = live_peak(trunk, nodes, keep=set(outs), skip=set(inputs))
+            peak = max(peak, held + stitched + tile_input + ort * margin)
+            carried += stitched
+            continue
         ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs))
         copies = 0.0 if k == 0 else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
         peak = max(peak, held + carried + copies + ort * margin)

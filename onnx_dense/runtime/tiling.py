@@ -140,6 +140,16 @@ def minimum_tile(geometries: Sequence[Geometry]) -> int:
     return tile
 
 
+def minimum_tile_anywhere(geometries: Sequence[Geometry]) -> int:
+    """:func:`minimum_tile`, also for maps whose size at the image's size is not known (a
+    model's trunk: no ``minimum_input`` guards it). The last tile, moved back to end on the
+    image's end and aligned, can be up to ``align - 1`` pixels shorter than the others; this
+    leaves it a whole field after its first exact prediction, which starts less than a
+    stride into it."""
+    align = math.lcm(*(g.stride for g in geometries))
+    return max(minimum_tile(geometries), max(g.rf_size + g.stride - 1 for g in geometries) + align - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputAxes:
     """Where an output's spatial axes are, and its geometry along each input spatial axis."""
@@ -314,8 +324,10 @@ def _axis_name(k: int, rank: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str) -> None:
-    """Raise DenseError naming the first node that would make a tiled run differ from an untiled one."""
+def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str,
+                   nodes: Sequence[onnx.NodeProto] | None = None) -> None:
+    """Raise DenseError naming the first node that would make a tiled run differ from an untiled one
+    (of ``nodes`` only, if given: a part of the graph that is tiled on its own)."""
     if info.strategy != "dilate":
         raise DenseError(
             f"this model was rewritten with strategy '{info.strategy}', whose phases read a zero extension that "
@@ -330,7 +342,7 @@ def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name:
     spatial = _spatial_axes(proto, info, input_name)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     constants = _constants(proto)
-    for node in proto.graph.node:
+    for node in (proto.graph.node if nodes is None else nodes):
         reason = _nonlocal_reason(node, spatial, constants, opset)
         if reason:
             raise DenseError(

@@ -296,3 +296,21 @@ def test_measured_peak_of_a_tiled_trunk_stays_within_the_budget(models):
     x = np.random.default_rng(0).standard_normal((1, 3, 2048, 2048), dtype=np.float32)
     whole = DenseSession(models["resnet"], provider="cpu").run(x)["output"].numpy().astype(np.float64).sum()
     assert abs(got["sum"] - whole) <= 1e-6 * max(1.0, abs(whole)), (got, whole)
+
+
+def test_phases_of_an_image_too_small_for_them_fail_with_one_line_that_says_so():
+    """Found by the chains above at the rewrite's own size: after a removed stride 2, a 4-wide
+    window without pads leaves the dense map of a 7-pixel image one position, in phase 0;
+    phase 1 has 3 positions, fewer than the window, and onnxruntime refuses it. The whole run
+    is fine; forced phases say why they fail and what to do."""
+    import onnx_ir as ir
+
+    from onnx_dense.api import rewrite_model
+    from tests.test_property import Spec, _conv
+
+    spec = Spec(20, 1, (7, 7), (_conv(1, 2, p=(0,) * 4, cout=1, relu=False), _conv(4, p=(0,) * 4, cout=1)), seed=0)
+    dense = ir.serde.serialize_model(rewrite_model(build(spec), output_stride=1))
+    x = _image(7)[:, :1]
+    assert DenseSession(dense, provider="cpu").run(x)["output"].numpy().shape[-2:] == (1, 1)
+    with pytest.raises(DenseError, match="on a small image a phase can be shorter than a window: run it whole"):
+        DenseSession(dense, provider="cpu", schedule="phases").run(x)

@@ -625,12 +625,14 @@ class DenseSession:
 
     # -- schedules ----------------------------------------------------------------------------
 
-    def choose(self, feeds, *, tile=_UNSET, schedule: str | None = None) -> Schedule:
+    def choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None) -> Schedule:
         """The schedule a run of ``feeds`` takes (see :mod:`onnx_dense.runtime.schedule`).
 
         A tile given (here or to the session) is obeyed as before. Otherwise ``whole`` unless a
         memory budget (``max_memory``) or the ``schedule`` asks for phases: then the fastest
-        schedule whose estimated peak fits the budget (the leanest one when none does).
+        schedule whose estimated peak fits the budget. When none does, the fastest whose peak is
+        within :data:`NEAR_LEANEST` of the leanest's: tiles far smaller than that save little
+        memory (the image and the outputs stay) for many more runs and overlaps.
         """
         kind = schedule or self.schedule
         if kind not in SCHEDULES:
@@ -646,7 +648,7 @@ class DenseSession:
         if name is None:
             raise DenseError(f"{self.label}: phases and budgets need exactly one image input with spatial axes in the metadata")
         size = tuple(int(_shape(feeds[name])[a]) for a in self.info.inputs[name].spatial_axes)
-        budget = self.max_memory
+        budget = self.max_memory if _budget is None else _budget
         try:
             depths = range(1, self._max_depth() + 1)
         except DenseError as exc:
@@ -700,8 +702,12 @@ class DenseSession:
             cost = pixels / math.prod(size) * (1 + 16 / side)
             options.append((cost, estimate(depth, lo), depth, lo, layout))
         cost, est, depth, best, layout = min(options, key=lambda o: (o[0], o[1]))
-        if cost == float("inf"):  # nothing fits: the leanest of all
+        if cost == float("inf"):  # nothing fits: the leanest of all, or the fastest near its peak
             leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
+            if _budget is None and budget is not None:
+                floor = leanest.estimate if leanest is not None else est
+                near = self.choose(feeds, tile=None, schedule=schedule, _budget=int(floor * NEAR_LEANEST))
+                return dataclasses.replace(near, budget=budget)
             if leanest is not None:
                 return dataclasses.replace(leanest, budget=budget)
         if depth == 0 and kind != "auto":
@@ -737,15 +743,8 @@ class DenseSession:
             while hi - lo > 8:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            lo = self._balanced_tile(feeds, lo0, lo, outputs)
             count = self._count_tiles(feeds, (lo,) * rank, outputs)
-            a, b = lo0, lo  # the smallest tile needing no more tiles than lo does
-            if self._count_tiles(feeds, (a,) * rank, outputs) > count:
-                while b - a > 1:
-                    mid = (a + b) // 2
-                    a, b = (a, mid) if self._count_tiles(feeds, (mid,) * rank, outputs) <= count else (mid, b)
-                lo = b
-            else:
-                lo = a
             pixels = count * math.prod(min(lo, x) for x in size)
             side = min(size) / max(layout.stages[-1].level)
             options.append((pixels / math.prod(size) * (1 + 16 / side), estimate(depth, lo, trunk=True), depth, lo,
@@ -809,19 +808,27 @@ class DenseSession:
 
         return estimate
 
-    def _balanced_tile(self, feeds, smallest: int, largest: int) -> int:
+    def _balanced_tile(self, feeds, smallest: int, largest: int, outputs=None) -> int:
         """The smallest tile side from ``smallest`` to ``largest`` that needs no more tiles than
         ``largest`` does. Tiles are laid from both ends of the image at their full size, so a
         tile larger than its count needs only recomputes more overlap: at 4096 pixels and a
         receptive field of 627, 2 tiles of 2468 per axis compute 1.45x the image's pixels, 2 of
-        2362 1.33x."""
-        count = self._count_tiles(feeds, self.check_tile(largest))
-        if self._count_tiles(feeds, self.check_tile(smallest)) <= count:
+        2362 1.33x. ``outputs``: the maps stitched (default: the model's outputs; the trunk's
+        for a tiled trunk)."""
+        rank = len(self.info.inputs[self.image_input].spatial_axes)
+
+        def tiles(t: int) -> int:
+            if outputs is None:
+                return self._count_tiles(feeds, self.check_tile(t))
+            return self._count_tiles(feeds, (t,) * rank, outputs)
+
+        count = tiles(largest)
+        if tiles(smallest) <= count:
             return smallest
         lo, hi = smallest, largest  # count(lo) > count >= count(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self._count_tiles(feeds, self.check_tile(mid)) <= count else (mid, hi)
+            lo, hi = (lo, mid) if tiles(mid) <= count else (mid, hi)
         return hi
 
     def _count_tiles(self, feeds, tile, outputs=None) -> int:
@@ -935,6 +942,9 @@ class DenseSession:
         return tuple(tiling.minimum_tile([o.geometry[k] for o in outputs]) for k in range(rank))
 
 
+NEAR_LEANEST = 1.05  # nothing fits the budget: the fastest schedule within 5% of the leanest's peak
+
+
 def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo]:
     """(path, proto, info): a path is loaded only to read its metadata (clear errors for bad files)."""
     if isinstance(model, (str, os.PathLike)):
@@ -998,7 +1008,8 @@ def _runner(session: ort.InferenceSession):
             return dict(zip(names, session.run(None, feeds)))
         except Exception as exc:
             shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
-            raise DenseError(f"onnxruntime failed to run a phase stage on {shapes}: {' '.join(str(exc).split())[:300]}") from None
+            raise DenseError(f"onnxruntime failed to run a phase stage on {shapes} (on a small image a phase can be "
+                             f"shorter than a window: run it whole): {' '.join(str(exc).split())[:300]}") from None
 
     return run
 

@@ -24,7 +24,8 @@ copies of a stage's inputs and the output buffers are numpy arrays, counted exac
 image (and any other feed) is in the process's RSS when the schedule is chosen, so it is
 counted once, there; a tile's copy of it is counted. Add what making the sessions costs
 (:func:`session_bytes`). The budget is for the whole process, so the choice is the fastest
-schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times. Budgeted
+schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times (none fits: the
+fastest within 5% of the leanest's estimate, since tiles much smaller save little). Budgeted
 sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held).
 
 Measured (2026-12-03, ORT 1.32 CPU, 2 threads; ``benchmarks/schedules.py``'s two models, the
@@ -121,7 +122,8 @@ class Schedule:
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
             if self.budget is not None and self.estimate > self.budget:
-                line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is the leanest"
+                line += (f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is the fastest within "
+                         "5% of the leanest's peak")
             elif self.budget is not None:
                 line += f" of {fmt_bytes(self.budget)} allowed"
         return line

@@ -630,9 +630,10 @@ class DenseSession:
 
         A tile given (here or to the session) is obeyed as before. Otherwise ``whole`` unless a
         memory budget (``max_memory``) or the ``schedule`` asks for phases: then the fastest
-        schedule whose estimated peak fits the budget. When none does, the fastest whose peak is
-        within :data:`NEAR_LEANEST` of the leanest's: tiles far smaller than that save little
-        memory (the image and the outputs stay) for many more runs and overlaps.
+        schedule whose estimated peak fits the budget. When none does, the fastest whose peak,
+        above what the process holds before the run, is within :data:`NEAR_LEANEST` of the
+        leanest's: tiles far smaller than that save little memory (the outputs stay) for many
+        more runs and overlaps.
         """
         kind = schedule or self.schedule
         if kind not in SCHEDULES:
@@ -704,9 +705,10 @@ class DenseSession:
         cost, est, depth, best, layout = min(options, key=lambda o: (o[0], o[1]))
         if cost == float("inf"):  # nothing fits: the leanest of all, or the fastest near its peak
             leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
-            if _budget is None and budget is not None:
+            if _budget is None and budget is not None:  # within 5% above what the process holds already
                 floor = leanest.estimate if leanest is not None else est
-                near = self.choose(feeds, tile=None, schedule=schedule, _budget=int(floor * NEAR_LEANEST))
+                near = self.choose(feeds, tile=None, schedule=schedule,
+                                   _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
                 return dataclasses.replace(near, budget=budget)
             if leanest is not None:
                 return dataclasses.replace(leanest, budget=budget)
@@ -806,6 +808,7 @@ class DenseSession:
                 return base + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin, trunk=small)
             return base + extra + sched.tiles_peak(small, prof, stages, self.output_names, margin=margin)
 
+        estimate.base = base
         return estimate
 
     def _balanced_tile(self, feeds, smallest: int, largest: int, outputs=None) -> int:
@@ -942,7 +945,7 @@ class DenseSession:
         return tuple(tiling.minimum_tile([o.geometry[k] for o in outputs]) for k in range(rank))
 
 
-NEAR_LEANEST = 1.05  # nothing fits the budget: the fastest schedule within 5% of the leanest's peak
+NEAR_LEANEST = 1.05  # nothing fits the budget: the fastest within 5% of the leanest's peak above the RSS before
 
 
 def _load(model) -> tuple[str | None, onnx.ModelProto | None, metadata.DenseInfo]:

@@ -25,7 +25,8 @@ image (and any other feed) is in the process's RSS when the schedule is chosen, 
 counted once, there; a tile's copy of it is counted. Add what making the sessions costs
 (:func:`session_bytes`). The budget is for the whole process, so the choice is the fastest
 schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times (none fits: the
-fastest within 5% of the leanest's estimate, since tiles much smaller save little). Budgeted
+fastest within 5% of the leanest's estimate above the RSS before the run, since tiles much
+smaller save little). Budgeted
 sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held).
 
 Measured (2026-12-03, ORT 1.32 CPU, 2 threads; ``benchmarks/schedules.py``'s two models, the

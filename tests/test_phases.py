@@ -120,7 +120,7 @@ def test_the_budget_picks_the_fastest_schedule_that_fits(models, monkeypatch):
     assert "allowed" in tiny.describe() and "over" not in tiny.describe()
     # nothing fits: the leanest schedule runs, and says it is over the budget
     none = chosen("1MB")
-    assert none.estimate > 2**20 and "over the 1.00 MB allowed: no schedule fits" in none.describe()
+    assert none.estimate > 2**20 and "over the 1.00 MB allowed: no schedule fits, this is the fastest" in none.describe()
     # without a budget: as before, whole (or the tile asked for)
     plain = DenseSession(models["fcn"], provider="cpu")
     assert plain.choose(plain._feeds(feeds)).kind == "whole"
@@ -142,6 +142,8 @@ def test_when_nothing_fits_the_fastest_schedule_near_the_leanest_runs(models, mo
     assert leanest.estimate <= near.estimate <= 100 * 2**20 + (leanest.estimate - 100 * 2**20) * dense_session.NEAR_LEANEST
     assert near.tiles * max(1, near.runs) < leanest.tiles * max(1, leanest.runs), (near.describe(), leanest.describe())
     assert "no schedule fits, this is the fastest within 5% of the leanest's peak" in near.describe()
+    forced = DenseSession(models["fcn"], provider="cpu", max_memory="120MB", schedule="phases")
+    assert "no schedule fits, this is the deepest split" in forced.choose(feeds).describe()
 
 
 def test_what_cannot_be_split_falls_back_or_says_why(models, tmp_path):

@@ -671,12 +671,12 @@ class DenseSession:
             if budget is None or c.estimate <= budget:
                 return dataclasses.replace(c, budget=budget)
         if kind == "phases":  # asked for phases and nothing fits: the deepest split
-            return dataclasses.replace(candidates[-1], budget=budget)
+            return dataclasses.replace(candidates[-1], budget=budget, over="the deepest split")
         trunk = None
         if kind in ("auto", "tiled-trunk"):
             trunk = self._choose_trunk(feeds, size, depths, estimate, budget)
             if trunk is not None and (trunk.estimate <= (budget or 0) or kind == "tiled-trunk"):
-                return trunk
+                return dataclasses.replace(trunk, over="the leanest tiled trunk")
             if kind == "tiled-trunk":
                 raise DenseError(f"{self.label}: cannot tile the trunk ({self._trunk_refusal(depths)})")
         # Tiles: per split depth, the largest tile whose estimate fits; then the depth whose tiles
@@ -709,7 +709,7 @@ class DenseSession:
                 floor = leanest.estimate if leanest is not None else est
                 near = self.choose(feeds, tile=None, schedule=schedule,
                                    _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
-                return dataclasses.replace(near, budget=budget)
+                return dataclasses.replace(near, budget=budget, over="the fastest within 5% of the leanest's peak")
             if leanest is not None:
                 return dataclasses.replace(leanest, budget=budget)
         if depth == 0 and kind != "auto":

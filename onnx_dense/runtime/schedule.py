@@ -108,6 +108,7 @@ class Schedule:
     budget: int | None = None
     runs: int = 1  # onnxruntime runs of the deepest stage per tile
     tiles: int = 1
+    over: str = "the leanest"  # which schedule this is when none fits the budget
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -123,8 +124,7 @@ class Schedule:
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
             if self.budget is not None and self.estimate > self.budget:
-                line += (f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is the fastest within "
-                         "5% of the leanest's peak")
+                line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
             elif self.budget is not None:
                 line += f" of {fmt_bytes(self.budget)} allowed"
         return line

@@ -124,18 +124,6 @@ CONFIGS = {
 DEFAULT_VARIANTS = "cls,cls-full,cls-adam,reg-j4,reg-j0,reg-j8,reg-any"
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    fields = {f.name: f.type for f in dataclasses.fields(PaperConfig)}
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        if key not in fields or key == "name" or not _:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(k for k in fields if k != 'name')}")
-        kind = fields[key]
-        out[key] = (int if kind == "int" else float if kind == "float" else str)(value)
-    return out
-
-
 def parse_variant(v: str) -> tuple[str, Any]:
     """'cls' / 'cls-full' / 'cls-adam' -> ('cls', mode); 'reg-j4' -> ('reg', 4.0); 'reg-any' -> ('reg', None)."""
     if v in ("cls", "cls-full", "cls-adam"):
@@ -452,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    pc = dataclasses.replace(CONFIGS[args.config], **parse_overrides(args.set))
+    pc = dataclasses.replace(CONFIGS[args.config], **ex.parse_overrides(args.set, PaperConfig))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         parse_variant(v)

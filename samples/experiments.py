@@ -141,14 +141,17 @@ CONFIGS = {
 }
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+def parse_overrides(items: list[str], config: type | None = None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> fields of ``config`` (a config dataclass; default this
+    script's :class:`Config`), each converted to its field's type; shared by the experiment scripts."""
+    fields = {f.name: f.type for f in dataclasses.fields(config or Config)}
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if key not in fields or key == "name" or not _:
             raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(k for k in fields if k != 'name')}")
         kind = fields[key]
+        kind = kind if isinstance(kind, str) else kind.__name__
         out[key] = (int if kind == "int" else float if kind == "float" else str)(value)
     return out
 

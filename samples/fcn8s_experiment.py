@@ -102,18 +102,6 @@ CONFIGS = {
 }
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if key not in fields or key == "name" or not eq:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(k for k in fields if k != 'name')}")
-        kind = fields[key]
-        out[key] = (int if kind == "int" else float if kind == "float" else str)(value)
-    return out
-
-
 # ------------------------------------------------------------------------------------- data
 
 
@@ -758,7 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         from samples.experiments import rewrite_report
 
         return rewrite_report(ap, out, report)
-    overrides = parse_overrides(args.set)
+    from samples.experiments import parse_overrides
+
+    overrides = parse_overrides(args.set, Config)
     if args.ablations is not None:
         overrides["ablations"] = args.ablations
     if args.device:

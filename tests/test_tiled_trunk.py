@@ -21,6 +21,7 @@ import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.phases import layout
+from tests.test_phases import _assert_same  # the phase schedules' one equality
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +39,6 @@ def models(tmp_path_factory):
 
 def _image(h: int, w: int | None = None, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, h, w or h), dtype=np.float32)
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    assert list(got) == list(want)
-    for name in want:
-        a, b = got[name].numpy(), want[name].numpy()
-        assert a.shape == b.shape, name
-        scale = float(np.abs(b).max())
-        assert np.abs(a - b).max() <= 1e-6 * scale, f"{name}: differs by {np.abs(a - b).max()} (max {scale})"
 
 
 def test_the_metadata_records_the_fields_of_the_maps_the_trunk_hands_on(models):

@@ -762,18 +762,12 @@ class DenseSession:
 
     def _trunk_axes(self, depth: int) -> list:
         """Stage 0's outputs as tiles stitch them; DenseError if the trunk cannot be tiled exactly."""
-        key = ("trunk", depth)
-        if key not in self._profiles:
-            try:
-                layout = self._layout(depth)
-                tiling.check_tileable(self._structure(), self.info, self.image_input, layout.stages[0].nodes)
-                self._profiles[key] = layout.trunk_axes(self.info)
-            except DenseError as exc:
-                self._profiles[key] = exc
-        value = self._profiles[key]
-        if isinstance(value, DenseError):
-            raise value
-        return value
+        def compute():
+            layout = self._layout(depth)
+            tiling.check_tileable(self._structure(), self.info, self.image_input, layout.stages[0].nodes)
+            return layout.trunk_axes(self.info)
+
+        return self._memo(("trunk", depth), compute)
 
     def _trunk_refusal(self, depths) -> str:
         for depth in depths:
@@ -850,13 +844,19 @@ class DenseSession:
         return self._layout(None).depth
 
     def _layout(self, depth):
-        key = ("layout", depth)
+        def compute():
+            light = self._light_structure()
+            layout = phases.layout(light, self.info, self.image_input, depth)
+            phases.check_stages(layout, light)  # what building the stages would refuse, refused now
+            return layout
+
+        return self._memo(("layout", depth), compute)
+
+    def _memo(self, key, compute):
+        """``compute()`` once per ``key``; a DenseError it raised is kept and raised again."""
         if key not in self._profiles:
             try:
-                light = self._light_structure()
-                layout = phases.layout(light, self.info, self.image_input, depth)
-                phases.check_stages(layout, light)  # what building the stages would refuse, refused now
-                self._profiles[key] = layout
+                self._profiles[key] = compute()
             except DenseError as exc:
                 self._profiles[key] = exc
         value = self._profiles[key]

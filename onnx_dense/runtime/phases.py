@@ -49,6 +49,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
+from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
 WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "ConvInteger", "QLinearConv"}
 _BIG_INT = 2**62  # Slice ends at or above this mean "to the end"
@@ -114,8 +115,6 @@ class PhasePlan:
         """Stage 0's outputs as tiles stitch them (:class:`~onnx_dense.runtime.tiling.OutputAxes`):
         the trunk, before the first split, is the original network, so it tiles like a model
         whose outputs are the maps it hands on, with their own small receptive fields."""
-        from onnx_dense.runtime.tiling import Geometry, OutputAxes
-
         fields = info.fields
         if fields is None:
             raise DenseError("this dense model was written before onnx-dense recorded its values' receptive fields; "

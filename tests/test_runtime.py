@@ -105,6 +105,9 @@ def test_plan_axis_partitions_the_predictions():
         extent = rnd.randrange(1, 700)
         plan = tiling.plan_axis(extent, tile, geometries)
         assert plan[0].start == 0 and plan[-1].stop == extent
+        align = max(g.stride for g in geometries)
+        congruent = sum((span.stop - span.start - extent) % align == 0 for span in plan)
+        assert congruent == len(plan) or tiling.minimum_tile(geometries) > tile - align, (extent, tile, geometries)
         for i, span in enumerate(plan):
             assert span.stop - span.start <= tile
             assert span.start % max(g.stride for g in geometries) == 0
@@ -116,6 +119,27 @@ def test_plan_axis_partitions_the_predictions():
                 if i < len(plan) - 1:
                     assert span.own_to[j] - 1 - offset <= g.last_exact(span.stop - span.start)
                     assert span.own_to[j] > span.own_from[j]
+
+
+def test_tiles_of_a_join_whose_branches_agree_only_at_the_image_size_equal_the_whole_run():
+    """Found by random chains: a strided 1x1 conv then a 2x2 pool beside a 3x5 conv of the same
+    stride (2x3), added. Their lengths agree at 17 (odd) and differ at 10; tiles of 10 made
+    onnxruntime refuse the Add. Tiles as long as the image modulo the stride agree."""
+    from tests.test_property import Branch, Layer, Spec, build
+
+    def layer(op, k, s):
+        return Layer(op, k, s, (0,) * 4, (1, 1), out_channels=1 if op == "Conv" else 0)
+
+    spec = Spec(20, 1, (17, 17), (
+        Branch(a=(layer("Conv", (1, 1), (2, 3)), layer("MaxPool", (2, 2), (1, 1))),
+               b=(layer("Conv", (3, 5), (2, 3)),), join="Add"),
+        layer("Conv", (1, 1), (1, 1))))
+    dense = ir.serde.serialize_model(api.rewrite_model(build(spec), output_stride=(1, 3)))
+    x = np.random.default_rng(0).standard_normal((1, 1, 17, 17), dtype=np.float32)
+    want = DenseSession(dense, provider="cpu").run(x)["output"].numpy()
+    for tile in (9, 10, 11):
+        got = DenseSession(dense, provider="cpu", tile=tile).run(x)["output"].numpy()
+        np.testing.assert_array_equal(got, want)
 
 
 def test_tile_smaller_than_the_receptive_field_is_refused(fcn_session):

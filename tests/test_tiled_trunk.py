@@ -229,6 +229,46 @@ def test_random_chains_tile_their_trunk_exactly(spec, want, extra):
     assume(_trunk_equals_whole(spec, want, extra))
 
 
+@settings(max_examples=120, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(spec=specs(), want=st.integers(1, 32), extra=st.integers(0, 40),
+       kind=st.sampled_from(["phases", "tiled-trunk", "phases+tiles"]))
+def test_random_chains_equal_the_whole_run_under_every_forced_schedule(spec, want, extra, kind):
+    """From the rewrite's own size up, a forced schedule gives the whole run's output (or runs
+    it whole where a stage is refused) or says before running why it cannot apply; an
+    AveragePool window wholly in the pads gives NaN in both."""
+    import onnx_ir as ir
+
+    from onnx_dense.api import output_strides, rewrite_model
+    from onnx_dense.runtime import phases
+
+    original = build(spec)
+    reachable = output_strides(original)
+    pick = reachable[want % len(reachable)]
+    dense = ir.serde.serialize_model(rewrite_model(original, output_stride=pick[0] if len(pick) == 1 else pick))
+    whole = DenseSession(dense, provider="cpu")
+    entry = whole.info.inputs[whole.image_input]
+    shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
+    for a, s in zip(entry.spatial_axes, entry.size):
+        shape[a] = s + extra
+    x = np.random.default_rng(extra).standard_normal(shape, dtype=np.float32)
+    try:
+        want_maps = whole.run(x)
+    except DenseError:  # a chain whose sizes agree only at its export size
+        assume(False)
+    session = DenseSession(dense, provider="cpu", schedule=kind)
+    try:
+        got = session.run(x)
+    except DenseError as exc:
+        assert not isinstance(exc, phases.StageRefused), exc
+        assume(False)  # refused before running: what cannot be split or tiled
+    for name, m in want_maps.items():
+        a, b = got[name].numpy(), m.numpy()
+        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (kind, session.last_schedule, spec.text())
+        a, b = np.nan_to_num(a), np.nan_to_num(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (kind, session.last_schedule, spec.text())
+
+
 def test_a_stride_left_in_the_dense_region_is_refused_when_choosing_not_when_running(monkeypatch):
     """Found by the chains above: a stride kept after a removed one (here 1x2 after 2x2, at
     output stride 1x4) cannot be split into phases. The layout said yes and only building the
@@ -290,19 +330,41 @@ def test_measured_peak_of_a_tiled_trunk_stays_within_the_budget(models):
     assert abs(got["sum"] - whole) <= 1e-6 * max(1.0, abs(whole)), (got, whole)
 
 
-def test_phases_of_an_image_too_small_for_them_fail_with_one_line_that_says_so():
+def test_phases_of_an_image_too_small_for_them_run_it_whole_and_say_so():
     """Found by the chains above at the rewrite's own size: after a removed stride 2, a 4-wide
     window without pads leaves the dense map of a 7-pixel image one position, in phase 0;
-    phase 1 has 3 positions, fewer than the window, and onnxruntime refuses it. The whole run
-    is fine; forced phases say why they fail and what to do."""
+    phase 1 has 3 positions, fewer than the window, and onnxruntime refuses it. Such an image
+    is small enough to run whole: forced phases do that and say why; under a budget the whole
+    run does not fit, the phase's error stands, in one line that says what to do."""
     import onnx_ir as ir
 
     from onnx_dense.api import rewrite_model
+    from onnx_dense.runtime import phases
     from tests.test_property import Spec, _conv
 
     spec = Spec(20, 1, (7, 7), (_conv(1, 2, p=(0,) * 4, cout=1, relu=False), _conv(4, p=(0,) * 4, cout=1)), seed=0)
     dense = ir.serde.serialize_model(rewrite_model(build(spec), output_stride=1))
     x = _image(7)[:, :1]
-    assert DenseSession(dense, provider="cpu").run(x)["output"].numpy().shape[-2:] == (1, 1)
-    with pytest.raises(DenseError, match="on a small image a phase can be shorter than a window: run it whole"):
-        DenseSession(dense, provider="cpu", schedule="phases").run(x)
+    want = DenseSession(dense, provider="cpu").run(x)["output"].numpy()
+    assert want.shape[-2:] == (1, 1)
+    ran = []
+    for kind in ("phases", "tiled-trunk", "phases+tiles"):
+        session = DenseSession(dense, provider="cpu", schedule=kind)
+        try:
+            got = session.run(x)["output"].numpy()
+        except DenseError as exc:  # a kind this chain cannot take says so before running
+            assert not isinstance(exc, phases.StageRefused), (kind, exc)
+            continue
+        ran.append(kind)
+        np.testing.assert_array_equal(got, want)
+        assert session.last_schedule.kind == "whole", kind
+        assert "refused a stage on a phase or tile of this image" in session.last_schedule.describe()
+        assert session.last_schedule.to_dict()["instead"].startswith(kind)
+        np.testing.assert_array_equal(session.run(x)["output"].numpy(), want)  # the whole run dropped the plan
+        y = _image(9)[:, :1]  # large enough for every phase: phases again
+        np.testing.assert_array_equal(session.run(y)["output"].numpy(),
+                                      DenseSession(dense, provider="cpu").run(y)["output"].numpy())
+        assert session.last_schedule.kind == kind and session.last_schedule.instead is None
+    assert "phases" in ran, ran
+    with pytest.raises(DenseError, match="a phase or tile this small can be shorter than a window.*run it whole"):
+        DenseSession(dense, provider="cpu", schedule="phases", max_memory=1).run(x)

@@ -42,6 +42,8 @@ Choices, and why:
   whole model's onnxruntime session only when a run needs it, so the weights are held once,
   and runs without onnxruntime's memory arena, so that a run's peak is what it needs. Tiles
   chosen for a budget are the smallest that need no more tiles than the largest that fits.
+  An image so small that a phase is shorter than a window (onnxruntime refuses the stage)
+  runs whole where that fits.
 * Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
   off, as verify does.
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
@@ -478,19 +480,13 @@ class DenseSession:
             raise DenseError(f"{chosen.kind} outputs are put together on the host; keep_on_device needs an untiled run")
         if chosen.kind == "whole":
             values = self.run_raw(feeds, keep_on_device=keep_on_device)
-        elif chosen.kind == "phases":
-            values = self._phase_plan(chosen.depth).run(feeds)
-        elif chosen.kind == "tiled-trunk":
-            plan = self._phase_plan(chosen.depth)
-            trunk_axes = self._trunk_axes(chosen.depth)
-            entry = self.info.inputs[self.image_input]
-            values = plan.run(feeds, trunk=lambda f: tiling.run_tiled(
-                plan.stages[0].run, f, self.image_input, entry.spatial_axes, trunk_axes, chosen.tile, progress))
-        elif chosen.kind == "phases+tiles":
-            plan = self._phase_plan(chosen.depth)
-            values = self._run_tiled(feeds, chosen.tile, progress, runner=plan.run)
-        else:
+        elif chosen.kind == "tiles":
             values = self._run_tiled(feeds, chosen.tile, progress)
+        else:
+            try:
+                values = self._run_phases(chosen, feeds, progress)
+            except phases.StageRefused as exc:
+                values = self._run_whole_instead(chosen, feeds, exc)
         result = {}
         for name in self.output_names:
             value = values[name]
@@ -501,6 +497,30 @@ class DenseSession:
         return result
 
     __call__ = run
+
+    def _run_phases(self, chosen: Schedule, feeds, progress) -> dict[str, np.ndarray]:
+        plan = self._phase_plan(chosen.depth)
+        if chosen.kind == "phases":
+            return plan.run(feeds)
+        if chosen.kind == "phases+tiles":
+            return self._run_tiled(feeds, chosen.tile, progress, runner=plan.run)
+        trunk_axes = self._trunk_axes(chosen.depth)
+        entry = self.info.inputs[self.image_input]
+        return plan.run(feeds, trunk=lambda f: tiling.run_tiled(
+            plan.stages[0].run, f, self.image_input, entry.spatial_axes, trunk_axes, chosen.tile, progress))
+
+    def _run_whole_instead(self, chosen: Schedule, feeds, exc: phases.StageRefused) -> dict[str, np.ndarray]:
+        """A stage refused on a phase or tile (:class:`~onnx_dense.runtime.phases.StageRefused`),
+        mostly of an image so small that it runs whole within the budget; where the whole run
+        does not fit, the stage's error stands."""
+        size = tuple(int(_shape(feeds[self.image_input])[a]) for a in self.info.inputs[self.image_input].spatial_axes)
+        need = self._estimator(size)(0) if self.max_memory is not None else None
+        if need is not None and need > self.max_memory:
+            raise exc
+        self.last_schedule = Schedule("whole", estimate=need, budget=self.max_memory,
+                                      instead=f"{chosen.kind} asked for, but onnxruntime refused a stage on a phase "
+                                              "or tile of this image")
+        return self.run_raw(feeds)
 
     @property
     def rebuilt_outputs(self) -> list[str]:
@@ -1011,8 +1031,9 @@ def _runner(session: ort.InferenceSession):
             return dict(zip(names, session.run(None, feeds)))
         except Exception as exc:
             shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
-            raise DenseError(f"onnxruntime failed to run a phase stage on {shapes} (on a small image a phase can be "
-                             f"shorter than a window: run it whole): {' '.join(str(exc).split())[:300]}") from None
+            raise phases.StageRefused(f"onnxruntime failed to run a stage of the split model on {shapes} (a phase or "
+                                      f"tile this small can be shorter than a window, or a join's branches can differ "
+                                      f"in size at it: run it whole): {' '.join(str(exc).split())[:300]}") from None
 
     return run
 

@@ -51,6 +51,14 @@ from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
 from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
+
+class StageRefused(DenseError):
+    """onnxruntime refused a stage on a phase or a tile of an image the whole model runs: a
+    phase of a small image can be shorter than a window, and the branches of a join can
+    differ in size at a tile's size where they agree at the image's. The session then runs
+    the image whole where that fits."""
+
+
 WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "ConvInteger", "QLinearConv"}
 _BIG_INT = 2**62  # Slice ends at or above this mean "to the end"
 

@@ -109,6 +109,7 @@ class Schedule:
     runs: int = 1  # onnxruntime runs of the deepest stage per tile
     tiles: int = 1
     over: str = "the leanest"  # which schedule this is when none fits the budget
+    instead: str | None = None  # why this ran instead of the schedule chosen
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -127,12 +128,15 @@ class Schedule:
                 line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
             elif self.budget is not None:
                 line += f" of {fmt_bytes(self.budget)} allowed"
+        if self.instead:
+            line += f" ({self.instead})"
         return line
 
     def to_dict(self) -> dict:
         return {
             "kind": self.kind, "depth": self.depth, "tile": list(self.tile) if self.tile else None,
             "estimate_bytes": self.estimate, "budget_bytes": self.budget, "phases": self.runs, "tiles": self.tiles,
+            **({"instead": self.instead} if self.instead else {}),
         }
 
 

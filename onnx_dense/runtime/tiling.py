@@ -25,6 +25,13 @@ computed on a crop it cannot tell from the whole image: the stitched map is the 
 computed by the same kernels at other sizes (on the CPU provider bit for bit in the tests; a
 kernel that picks its algorithm by size, as cuDNN does, can differ in round-off).
 
+Tiles are as long as the image modulo ``s`` where the tile size allows (all but the last
+are shortened by less than ``s``; the last, aligned and ending on the image's end, is so
+anyway). A layer's output length is ``floor((n + c)/s_l) + 1`` (ceil in ceil mode): a length changed by a multiple
+of ``s`` (a multiple of every stride before it) changes every branch of a join by the same
+whole count, so branches that agree on the image agree on each tile, whichever padding made
+them agree there (a strided 1x1 conv beside a 3x3 without pads, say).
+
 What breaks the argument is refused before any tile runs (:func:`check_tileable`): ops that
 look at the whole map (global pooling, Resize, InstanceNorm, softmax or reductions over a
 spatial axis, concatenation along it), crops (Slice, negative Pad: they shift what a crop's
@@ -104,6 +111,9 @@ def plan_axis(extent: int, tile: int, geometries: Sequence[Geometry], axis_name:
     if extent <= tile:
         return [AxisTile(0, extent, (0,) * n_out, (None,) * n_out)]
     align = math.lcm(*(g.stride for g in geometries))
+    congruent = tile - (tile - extent) % align
+    if _step(congruent, geometries, align) >= align:
+        tile = congruent  # see the module docstring: joins whose branches agree on the image agree on each tile
     step = _step(tile, geometries, align)
     if step < align:
         need = minimum_tile(geometries)

@@ -112,10 +112,10 @@ def plan_axis(extent: int, tile: int, geometries: Sequence[Geometry], axis_name:
         return [AxisTile(0, extent, (0,) * n_out, (None,) * n_out)]
     align = math.lcm(*(g.stride for g in geometries))
     congruent = tile - (tile - extent) % align
-    if _step(congruent, geometries, align) >= align:
+    if congruent >= align and _step(congruent, geometries, align) >= align:
         tile = congruent  # see the module docstring: joins whose branches agree on the image agree on each tile
     step = _step(tile, geometries, align)
-    if step < align:
+    if step < align or tile < align:  # a tile shorter than a stride could leave the last one no pixel
         need = minimum_tile(geometries)
         raise DenseError(
             f"tile of {tile} pixels along the {axis_name} is too small for the receptive field "
@@ -144,7 +144,7 @@ def _step(tile: int, geometries: Sequence[Geometry], align: int) -> int:
 def minimum_tile(geometries: Sequence[Geometry]) -> int:
     """The smallest tile that leaves every output at least one exact prediction per tile."""
     align = math.lcm(*(g.stride for g in geometries))
-    tile = max(g.rf_size for g in geometries)
+    tile = max(align, *(g.rf_size for g in geometries))
     while _step(tile, geometries, align) < align:
         tile += 1
     return tile

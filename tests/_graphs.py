@@ -25,6 +25,17 @@ from onnx_dense import metadata
 RTOL = 1e-5
 
 
+def dense_zoo(directory, name: str, output_stride, *, stem: str | None = None) -> str:
+    """``samples.zoo.build(name)`` exported by TorchScript to ``directory/STEM.onnx`` and
+    rewritten to ``directory/STEM_dense.onnx`` (STEM defaults to ``name``); the dense path."""
+    from samples import export, zoo
+
+    stem = stem or name
+    export.export_onnx(zoo.build(name), None, directory / f"{stem}.onnx")
+    onnx_dense.rewrite(directory / f"{stem}.onnx", directory / f"{stem}_dense.onnx", output_stride=output_stride)
+    return str(directory / f"{stem}_dense.onnx")
+
+
 def build(text: str, *, n_inputs: int = 1, seed: int = 0) -> onnx.ModelProto:
     """Parse ``text``; graph inputs after the first ``n_inputs`` become random initializers.
 

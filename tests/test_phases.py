@@ -18,10 +18,10 @@ import onnx
 import pytest
 from PIL import Image
 
-import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.dense_session import DenseMap, PixelGrid
+from tests._graphs import dense_zoo
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,8 @@ def models(tmp_path_factory):
     """The FCN sample at output stride 1 (eST 16: four split levels, receptive field 108) and a small
     ResNet with its classifier head at output stride 8 (eST 2 and 4, receptive field several hundred)."""
     pytest.importorskip("torch")
-    from samples import export, zoo
-
     d = tmp_path_factory.mktemp("phases")
-    export.export_onnx(zoo.build("fcn"), None, d / "fcn.onnx")
-    onnx_dense.rewrite(d / "fcn.onnx", d / "fcn_dense.onnx", output_stride=1)
-    export.export_onnx(zoo.build("resnet"), None, d / "resnet.onnx")
-    onnx_dense.rewrite(d / "resnet.onnx", d / "resnet_dense.onnx", output_stride=8)
-    return {"fcn": str(d / "fcn_dense.onnx"), "resnet": str(d / "resnet_dense.onnx")}
+    return {"fcn": dense_zoo(d, "fcn", 1), "resnet": dense_zoo(d, "resnet", 8)}
 
 
 def _image(size: int, seed: int = 0) -> np.ndarray:

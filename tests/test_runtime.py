@@ -22,7 +22,7 @@ import pytest
 import onnx_dense
 from onnx_dense import DenseError, api, metadata
 from onnx_dense.runtime import DenseSession, OrtRunner, PixelGrid, cuda_options, resolve_provider, tiling
-from tests._graphs import TINY_NET, TINY_WEIGHTS, with_weights
+from tests._graphs import TINY_NET, TINY_WEIGHTS, dense_zoo, with_weights
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -40,12 +40,7 @@ def tiny(tmp_path_factory):
 def fcn(tmp_path_factory):
     """The FCN sample, exported by the TorchScript exporter, rewritten to output stride 4."""
     pytest.importorskip("torch")
-    from samples import export, zoo
-
-    d = tmp_path_factory.mktemp("fcn")
-    export.export_onnx(zoo.build("fcn"), None, d / "fcn.onnx")
-    onnx_dense.rewrite(d / "fcn.onnx", d / "fcn_dense.onnx", output_stride=4)
-    return str(d / "fcn_dense.onnx")
+    return dense_zoo(tmp_path_factory.mktemp("fcn"), "fcn", 4)
 
 
 @pytest.fixture(scope="module")

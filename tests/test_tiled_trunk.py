@@ -21,20 +21,15 @@ import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.phases import layout
+from tests._graphs import dense_zoo
 from tests.test_phases import _assert_same  # the phase schedules' one equality
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     pytest.importorskip("torch")
-    from samples import export, zoo
-
     d = tmp_path_factory.mktemp("trunk")
-    export.export_onnx(zoo.build("resnet"), None, d / "resnet.onnx")
-    onnx_dense.rewrite(d / "resnet.onnx", d / "resnet_dense.onnx", output_stride=8)
-    export.export_onnx(zoo.build("mobilenetv2"), None, d / "mobilenet.onnx")
-    onnx_dense.rewrite(d / "mobilenet.onnx", d / "mobilenet_dense.onnx", output_stride=4)
-    return {"resnet": str(d / "resnet_dense.onnx"), "mobilenet": str(d / "mobilenet_dense.onnx"), "dir": d}
+    return {"resnet": dense_zoo(d, "resnet", 8), "mobilenet": dense_zoo(d, "mobilenetv2", 4, stem="mobilenet"), "dir": d}
 
 
 def _image(h: int, w: int | None = None, seed: int = 0) -> np.ndarray:
@@ -176,18 +171,33 @@ from hypothesis import strategies as st  # noqa: E402
 from tests.test_property import RESIDUAL_DOWNSAMPLE, MAXPOOL_PAD_AT_EST4, build, specs  # noqa: E402
 
 
-def _trunk_equals_whole(spec, want: int, extra: int) -> bool:
-    """Rewrite a random chain, tile its trunk at a size just above the least it allows, and
-    compare with the whole run; False where the chain has no trunk to tile (nothing split)."""
+def _dense_chain(spec, want: int) -> onnx.ModelProto:
+    """A random chain rewritten to the output stride ``want`` picks among those it can reach."""
     import onnx_ir as ir
 
     from onnx_dense.api import output_strides, rewrite_model
-    from onnx_dense.runtime import tiling
 
     original = build(spec)
     reachable = output_strides(original)
     pick = reachable[want % len(reachable)]
-    dense = ir.serde.serialize_model(rewrite_model(original, output_stride=pick[0] if len(pick) == 1 else pick))
+    return ir.serde.serialize_model(rewrite_model(original, output_stride=pick[0] if len(pick) == 1 else pick))
+
+
+def _chain_image(dense: onnx.ModelProto, info: metadata.DenseInfo, name: str, times: int, extra: int) -> np.ndarray:
+    """A random image for ``dense``: ``times`` the rewrite's size plus ``extra`` along each spatial axis."""
+    shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
+    entry = info.inputs[name]
+    for a, s in zip(entry.spatial_axes, entry.size):
+        shape[a] = times * s + extra
+    return np.random.default_rng(extra).standard_normal(shape, dtype=np.float32)
+
+
+def _trunk_equals_whole(spec, want: int, extra: int) -> bool:
+    """Rewrite a random chain, tile its trunk at a size just above the least it allows, and
+    compare with the whole run; False where the chain has no trunk to tile (nothing split)."""
+    from onnx_dense.runtime import tiling
+
+    dense = _dense_chain(spec, want)
     session = DenseSession(dense, provider="cpu", schedule="phases")
     try:
         depth = session._max_depth()
@@ -198,10 +208,8 @@ def _trunk_equals_whole(spec, want: int, extra: int) -> bool:
         return False
     name = session.image_input
     entry = session.info.inputs[name]
-    shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
-    for a, s in zip(entry.spatial_axes, entry.size):
-        shape[a] = 2 * s + extra  # phase maps of the rewrite's own size can be shorter than a window
-    x = np.random.default_rng(extra).standard_normal(shape, dtype=np.float32)
+    # twice the rewrite's size: phase maps of its own size can be shorter than a window
+    x = _chain_image(dense, session.info, name, 2, extra)
     need = [tiling.minimum_tile_anywhere([o.geometry[k] for o in axes]) for k in range(len(entry.spatial_axes))]
     tile = tuple(n + extra for n in need)
     plan = session._phase_plan(depth)
@@ -237,21 +245,11 @@ def test_random_chains_equal_the_whole_run_under_every_forced_schedule(spec, wan
     """From the rewrite's own size up, a forced schedule gives the whole run's output (or runs
     it whole where a stage is refused) or says before running why it cannot apply; an
     AveragePool window wholly in the pads gives NaN in both."""
-    import onnx_ir as ir
-
-    from onnx_dense.api import output_strides, rewrite_model
     from onnx_dense.runtime import phases
 
-    original = build(spec)
-    reachable = output_strides(original)
-    pick = reachable[want % len(reachable)]
-    dense = ir.serde.serialize_model(rewrite_model(original, output_stride=pick[0] if len(pick) == 1 else pick))
+    dense = _dense_chain(spec, want)
     whole = DenseSession(dense, provider="cpu")
-    entry = whole.info.inputs[whole.image_input]
-    shape = [d.dim_value or 1 for d in dense.graph.input[0].type.tensor_type.shape.dim]
-    for a, s in zip(entry.spatial_axes, entry.size):
-        shape[a] = s + extra
-    x = np.random.default_rng(extra).standard_normal(shape, dtype=np.float32)
+    x = _chain_image(dense, whole.info, whole.image_input, 1, extra)
     try:
         want_maps = whole.run(x)
     except DenseError:  # a chain whose sizes agree only at its export size

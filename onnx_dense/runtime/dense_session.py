@@ -462,7 +462,7 @@ class DenseSession:
         """
         feeds = self._feeds(inputs)
         if self.fixed_size is not None and self.image_input in feeds:
-            got = tuple(_shape(feeds[self.image_input])[a] for a in self.info.inputs[self.image_input].spatial_axes)
+            got = self._image_size(feeds)
             if got != self.fixed_size:
                 raise DenseError(f"{self.label}: this session is fixed to size {self.fixed_size} (fixed_size); "
                                  f"got {got}. Make a session without fixed_size for images of several sizes")
@@ -513,14 +513,17 @@ class DenseSession:
         """A stage refused on a phase or tile (:class:`~onnx_dense.runtime.phases.StageRefused`),
         mostly of an image so small that it runs whole within the budget; where the whole run
         does not fit, the stage's error stands."""
-        size = tuple(int(_shape(feeds[self.image_input])[a]) for a in self.info.inputs[self.image_input].spatial_axes)
-        need = self._estimator(size)(0) if self.max_memory is not None else None
+        need = self._estimator(self._image_size(feeds))(0) if self.max_memory is not None else None
         if need is not None and need > self.max_memory:
             raise exc
         self.last_schedule = Schedule("whole", estimate=need, budget=self.max_memory,
                                       instead=f"{chosen.kind} asked for, but onnxruntime refused a stage on a phase "
                                               "or tile of this image")
         return self.run_raw(feeds)
+
+    def _image_size(self, feeds) -> tuple[int, ...]:
+        """The image input's spatial size in ``feeds``."""
+        return tuple(int(_shape(feeds[self.image_input])[a]) for a in self.info.inputs[self.image_input].spatial_axes)
 
     @property
     def rebuilt_outputs(self) -> list[str]:
@@ -668,7 +671,7 @@ class DenseSession:
         name = self.image_input
         if name is None:
             raise DenseError(f"{self.label}: phases and budgets need exactly one image input with spatial axes in the metadata")
-        size = tuple(int(_shape(feeds[name])[a]) for a in self.info.inputs[name].spatial_axes)
+        size = self._image_size(feeds)
         budget = self.max_memory if _budget is None else _budget
         try:
             depths = range(1, self._max_depth() + 1)

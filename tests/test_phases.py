@@ -156,6 +156,31 @@ def test_what_cannot_be_split_falls_back_or_says_why(models, tmp_path):
     assert session.last_schedule.kind == "tiles"
 
 
+def test_forced_phases_of_a_model_with_nothing_split_run_its_one_phase_and_say_so(monkeypatch):
+    """Rewritten at its own output stride, the dense model is the original: its one phase is
+    the whole model. Forced phase schedules used to refuse it; now they run whole (or tiles,
+    where a budget needs them) and the schedule says so."""
+    import onnx_ir as ir
+
+    from onnx_dense import api
+    from tests._graphs import TINY_NET, TINY_WEIGHTS, with_weights
+
+    dense = ir.serde.serialize_model(api.rewrite_model(with_weights(TINY_NET, TINY_WEIGHTS), output_stride=4))
+    x = _image(96)
+    want = DenseSession(dense, provider="cpu").run(x)
+    for kind in ("phases", "tiled-trunk", "phases+tiles"):
+        session = DenseSession(dense, provider="cpu", schedule=kind)
+        _assert_same(session.run(x), want)
+        assert session.last_schedule.kind == "whole", kind
+        assert f"({kind} asked for, but the rewrite removed no stride" in session.last_schedule.describe()
+        assert session.last_schedule.to_dict()["instead"].startswith(kind)
+    monkeypatch.setattr(dense_session, "_rss", lambda: 0)
+    big = _image(512)
+    tight = DenseSession(dense, provider="cpu", schedule="phases+tiles", max_memory="1MB")
+    _assert_same(tight.run(big), DenseSession(dense, provider="cpu").run(big))
+    assert tight.last_schedule.kind == "tiles" and "removed no stride" in tight.last_schedule.describe()
+
+
 def test_the_estimate_counts_each_value_once_and_elementwise_ops_in_place():
     """A chain x (100 B) -> Conv a (400) -> Relu b (400) -> Conv y (200): the Relu writes over its
     input; the image, held by the caller, is counted only when a tile copies it; split after

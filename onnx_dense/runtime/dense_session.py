@@ -681,8 +681,10 @@ class DenseSession:
             depths, why = range(0), str(exc)
         else:
             why = ""
-        if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:
-            raise DenseError(f"{self.label}: no eST level to split at (the dense model is the original); run whole")
+        if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:  # one phase: the whole model
+            chosen = self.choose(feeds, tile=None, schedule="auto", _budget=_budget)
+            return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
+                                                       "the one phase is the whole model")
         estimate = self._estimator(size)
         candidates: list[Schedule] = []
         if kind == "auto":
@@ -702,6 +704,12 @@ class DenseSession:
                 return dataclasses.replace(trunk, over="the leanest tiled trunk")
             if kind == "tiled-trunk":
                 raise DenseError(f"{self.label}: cannot tile the trunk ({self._trunk_refusal(depths)})")
+        untileable = self._tile_refusal()
+        if untileable:
+            if kind == "phases+tiles":
+                raise DenseError(f"{self.label}: cannot run by phases on tiles ({untileable})")
+            leanest = min([c for c in [*candidates, trunk] if c is not None], key=lambda c: c.estimate)
+            return dataclasses.replace(leanest, budget=budget, over=f"the leanest (no tiles: {untileable})")
         # Tiles: per split depth, the largest tile whose estimate fits; then the depth whose tiles
         # recompute the least overlap, a little against deep splits whose phase maps get small
         # (many short onnxruntime runs): cost = computed pixels / image pixels * (1 + 16 / phase side).
@@ -957,6 +965,18 @@ class DenseSession:
                 f"(receptive field and stride); use at least {'x'.join(map(str, need))}"
             )
         return tile
+
+    def _tile_refusal(self) -> str:
+        """Why this model cannot be tiled ('' if it can), as :meth:`check_tile` would say."""
+        def compute():
+            try:
+                self.check_tile(self.minimum_tile())
+            except DenseError as exc:
+                if "smaller than this model needs" not in str(exc):
+                    return str(exc).replace("; run without --tile", "").replace("; run without tiling", "")
+            return ""
+
+        return self._memo(("tile-refusal",), compute)
 
     def minimum_tile(self) -> tuple[int, ...]:
         """The smallest tile (per spatial axis) that leaves every output an exact prediction."""

@@ -20,14 +20,19 @@ Tiles step by ``m*s`` (the largest step that leaves no gap, rounded down to a co
 of every output's stride), overlap by about ``R`` pixels, and each owns the predictions from
 its first exact one up to the next tile's first exact one. The last tile on an axis is moved
 back so that it ends on the image's end (its start still aligned), which keeps it at most
-``T`` pixels and never pads the image. Because of the two conditions, each prediction is
+``T`` pixels and never pads the image; where that would leave it shorter than a receptive
+field, it starts a stride earlier until it holds one (it can then exceed ``T`` by less than
+a stride). A tile that holds a whole field gives every layer a whole window, so each
+layer's length on it is the image's less ``start / s_l`` exactly; on fewer pixels,
+onnxruntime counts a window that does not fit as one (a 2-wide pool on 1 pixel gives one
+prediction) or refuses the run. Because of the two conditions, each prediction is
 computed on a crop it cannot tell from the whole image: the stitched map is the untiled map,
 computed by the same kernels at other sizes (on the CPU provider bit for bit in the tests; a
 kernel that picks its algorithm by size, as cuDNN does, can differ in round-off).
 
-Tiles are as long as the image modulo ``s`` where the tile size allows (all but the last
-are shortened by less than ``s``; the last, aligned and ending on the image's end, is so
-anyway). A layer's output length is ``floor((n + c)/s_l) + 1`` (ceil in ceil mode): a length changed by a multiple
+Tiles are as long as the image modulo ``s`` (all but the last are shortened by less than
+``s``, or lengthened by less than ``s`` where the shorter length would leave a tile no exact
+prediction; the last, aligned and ending on the image's end, is so anyway). A layer's output length is ``floor((n + c)/s_l) + 1`` (ceil in ceil mode): a length changed by a multiple
 of ``s`` (a multiple of every stride before it) changes every branch of a join by the same
 whole count, so branches that agree on the image agree on each tile, whichever padding made
 them agree there (a strided 1x1 conv beside a 3x3 without pads, say).
@@ -35,9 +40,17 @@ them agree there (a strided 1x1 conv beside a 3x3 without pads, say).
 What breaks the argument is refused before any tile runs (:func:`check_tileable`): ops that
 look at the whole map (global pooling, Resize, InstanceNorm, softmax or reductions over a
 spatial axis, concatenation along it), crops (Slice, negative Pad: they shift what a crop's
-edge padding reaches), ``auto_pad=SAME`` on strided windows (its padding depends on the
+edge padding reaches; all but the rewrite's own join crops, below), ``auto_pad=SAME`` on strided windows (its padding depends on the
 size) and graphs with control flow. Which axes of an intermediate tensor are spatial is
 found by running ONNX shape inference at two input sizes: the axes whose size changes.
+
+The crops that tile (:func:`_shortest_crops`) are those the rewrite puts before a join whose
+dense branches differ in length (``passes/align_joins.py``): a Slice from 0, step 1, to the
+least of the operands' run-time lengths on the same axes. It moves no position and cuts
+only positions some operand lacks; on a tile, an operand lacks a position only where its
+window leaves the tile, so no exact prediction reads what was cut, and a tile ending on the
+image's end cuts what the whole run cuts there (every operand's length falls by the same
+``start / s``).
 """
 
 from __future__ import annotations
@@ -108,12 +121,15 @@ class AxisTile:
 def plan_axis(extent: int, tile: int, geometries: Sequence[Geometry], axis_name: str = "axis") -> list[AxisTile]:
     """Tiles along one axis of ``extent`` input pixels, at most ``tile`` pixels each."""
     n_out = len(geometries)
+    align = math.lcm(*(g.stride for g in geometries))
+    if extent > tile:  # see the module docstring: joins whose branches agree on the image agree on each tile
+        congruent = tile - (tile - extent) % align
+        if congruent < tile and (congruent < align or _step(congruent, geometries, align) < align):
+            congruent += align  # too short to shorten: the next such length, less than a stride longer
+        if _step(congruent, geometries, align) >= align:
+            tile = congruent
     if extent <= tile:
         return [AxisTile(0, extent, (0,) * n_out, (None,) * n_out)]
-    align = math.lcm(*(g.stride for g in geometries))
-    congruent = tile - (tile - extent) % align
-    if congruent >= align and _step(congruent, geometries, align) >= align:
-        tile = congruent  # see the module docstring: joins whose branches agree on the image agree on each tile
     step = _step(tile, geometries, align)
     if step < align or tile < align:  # a tile shorter than a stride could leave the last one no pixel
         need = minimum_tile(geometries)
@@ -122,6 +138,9 @@ def plan_axis(extent: int, tile: int, geometries: Sequence[Geometry], axis_name:
             f"({', '.join(str(g.rf_size) for g in geometries)} pixels): use a tile of at least {need}"
         )
     last_start = -(-(extent - tile) // align) * align  # ceil to the alignment
+    field = max(g.rf_size for g in geometries)
+    while extent - last_start < field and last_start >= align:  # see the module docstring: a whole field
+        last_start -= align
     starts = list(range(0, last_start, step)) + [last_start]
     tiles = []
     for i, start in enumerate(starts):
@@ -352,12 +371,55 @@ def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name:
     spatial = _spatial_axes(proto, info, input_name)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     constants = _constants(proto)
+    crops = _shortest_crops(proto, constants)
     for node in (proto.graph.node if nodes is None else nodes):
+        if node.op_type == "Slice" and node.output and node.output[0] in crops:
+            continue
         reason = _nonlocal_reason(node, spatial, constants, opset)
         if reason:
             raise DenseError(
                 f"node {node_label(node)}: {reason}, so tiles would not match the whole image; run without --tile"
             )
+
+
+def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> set[str]:
+    """The Slices (by output name) that crop their data to the least of run-time lengths of values
+    that include it, from 0 with step 1 on the same axes: ``Slice(v, 0, Min(Gather(Shape(u),
+    axes) ...), axes)`` with ``v`` among the ``u``. See the module docstring for why they tile."""
+    made = {out: node for node in proto.graph.node for out in node.output}
+
+    def lengths_of(name: str, axes: list[int]) -> set[str] | None:
+        """The values whose lengths on ``axes`` the Min named ``name`` takes the least of."""
+        least = made.get(name)
+        if least is None or least.op_type != "Min" or least.domain not in ("", "ai.onnx"):
+            return None
+        sources = set()
+        for operand in least.input:
+            gather, shape = made.get(operand), None
+            if gather is not None and gather.op_type == "Gather" and len(gather.input) == 2:
+                shape = made.get(gather.input[0])
+            if (shape is None or shape.op_type != "Shape" or len(shape.attribute)
+                    or any(a.name == "axis" and a.i != 0 for a in gather.attribute)
+                    or constants.get(gather.input[1]) != axes):
+                return None
+            sources.add(shape.input[0])
+        return sources
+
+    crops = set()
+    for node in proto.graph.node:
+        if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.input) < 4:
+            continue
+        axes = constants.get(node.input[3])
+        starts = constants.get(node.input[1])
+        steps = constants.get(node.input[4]) if len(node.input) > 4 and node.input[4] else [1] * len(axes or [])
+        if axes is None or starts is None or steps is None or len(starts) != len(axes) or len(steps) != len(axes):
+            continue
+        if any(starts) or any(s != 1 for s in steps):
+            continue
+        sources = lengths_of(node.input[2], axes)
+        if sources and node.input[0] in sources:
+            crops.add(node.output[0])
+    return crops
 
 
 def _nonlocal_reason(node: onnx.NodeProto, spatial, constants, opset: int) -> str | None:

@@ -173,6 +173,23 @@ def test_tiles_of_a_join_the_rewrite_crops_equal_the_whole_run():
     assert session.last_schedule.kind == "phases+tiles"
 
 
+def test_values_after_a_join_crop_have_their_size_in_the_estimate_and_the_tiling_check():
+    """ONNX shape inference stops at the crop's Min of lengths: the crop and everything after it
+    had no dims, so the memory estimate counted them as one pixel each, and tiling took their
+    channel axis for a spatial one (a Concat on channels after a crop was refused)."""
+    from onnx_dense.runtime import schedule
+
+    proto = with_weights(CROPPED_JOIN, {"w": (2, 2, 3, 3), "w1": (2, 2, 1, 1), "w2": (3, 2, 3, 3)})
+    dense = ir.serde.serialize_model(api.rewrite_model(proto, output_stride=1))
+    x = np.zeros((1, 2, 120, 90), np.float32)
+    y = DenseSession(dense, provider="cpu").run(x)["y"].numpy()
+    info = metadata.read(dense)
+    prof = schedule.profile(dense, info, "x", (120, 90))
+    assert prof.nbytes["y"] == y.nbytes and prof.nbytes["s"] == y.nbytes * 2 // 3
+    spatial = tiling._spatial_axes(dense, info, "x")
+    assert spatial["s"] == {2, 3} and spatial["y"] == {2, 3}
+
+
 def test_a_budget_too_small_for_an_untileable_model_runs_its_leanest_untiled_schedule(monkeypatch):
     """Tiles are the budget's last resort; a model that cannot be tiled used to fail there with
     "run without --tile" though none was asked for. Now the leanest of whole, phases and the
@@ -327,6 +344,12 @@ def test_fragments_and_global_context_models_are_not_tiled():
     assert session.run(np.ones((1, 3, 40, 40), np.float32))["output"].shape == (1, 4, 20, 20)
     with pytest.raises(DenseError, match="strategy 'fragments'"):
         session.run(np.ones((1, 3, 40, 40), np.float32), tile=20)
+    # a budget too small for them (segmentation heads are often fragments) runs them whole and says why
+    budgeted = DenseSession(fragments, provider="cpu", max_memory="1MB")
+    np.testing.assert_array_equal(budgeted.run(np.ones((1, 3, 40, 40), np.float32))["output"].numpy(),
+                                  session.run(np.ones((1, 3, 40, 40), np.float32))["output"].numpy())
+    assert budgeted.last_schedule.kind == "whole"
+    assert "the leanest (no tiles: this model was rewritten with strategy 'fragments'" in budgeted.last_schedule.describe()
     info = dataclasses.replace(_info(), per_phase_global=True)
     with pytest.raises(DenseError, match="global context"):
         tiling.check_tileable(_graph("y = Relu (c)"), info, "x")

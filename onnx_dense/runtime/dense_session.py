@@ -958,7 +958,7 @@ class DenseSession:
         if self._tileable is None:
             tiling.check_tileable(self._structure(), self.info, name)
             self._tileable = True
-        need = tuple(max(a, b) for a, b in zip(self.minimum_tile(), self.minimum_input(name)))
+        need = self.minimum_tile()
         if any(t < m for t, m in zip(tile, need)):
             raise DenseError(
                 f"tile {'x'.join(map(str, tile))} is smaller than this model needs for one exact prediction per tile "
@@ -979,13 +979,15 @@ class DenseSession:
         return self._memo(("tile-refusal",), compute)
 
     def minimum_tile(self) -> tuple[int, ...]:
-        """The smallest tile (per spatial axis) that leaves every output an exact prediction."""
+        """The smallest tile (per spatial axis) that leaves every output an exact prediction, and
+        is no smaller than the model's smallest input (what :meth:`check_tile` accepts)."""
         name = self.image_input
         if name is None:
             raise DenseError(f"{self.label}: tiling needs exactly one image input with spatial axes in the metadata")
         outputs = tiling.output_axes(self.info, name, self.output_names)
         rank = len(self.info.inputs[name].spatial_axes)
-        return tuple(tiling.minimum_tile([o.geometry[k] for o in outputs]) for k in range(rank))
+        least = self.minimum_input(name)
+        return tuple(max(least[k], tiling.minimum_tile([o.geometry[k] for o in outputs])) for k in range(rank))
 
 
 NEAR_LEANEST = 1.05  # nothing fits the budget: the fastest within 5% of the leanest's peak above the RSS before

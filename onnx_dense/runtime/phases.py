@@ -351,7 +351,7 @@ def _value_types(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: s
     Dims are those at the rewrite's static size, with the spatial ones made symbolic by the
     caller: onnxruntime's layout optimisations (NCHWc) need the rank and channel counts.
     """
-    from onnx_dense.runtime.tiling import _light_copy
+    from onnx_dense.runtime.tiling import _light_copy, infer_static
 
     entry = info.inputs[input_name]
     found: dict[str, tuple[int, list]] = {}
@@ -359,7 +359,7 @@ def _value_types(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: s
         found[t.name] = (t.data_type, list(t.dims))
     try:
         light = _light_copy(proto, input_name, dict(zip(entry.spatial_axes, entry.size)))
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        inferred = infer_static(light)
         for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             tt = vi.type.tensor_type
             if not tt.elem_type:

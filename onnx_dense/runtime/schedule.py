@@ -171,12 +171,12 @@ _ITEMSIZE = {
 
 def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, size: Sequence[int]) -> Profile:
     """Shape inference at ``size`` (per spatial axis of ``input_name``): bytes of every value."""
-    from onnx_dense.runtime.tiling import _light_copy
+    from onnx_dense.runtime.tiling import _light_copy, infer_static
 
     entry = info.inputs[input_name]
     light = _light_copy(structure, input_name, dict(zip(entry.spatial_axes, size)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        inferred = infer_static(light)
     except Exception as exc:  # a model ORT runs but onnx cannot infer: no estimate
         raise DenseError(f"cannot estimate memory: shape inference failed ({str(exc).splitlines()[0][:200]})") from None
     inits = {t.name for t in structure.graph.initializer}

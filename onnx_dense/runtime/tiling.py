@@ -382,8 +382,8 @@ def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name:
             )
 
 
-def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> set[str]:
-    """The Slices (by output name) that crop their data to the least of run-time lengths of values
+def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> dict[str, tuple[list[int], set[str]]]:
+    """The Slices (by output name: their axes and the values whose least length they crop to) that crop their data to the least of run-time lengths of values
     that include it, from 0 with step 1 on the same axes: ``Slice(v, 0, Min(Gather(Shape(u),
     axes) ...), axes)`` with ``v`` among the ``u``. See the module docstring for why they tile."""
     made = {out: node for node in proto.graph.node for out in node.output}
@@ -405,7 +405,7 @@ def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> 
             sources.add(shape.input[0])
         return sources
 
-    crops = set()
+    crops = {}
     for node in proto.graph.node:
         if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.input) < 4:
             continue
@@ -418,7 +418,7 @@ def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> 
             continue
         sources = lengths_of(node.input[2], axes)
         if sources and node.input[0] in sources:
-            crops.add(node.output[0])
+            crops[node.output[0]] = (axes, sources)
     return crops
 
 
@@ -572,9 +572,45 @@ def _light_copy(proto: onnx.ModelProto, input_name: str, sizes: dict[int, int]) 
     return light
 
 
+def infer_static(light: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference of a :func:`_light_copy` (static size), through the rewrite's join
+    crops. ONNX's data propagation stops at their ``Min`` of lengths, which leaves the crop,
+    and every value after it, without dims (a memory estimate would count them as 1 pixel);
+    each crop whose operands' lengths are known gets them as constant ends, and inference runs
+    again, until none is left. ``light`` is changed in place. Raises what ONNX raises."""
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    crops = _shortest_crops(light, _constants(light))
+    slices = {n.output[0]: n for n in light.graph.node if n.op_type == "Slice" and n.output and n.output[0] in crops}
+    while slices:
+        dims = {}
+        for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            if vi.type.tensor_type.HasField("shape"):
+                dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        done = []
+        for out, node in slices.items():
+            axes, sources = crops[out]
+            shapes = [dims.get(src) for src in sources]
+            if any(sh is None for sh in shapes):
+                continue
+            try:
+                ends = [min(sh[a] for sh in shapes) for a in axes]
+            except (IndexError, TypeError):  # an axis out of range, or a length not known
+                continue
+            name = f"{out}__onnx_dense_ends"
+            light.graph.initializer.append(onnx.numpy_helper.from_array(np.array(ends, dtype=np.int64), name))
+            node.input[2] = name
+            done.append(out)
+        if not done:
+            break
+        for out in done:
+            del slices[out]
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    return inferred
+
+
 def _infer(proto: onnx.ModelProto) -> dict[str, list[int | None] | None]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = infer_static(proto)
     except Exception:
         return {}
     shapes: dict[str, list[int | None] | None] = {}

@@ -350,6 +350,12 @@ def test_fragments_and_global_context_models_are_not_tiled():
                                   session.run(np.ones((1, 3, 40, 40), np.float32))["output"].numpy())
     assert budgeted.last_schedule.kind == "whole"
     assert "the leanest (no tiles: this model was rewritten with strategy 'fragments'" in budgeted.last_schedule.describe()
+    # their phases run in their own graph: a forced phase schedule is the whole run, and says so
+    for kind in ("phases", "tiled-trunk", "phases+tiles"):
+        forced = DenseSession(fragments, provider="cpu", schedule=kind)
+        forced.run(np.ones((1, 3, 40, 40), np.float32))
+        assert forced.last_schedule.kind == "whole"
+        assert forced.last_schedule.instead == f"{kind} asked for, but a 'fragments' model runs its phases in one graph already"
     info = dataclasses.replace(_info(), per_phase_global=True)
     with pytest.raises(DenseError, match="global context"):
         tiling.check_tileable(_graph("y = Relu (c)"), info, "x")

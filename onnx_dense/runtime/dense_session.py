@@ -676,6 +676,12 @@ class DenseSession:
         try:
             depths = range(1, self._max_depth() + 1)
         except DenseError as exc:
+            whole_only = self._whole_only()
+            if kind in ("phases", "tiled-trunk", "phases+tiles") and whole_only:  # its phases are the whole run
+                chosen = self.choose(feeds, tile=None, schedule="whole")
+                estimate = self._estimator(size)(0) if budget is not None else None
+                return dataclasses.replace(chosen, estimate=estimate, budget=budget,
+                                           instead=f"{kind} asked for, but {whole_only}")
             if kind in ("phases", "tiled-trunk", "phases+tiles"):
                 raise
             depths, why = range(0), str(exc)
@@ -790,6 +796,15 @@ class DenseSession:
         tile = (tile,) * len(size)
         return Schedule("tiled-trunk", depth=depth, tile=tile, estimate=est, budget=budget, runs=layout.splits,
                         tiles=self._count_tiles(feeds, tile, outputs))
+
+    def _whole_only(self) -> str:
+        """Why this model's phases run in its own graph, so that no schedule but ``whole`` can
+        split or tile it ('' where one can)."""
+        if self.info.strategy != "dilate":
+            return f"a '{self.info.strategy}' model runs its phases in one graph already"
+        if self.info.per_phase_global:
+            return "this model computes global context per phase, over the whole map"
+        return ""
 
     def _trunk_axes(self, depth: int) -> list:
         """Stage 0's outputs as tiles stitch them; DenseError if the trunk cannot be tiled exactly."""

@@ -243,7 +243,7 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
     by the stage's level. Fewer splits: fewer, larger runs (faster on small maps), more memory.
     """
     if info.strategy != "dilate":
-        raise DenseError(f"strategy '{info.strategy}' models run their phases in one graph already; run whole or tiled")
+        raise DenseError(f"strategy '{info.strategy}' models run their phases in one graph already; run whole")
     if info.per_phase_global:
         raise DenseError("this model computes global context per phase; run whole")
     if info.values is None:

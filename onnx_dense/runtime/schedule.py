@@ -113,7 +113,8 @@ class Schedule:
 
     def describe(self) -> str:
         parts = [self.kind]
-        tiles = f"{self.tiles} tiles of {'x'.join(map(str, self.tile))}" if self.tile is not None else None
+        tiles = (f"{self.tiles} tile{'s' if self.tiles != 1 else ''} of {'x'.join(map(str, self.tile))}"
+                 if self.tile is not None else None)
         if self.kind == "tiled-trunk" and tiles:
             parts.append(f"trunk in {tiles}")
             tiles = None

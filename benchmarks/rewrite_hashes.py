@@ -23,6 +23,10 @@ import hashlib
 import sys
 from pathlib import Path
 
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # samples/ and tests/ are imported from the checkout, not installed
+    sys.path.insert(0, str(_ROOT))
+
 import onnx
 import onnx_ir as ir
 

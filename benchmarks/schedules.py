@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # samples/ is imported from the checkout, not installed
+    sys.path.insert(0, str(ROOT))
 
 MODELS = {
     "fcn": dict(zoo="fcn", kwargs={}, stride=1, tile=512),
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
                 r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out,
                           1 + max(1, args.repeat) if args.second_run else 1,
                           dict(e.split("=", 1) for e in args.env))
-                r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime())
+                r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime(),
+                         env=dict(e.split("=", 1) for e in args.env))
                 results[kind] = r
             ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
             if not ref.exists():  # no whole run: compare with the tiled one

@@ -267,6 +267,71 @@ def test_random_chains_equal_the_whole_run_under_every_forced_schedule(spec, wan
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (kind, session.last_schedule, spec.text())
 
 
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(spec=specs(), want=st.integers(1, 32), extra=st.integers(0, 12), over=st.integers(0, 6))
+def test_random_chains_equal_the_whole_run_on_plain_tiles_from_the_least_allowed(spec, want, extra, over):
+    """Plain tiles (``tile=``) of the whole dense model, from the least tile the session allows:
+    the stitched maps are the whole run's, or the tile is refused before any runs in one line
+    (a node that stops tiles). This sweep (1,500 examples outside the suite) found three
+    faults: a last tile shorter than a field (a prediction too many), tiles that could not be
+    shortened to the image modulo the stride (onnxruntime refused a join), and the rewrite's
+    join crops, refused, then with no dims after them."""
+    dense = _dense_chain(spec, want)
+    whole = DenseSession(dense, provider="cpu")
+    x = _chain_image(dense, whole.info, whole.image_input, 1, extra)
+    try:
+        want_maps = whole.run(x)
+        tile = tuple(t + over for t in whole.minimum_tile())
+    except DenseError:  # a chain whose sizes agree only at its export size, or with no grid to tile
+        assume(False)
+    session = DenseSession(dense, provider="cpu", tile=tile)
+    try:
+        got = session.run(x)
+    except DenseError as exc:
+        assert "onnxruntime" not in str(exc), (tile, x.shape, spec.text())
+        assume(False)  # refused before running
+    for name, m in want_maps.items():
+        a, b = got[name].numpy(), m.numpy()
+        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (tile, x.shape, spec.text())
+        a, b = np.nan_to_num(a), np.nan_to_num(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (tile, x.shape, spec.text())
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(spec=specs(), want=st.integers(1, 32), times=st.integers(2, 6), extra=st.integers(0, 12),
+       fraction=st.floats(0.0, 1.2))
+def test_random_chains_under_a_random_budget_equal_the_whole_run(spec, want, times, extra, fraction):
+    """Whatever a budget picks (whole, phases, tiled trunk, phases on tiles, tiles, or the
+    leanest when nothing fits) runs and gives the whole run's maps. The process's own memory
+    is taken as 0 and the budget drawn between the smallest tiles' estimate and the whole
+    run's, so that it decides."""
+    dense = _dense_chain(spec, want)
+    whole = DenseSession(dense, provider="cpu")
+    x = _chain_image(dense, whole.info, whole.image_input, times, extra)
+    try:
+        want_maps = whole.run(x)
+    except DenseError:
+        assume(False)
+    saved = dense_session._rss
+    dense_session._rss = lambda: 0
+    try:
+        probe = DenseSession(dense, provider="cpu", max_memory="1TB")
+        estimate = probe._estimator(probe._image_size({probe.image_input: x}))
+        least = estimate(0, max(probe.minimum_tile()))  # about what the smallest tiles need
+        budget = max(1, int(least + (estimate(0) - least) * fraction))
+        session = DenseSession(dense, provider="cpu", max_memory=budget)
+        got = session.run(x)
+    finally:
+        dense_session._rss = saved
+    for name, m in want_maps.items():
+        a, b = got[name].numpy(), m.numpy()
+        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (session.last_schedule, spec.text())
+        a, b = np.nan_to_num(a), np.nan_to_num(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (session.last_schedule, spec.text())
+
+
 def test_a_stride_left_in_the_dense_region_is_refused_when_choosing_not_when_running(monkeypatch):
     """Found by the chains above: a stride kept after a removed one (here 1x2 after 2x2, at
     output stride 1x4) cannot be split into phases. The layout said yes and only building the

@@ -572,40 +572,95 @@ def _light_copy(proto: onnx.ModelProto, input_name: str, sizes: dict[int, int]) 
     return light
 
 
-def infer_static(light: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference of a :func:`_light_copy` (static size), through the rewrite's join
-    crops. ONNX's data propagation stops at their ``Min`` of lengths, which leaves the crop,
-    and every value after it, without dims (a memory estimate would count them as 1 pixel);
-    each crop whose operands' lengths are known gets them as constant ends, and inference runs
-    again, until none is left. ``light`` is changed in place. Raises what ONNX raises."""
+def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
+    """ONNX shape inference of a :func:`_light_copy` (static size), through shape arithmetic.
+
+    Why not ONNX alone: its data propagation covers few ops (not Div, Min or Max), so a
+    Reshape or Slice whose shape is computed from ``Shape`` (the rewrite's join crops; the
+    space-to-phase moves of ``fragments`` models) leaves its output, and every value after
+    it, without dims, and a memory estimate counts them as one pixel. Here, at the light
+    copy's static size, every ``Shape`` of a value with known dims is a constant; each node
+    whose inputs are all such small integer constants is evaluated (onnx's reference
+    evaluator), its result put in as an initializer where it is read, and inference runs
+    again, until nothing new is known. ``light`` is changed in place. Raises what ONNX raises.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    known: dict[str, np.ndarray] = {}
+    for init in light.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and _numel(init.dims) <= 64:
+            known[init.name] = onnx.numpy_helper.to_array(init)
+    put_in: set[str] = set(known)
+    initial = set(put_in)
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    crops = _shortest_crops(light, _constants(light))
-    slices = {n.output[0]: n for n in light.graph.node if n.op_type == "Slice" and n.output and n.output[0] in crops}
-    while slices:
+    for _ in range(rounds):
         dims = {}
         for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-            if vi.type.tensor_type.HasField("shape"):
-                dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        done = []
-        for out, node in slices.items():
-            axes, sources = crops[out]
-            shapes = [dims.get(src) for src in sources]
-            if any(sh is None for sh in shapes):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                dims[vi.name] = [d.dim_value for d in tt.shape.dim]
+        for node in light.graph.node:
+            if not node.output or node.output[0] in known or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Shape":
+                if node.input[0] in dims:
+                    attrs = {a.name: a.i for a in node.attribute}
+                    shape = np.array(dims[node.input[0]], dtype=np.int64)
+                    known[node.output[0]] = shape[attrs.get("start", 0):attrs.get("end", len(shape))]
+                continue
+            if node.op_type == "Constant":
+                value = _constants_of(node)
+                if value is not None:
+                    known[node.output[0]] = value
+                continue
+            if node.op_type in _NOT_FOLDED or not node.input or not all(i == "" or i in known for i in node.input):
                 continue
             try:
-                ends = [min(sh[a] for sh in shapes) for a in axes]
-            except (IndexError, TypeError):  # an axis out of range, or a length not known
+                values = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})
+            except Exception:  # an op the reference evaluator lacks: left to ONNX's own inference
                 continue
-            name = f"{out}__onnx_dense_ends"
-            light.graph.initializer.append(onnx.numpy_helper.from_array(np.array(ends, dtype=np.int64), name))
-            node.input[2] = name
-            done.append(out)
-        if not done:
+            for name, value in zip(node.output, values):
+                value = np.asarray(value)
+                if value.dtype.kind in "iu" and value.size <= 64:
+                    known[name] = value.astype(np.int64) if value.dtype.kind == "u" else value
+        # put in what some node reads, from producers all of whose outputs are known (a value
+        # cannot be both an initializer and a node's output: the producer goes)
+        read = {name for node in light.graph.node for name in node.input}
+        gone = [n for n in light.graph.node
+                if n.output and all(o in known for o in n.output) and any(o in read and o not in put_in for o in n.output)]
+        if not gone:
             break
-        for out in done:
-            del slices[out]
+        for node in gone:
+            for name in node.output:
+                light.graph.initializer.append(onnx.numpy_helper.from_array(known[name], name))
+                put_in.add(name)
+        gone_ids = {id(n) for n in gone}
+        kept = [n for n in light.graph.node if id(n) not in gone_ids]
+        del light.graph.node[:]
+        light.graph.node.extend(kept)
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    listed = {vi.name for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    for name in sorted(put_in - listed - initial):  # what was folded keeps its type and shape for callers
+        value = known[name]
+        inferred.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
     return inferred
+
+
+def _constants_of(node: onnx.NodeProto) -> np.ndarray | None:
+    """A Constant node's value if it is a small integer tensor."""
+    for a in node.attribute:
+        if a.name == "value" and a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                and _numel(a.t.dims) <= 64:
+            return onnx.numpy_helper.to_array(a.t)
+        if a.name in ("value_int", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(a), dtype=np.int64)
+    return None
+
+
+# Not evaluated even on constant inputs: random or stateful ops.
+_NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "If", "Loop", "Scan"})
 
 
 def _infer(proto: onnx.ModelProto) -> dict[str, list[int | None] | None]:

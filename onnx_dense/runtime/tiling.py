@@ -32,7 +32,8 @@ kernel that picks its algorithm by size, as cuDNN does, can differ in round-off)
 
 Tiles are as long as the image modulo ``s`` (all but the last are shortened by less than
 ``s``, or lengthened by less than ``s`` where the shorter length would leave a tile no exact
-prediction; the last, aligned and ending on the image's end, is so anyway). A layer's output length is ``floor((n + c)/s_l) + 1`` (ceil in ceil mode): a length changed by a multiple
+prediction; the last, aligned and ending on the image's end, is so anyway). A layer's
+output length is ``floor((n + c)/s_l) + 1`` (ceil in ceil mode): a length changed by a multiple
 of ``s`` (a multiple of every stride before it) changes every branch of a join by the same
 whole count, so branches that agree on the image agree on each tile, whichever padding made
 them agree there (a strided 1x1 conv beside a 3x3 without pads, say).
@@ -40,9 +41,10 @@ them agree there (a strided 1x1 conv beside a 3x3 without pads, say).
 What breaks the argument is refused before any tile runs (:func:`check_tileable`): ops that
 look at the whole map (global pooling, Resize, InstanceNorm, softmax or reductions over a
 spatial axis, concatenation along it), crops (Slice, negative Pad: they shift what a crop's
-edge padding reaches; all but the rewrite's own join crops, below), ``auto_pad=SAME`` on strided windows (its padding depends on the
-size) and graphs with control flow. Which axes of an intermediate tensor are spatial is
-found by running ONNX shape inference at two input sizes: the axes whose size changes.
+edge padding reaches; all but the rewrite's own join crops, below), ``auto_pad=SAME`` on
+strided windows (its padding depends on the size) and graphs with control flow. Which axes
+of an intermediate tensor are spatial is found by running ONNX shape inference at two input
+sizes (:func:`infer_static`): the axes whose size changes.
 
 The crops that tile (:func:`_shortest_crops`) are those the rewrite puts before a join whose
 dense branches differ in length (``passes/align_joins.py``): a Slice from 0, step 1, to the
@@ -383,9 +385,10 @@ def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name:
 
 
 def _shortest_crops(proto: onnx.ModelProto, constants: dict[str, list[int]]) -> dict[str, tuple[list[int], set[str]]]:
-    """The Slices (by output name: their axes and the values whose least length they crop to) that crop their data to the least of run-time lengths of values
-    that include it, from 0 with step 1 on the same axes: ``Slice(v, 0, Min(Gather(Shape(u),
-    axes) ...), axes)`` with ``v`` among the ``u``. See the module docstring for why they tile."""
+    """The Slices that crop their data to the least of run-time lengths of values that include
+    it, from 0 with step 1 on the same axes: ``Slice(v, 0, Min(Gather(Shape(u), axes) ...),
+    axes)`` with ``v`` among the ``u``; by output name, their axes and those ``u``. See the
+    module docstring for why they tile."""
     made = {out: node for node in proto.graph.node for out in node.output}
 
     def lengths_of(name: str, axes: list[int]) -> set[str] | None:
@@ -583,6 +586,8 @@ def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
     whose inputs are all such small integer constants is evaluated (onnx's reference
     evaluator), its result put in as an initializer where it is read, and inference runs
     again, until nothing new is known. ``light`` is changed in place. Raises what ONNX raises.
+    (onnxruntime's symbolic shape inference follows such arithmetic too, but needs sympy,
+    which none of our dependencies brings.)
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -626,8 +631,8 @@ def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
         # put in what some node reads, from producers all of whose outputs are known (a value
         # cannot be both an initializer and a node's output: the producer goes)
         read = {name for node in light.graph.node for name in node.input}
-        gone = [n for n in light.graph.node
-                if n.output and all(o in known for o in n.output) and any(o in read and o not in put_in for o in n.output)]
+        gone = [n for n in light.graph.node if n.output and all(o in known for o in n.output)
+                and any(o in read and o not in put_in for o in n.output)]
         if not gone:
             break
         for node in gone:

@@ -830,14 +830,14 @@ class DenseSession:
         of ``tile`` pixels (see :mod:`~onnx_dense.runtime.schedule`)."""
         base = _rss()
         prof = self._profile(size)
-        weights = sched.session_bytes(self._weight_bytes())
+        weights = self._weight_bytes()
 
         def estimate(depth: int, tile: int | None = None, trunk: bool = False) -> int:
             if depth:  # sessions of another depth are dropped before the new ones are made
-                extra = 0 if self._plan is not None else weights
+                extra = 0 if self._plan is not None else sched.session_bytes(weights, stages=True)
                 stages = self._layout(depth).estimate_stages()
             else:
-                extra = 0 if self.session is not None else weights
+                extra = 0 if self.session is not None else sched.session_bytes(weights)
                 stages = None
             if tile is None:
                 if stages is None:

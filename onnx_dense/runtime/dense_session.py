@@ -282,7 +282,6 @@ class DenseSession:
                 for i in inputs
             }
         self.image_input = self._image_input()
-        self._tileable: bool | None = None
         self.tile = self.check_tile(tile) if tile is not None else None
 
     # -- set-up helpers ---------------------------------------------------------------------
@@ -970,9 +969,7 @@ class DenseSession:
         tile = tiling.parse_tile(tile, len(self.info.inputs[name].spatial_axes))
         if self._rebuilt:  # the body is what is tiled (run_body_and_tail)
             return self._body_and_tail()[0].check_tile(tile)
-        if self._tileable is None:
-            tiling.check_tileable(self._structure(), self.info, name)
-            self._tileable = True
+        self._check_tileable()
         need = self.minimum_tile()
         if any(t < m for t, m in zip(tile, need)):
             raise DenseError(
@@ -981,17 +978,21 @@ class DenseSession:
             )
         return tile
 
+    def _check_tileable(self) -> None:
+        """:func:`tiling.check_tileable` on the whole graph (the body's, where the final
+        upsampling was rebuilt), once (its DenseError kept)."""
+        if self._rebuilt:
+            return self._body_and_tail()[0]._check_tileable()
+        self._memo(("tileable",), lambda: tiling.check_tileable(self._structure(), self.info, self.image_input))
+
     def _tile_refusal(self) -> str:
         """Why this model cannot be tiled ('' if it can), as :meth:`check_tile` would say."""
-        def compute():
-            try:
-                self.check_tile(self.minimum_tile())
-            except DenseError as exc:
-                if "smaller than this model needs" not in str(exc):
-                    return str(exc).replace("; run without --tile", "").replace("; run without tiling", "")
-            return ""
-
-        return self._memo(("tile-refusal",), compute)
+        try:
+            self._check_tileable()
+            self.minimum_tile()  # outputs without a grid to stitch
+        except DenseError as exc:
+            return str(exc).replace("; run without --tile", "").replace("; run without tiling", "")
+        return ""
 
     def minimum_tile(self) -> tuple[int, ...]:
         """The smallest tile (per spatial axis) that leaves every output an exact prediction, and

@@ -519,20 +519,25 @@ def _rank(spatial, name) -> int | None:
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, list[int]]:
-    """Small integer constants (axes, pads, starts) by tensor name."""
-    values: dict[str, list[int]] = {}
+    """Small integer constants (axes, pads, starts) by tensor name, flattened."""
+    return {name: [int(v) for v in value.reshape(-1)] for name, value in _int_arrays(proto).items()}
+
+
+def _int_arrays(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Integer initializers of at most 64 elements (in the file) and integer Constant nodes'
+    values, by tensor name, with their shapes."""
+    values: dict[str, np.ndarray] = {}
     for init in proto.graph.initializer:
         if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and _numel(init.dims) <= 64 \
                 and init.data_location != onnx.TensorProto.EXTERNAL:
-            values[init.name] = [int(v) for v in onnx.numpy_helper.to_array(init).reshape(-1)]
+            values[init.name] = onnx.numpy_helper.to_array(init)
     for node in proto.graph.node:
         if node.op_type == "Constant" and node.output:
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-                    values[node.output[0]] = [int(v) for v in onnx.numpy_helper.to_array(a.t).reshape(-1)]
+                    values[node.output[0]] = onnx.numpy_helper.to_array(a.t)
                 elif a.name in ("value_int", "value_ints"):
-                    v = onnx.helper.get_attribute_value(a)
-                    values[node.output[0]] = [int(i) for i in (v if isinstance(v, list) else [v])]
+                    values[node.output[0]] = np.array(onnx.helper.get_attribute_value(a), dtype=np.int64)
     return values
 
 
@@ -591,12 +596,9 @@ def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
     """
     from onnx.reference import ReferenceEvaluator
 
-    known: dict[str, np.ndarray] = {}
-    for init in light.graph.initializer:
-        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and _numel(init.dims) <= 64:
-            known[init.name] = onnx.numpy_helper.to_array(init)
-    put_in: set[str] = set(known)
-    initial = set(put_in)
+    known = {name: value for name, value in _int_arrays(light).items() if value.size <= 64}
+    initial = {t.name for t in light.graph.initializer} & set(known)
+    put_in = set(initial)
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     for _ in range(rounds):
         dims = {}
@@ -612,11 +614,6 @@ def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
                     attrs = {a.name: a.i for a in node.attribute}
                     shape = np.array(dims[node.input[0]], dtype=np.int64)
                     known[node.output[0]] = shape[attrs.get("start", 0):attrs.get("end", len(shape))]
-                continue
-            if node.op_type == "Constant":
-                value = _constants_of(node)
-                if value is not None:
-                    known[node.output[0]] = value
                 continue
             if node.op_type in _NOT_FOLDED or not node.input or not all(i == "" or i in known for i in node.input):
                 continue
@@ -650,17 +647,6 @@ def infer_static(light: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
         inferred.graph.value_info.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
     return inferred
-
-
-def _constants_of(node: onnx.NodeProto) -> np.ndarray | None:
-    """A Constant node's value if it is a small integer tensor."""
-    for a in node.attribute:
-        if a.name == "value" and a.t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
-                and _numel(a.t.dims) <= 64:
-            return onnx.numpy_helper.to_array(a.t)
-        if a.name in ("value_int", "value_ints"):
-            return np.array(onnx.helper.get_attribute_value(a), dtype=np.int64)
-    return None
 
 
 # Not evaluated even on constant inputs: random or stateful ops.

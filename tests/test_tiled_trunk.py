@@ -192,6 +192,16 @@ def _chain_image(dense: onnx.ModelProto, info: metadata.DenseInfo, name: str, ti
     return np.random.default_rng(extra).standard_normal(shape, dtype=np.float32)
 
 
+def _assert_chain_maps_equal(got: dict, want: dict, context) -> None:
+    """A random chain's maps against the whole run's: same shapes, NaN where the whole run has
+    NaN (an AveragePool window wholly in the pads), else within 1e-5 of the largest value."""
+    for name, m in want.items():
+        a, b = got[name].numpy(), m.numpy()
+        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), context
+        a, b = np.nan_to_num(a), np.nan_to_num(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), context
+
+
 def _trunk_equals_whole(spec, want: int, extra: int) -> bool:
     """Rewrite a random chain, tile its trunk at a size just above the least it allows, and
     compare with the whole run; False where the chain has no trunk to tile (nothing split)."""
@@ -260,11 +270,7 @@ def test_random_chains_equal_the_whole_run_under_every_forced_schedule(spec, wan
     except DenseError as exc:
         assert not isinstance(exc, phases.StageRefused), exc
         assume(False)  # refused before running: what cannot be split or tiled
-    for name, m in want_maps.items():
-        a, b = got[name].numpy(), m.numpy()
-        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (kind, session.last_schedule, spec.text())
-        a, b = np.nan_to_num(a), np.nan_to_num(b)
-        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (kind, session.last_schedule, spec.text())
+    _assert_chain_maps_equal(got, want_maps, (kind, session.last_schedule, spec.text()))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -291,11 +297,7 @@ def test_random_chains_equal_the_whole_run_on_plain_tiles_from_the_least_allowed
     except DenseError as exc:
         assert "onnxruntime" not in str(exc), (tile, x.shape, spec.text())
         assume(False)  # refused before running
-    for name, m in want_maps.items():
-        a, b = got[name].numpy(), m.numpy()
-        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (tile, x.shape, spec.text())
-        a, b = np.nan_to_num(a), np.nan_to_num(b)
-        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (tile, x.shape, spec.text())
+    _assert_chain_maps_equal(got, want_maps, (tile, x.shape, spec.text()))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -325,11 +327,7 @@ def test_random_chains_under_a_random_budget_equal_the_whole_run(spec, want, tim
         got = session.run(x)
     finally:
         dense_session._rss = saved
-    for name, m in want_maps.items():
-        a, b = got[name].numpy(), m.numpy()
-        assert a.shape == b.shape and (np.isnan(a) == np.isnan(b)).all(), (session.last_schedule, spec.text())
-        a, b = np.nan_to_num(a), np.nan_to_num(b)
-        assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max())), (session.last_schedule, spec.text())
+    _assert_chain_maps_equal(got, want_maps, (session.last_schedule, spec.text()))
 
 
 def test_a_stride_left_in_the_dense_region_is_refused_when_choosing_not_when_running(monkeypatch):

@@ -328,3 +328,20 @@ def test_run_command_says_which_schedule_and_records_it(models, tmp_path, monkey
     assert Image.open(tmp_path / "o" / "a.output.png").size == (100, 90)
     code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "o", "--max-memory", "lots")
     assert_clean_error(code, out, err, "--max-memory")
+
+
+def test_one_tile_is_described_as_the_whole_image(models):
+    """A tile larger than the image is one tile, the image itself: the line no longer names a tile
+    side the image does not have ("1 tile of 886x886" on a 157x141 image)."""
+    one = schedule.Schedule("phases+tiles", depth=1, tile=(886, 886), tiles=1, runs=4)
+    assert one.describe() == "phases+tiles, split at 1 eST level, 4 phases, 1 tile (the whole image)"
+    trunk = schedule.Schedule("tiled-trunk", depth=1, tile=(300, 300), tiles=1, runs=4)
+    assert trunk.describe().startswith("tiled-trunk, trunk in 1 tile (the whole image), split at 1 eST level")
+    many = schedule.Schedule("tiles", tile=(64, 64), tiles=9)
+    assert many.describe() == "tiles, 9 tiles of 64x64"
+    session = DenseSession(models["resnet"], provider="cpu", max_memory="64GB", schedule="phases+tiles")
+    x = _image(123)
+    session.run(x)
+    assert session.last_schedule.tiles == 1
+    assert "1 tile (the whole image)" in session.last_schedule.describe()
+    assert max(session.last_schedule.tile) > 123  # the tile asked for is kept in to_dict()

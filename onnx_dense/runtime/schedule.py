@@ -40,7 +40,11 @@ whole run fits.
 The tiled trunk (same day, the ResNet under 300 MB, 700 MB and 2 GB at 2048, 4096 and 8000):
 0.94-0.98 of the estimate.
 Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
-GEMM), other providers (CUDA: device memory is not RSS).
+GEMM), onnxruntime's memory pattern (one block per input shape: a phase run of ConvNeXt-atto
+took 1.4x its first run's memory once the pattern existed) and blocked-layout copies (NCHWc
+around depthwise convs read by Transposes), which took a ConvNeXt-like block to 1.25x the
+estimate whole and 1.27x by phases (2026-12-07, benchmarks/README.md), other providers (CUDA:
+device memory is not RSS).
 """
 
 from __future__ import annotations
@@ -116,8 +120,12 @@ class Schedule:
 
     def describe(self) -> str:
         parts = [self.kind]
-        tiles = (f"{self.tiles} tile{'s' if self.tiles != 1 else ''} of {'x'.join(map(str, self.tile))}"
-                 if self.tile is not None else None)
+        if self.tile is None:
+            tiles = None
+        elif self.tiles == 1:  # the tile asked for can exceed the image; the one tile is the image
+            tiles = "1 tile (the whole image)"
+        else:
+            tiles = f"{self.tiles} tiles of {'x'.join(map(str, self.tile))}"
         if self.kind == "tiled-trunk" and tiles:
             parts.append(f"trunk in {tiles}")
             tiles = None

@@ -7,6 +7,7 @@ round-off (1e-6 of the largest value), which is what a size-dependent kernel cho
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,7 +132,7 @@ def test_when_nothing_fits_the_fastest_schedule_near_the_leanest_runs(models, mo
     session = DenseSession(models["fcn"], provider="cpu", max_memory="120MB")
     feeds = session._feeds(_image(2048))
     near = session.choose(feeds)
-    leanest = session.choose(feeds, _budget=120 * 2**20)  # the search alone, no second look
+    leanest = session._choose(feeds, _budget=120 * 2**20)  # the search alone, no second look
     assert leanest.estimate > 120 * 2**20 and near.budget == 120 * 2**20
     assert leanest.estimate <= near.estimate <= 100 * 2**20 + (leanest.estimate - 100 * 2**20) * dense_session.NEAR_LEANEST
     assert near.tiles * max(1, near.runs) < leanest.tiles * max(1, leanest.runs), (near.describe(), leanest.describe())
@@ -345,3 +346,33 @@ def test_one_tile_is_described_as_the_whole_image(models):
     assert session.last_schedule.tiles == 1
     assert "1 tile (the whole image)" in session.last_schedule.describe()
     assert max(session.last_schedule.tile) > 123  # the tile asked for is kept in to_dict()
+
+
+def test_a_tight_budget_runs_without_onnxruntimes_memory_pattern(models, monkeypatch):
+    """After the first run of a shape, onnxruntime allocates that shape's values as one planned
+    block (its memory pattern), measured at 1.2-1.5x the first run's memory: a budget that the
+    schedule fits only as first runs use memory turns the pattern off (the sessions are made
+    again without it), a budget with room for the pattern keeps it; the output is the same."""
+    monkeypatch.setattr(dense_session, "_rss", lambda: 0)  # the estimates without the process's own memory
+    x = _image(300)
+    want = DenseSession(models["resnet"], provider="cpu").run(x)
+    probe = DenseSession(models["resnet"], provider="cpu", max_memory="64GB", schedule="phases")
+    size = (300, 300)
+    tight = probe._estimator(size)(1)
+    roomy = probe._estimator(size, margin=schedule.PATTERN_MARGIN)(1)
+    assert roomy > tight
+    session = DenseSession(models["resnet"], provider="cpu", max_memory=(tight + roomy) // 2, schedule="phases")
+    _assert_same(session.run(x), want)
+    chosen = session.last_schedule
+    assert chosen.kind == "phases" and chosen.pattern is False and chosen.to_dict()["memory_pattern"] is False
+    assert "memory pattern off to stay within the budget" in chosen.describe()
+    over = dataclasses.replace(chosen, budget=chosen.estimate - 1)  # nothing fits: no promise to stay within
+    assert over.describe().endswith("this is the leanest; onnxruntime's memory pattern off")
+    assert all(not s.get_session_options().enable_mem_pattern for s in session._plan.sessions)
+    session.max_memory = roomy + 2**20  # room for the pattern: sessions made again with it
+    _assert_same(session.run(x), want)
+    assert session.last_schedule.pattern is True and "memory pattern" not in session.last_schedule.describe()
+    assert all(s.get_session_options().enable_mem_pattern for s in session._plan.sessions)
+    plain = DenseSession(models["resnet"], provider="cpu")  # no budget: as before, pattern and arena on
+    plain.run(x)
+    assert plain.session.get_session_options().enable_mem_pattern

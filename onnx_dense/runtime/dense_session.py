@@ -475,6 +475,7 @@ class DenseSession:
             return self._run_body_and_tail(feeds, tile, progress, schedule)
         chosen = self.choose(feeds, tile=tile, schedule=schedule)
         self.last_schedule = chosen
+        self._use_pattern(chosen.pattern)
         if chosen.kind != "whole" and keep_on_device:
             raise DenseError(f"{chosen.kind} outputs are put together on the host; keep_on_device needs an untiled run")
         if chosen.kind == "whole":
@@ -647,7 +648,7 @@ class DenseSession:
 
     # -- schedules ----------------------------------------------------------------------------
 
-    def choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None) -> Schedule:
+    def choose(self, feeds, *, tile=_UNSET, schedule: str | None = None) -> Schedule:
         """The schedule a run of ``feeds`` takes (see :mod:`onnx_dense.runtime.schedule`).
 
         A tile given (here or to the session) is obeyed as before. Otherwise ``whole`` unless a
@@ -655,8 +656,22 @@ class DenseSession:
         schedule whose estimated peak fits the budget. When none does, the fastest whose peak,
         above what the process holds before the run, is within :data:`NEAR_LEANEST` of the
         leanest's: tiles far smaller than that save little memory (the outputs stay) for many
-        more runs and overlaps.
+        more runs and overlaps. Under a budget, onnxruntime's memory pattern stays on only if the
+        schedule also fits with its values counted :data:`~onnx_dense.runtime.schedule.PATTERN_MARGIN` times.
         """
+        chosen = self._choose(feeds, tile=tile, schedule=schedule)
+        budget = self.max_memory
+        if budget is None or chosen.estimate is None:
+            return chosen
+        if chosen.estimate > budget:  # nothing fits: the least memory
+            return dataclasses.replace(chosen, pattern=False)
+        with_pattern = self._estimator(self._image_size(feeds), margin=sched.PATTERN_MARGIN)(
+            chosen.depth if chosen.kind != "whole" else 0,
+            max(chosen.tile) if chosen.tile is not None else None,
+            trunk=chosen.kind == "tiled-trunk" and chosen.tile is not None)
+        return dataclasses.replace(chosen, pattern=with_pattern <= budget)
+
+    def _choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None) -> Schedule:
         kind = schedule or self.schedule
         if kind not in SCHEDULES:
             raise DenseError(f"schedule '{kind}': use one of {', '.join(SCHEDULES)}")
@@ -677,7 +692,7 @@ class DenseSession:
         except DenseError as exc:
             whole_only = self._whole_only()
             if kind in ("phases", "tiled-trunk", "phases+tiles") and whole_only:  # its phases are the whole run
-                chosen = self.choose(feeds, tile=None, schedule="whole")
+                chosen = self._choose(feeds, tile=None, schedule="whole")
                 estimate = self._estimator(size)(0) if budget is not None else None
                 return dataclasses.replace(chosen, estimate=estimate, budget=budget,
                                            instead=f"{kind} asked for, but {whole_only}")
@@ -687,7 +702,7 @@ class DenseSession:
         else:
             why = ""
         if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:  # one phase: the whole model
-            chosen = self.choose(feeds, tile=None, schedule="auto", _budget=_budget)
+            chosen = self._choose(feeds, tile=None, schedule="auto", _budget=_budget)
             return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
                                                        "the one phase is the whole model")
         estimate = self._estimator(size)
@@ -743,7 +758,7 @@ class DenseSession:
             leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
             if _budget is None and budget is not None:  # within 5% above what the process holds already
                 floor = leanest.estimate if leanest is not None else est
-                near = self.choose(feeds, tile=None, schedule=schedule,
+                near = self._choose(feeds, tile=None, schedule=schedule,
                                    _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
                 return dataclasses.replace(near, budget=budget, over="the fastest within 5% of the leanest's peak")
             if leanest is not None:
@@ -948,6 +963,14 @@ class DenseSession:
     def _drop_plan(self) -> None:
         self._plan = None
 
+    def _use_pattern(self, on: bool) -> None:
+        """Sessions with onnxruntime's memory pattern on or off (made again if they differ)."""
+        if self._so.enable_mem_pattern == on:
+            return
+        self._so.enable_mem_pattern = on
+        self.session = None
+        self._plan = None
+
     def _run_tiled(self, feeds, tile, progress, runner=None) -> dict[str, np.ndarray]:
         name = self.image_input
         if name is None:
@@ -1048,6 +1071,7 @@ def _stage_options(base: ort.SessionOptions) -> ort.SessionOptions:
     if base.intra_op_num_threads:
         so.intra_op_num_threads = base.intra_op_num_threads
     so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = base.enable_mem_pattern
     set_spinning(so, False)
     for key in ("session.disable_cpu_ep_fallback",):
         value = base.get_session_config_entry(key) if _has_entry(base, key) else None

@@ -27,7 +27,9 @@ counted once, there; a tile's copy of it is counted. Add what making the session
 schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times (none fits: the
 fastest within 5% of the leanest's estimate above the RSS before the run, since tiles much
 smaller save little). Budgeted
-sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held).
+sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held),
+and without its memory pattern where the chosen schedule would not fit with the values counted
+:data:`PATTERN_MARGIN` times (the pattern's planned block took up to 1.5x a first run's memory).
 
 Measured (2026-12-03, ORT 1.32 CPU, 2 threads; ``benchmarks/schedules.py``'s two models, the
 FCN sample at output stride 1 and a ResNet-18 layout at output stride 8, whole, 1, 2 and 4
@@ -61,6 +63,13 @@ from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 
 MARGIN = 1.5  # onnxruntime's values x MARGIN must fit: allocator slack, kernels' scratch (im2col)
+# onnxruntime's memory pattern: after the first run of an input shape, a session allocates that
+# shape's values as one planned block, which took 1.2-1.5x the first run's memory (ResNet-50
+# at 2048 by phases: 656 MiB a phase against 465; whole runs of public trunks 1.3-1.5x; needs
+# up to 2.0 of the values, measured 2026-12-07). A budgeted run keeps the pattern (faster:
+# without it every value is a fresh block, 1.1-1.4x the time) only if the schedule's estimate
+# with the values counted PATTERN_MARGIN times fits too.
+PATTERN_MARGIN = 2.1
 SESSION_BYTES = 24 * 2**20  # onnxruntime's sessions and run-time buffers beside the weights and values
 
 
@@ -117,6 +126,7 @@ class Schedule:
     tiles: int = 1
     over: str = "the leanest"  # which schedule this is when none fits the budget
     instead: str | None = None  # why this ran instead of the schedule chosen
+    pattern: bool = True  # onnxruntime's memory pattern on (see PATTERN_MARGIN)
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -140,6 +150,9 @@ class Schedule:
                 line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
             elif self.budget is not None:
                 line += f" of {fmt_bytes(self.budget)} allowed"
+        if not self.pattern:
+            within = self.budget is not None and self.estimate is not None and self.estimate <= self.budget
+            line += "; onnxruntime's memory pattern off" + (" to stay within the budget" if within else "")
         if self.instead:
             line += f" ({self.instead})"
         return line
@@ -148,7 +161,7 @@ class Schedule:
         return {
             "kind": self.kind, "depth": self.depth, "tile": list(self.tile) if self.tile else None,
             "estimate_bytes": self.estimate, "budget_bytes": self.budget, "phases": self.runs, "tiles": self.tiles,
-            **({"instead": self.instead} if self.instead else {}),
+            "memory_pattern": self.pattern, **({"instead": self.instead} if self.instead else {}),
         }
 
 

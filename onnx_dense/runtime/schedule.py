@@ -42,11 +42,11 @@ whole run fits.
 The tiled trunk (same day, the ResNet under 300 MB, 700 MB and 2 GB at 2048, 4096 and 8000):
 0.94-0.98 of the estimate.
 Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
-GEMM), onnxruntime's memory pattern (one block per input shape: a phase run of ConvNeXt-atto
-took 1.4x its first run's memory once the pattern existed) and blocked-layout copies (NCHWc
-around depthwise convs read by Transposes), which took a ConvNeXt-like block to 1.25x the
-estimate whole and 1.27x by phases (2026-12-07, benchmarks/README.md), other providers (CUDA:
-device memory is not RSS).
+GEMM), onnxruntime's blocked-layout copies (NCHWc around depthwise convs read by Transposes,
+or after every conv of a net narrower than the block), which took a ConvNeXt-like block to
+1.25x the estimate whole and 1.27x by phases and an 8-wide ResNet 30 MiB over (2026-12-07,
+benchmarks/README.md), other providers (CUDA: device memory is not RSS). onnxruntime's memory
+pattern is not modelled either: it is turned off where it would not fit (:data:`PATTERN_MARGIN`).
 """
 
 from __future__ import annotations

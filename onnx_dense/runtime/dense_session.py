@@ -666,9 +666,7 @@ class DenseSession:
         if chosen.estimate > budget:  # nothing fits: the least memory
             return dataclasses.replace(chosen, pattern=False)
         with_pattern = self._estimator(self._image_size(feeds), margin=sched.PATTERN_MARGIN)(
-            chosen.depth if chosen.kind != "whole" else 0,
-            max(chosen.tile) if chosen.tile is not None else None,
-            trunk=chosen.kind == "tiled-trunk" and chosen.tile is not None)
+            chosen.depth, max(chosen.tile) if chosen.tile is not None else None, trunk=chosen.kind == "tiled-trunk")
         return dataclasses.replace(chosen, pattern=with_pattern <= budget)
 
     def _choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None) -> Schedule:
@@ -969,7 +967,7 @@ class DenseSession:
             return
         self._so.enable_mem_pattern = on
         self.session = None
-        self._plan = None
+        self._drop_plan()
 
     def _run_tiled(self, feeds, tile, progress, runner=None) -> dict[str, np.ndarray]:
         name = self.image_input

@@ -27,11 +27,17 @@ Models (built in code, random weights, TorchScript export, nothing downloaded):
 * ``resnet``: a ResNet-18 layout of width 16 exported at 224 with its classifier head, output
   stride 8 (layer3 and layer4 strides removed, eST 2 and 4; the head's global pool becomes a
   7x7 average dilated by 4); receptive field 627 pixels (large, like ResNet-50's 427).
+* ``deeplab``: the DeepLabV3 sample (``samples.segmentation``, width 16: a stride-8 backbone,
+  ASPP with global pooling, bilinear upsampling back to the input), output stride 2, rewritten
+  with ``rederive_sizes``. ``auto`` writes it as ``fragments`` (global context in the dense
+  region): no tiles; under a budget it runs by phases of its batch
+  (:mod:`onnx_dense.runtime.fragment_batches`). Run it with ``--runs whole,budget``.
 
 Run (Linux: reads /proc/self/status):
 
     python benchmarks/schedules.py --workdir /tmp/onnx-dense-schedules --json schedules.json
     # --models fcn,resnet  --sizes 512,1024,2048,4096  --budget 1GB  --tile 512  --runs whole,tiled,budget,budget=2GB
+    # --models deeplab,/path/to/any_dense.onnx --runs whole,budget   (fragments models: no tiles)
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ if str(ROOT) not in sys.path:  # samples/ is imported from the checkout, not ins
 MODELS = {
     "fcn": dict(zoo="fcn", kwargs={}, stride=1, tile=512),
     "resnet": dict(zoo="resnet", kwargs={"width": 16, "size": 224}, stride=8, tile=1024),
+    "deeplab": dict(segmentation="deeplabv3", kwargs={"width": 16}, stride=2, tile=None),
 }
 
 _CHILD = textwrap.dedent(
@@ -106,12 +113,20 @@ def build(name: str, workdir: Path) -> Path:
     import onnx_dense
     from samples import export, zoo
 
+    if name.endswith(".onnx"):  # a dense model written elsewhere (a public one: benchmarks/README.md)
+        return Path(name)
     spec = MODELS[name]
     src = workdir / f"{name}.onnx"
     dst = workdir / f"{name}_dense_r{spec['stride']}.onnx"
     if not dst.exists():
-        export.export_onnx(zoo.build(spec["zoo"], **spec["kwargs"]), None, src)
-        onnx_dense.rewrite(src, dst, output_stride=spec["stride"])
+        if "segmentation" in spec:  # its interpolation sizes, baked at export, taken at run time
+            from samples import segmentation
+
+            segmentation.export(segmentation.build(spec["segmentation"], **spec["kwargs"]).eval(), src)
+            onnx_dense.rewrite(src, dst, output_stride=spec["stride"], rederive_sizes=True)
+        else:
+            export.export_onnx(zoo.build(spec["zoo"], **spec["kwargs"]), None, src)
+            onnx_dense.rewrite(src, dst, output_stride=spec["stride"])
     return dst
 
 
@@ -153,7 +168,7 @@ def uptime() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-dense-schedules")
-    ap.add_argument("--models", default="fcn,resnet")
+    ap.add_argument("--models", default="fcn,resnet", help="names above, or paths of dense .onnx files")
     ap.add_argument("--sizes", default="512,1024,2048,4096")
     ap.add_argument("--runs", default="whole,tiled,budget",
                     help="budget=2GB: a run with that budget instead of --budget; budget=2GB@phases+tiles: with that "
@@ -179,8 +194,9 @@ def main(argv=None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
     print(f"machine: {machine}; budget {args.budget}" + (f"; children's env {' '.join(args.env)}" if args.env else ""),
           flush=True)
-    for name in args.models.split(","):
-        model = build(name, args.workdir)
+    for path in args.models.split(","):
+        model = build(path, args.workdir)
+        name = model.stem if path.endswith(".onnx") else path
         for size in [int(s) for s in args.sizes.split(",")]:
             results = {}
             for kind in args.runs.split(","):
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
                     results[kind] = dict(model=name, size=size, kind=kind, skipped=f"not run: needs ~{need / 2**30:.1f} GB (est.)")
                     continue
                 before = load()
-                r = child(model, size, kind, args.tile or MODELS[name]["tile"], args.budget, out,
+                r = child(model, size, kind, args.tile or MODELS.get(name, {}).get("tile") or 512, args.budget, out,
                           1 + max(1, args.repeat) if args.second_run else 1,
                           dict(e.split("=", 1) for e in args.env))
                 r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime(),

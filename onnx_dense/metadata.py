@@ -72,6 +72,13 @@ class DenseInfo:
     # rf_size) in input pixels, as for outputs. The trunk of a phase schedule is tiled by them
     # (runtime/phases.py); None for models written before they were recorded.
     fields: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
+    # Strategy fragments: how a run can take the batch of phases one phase of a level at a time
+    # (runtime/fragment_batches.py): {"levels": [{"factor": the level's phases per axis, "cuts":
+    # the tensors its moves make}, ...] (first first, as deep as runs can split), "outputs":
+    # {name: {"phases": the value before its batch-to-space, "levels": factors per level (first
+    # first), "axes": its spatial axes, "inserted": bool}}}, or {"refused": why not}. None for
+    # dilate models and fragments models written before.
+    batches: dict | None = None
 
     def to_json(self) -> str:
         data = {
@@ -90,6 +97,8 @@ class DenseInfo:
             data["values"] = {k: [list(e), list(a)] for k, (e, a) in self.values.items()}
         if self.fields is not None:
             data["fields"] = {k: [list(s), list(a), list(r)] for k, (s, a, r) in self.fields.items()}
+        if self.batches is not None:
+            data["batches"] = self.batches
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -109,9 +118,12 @@ class DenseInfo:
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in (*s, *a, *r)) \
                         or min((*s, *r), default=1) < 1 or not len(s) == len(a) == len(r):
                     raise ValueError(f"fields of value '{k}' are not a stride, start and size per axis")
+        batches = data.get("batches")
+        if batches is not None:
+            _check_batches(batches)
         return cls(
             stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"),
-            bool(data.get("per_phase_global", False)), data.get("tuning"), values, fields,
+            bool(data.get("per_phase_global", False)), data.get("tuning"), values, fields, batches,
         )
 
 
@@ -170,6 +182,51 @@ def _validate(data, inputs: dict[str, DenseInput], outputs: dict[str, DenseOutpu
             raise ValueError(f"output '{name}' comes from input '{out.input}', which the metadata does not describe")
         if out.off_grid not in ("exact", "interior", "global"):
             raise ValueError(f"output '{name}' off_grid {out.off_grid!r}")
+
+
+def _check_batches(batches) -> None:
+    """ValueError naming what in ``batches`` the runtime could not index by."""
+    def ints(values, what: str) -> None:
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"batches: {what} is not a list of positive integers")
+
+    if not isinstance(batches, dict):
+        raise ValueError("batches is not an object")
+    if "refused" in batches:
+        if not isinstance(batches["refused"], str):
+            raise ValueError("batches: refused is not a string")
+        return
+    levels, outputs = batches.get("levels"), batches.get("outputs")
+    if not isinstance(levels, list) or not levels:
+        raise ValueError("batches: levels is not a list of levels")
+    for k, level in enumerate(levels):
+        if not isinstance(level, dict):
+            raise ValueError(f"batches: level {k + 1} is not an object")
+        cuts = level.get("cuts")
+        if not isinstance(cuts, list) or not cuts or not all(isinstance(c, str) for c in cuts):
+            raise ValueError(f"batches: level {k + 1} cuts is not a list of value names")
+        ints(level.get("factor"), f"level {k + 1} factor")
+        if len(level["factor"]) != len(levels[0]["factor"]):
+            raise ValueError(f"batches: level {k + 1} factor has another number of axes")
+    if not isinstance(outputs, dict):
+        raise ValueError("batches: outputs is not an object")
+    for name, spec in outputs.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("phases"), str):
+            raise ValueError(f"batches: output '{name}' names no value of phases")
+        own = spec.get("levels")
+        if not isinstance(own, list) or not own:
+            raise ValueError(f"batches: output '{name}' has no levels")
+        for level in own:
+            ints(level, f"output '{name}' levels")
+        axes = spec.get("axes")
+        if not isinstance(axes, list) or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in axes) \
+                or len(set(axes)) != len(axes) or any(len(level) != len(axes) for level in own):
+            raise ValueError(f"batches: output '{name}' axes do not match its levels")
+        if any(have != want["factor"] for have, want in zip(own, levels)):
+            raise ValueError(f"batches: output '{name}' does not carry the levels split")
+        if not isinstance(spec.get("inserted"), bool):
+            raise ValueError(f"batches: output '{name}' inserted is not a boolean")
 
 
 def check_against(info: DenseInfo, model) -> None:

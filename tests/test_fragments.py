@@ -177,6 +177,41 @@ def test_ceil_mode_pool_splits_its_input():
     verified(m, dense, inputs=feeds)
 
 
+@pytest.mark.parametrize("pool", [
+    "MaxPool <kernel_shape=[5,5], dilations=[2,2], strides=[2,2], pads=[0,4,0,4], ceil_mode=1>",
+    "AveragePool <kernel_shape=[3,3], dilations=[2,2], strides=[2,2], pads=[0,2,0,2], ceil_mode=1, count_include_pad=0>",
+])
+def test_a_kept_pool_whose_ceil_pads_reach_its_kernel_reads_them_from_a_pad(pool):
+    """ceil_mode's extra end pad takes a kept pool's pads to its kernel size, which onnxruntime
+    refuses ("Pad should be smaller than kernel"): they move to a Pad node (found by the random
+    chains of tests/test_fragment_batches.py)."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,1,1] w1",
+        f"[p1] p = {pool} (x)\n[c1] h = Conv (p, w1)\n[p2] y = MaxPool <kernel_shape=[1,1], strides=[2,2], ceil_mode=1> (h)",
+    )
+    feeds = {"x": -np.abs(feeds_for(m)["x"]) - 5}
+    dense = rewrite(m, 2, strategy="fragments")
+    for node in dense.graph.node:
+        attrs = {a.name: list(a.ints) for a in node.attribute}
+        if node.op_type.endswith("Pool") and attrs.get("pads"):
+            assert all(p < k for p, k in zip(attrs["pads"], attrs["kernel_shape"] * 2)), node.name
+    np.testing.assert_allclose(sample(run(dense, feeds)["y"], (2, 2)), run(m, feeds)["y"], rtol=1e-5, atol=1e-6)
+    verified(m, dense, inputs=feeds)
+
+
+def test_an_uncounted_average_pool_at_a_removed_stride_can_be_an_output():
+    """Its division by the pooled mask takes over the graph output, which the batch-to-space
+    must then read (the rewrite raised StopIteration: found by random chains)."""
+    m = graph("float[1,1,17] x", "[ap] t = AveragePool <kernel_shape=[2], strides=[2], ceil_mode=1> (x)\n"
+              "[mp] y = MaxPool <kernel_shape=[1]> (t)", outputs="float t, float y")
+    feeds = feeds_for(m)
+    dense = rewrite(m, 1, strategy="fragments")
+    got, want = run(dense, feeds), run(m, feeds)
+    for name in ("t", "y"):
+        np.testing.assert_allclose(sample(got[name], (2,)), want[name], rtol=1e-6, atol=1e-7)
+    verified(m, dense, inputs=feeds)
+
+
 def test_average_pool_that_does_not_count_pads():
     """count_include_pad=0 with pads at a removed stride: divided by the pooled mask."""
     m = graph(

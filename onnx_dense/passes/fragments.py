@@ -55,6 +55,10 @@ Rules:
   ReshapePlans, applied by densify_reshapes.py as under dilation); other Reshape targets that
   bake the traced batch size (dynamo's ``[1, 128]``) take it from the running tensor (0 or
   -1); constant Resize ``sizes`` become ``Shape(x) * ratio``.
+* Pools left as they were whose normalised pads reach their kernel (ceil_mode's extra end pad
+  can make them so; onnxruntime refuses such pools): the pads move to a Pad node (the lowest
+  value for MaxPool, zeros for AveragePool, divided by the same pool over a padded mask of ones
+  where pads are not counted); LpPool is refused.
 * Outputs: one Reshape/Transpose/Reshape undoes every level. Outputs with no spatial axes
   (classifier heads) get them appended first: (N, K) -> (N, K, e_h, e_w), one prediction per
   phase, the same layout as the dilated head.
@@ -81,6 +85,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense import metadata
+from onnx_dense.errors import UnsupportedNodeError
 from onnx_dense.grid import PLAN
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.phases import check_output_of_phases, reshape_batch_target, resize_batch_fix
@@ -97,17 +102,23 @@ class SplitIntoPhases(ir.passes.InPlacePass):
         graph = model.graph
         editor = _ir.Editor(graph)
         p: PhasePlan = model.meta[PHASES]  # planned in the analysis step (passes/analysis/phases.py)
+        # read before any split rewires the graph: how many levels the node's input carries
+        depth = {id(node): len(p.layouts.get(node.inputs[0], ())) for node, _ in p.splits}
+        replaced: dict[ir.Value, ir.Value] = {}  # graph outputs a division by a count took over
         for node, level in p.splits:
-            if not _split_after(graph, editor, node, level, p):
-                _split(graph, editor, node, level)
+            made = _split_after(graph, editor, node, level, p) or _split(graph, editor, node, level, replaced)
+            p.cuts.setdefault(depth[id(node)], []).extend(made)  # where a run can split the batch
         for node, dropped in p.collapses:
             _keep_first_block(graph, editor, node, dropped)
         for node in p.reshapes:
             _batch_from_input(graph, editor, node)
         for node in p.resizes:
             _resize_sizes(graph, editor, node)
+        for node in list(graph):  # pools left as they were, whose normalised pads reach their kernel
+            if node.op_type in ("MaxPool", "AveragePool", "LpPool") and node.domain in ("", "ai.onnx"):
+                _legal_pool_pads(graph, editor, node, replaced)
         for value, layout in p.outputs:
-            _interleave(graph, editor, value, layout, _ir.opset(model))
+            _interleave(graph, editor, replaced.get(value, value), layout, _ir.opset(model), p)
         return ir.passes.PassResult(model, True)
 
 
@@ -115,7 +126,10 @@ def _lowest(dtype) -> float:
     return float(np.finfo(dtype).min) if np.issubdtype(dtype, np.floating) else float(np.iinfo(dtype).min)
 
 
-def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level) -> None:
+def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level,
+           replaced: dict[ir.Value, ir.Value]) -> list[ir.Value]:
+    """Space-to-batch of the node's input; returns the tensors of phases made (the input's,
+    and a mask's for an AveragePool that does not count pads)."""
     plan: SpatialPlan = node.meta[PLAN]
     params = plan.params
     x = node.inputs[0]
@@ -144,6 +158,7 @@ def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level) -> 
         return editor.op(nodes, "Concat", parts, {"axis": 0}, base=name)
 
     stacked = phases_of(x, base)
+    made = [stacked]
     node.replace_input_with(0, stacked)
     _ir.set_ints(node, "pads", (0,) * (2 * n))
     uncounted = (
@@ -153,31 +168,86 @@ def _split(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level) -> 
     )
     if uncounted:  # phases padded by hand: divide by the same pool over a mask of real pixels
         _ir.set_int(node, "count_include_pad", 1)
-        shape = editor.op(nodes, "Shape", [x], base=f"{base}_shape")
-        batch = _slice1(editor, nodes, shape, 0, 1, f"{base}_batch")
-        spatial = _slice1(editor, nodes, shape, 2, rank, f"{base}_spatial")
-        one = editor.const(nodes, np.array([1], dtype=np.int64), base=f"{base}_one")
-        mask_shape = editor.op(nodes, "Concat", [batch, one, spatial], {"axis": 0}, base=f"{base}_mask_shape")
-        ones = editor.op(
-            nodes, "ConstantOfShape", [mask_shape], {"value": ir.tensor(np.array([1], dtype=dtype), name=f"{base}_1")},
-            base=f"{base}_mask",
-        )
         value = 0.0
-        mask = phases_of(ones, f"{base}_mask")
+        mask = phases_of(_ones_like(editor, nodes, x, rank, base), f"{base}_mask")
+        made.append(mask)
     graph.insert_before(node, nodes)
     if uncounted:
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        after: list[ir.Node] = []
-        count = editor.op(after, "AveragePool", [mask], attrs, base=f"{base}_count")
-        out = node.outputs[0]
-        users = list(out.uses())
-        ratio = editor.op(after, "Div", [out, count], base=f"{base}_mean")
-        graph.insert_after(node, after)
-        ratio.shape, ratio.type = out.shape, out.type
-        for use in users:
-            use.node.replace_input_with(use.idx, ratio)
-        if out.is_graph_output():
-            _ir.replace_value(out, ratio)
+        _divide_by_count(graph, editor, node, mask, base, replaced)
+    return made
+
+
+def _ones_like(editor: _ir.Editor, nodes: list[ir.Node], x: ir.Value, rank: int, base: str) -> ir.Value:
+    """Ones of ``x``'s batch and spatial size, one channel: the real pixels, before any padding."""
+    dtype = _ir.numpy_dtype(x)
+    shape = editor.op(nodes, "Shape", [x], base=f"{base}_shape")
+    batch = _slice1(editor, nodes, shape, 0, 1, f"{base}_batch")
+    spatial = _slice1(editor, nodes, shape, 2, rank, f"{base}_spatial")
+    one = editor.const(nodes, np.array([1], dtype=np.int64), base=f"{base}_one")
+    mask_shape = editor.op(nodes, "Concat", [batch, one, spatial], {"axis": 0}, base=f"{base}_mask_shape")
+    return editor.op(
+        nodes, "ConstantOfShape", [mask_shape], {"value": ir.tensor(np.array([1], dtype=dtype), name=f"{base}_1")},
+        base=f"{base}_mask",
+    )
+
+
+def _divide_by_count(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, mask: ir.Value, base: str,
+                     replaced: dict[ir.Value, ir.Value]) -> None:
+    """An AveragePool that now counts the pads it was given by hand: its output divided by the
+    same pool over ``mask`` (ones on real pixels, padded the same way). A graph output it was
+    is now the division's (``replaced``: old -> new)."""
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    after: list[ir.Node] = []
+    count = editor.op(after, "AveragePool", [mask], attrs, base=f"{base}_count")
+    out = node.outputs[0]
+    users = list(out.uses())
+    ratio = editor.op(after, "Div", [out, count], base=f"{base}_mean")
+    graph.insert_after(node, after)
+    ratio.shape, ratio.type = out.shape, out.type
+    for key, val in out.meta.items():  # its grid: what the batch-to-space of an output reads
+        ratio.meta[key] = val
+    for use in users:
+        use.node.replace_input_with(use.idx, ratio)
+    if out.is_graph_output():  # the output (and its name) is the division's; the Div still reads ``out``
+        name = out.name
+        out.name = None
+        for i, value in enumerate(graph.outputs):
+            if value is out:
+                graph.outputs[i] = ratio
+        ratio.name = name
+        replaced[out] = ratio
+
+
+def _legal_pool_pads(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, replaced: dict[ir.Value, ir.Value]) -> None:
+    """A pool whose pads reach its kernel (onnxruntime refuses them, FIELD-NOTES; ceil_mode's
+    extra end pad can make them so) reads them from a Pad node instead: the lowest value for
+    MaxPool, zeros for AveragePool, divided by a count of real pixels where pads are not counted."""
+    kernel = tuple(node.attributes.get_ints("kernel_shape") or ())
+    pads = tuple(node.attributes.get_ints("pads") or ())
+    if not kernel or not pads or all(p < k for p, k in zip(pads, kernel * 2)):
+        return
+    if node.op_type == "LpPool":
+        raise UnsupportedNodeError(node, "LpPool whose pads reach its kernel size (onnxruntime refuses them)")
+    x = node.inputs[0]
+    n = len(kernel)
+    rank = x.shape.rank() if x.shape is not None else n + 2
+    lead = (0,) * (rank - n)
+    dtype = _ir.numpy_dtype(x)
+    base = f"{node.name or node.op_type}_legal"
+    nodes: list[ir.Node] = []
+    begin, end = lead + pads[:n], lead + pads[n:]
+    value = _lowest(dtype) if node.op_type == "MaxPool" else 0.0
+    padded = editor.pad(nodes, x, begin, end, base=f"{base}_pad", value=value, dtype=dtype)
+    uncounted = node.op_type == "AveragePool" and not node.attributes.get_int("count_include_pad", 0)
+    if uncounted:
+        ones = _ones_like(editor, nodes, x, rank, base)
+        mask = editor.pad(nodes, ones, begin, end, base=f"{base}_mask_pad", value=0.0, dtype=dtype)
+    graph.insert_before(node, nodes)
+    node.replace_input_with(0, padded)
+    _ir.set_ints(node, "pads", (0,) * (2 * n))
+    if uncounted:
+        _ir.set_int(node, "count_include_pad", 1)
+        _divide_by_count(graph, editor, node, mask, base, replaced)
 
 
 # Ops that act on each position alone (given constant per-channel operands): the
@@ -249,15 +319,15 @@ def _data_index(node: ir.Node, value: ir.Value) -> int:
     return next(i for i, v in enumerate(node.inputs) if v is value)
 
 
-def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level, p: PhasePlan) -> bool:
+def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level, p: PhasePlan) -> list[ir.Value]:
     """Space-to-batch of the node's *output*: run it at its kept stride s' (every phase's windows
     at once: dense window ``j = a + f*i`` is phase a's window i), then move every f-th position to
     the batch with one Reshape/Transpose/Reshape. Same windows as ``_split`` (the node's pads grow
     by the extension ``(f-1)*s'`` at the end, zeros counted or ignored as the node's own pads
-    are), one copy of the output instead of f^2 shifted copies of the input. False (nothing
-    changed) where check_split_after gives a reason."""
+    are), one copy of the output instead of f^2 shifted copies of the input. Returns the tensor of
+    phases made; [] (nothing changed) where check_split_after gives a reason."""
     if check_split_after(node) is not None:
-        return False
+        return []
     plan: SpatialPlan = node.meta[PLAN]
     params = plan.params
     rank = node.inputs[0].shape.rank()
@@ -266,7 +336,7 @@ def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Leve
     ext = tuple((f - 1) * k for f, k in zip(level.factor, plan.kept))
     pads_end = tuple(pe + e for pe, e in zip(params.pads_end, ext))
     if node.op_type != "Conv" and any(pe >= k for pe, k in zip(pads_end, params.kernel)):
-        return False  # onnxruntime's pools take pads below the kernel only: the input's split serves
+        return []  # onnxruntime's pools take pads below the kernel only: the input's split serves
     _ir.set_ints(node, "strides", tuple(plan.kept))
     _ir.set_ints(node, "pads", tuple(params.pads_begin) + pads_end)
     if node.op_type == "AveragePool" and not any(params.pads_begin + params.pads_end):
@@ -325,7 +395,7 @@ def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Leve
     graph.insert_after(y.producer(), nodes)
     for use in users:
         use.node.replace_input_with(use.idx, out)
-    return True
+    return [out]
 
 
 def _product(editor, nodes, vec: ir.Value, lo: int, hi: int, base: str) -> ir.Value:
@@ -406,8 +476,11 @@ def _replace_batch_entry(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, i: 
     node.replace_input_with(i, new)
 
 
-def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: Layout, opset: int) -> None:
-    """Batch-to-space for one graph output: undo every level at once."""
+def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: Layout, opset: int,
+                p: PhasePlan) -> None:
+    """Batch-to-space for one graph output: undo every level at once. What it does is also
+    recorded in ``p.interleaved`` (the runtime does the same in numpy, one phase of a level at
+    a time: runtime/fragment_batches.py)."""
     g = check_output_of_phases(value)
     name = value.name
     nodes: list[ir.Node] = []
@@ -434,6 +507,10 @@ def _interleave(graph: ir.Graph, editor: _ir.Editor, value: ir.Value, layout: La
         y.type = value.type
         graph.outputs[index] = y
         return
+    p.interleaved[name] = {
+        "phases": f"{name}_phases", "levels": [list(lvl.factor) for lvl in layout], "axes": list(spatial),
+        "inserted": bool(g.inserted),
+    }
     m = len(layout)
     factors = [f for lvl in reversed(layout) for f in lvl.factor]  # outermost level first
     total = math.prod(lvl.phases for lvl in layout)
@@ -486,6 +563,30 @@ class RecordFragmentsMetadata(ir.passes.InPlacePass):
             off_grid = "global" if name in p.global_outputs else "interior"
             dense_size = tuple(s * e for s, e in zip(out.size, out.est))
             outputs[name] = dataclasses.replace(out, off_grid=off_grid, dense_size=dense_size)
-        info = dataclasses.replace(info, outputs=outputs)
+        info = dataclasses.replace(info, outputs=outputs, batches=_batches(p))
         model.metadata_props[metadata.KEY] = info.to_json()
         return ir.passes.PassResult(model, True)
+
+
+def _batches(p: PhasePlan) -> dict:
+    """What a run needs to take the batch of phases one phase of a level at a time: per depth
+    (levels before it), while every split there removes the same level and no upsampling drops
+    it, that level's factor and the tensors its moves make."""
+    if not p.cuts:
+        return {"refused": "the rewrite removed no stride, so its one phase is the whole model"}
+    limit, why = p.depth_limit if p.depth_limit is not None else (max(p.cuts) + 1, "")
+    levels = []
+    for k in range(limit):
+        found = p.levels_at.get(k, set())
+        if len(found) != 1 or k not in p.cuts:
+            why = f"its branches remove different strides at level {k + 1}"
+            break
+        (level,) = found
+        levels.append({"factor": list(level.factor), "cuts": [v.name for v in p.cuts[k]]})
+    if not levels:
+        return {"refused": why}
+    for name, spec in p.interleaved.items():
+        for have, want in zip(spec["levels"], levels):
+            if have != want["factor"]:
+                return {"refused": f"output '{name}' carries other levels than the splits"}
+    return {"levels": levels, "outputs": dict(p.interleaved)}

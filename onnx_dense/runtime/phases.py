@@ -30,7 +30,10 @@ for the model), and later stages run phase by phase on the stitched maps (``run(
 Stage sessions run without onnxruntime's memory arena: an arena keeps what a session once
 needed, so stages would add their peaks up instead of taking the largest.
 
-What cannot be split (strategy fragments, per-phase global context, a model written before
+Strategy ``fragments`` keeps its phases on the batch axis; :mod:`onnx_dense.runtime.fragment_batches`
+splits that batch instead, level by level, with a plan of the same shape.
+
+What cannot be split (per-phase global context, a model written before
 the values were recorded, a pad or slice that is not a multiple of its level, strided
 windows in the dense region) raises :class:`DenseError` when the plan is built; the session
 then falls back to whole-image or tiled runs.
@@ -75,6 +78,7 @@ class Stage:
     outputs: list[str]  # values later stages read, and graph outputs made here
     model: bytes | None = None  # serialised stage model, dropped once a session holds it
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    divide: bool = True  # dilations, pads and slices divided by the level (False: fragments' batches)
 
 
 @dataclasses.dataclass
@@ -242,6 +246,10 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
     below the last split run inside its stage as the dense model does, with dilations divided
     by the stage's level. Fewer splits: fewer, larger runs (faster on small maps), more memory.
     """
+    if info.strategy == "fragments":  # the batch of phases, a first-level phase at a time
+        from onnx_dense.runtime import fragment_batches
+
+        return fragment_batches.layout(proto, info, input_name, depth)
     if info.strategy != "dilate":
         raise DenseError(f"strategy '{info.strategy}' models run their phases in one graph already; run whole")
     if info.per_phase_global:
@@ -383,7 +391,8 @@ def _stage_model(proto: onnx.ModelProto, stage: Stage, constant_nodes, axes, typ
     for node in stage.nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        _divide(copy, stage.level, axes, inits, constant_nodes, extra_inits)
+        if stage.divide:
+            _divide(copy, stage.level, axes, inits, constant_nodes, extra_inits)
         nodes.append(copy)
         for i in copy.input:
             if i in inits:

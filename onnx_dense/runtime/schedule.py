@@ -127,6 +127,7 @@ class Schedule:
     over: str = "the leanest"  # which schedule this is when none fits the budget
     instead: str | None = None  # why this ran instead of the schedule chosen
     pattern: bool = True  # onnxruntime's memory pattern on (see PATTERN_MARGIN)
+    tail: bool = False  # the estimate is the rebuilt final upsampling's, on the whole score map
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -146,6 +147,8 @@ class Schedule:
         line = ", ".join(parts)
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
+            if self.tail:
+                line += " (the final upsampling's, on the whole score map)"
             if self.budget is not None and self.estimate > self.budget:
                 line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
             elif self.budget is not None:
@@ -162,6 +165,7 @@ class Schedule:
             "kind": self.kind, "depth": self.depth, "tile": list(self.tile) if self.tile else None,
             "estimate_bytes": self.estimate, "budget_bytes": self.budget, "phases": self.runs, "tiles": self.tiles,
             "memory_pattern": self.pattern, **({"instead": self.instead} if self.instead else {}),
+            **({"estimate_of": "final upsampling"} if self.tail else {}),
         }
 
 
@@ -318,6 +322,17 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
         peak = max(peak, held + carried + copies + ort * margin)
         carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs) / parts[k]
     return int(peak)
+
+
+def tail_peak(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str], *,
+              margin: float = MARGIN) -> int:
+    """The rebuilt final upsampling (:mod:`~onnx_dense.runtime.final_tail`), run once on the
+    stitched score maps after the body: the body's outputs (``held``), the tail's onnxruntime
+    values (times ``margin``) and the numpy copies of its outputs (``rebuilt``). Bytes above what
+    the process holds before the run. Its Resize by twice the factor, before a Slice that keeps
+    every other pixel, makes a map four times the output's: often the largest of the run."""
+    ort = live_peak(prof, tail_nodes, keep=set(rebuilt), skip=set(held))
+    return int(ort * margin) + sum(prof.nbytes.get(n, 0) for n in (*held, *rebuilt))
 
 
 def tiles_peak(tile_prof: Profile, image_prof: Profile, plan_stages=None, output_names: Sequence[str] = (), *,

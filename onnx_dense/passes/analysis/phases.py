@@ -104,6 +104,7 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
                 if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]):
                     raise UnsupportedNodeError(node, "MaxPool indices of a pool computed per phase index a different tensor")
                 p.splits.append((node, level))
+                p.levels_at.setdefault(len(layout), set()).add(level)
                 layout = layout + (level,)
         if vlayout and node.op_type not in ("Shape", "Size"):
             if _is_upsampling(node):
@@ -123,6 +124,10 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
             dropped = [lvl for lvl in layout if lvl not in kept]
             if dropped:
                 p.collapses.append((node, math.prod(lvl.phases for lvl in dropped)))
+                first = min(layout.index(lvl) for lvl in dropped)  # the deepest levels go first
+                if p.depth_limit is None or first < p.depth_limit[0]:
+                    p.depth_limit = (first, f"node '{node.name}' ({node.op_type}) upsamples past the removed stride "
+                                            f"of level {first + 1}, so that level's phases are not separate runs")
             layout = tuple(lvl for lvl in layout if lvl in kept)
         _check_shape_operands(node, layout, shapes)
         if node.op_type == "Reshape":

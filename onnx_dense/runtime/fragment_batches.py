@@ -1,0 +1,273 @@
+"""Phase by phase for ``fragments`` models: the batch of phases, one phase of a level at a time.
+
+A ``fragments`` model moves the phases of every removed stride to the batch axis and runs the
+original ops on that batch (passes/fragments.py). The moves of the first level put its phase
+``a`` at batch entries ``a*N .. a*N + N``; those of a deeper level put its phase ``a`` in front
+of the batch they get (``a*B + b``); every other op acts on each batch entry alone (the rewrite
+refuses ops that mix the batch), and an upsampling keeps the first block of the levels it
+drops. So what follows a level's moves can run on one of its phases at a time, on that
+phase's entries of the moved tensors (a contiguous slice: no copy), and does exactly what the
+whole run does on them: ``1/f`` of the dense model's memory there per level split, and no
+multiply-add done twice.
+
+The plan is a :class:`~onnx_dense.runtime.phases.PhasePlan` (the session, the schedule's
+estimate and ``run`` treat it the same), split ``depth`` levels deep:
+
+* stage 0, the nodes that do not depend on a tensor of phases (the trunk at the original
+  strides, up to and including the first level's moves), on the whole image;
+* stage k, the nodes that depend on level k's moves but not on level k+1's (or, for the last
+  stage, on any deeper ones), once per phase of levels 1..k; the outputs' batch-to-space is
+  left out.
+
+Each output's batch-to-space is done here in numpy, straight into the output buffer, one run
+at a time (:func:`_place`): the graph's own (Reshape, Transpose, Reshape) would need the whole
+batch of phases, then a second copy. The rewrite records the levels, the tensors each level's
+moves make and what each output interleaves (``DenseInfo.batches``); where a level's phases
+cannot run apart (an upsampling that drops it, branches that remove different strides at that
+depth) it records only the levels above, or why there are none, and the model runs whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from onnx_dense import metadata
+from onnx_dense.errors import DenseError, node_label
+from onnx_dense.runtime.phases import PhasePlan, Stage, _value_types
+
+
+@dataclasses.dataclass
+class BatchPlan(PhasePlan):
+    """Stages of a ``fragments`` model: the trunk whole, each deeper stage once per phase."""
+
+    factors: tuple[tuple[int, ...], ...] = ()  # per split level, its phases per axis
+    cuts: tuple[tuple[str, ...], ...] = ()  # per split level, the tensors its moves make
+    interleaved: dict = dataclasses.field(default_factory=dict)  # output -> DenseInfo.batches spec
+    made_at: dict = dataclasses.field(default_factory=dict)  # output -> the stage that makes it
+
+    def describe(self) -> str:
+        deep = f"{self.depth} level{'s' if self.depth != 1 else ''}"
+        return f"{len(self.stages)} stages: the trunk, then the batch of phases split {deep} deep"
+
+    def trunk_axes(self, info: metadata.DenseInfo) -> list:
+        raise DenseError("the trunk of a 'fragments' model ends in moves to the batch, which tiles would not stitch")
+
+    def run(self, feeds: Mapping[str, np.ndarray], trunk: Callable | None = None) -> dict[str, np.ndarray]:
+        if trunk is not None:
+            raise DenseError("the trunk of a 'fragments' model cannot be tiled")
+        first = self.stages[0]
+        made = first.run({n: np.ascontiguousarray(feeds[n]) for n in first.inputs})
+        results = {n: made[n] for n in self.output_names if n in made and n not in self.interleaved}
+        later = {n for s in self.stages[1:] for n in s.inputs}
+        shared = {n: (made[n] if n in made else feeds[n]) for n in later if n in made or n in feeds}
+        cuts = {n: shared.pop(n) for n in self.cuts[0] if n in shared}
+        del made
+        batch = {v.shape[0] for v in cuts.values()}
+        phases = math.prod(self.factors[0])
+        if len(batch) != 1 or next(iter(batch)) % phases:
+            raise DenseError(f"the tensors of phases have batch sizes {sorted(batch)}, not one multiple of {phases}")
+        buffers: dict[str, np.ndarray] = {}
+        self._run_level(1, shared, cuts, (), next(iter(batch)) // phases, buffers)
+        results.update(buffers)
+        return {name: results[name] for name in self.output_names}
+
+    def _run_level(self, k: int, shared: dict, cuts: dict, prefix: tuple, n: int, buffers: dict) -> None:
+        """Stage ``k`` once per phase of level ``k``, on ``cuts`` (this level's tensors of
+        phases, for the phase ``prefix`` of the levels above), and the stages below it."""
+        stage = self.stages[k]
+        phases = math.prod(self.factors[k - 1])
+        size = next(iter(cuts.values())).shape[0] // phases
+        mine = [o for o, at in self.made_at.items() if at == k]
+        for a in range(phases):
+            feeds = {name: (cuts[name][a * size:(a + 1) * size] if name in cuts else shared[name])
+                     for name in stage.inputs}
+            out = stage.run(feeds)
+            del feeds
+            for name in mine:
+                _place(buffers, name, out.pop(self.interleaved[name]["phases"]), self.interleaved[name],
+                       self.factors[:k], prefix + (a,), n)
+            if k < self.depth:
+                deeper = {name: out.pop(name) for name in self.cuts[k] if name in out}
+                del out
+                self._run_level(k + 1, shared, deeper, prefix + (a,), n, buffers)
+
+
+def _place(buffers: dict, name: str, value: np.ndarray, spec: dict, factors: Sequence[Sequence[int]],
+           phase: Sequence[int], n: int) -> None:
+    """Write the run of phase ``phase`` (one flat index per split level) into output ``name``.
+
+    ``value``: that run's share of the output's tensor of phases, batch ``outer * n`` (the
+    levels not split, outermost first: ``((a_m * f_{m-1} + ...) + a_{k+1}) * n + b``). Output
+    position ``j = a_1 + f_1 * (a_2 + f_2 * (... + f_m * i))``, as the graph's batch-to-space
+    puts it: the run fills ``j = start + step * i'`` with ``start`` from its phases and ``step``
+    the product of the split levels' factors, ``i'`` interleaving the levels not split.
+    """
+    axes = list(spec["axes"])
+    k_axes = len(axes)
+    if spec["inserted"]:  # (B, K) -> (B, K, 1, 1): one prediction per phase
+        value = value.reshape(value.shape + (1,) * k_axes)
+    deeper = spec["levels"][len(factors):]
+    m = len(deeper)
+    outer = [f for level in reversed(deeper) for f in level]  # outermost level first
+    rest = list(value.shape[1:])
+    x = value.reshape(outer + [n] + rest)
+    # axes of x: level l (0 = outermost) axis t at l*k + t; batch at m*k; value axis i >= 1 at m*k + i
+    perm = [m * k_axes]
+    for i in range(1, value.ndim):
+        perm.append(m * k_axes + i)
+        if i in axes:
+            perm.extend(level * k_axes + axes.index(i) for level in range(m))
+    merged = [n] + [d * math.prod(level[axes.index(i)] for level in deeper) if i in axes else d
+                    for i, d in enumerate(rest, start=1)]
+    z = x.transpose(perm).reshape(merged)
+    step = [math.prod(f[t] for f in factors) for t in range(k_axes)]
+    start = [0] * k_axes
+    scale = [1] * k_axes
+    for f, a in zip(factors, phase):
+        for t, p in enumerate(np.unravel_index(a, f)):
+            start[t] += int(p) * scale[t]
+            scale[t] *= f[t]
+    if name not in buffers:
+        shape = [d * step[axes.index(i)] if i in axes else d for i, d in enumerate(merged)]
+        buffers[name] = np.empty(shape, dtype=z.dtype)
+    index = [slice(None)] * z.ndim
+    for t, a in enumerate(axes):
+        index[a] = slice(start[t], None, step[t])
+    buffers[name][tuple(index)] = z
+
+
+def levels_of(info: metadata.DenseInfo) -> int:
+    """How many levels deep the metadata lets the batch split (DenseError saying why none)."""
+    batches = info.batches
+    if batches is None:
+        raise DenseError("this 'fragments' model was written before onnx-dense recorded how its batch of phases "
+                         "splits; rewrite it again to run it phase by phase")
+    if "refused" in batches:
+        raise DenseError(f"its phases run in one graph: {batches['refused']}")
+    return len(batches["levels"])
+
+
+def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, depth: int | None = None) -> BatchPlan:
+    """The stages of ``proto`` (weights not needed), split ``depth`` levels deep (None: as deep
+    as the metadata and the graph allow; fewer where a stage would read a deeper one's tensors
+    of another batch); DenseError saying why there are none."""
+    most = levels_of(info)
+    depth = most if depth is None else max(1, min(int(depth), most))
+    while True:
+        try:
+            return _layout(proto, info, input_name, depth)
+        except _TooDeep:
+            if depth == 1:
+                raise DenseError("a stage reads tensors of phases of another batch; cannot split it") from None
+            depth -= 1
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, depth: int) -> BatchPlan:
+    batches = info.batches
+    entry = info.inputs.get(input_name)
+    if entry is None:
+        raise DenseError(f"input '{input_name}' has no spatial axes in the model's metadata")
+    graph = proto.graph
+    init_names = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in init_names]
+    levels = batches["levels"][:depth]
+    factors = tuple(tuple(level["factor"]) for level in levels)
+    cuts = tuple(tuple(level["cuts"]) for level in levels)
+    cut_depth = {name: k + 1 for k, names in enumerate(cuts) for name in names}
+    outputs = [o.name for o in graph.output]
+    interleaved = {o: batches["outputs"][o] for o in outputs if o in batches["outputs"]}
+    made = {o for node in graph.node for o in node.output if o}
+    missing = [c for c in (*cut_depth, *(s["phases"] for s in interleaved.values())) if c not in made]
+    if missing:
+        raise DenseError(f"value '{missing[0]}' named in the metadata's batches is not in the graph; "
+                         "rewrite the model again")
+    producer = {o: node for node in graph.node for o in node.output if o}
+    # the outputs' batch-to-space: from each output back to its tensor of phases
+    interleave: set[int] = set()
+    for name, spec in interleaved.items():
+        stack = [name]
+        while stack:
+            value = stack.pop()
+            node = producer.get(value)
+            if node is None or value == spec["phases"] or id(node) in interleave:
+                continue
+            interleave.add(id(node))
+            stack.extend(i for i in node.input if i)
+    interleaved_values = {o for node in graph.node if id(node) in interleave for o in node.output if o}
+    for node in graph.node:
+        if id(node) not in interleave and any(i in interleaved_values for i in node.input):
+            raise DenseError(f"node {node_label(node)} reads an output after its batch-to-space; "
+                             "cannot split the batch of phases")
+    # each node's stage: the deepest level of phases among its inputs (a level's moves make
+    # values of that level; the moves themselves run with their input's)
+    level_of: dict[str, int] = {name: 0 for name in inputs}
+    constant_nodes: dict[str, onnx.NodeProto] = {}
+    stage_nodes: list[list[onnx.NodeProto]] = [[] for _ in range(depth + 1)]
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        known = [level_of[i] for i in ins if i in level_of]
+        if not known:
+            constant_nodes.update((o, node) for o in node.output if o)
+            continue
+        k = max(known)
+        for o in node.output:
+            if o:
+                level_of[o] = cut_depth.get(o, k)
+        if id(node) not in interleave:
+            stage_nodes[k].append(node)
+    for name, spec in interleaved.items():
+        if level_of.get(spec["phases"], 0) == 0:
+            raise DenseError(f"output '{name}' is recorded as made of phases but is not; rewrite the model again")
+    for o in outputs:
+        if o not in interleaved and level_of.get(o, 0) > 0:
+            raise DenseError(f"output '{o}' is made from the tensors of phases but its batch-to-space is not recorded; "
+                             "rewrite the model again")
+    stages: list[Stage] = []
+    reads: list[list[str]] = []
+    for k, nodes in enumerate(stage_nodes):
+        own = {o for node in nodes for o in node.output if o}
+        need: list[str] = []
+        for node in nodes:
+            for i in node.input:
+                if i and i not in own and i not in init_names and i not in constant_nodes and i not in need:
+                    need.append(i)
+        for i in need:
+            source = level_of.get(i, 0)
+            if k and source and not (i in cut_depth and cut_depth[i] == k):
+                raise _TooDeep  # a value of another batch (an upper level's run): not split here
+        reads.append(need)
+    later = [set().union(*reads[k + 1:]) for k in range(depth + 1)]
+    made_at = {o: level_of[spec["phases"]] for o, spec in interleaved.items()}
+    cumulative = (1,) * len(entry.spatial_axes)
+    for k, nodes in enumerate(stage_nodes):
+        outs = [o for node in nodes for o in node.output
+                if o and (o in later[k] or (k == 0 and o in outputs and o not in interleaved))]
+        outs += [spec["phases"] for o, spec in interleaved.items() if made_at[o] == k]
+        split = factors[k - 1] if k else cumulative
+        if k:
+            cumulative = tuple(a * b for a, b in zip(cumulative, split))
+        stages.append(Stage(k, cumulative, split, nodes, reads[k], outs, divide=False))
+    n = len(entry.spatial_axes)
+    # dims left symbolic in the stages' inputs and outputs: the batch, and the spatial axes
+    axes: dict[str, tuple[int, ...]] = {input_name: tuple(entry.spatial_axes)}
+    types = _value_types(proto, info, input_name)
+    for name in cut_depth:
+        rank = len(types.get(name, (None, None))[1] or ()) or (n + 2)
+        axes[name] = (0,) + tuple(range(rank - n, rank))
+    for spec in interleaved.values():
+        axes[spec["phases"]] = (0,) + tuple(a for a in spec["axes"] if not spec["inserted"])
+    producer_stage = {o: k for k, nodes in enumerate(stage_nodes) for node in nodes for o in node.output if o}
+    producer_stage.update(made_at)
+    plan = BatchPlan(stages, input_name, {}, outputs, producer_stage, factors=factors, cuts=cuts,
+                     interleaved=interleaved, made_at=made_at)
+    plan._types, plan._constants, plan._axes = types, constant_nodes, axes
+    return plan

@@ -1,0 +1,363 @@
+"""``fragments`` models run a first-level phase of their batch at a time (runtime/fragment_batches.py).
+
+Equality is asked to fp32 round-off (1e-6 of the largest value), as in test_phases.py; on the
+CPU provider every case here is equal bit for bit (the same kernels on a smaller batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+import onnx_dense
+from onnx_dense import DenseError, metadata
+from onnx_dense.runtime import DenseSession
+from onnx_dense.runtime.fragment_batches import BatchPlan
+from tests.test_property import build as build_chain
+from tests.test_property import specs
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Segmentation samples that ``auto`` writes as fragments (upsampling inside the dense region;
+    LR-ASPP's and DeepLabV3's global pooling; sizes baked at export taken at run time), and a classifier forced to fragments (an output
+    with no spatial axes: one prediction per phase)."""
+    pytest.importorskip("torch")
+    from samples import export, segmentation, zoo
+
+    d = tmp_path_factory.mktemp("batches")
+    out = {}
+    for name, stride in (("fcn8s", 1), ("lraspp", 2), ("deeplabv3", 2)):
+        segmentation.export(segmentation.build(name).eval(), d / f"{name}.onnx")
+        onnx_dense.rewrite(d / f"{name}.onnx", d / f"{name}_dense.onnx", output_stride=stride, rederive_sizes=True)
+        out[name] = str(d / f"{name}_dense.onnx")
+    export.export_onnx(zoo.build("resnet"), None, d / "resnet.onnx")
+    onnx_dense.rewrite(d / "resnet.onnx", d / "resnet_dense.onnx", output_stride=8, strategy="fragments")
+    out["resnet"] = str(d / "resnet_dense.onnx")
+    return out
+
+
+def _image(size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 3, size, size), dtype=np.float32)
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        a, b = np.asarray(got[name]), np.asarray(want[name])
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))  # a border window of lowest values is -inf in both
+        finite = np.abs(b[np.isfinite(b)])
+        scale = float(finite.max()) if finite.size else 0.0
+        with np.errstate(invalid="ignore"):  # inf - inf where ``same`` already holds
+            diff = float(np.where(same, 0, np.abs(a - b)).max()) if a.size else 0.0
+        assert diff <= 1e-6 * scale, f"{name}: differs by {diff} (max {scale})"
+
+
+def test_the_rewrite_records_where_the_batch_splits(models):
+    for name, path in models.items():
+        proto = onnx.load(path, load_external_data=False)
+        info = metadata.read(proto)
+        assert info.strategy == "fragments", name
+        batches = info.batches
+        assert "refused" not in batches, (name, batches)
+        made = {o for node in proto.graph.node for o in node.output}
+        for level in batches["levels"]:
+            assert level["cuts"] and set(level["cuts"]) <= made
+            assert level["factor"] == [2, 2]
+        # every output but a final upsampling rebuilt on a score map (the session runs it on the whole map)
+        assert set(batches["outputs"]) == {o for o, out in info.outputs.items() if out.upsampling is None}
+        for spec in batches["outputs"].values():
+            assert spec["phases"] in made and spec["levels"][0] == batches["levels"][0]["factor"]
+        assert metadata.DenseInfo.from_json(info.to_json()) == info
+
+
+@pytest.mark.parametrize("name,sizes,depth", [("fcn8s", (64, 100), 3), ("lraspp", (64, 100), 2),
+                                              ("deeplabv3", (64, 131), 2), ("resnet", (64, 100, 131), 2)])
+def test_each_phase_of_each_level_alone_equals_the_whole_run(models, name, sizes, depth):
+    for size in sizes:
+        x = _image(size)
+        whole = {k: v.numpy() for k, v in DenseSession(models[name], provider="cpu").run(x).items()}
+        session = DenseSession(models[name], provider="cpu", schedule="phases")
+        got = session.run(x)
+        assert session.last_schedule.kind == "phases" and session.last_schedule.runs == 4
+        _assert_same({k: v.numpy() for k, v in got.items()}, whole)
+        body = session._split[0] if session._split else session  # a rebuilt final upsampling runs after
+        assert isinstance(body._plan, BatchPlan) and body.session is None  # one copy of the weights
+        assert body._max_depth() == depth
+        for d in range(2, depth + 1):  # deeper splits: 4**d runs of the last stage
+            plan = body._phase_plan(d)
+            assert plan.depth == d and plan.splits == 4 ** d
+            raw = plan.run(body._feeds(x))
+            if body is session:
+                _assert_same(raw, whole)
+            else:  # the score maps the final upsampling reads
+                _assert_same(raw, {k: v.numpy() for k, v in DenseSession(models[name], provider="cpu")
+                                   ._body_and_tail()[0].run(x).items()})
+
+
+def test_the_batch_of_phases_is_split_where_the_budget_asks(models):
+    """A budget between the two estimates runs by phases, and says so; forced tiled schedules,
+    which a fragments model cannot take, run by phases and say why."""
+    x = _image(160)
+    whole = DenseSession(models["fcn8s"], provider="cpu").run(x)
+    probe = DenseSession(models["fcn8s"], provider="cpu", max_memory="1TB")._body_and_tail()[0]  # the score map's
+    estimate = probe._estimator((160, 160))
+    lean, full = estimate(1), estimate(0)
+    assert lean < full
+    session = DenseSession(models["fcn8s"], provider="cpu", max_memory=(lean + full) // 2)
+    got = session.run(x)
+    assert session.last_schedule.kind == "phases", session.last_schedule.describe()
+    assert "4 phases" in session.last_schedule.describe()
+    _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
+    for kind in ("tiled-trunk", "phases+tiles"):
+        forced = DenseSession(models["fcn8s"], provider="cpu", schedule=kind)
+        forced.run(x)
+        assert forced.last_schedule.kind == "phases"
+        assert forced.last_schedule.instead.startswith(f"{kind} asked for, but a 'fragments' model is not tiled")
+
+
+def test_measured_peak_of_a_fragments_model_stays_within_the_budget(models):
+    """DeepLabV3 sample at output stride 2 on 640x640, each run in its own process: the whole run
+    peaks above the budget, the budgeted run (by phases of the batch) below it, same output."""
+
+    def child(budget: str) -> dict:
+        env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, models["deeplabv3"], budget],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    whole = child("-")
+    budget = int(whole["before"] + 0.8 * (whole["peak"] - whole["before"]))
+    lean = child(str(budget))
+    assert whole["kind"] == "whole" and lean["kind"] == "phases", (lean, whole)
+    assert lean["peak"] <= budget < whole["peak"], (lean, whole)
+    assert lean["sum"] == whole["sum"]
+
+
+_PEAK_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from onnx_dense.runtime import DenseSession
+    from onnx_dense.runtime.dense_session import _rss
+
+    model, budget = sys.argv[1], sys.argv[2]
+    x = np.random.default_rng(0).standard_normal((1, 3, 640, 640), dtype=np.float32)
+    session = DenseSession(model, provider="cpu", max_memory=None if budget == "-" else int(budget))
+    before = _rss()
+    out = session.run(x)
+    with open("/proc/self/status") as f:
+        peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    total = sum(float(v.numpy().astype(np.float64).sum()) for v in out.values())
+    print(json.dumps({"peak": peak, "before": before, "kind": session.last_schedule.kind, "sum": total}))
+    """
+)
+
+
+def test_the_estimate_counts_the_final_upsampling(models, monkeypatch):
+    """The rebuilt final upsampling runs once, on the whole score map, after the rest: measured in
+    a fresh process (DeepLabV3 sample at 1024), its peak is within its estimate; where that
+    estimate is the larger, the schedule's line gives it and says whose it is."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _TAIL_CHILD, models["deeplabv3"], "1024"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["before"] < r["peak"] <= r["estimate"], r
+    from onnx_dense.runtime import schedule
+
+    monkeypatch.setattr(schedule, "tail_peak", lambda *a, **k: 2**40)
+    session = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1GB")
+    session.run(_image(64))
+    line = session.last_schedule.describe()
+    assert "(the final upsampling's, on the whole score map), over the 1.00 GB allowed" in line, line
+    assert "the fastest for the rest, within the budget" in line
+    assert session.last_schedule.to_dict()["estimate_of"] == "final upsampling"
+
+
+_TAIL_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from onnx_dense.runtime import DenseSession
+    from onnx_dense.runtime.dense_session import _rss
+
+    def hwm():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+    model, size = sys.argv[1], int(sys.argv[2])
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    session = DenseSession(model, provider="cpu", max_memory="1TB")
+    body, tail, parts = session._body_and_tail()
+    seen = {}
+
+    class Tail:  # the peak while the tail runs: the high-water mark reset just before it
+        def run(self, names, feeds):
+            seen["before"] = _rss()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            out = tail.run(names, feeds)
+            seen["peak"] = hwm()
+            return out
+
+    session._split = (body, Tail(), parts)
+    estimate = session._tail_estimate({session.image_input: x}, body, parts)
+    session.run(x)
+    print(json.dumps({"estimate": estimate, **seen}))
+    """
+)
+
+
+def test_a_refusal_the_session_keeps_keeps_no_run_alive(models):
+    """Nothing fits 1 MB, so the session tries (and memoizes the refusal of) a tiled trunk: the
+    refusal's traceback used to hold the run's frames, and with them its outputs, for as long
+    as the session lived (400 MB at 4096 pixels)."""
+    session = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1MB")
+    gc.disable()  # nor in a reference cycle, which only the collector would free, when it runs
+    try:
+        for _ in range(2):  # the first run keeps the refusal, the second raises it again
+            out = session.run(_image(64))
+            refs = [weakref.ref(m.numpy()) for m in out.values()]
+            del out
+            assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+    assert any(isinstance(v, DenseError) for v in session._body_and_tail()[0]._profiles.values())
+
+
+def _two_heads(tmp_path, scale: float) -> str:
+    """Two removed strides; one head is the deep map, the other that map upsampled by ``scale``
+    plus a skip from before the first stride (x4) or after it (x2): fragments at output stride 1."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from samples.export import export_onnx
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU())
+            self.two = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1), nn.ReLU())
+            self.skip = nn.Conv2d(3 if scale == 4 else 4, 4, 3, 1, 1)
+
+        def forward(self, x):
+            first = self.one(x)
+            deep = self.two(first)
+            skip = self.skip(x if scale == 4 else first)
+            return deep, nn.functional.interpolate(deep, scale_factor=scale, mode="nearest") + skip
+
+    torch.manual_seed(0)
+    export_onnx(TwoHeads().eval(), (1, 3, 32, 32), tmp_path / f"two{scale:g}.onnx")
+    dense = tmp_path / f"two{scale:g}_dense.onnx"
+    onnx_dense.rewrite(tmp_path / f"two{scale:g}.onnx", dense, output_stride=1, strategy="fragments")
+    return str(dense)
+
+
+def test_what_cannot_be_split_runs_whole_or_less_deep_and_says_why(tmp_path, models):
+    """An upsampling back past a removed stride keeps only phase 0 of that level in one branch:
+    the rewrite records the levels above it only, or why there are none; a run asked for phases
+    splits that deep, or runs whole and says why."""
+    x = _image(40)
+    # x4 drops both levels: no split
+    two = _two_heads(tmp_path, 4.0)
+    info = metadata.read(onnx.load(two, load_external_data=False))
+    assert "upsamples past the removed stride of level 1" in info.batches["refused"]
+    whole = DenseSession(two, provider="cpu").run(x)
+    forced = DenseSession(two, provider="cpu", schedule="phases")
+    got = forced.run(x)
+    assert forced.last_schedule.kind == "whole"
+    assert "cannot split its batch of phases: node" in forced.last_schedule.instead
+    _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
+    # x2 drops the second level only: split one level deep
+    two = _two_heads(tmp_path, 2.0)
+    info = metadata.read(onnx.load(two, load_external_data=False))
+    assert len(info.batches["levels"]) == 1 and max(len(o["levels"]) for o in info.batches["outputs"].values()) == 2
+    whole = DenseSession(two, provider="cpu").run(x)
+    forced = DenseSession(two, provider="cpu", schedule="phases")
+    got = forced.run(x)
+    assert forced.last_schedule.kind == "phases" and forced._max_depth() == 1
+    _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
+    # a fragments model written before the split was recorded: the same, asking for a rewrite
+    proto = onnx.load(models["fcn8s"])
+    info = metadata.read(proto)
+    for p in proto.metadata_props:
+        if p.key == metadata.KEY:
+            p.value = dataclasses.replace(info, batches=None).to_json()
+    older = DenseSession(proto, provider="cpu", schedule="phases")
+    older.run(_image(64))
+    assert older.last_schedule.kind == "whole" and "rewrite it again" in older.last_schedule.instead
+
+
+@pytest.mark.parametrize("batches,why", [
+    ([], "batches is not an object"),
+    ({"refused": 3}, "refused is not a string"),
+    ({"levels": [], "outputs": {}}, "levels is not a list"),
+    ({"levels": [{"cuts": [], "factor": [2, 2]}], "outputs": {}}, "level 1 cuts is not a list"),
+    ({"levels": [{"cuts": ["a"], "factor": [0, 2]}], "outputs": {}}, "level 1 factor is not a list of positive"),
+    ({"levels": [{"cuts": ["a"], "factor": [2, 2]}, {"cuts": ["b"], "factor": [2]}], "outputs": {}},
+     "level 2 factor has another number of axes"),
+    ({"levels": [{"cuts": ["a"], "factor": [2, 2]}], "outputs": {"y": {"phases": "p", "levels": [[2, 2]], "axes": [2],
+                                                                      "inserted": False}}}, "axes do not match"),
+    ({"levels": [{"cuts": ["a"], "factor": [2, 2]}], "outputs": {"y": {"phases": "p", "levels": [[4, 4]],
+                                                                      "axes": [2, 3], "inserted": False}}},
+     "does not carry the levels split"),
+])
+def test_malformed_batches_in_the_metadata_are_refused(models, batches, why):
+    info = metadata.read(onnx.load(models["fcn8s"], load_external_data=False))
+    data = json.loads(info.to_json())
+    data["batches"] = batches
+    with pytest.raises(ValueError, match=why):
+        metadata.DenseInfo.from_json(json.dumps(data))
+
+
+# -------------------------------------------------------------------------------- random chains
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(spec=specs(), data=st.data())
+def test_random_cnn_by_phases_of_its_batch_equals_the_whole_run(spec, data):
+    """Random layer chains (test_property.py's), rewritten as fragments at a reachable stride: the
+    batch run one phase of a level at a time, at every depth, gives the whole run's outputs."""
+    original = build_chain(spec)
+    reachable = onnx_dense.api.output_strides(original)
+    stride = data.draw(st.sampled_from(reachable))
+    try:
+        dense = ir.serde.serialize_model(onnx_dense.api.rewrite_model(original, output_stride=stride,
+                                                                      strategy="fragments"))
+    except DenseError:
+        assume(False)
+    batches = metadata.read(dense).batches
+    assume("refused" not in batches)
+    name = dense.graph.input[0].name
+    x = np.random.default_rng(0).standard_normal(
+        [d.dim_value or 1 for d in original.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)
+    whole = {k: v.numpy() for k, v in DenseSession(dense, provider="cpu").run({name: x}).items()}
+    session = DenseSession(dense, provider="cpu", schedule="phases")
+    got = session.run({name: x})
+    assert session.last_schedule.kind == "phases", session.last_schedule.describe()
+    levels = batches["levels"]
+    assert session.last_schedule.runs == int(np.prod(levels[0]["factor"]))
+    _assert_same({k: v.numpy() for k, v in got.items()}, whole)
+    deepest = session._max_depth()
+    event(f"{len(levels[0]['factor'])}-D, {len(levels)} levels recorded, split {deepest} deep")
+    for depth in range(2, deepest + 1):
+        plan = session._phase_plan(depth)
+        assert plan.splits == int(np.prod([np.prod(level["factor"]) for level in levels[:depth]]))
+        _assert_same(plan.run({name: x}), whole)

@@ -25,8 +25,9 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class AxisPlan:
     """Pad the dense score map by ``pad_begin``/``pad_end`` (edge for a Resize, zeros for a
-    ConvTranspose), upsample by ``factor`` (Resize asymmetric, or ConvTranspose of ``kernel``
-    taps), then keep every ``step``-th position from ``start`` and drop ``tail`` at the end."""
+    ConvTranspose), upsample by ``factor`` (Resize asymmetric or half_pixel, or ConvTranspose of
+    ``kernel`` taps), then keep every ``step``-th position from ``start`` and drop ``tail`` at
+    the end."""
 
     pad_begin: int
     pad_end: int
@@ -37,9 +38,18 @@ class AxisPlan:
     tail: int
 
 
-def axis_plan(kind: str, m: int, offset: float, length: int, out: int, odd: bool = False, step: int = 1) -> AxisPlan:
+def half_pixel_fits(m: int, offset: float) -> bool:
+    """A Resize half_pixel by ``m`` reads padded position ``(Y + 0.5) / m - 0.5``: it puts output
+    pixel y at ``(y - offset) / m`` from an integer start where ``offset - (m - 1) / 2`` is an
+    integer (a half-pixel offset and an even m), with no map upsampled by 2m."""
+    return offset - (m - 1) / 2 == int(offset - (m - 1) / 2)
+
+
+def axis_plan(kind: str, m: int, offset: float, length: int, out: int, odd: bool = False, step: int = 1,
+              half_pixel: bool = False) -> AxisPlan:
     """Per-axis numbers of the rebuilt block: dense score map of ``length`` positions, output
-    of ``out`` pixels; ``step`` 2 where the offset is a half pixel (a Resize upsamples 2m then)."""
+    of ``out`` pixels; ``step`` 2 where the offset is a half pixel (a Resize upsamples 2m then),
+    or ``half_pixel`` (a Resize half_pixel by m, where :func:`half_pixel_fits`)."""
     if kind == "transpose":
         kernel = 2 * m - 1 if odd else 2 * m
         centre = (kernel - 1) / 2
@@ -53,6 +63,17 @@ def axis_plan(kind: str, m: int, offset: float, length: int, out: int, odd: bool
             p1 += 1
         tail = (length + p0 + p1 - 1) * m + kernel - (start + out)
         return AxisPlan(p0, p1, m, kernel, start, 1, tail)
+    if half_pixel:
+        if not half_pixel_fits(m, offset):
+            raise ValueError("the offset is not a half_pixel Resize's")
+        p0 = max(0, math.ceil(offset / m))
+        p1 = max(1, math.ceil((out - 1 - offset) / m - length + 1))
+        start = int(p0 * m - offset + (m - 1) / 2)
+        tail = (length + p0 + p1) * m - (start + out)
+        while tail < 0:
+            p1 += 1
+            tail += m
+        return AxisPlan(p0, p1, m, 0, start, 1, tail)
     q = step
     if (q * offset) != int(q * offset):
         raise ValueError("the offset is not a multiple of half a pixel")

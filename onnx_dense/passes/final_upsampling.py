@@ -4,9 +4,11 @@ The pipeline cut the model at the score map T of each output whose final block i
 (passes/analysis/final_upsampling.py) and made everything up to T dense at stride R. This pass
 appends, per such output, the block rebuilt on the dense T (onnx_dense/interpolation.py):
 
-* Resize (not align_corners): Pad T (edge) -> Resize by m (or 2m), asymmetric, same mode and
-  nearest_mode -> Slice (start, every 1 or 2, tail dropped): output pixel y reads the dense map
-  at (y - offset) / m, clamped, as the original read T at (y - offset) / s.
+* Resize (not align_corners): Pad T (edge) -> Resize by m, asymmetric, same mode and
+  nearest_mode -> Slice (start, tail dropped): output pixel y reads the dense map at
+  (y - offset) / m, clamped, as the original read T at (y - offset) / s. A half-pixel offset:
+  linear Resize half_pixel by m where the offset allows it (an even m), else asymmetric by 2m
+  and every other pixel (that map is four times the output's: the largest of a run at 4096).
 * Resize align_corners: Slice T to the positions the original's first..last span -> Resize
   align_corners to m times T's size (sizes from Shape(T)).
 * Bilinear ConvTranspose: Pad T (zeros) -> ConvTranspose of the bilinear kernel for m, one per
@@ -27,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_dense import metadata
-from onnx_dense.interpolation import axis_plan
+from onnx_dense.interpolation import axis_plan, half_pixel_fits
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.final_upsampling import FinalUpsampling, bilinear_kernel
 
@@ -118,11 +120,14 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
                 base=f"{base}_resize",
             )
             return self._tail(editor, nodes, block, y, base)
-        step = 1
+        step, half = 1, False
         if block.kind == "resize" and any(o != int(o) for o in block.offset):
-            step = 2
+            # linear: half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
+            half = block.mode == "linear" and all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
+            step = 1 if half else 2
         plans = [
-            axis_plan(block.kind, m[k], block.offset[k], entry.dense_size[k], block.out_size[k], block.odd_kernel[k], step)
+            axis_plan(block.kind, m[k], block.offset[k], entry.dense_size[k], block.out_size[k], block.odd_kernel[k], step,
+                      half_pixel=half)
             for k in range(len(axes))
         ]
         begin, end = [0] * rank, [0] * rank
@@ -144,7 +149,8 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             scales = editor.const(nodes, scale, base=f"{base}_scales")
             up = editor.op(
                 nodes, "Resize", [x, roi, scales],
-                {"mode": block.mode, "coordinate_transformation_mode": "asymmetric", "nearest_mode": block.nearest_mode},
+                {"mode": block.mode, "coordinate_transformation_mode": "half_pixel" if half else "asymmetric",
+                 "nearest_mode": block.nearest_mode},
                 base=f"{base}_resize",
             )
         else:

@@ -246,7 +246,7 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
     below the last split run inside its stage as the dense model does, with dilations divided
     by the stage's level. Fewer splits: fewer, larger runs (faster on small maps), more memory.
     """
-    if info.strategy == "fragments":  # the batch of phases, a first-level phase at a time
+    if info.strategy == "fragments":  # the batch of phases, one phase of a level at a time
         from onnx_dense.runtime import fragment_batches
 
         return fragment_batches.layout(proto, info, input_name, depth)

@@ -329,8 +329,9 @@ def tail_peak(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[
     """The rebuilt final upsampling (:mod:`~onnx_dense.runtime.final_tail`), run once on the
     stitched score maps after the body: the body's outputs (``held``), the tail's onnxruntime
     values (times ``margin``) and the numpy copies of its outputs (``rebuilt``). Bytes above what
-    the process holds before the run. Its Resize by twice the factor, before a Slice that keeps
-    every other pixel, makes a map four times the output's: often the largest of the run."""
+    the process holds before the run. Its output is the image's size, so it can be the largest
+    part of a run; where its Resize is by twice the factor before a Slice that keeps every other
+    pixel (passes/final_upsampling.py), that map is four times the output's."""
     ort = live_peak(prof, tail_nodes, keep=set(rebuilt), skip=set(held))
     return int(ort * margin) + sum(prof.nbytes.get(n, 0) for n in (*held, *rebuilt))
 

@@ -109,6 +109,22 @@ def test_each_phase_of_each_level_alone_equals_the_whole_run(models, name, sizes
                                    ._body_and_tail()[0].run(x).items()})
 
 
+def test_a_batch_of_two_images_keeps_each_images_phases():
+    """Phases sit next to the image batch (phase-major): a level's phase ``a`` is entries
+    ``a*N .. a*N + N`` for N images, at every depth."""
+    from tests._graphs import feeds_for, rewrite
+    from tests.test_fragments import chain
+
+    m = chain(21, batch=2)
+    dense = rewrite(m, 1, strategy="fragments")
+    x = feeds_for(m)["x"]
+    whole = {k: v.numpy() for k, v in DenseSession(dense, provider="cpu").run({"x": x}).items()}
+    session = DenseSession(dense, provider="cpu", schedule="phases")
+    for depth in range(1, session._max_depth() + 1):
+        _assert_same(session._phase_plan(depth).run({"x": x}), whole)
+    assert session._max_depth() == 2 and whole["y"].shape[0] == 2
+
+
 def test_the_batch_of_phases_is_split_where_the_budget_asks(models):
     """A budget between the two estimates runs by phases, and says so; forced tiled schedules,
     which a fragments model cannot take, run by phases and say why."""

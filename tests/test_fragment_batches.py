@@ -146,6 +146,23 @@ def test_the_batch_of_phases_is_split_where_the_budget_asks(models):
         assert forced.last_schedule.instead.startswith(f"{kind} asked for, but a 'fragments' model is not tiled")
 
 
+def test_the_run_command_splits_a_fragments_model_and_says_so(models, tmp_path):
+    """``onnx-dense run --schedule phases`` on a segmentation head written as fragments: the
+    line and the image's JSON give the split; the label map has the image's size."""
+    from PIL import Image
+
+    from tests._cli import run
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code, out, err = run("run", models["lraspp"], tmp_path / "a.png", "--out", tmp_path / "o", "--schedule", "phases")
+    assert code == 0, err
+    assert "a.png: phases, split at 1 eST level, 4 phases" in err
+    record = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert record["schedule"]["kind"] == "phases" and record["schedule"]["phases"] == 4
+    assert Image.open(tmp_path / "o" / "a.output.labels.png").size == (128, 96)
+
+
 def test_measured_peak_of_a_fragments_model_stays_within_the_budget(models):
     """DeepLabV3 sample at output stride 2 on 640x640, each run in its own process: the whole run
     peaks above the budget, the budgeted run (by phases of the batch) below it, same output."""

@@ -193,14 +193,22 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
         new.type = old.type
     if new.shape is None and old.shape is not None:
         new.shape = old.shape
-    if old.is_graph_output() and graph is not None:
-        name = old.name
-        old.name = None
-        for i, out in enumerate(graph.outputs):
-            if out is old:
-                graph.outputs[i] = new
-        new.name = name
+    if graph is not None:
+        take_output(graph, old, new)
     old.replace_all_uses_with(new)
+
+
+def take_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Where ``old`` is a graph output, ``new`` takes its place and its name; the nodes that read
+    ``old`` still do (:func:`replace_value` moves them too)."""
+    if not old.is_graph_output():
+        return
+    name = old.name
+    old.name = None
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[i] = new
+    new.name = name
 
 
 def numpy_dtype(value: ir.Value):

@@ -209,12 +209,7 @@ def _divide_by_count(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, mask: i
     for use in users:
         use.node.replace_input_with(use.idx, ratio)
     if out.is_graph_output():  # the output (and its name) is the division's; the Div still reads ``out``
-        name = out.name
-        out.name = None
-        for i, value in enumerate(graph.outputs):
-            if value is out:
-                graph.outputs[i] = ratio
-        ratio.name = name
+        _ir.take_output(graph, out, ratio)
         replaced[out] = ratio
 
 

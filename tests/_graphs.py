@@ -11,6 +11,11 @@ eST positions (from the dense model's metadata) against the original, and
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnx.helper
@@ -253,3 +258,13 @@ def const_value(model: onnx.ModelProto, name: str) -> np.ndarray:
             return onnx.numpy_helper.to_array(attrs(n)["value"])
     raise KeyError(name)
 
+
+
+def json_child(code: str, *args, timeout: int = 300) -> dict:
+    """Run ``code`` with ``args`` in a fresh Python process (its own peak memory; this checkout on
+    its path) and return its last line of output, read as JSON; its stderr if it fails."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

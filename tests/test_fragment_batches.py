@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import weakref
 
@@ -26,6 +23,7 @@ import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession
 from onnx_dense.runtime.fragment_batches import BatchPlan
+from tests._graphs import json_child
 from tests.test_property import build as build_chain
 from tests.test_property import specs
 
@@ -167,16 +165,9 @@ def test_measured_peak_of_a_fragments_model_stays_within_the_budget(models):
     """DeepLabV3 sample at output stride 2 on 640x640, each run in its own process: the whole run
     peaks above the budget, the budgeted run (by phases of the batch) below it, same output."""
 
-    def child(budget: str) -> dict:
-        env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, models["deeplabv3"], budget],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    whole = child("-")
+    whole = json_child(_PEAK_CHILD, models["deeplabv3"], "-")
     budget = int(whole["before"] + 0.8 * (whole["peak"] - whole["before"]))
-    lean = child(str(budget))
+    lean = json_child(_PEAK_CHILD, models["deeplabv3"], budget)
     assert whole["kind"] == "whole" and lean["kind"] == "phases", (lean, whole)
     assert lean["peak"] <= budget < whole["peak"], (lean, whole)
     assert lean["sum"] == whole["sum"]
@@ -206,11 +197,7 @@ def test_the_estimate_counts_the_final_upsampling(models, monkeypatch):
     """The rebuilt final upsampling runs once, on the whole score map, after the rest: measured in
     a fresh process (DeepLabV3 sample at 1024), its peak is within its estimate; where that
     estimate is the larger, the schedule's line gives it and says whose it is."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _TAIL_CHILD, models["deeplabv3"], "1024"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json_child(_TAIL_CHILD, models["deeplabv3"], 1024)
     assert r["before"] < r["peak"] <= r["estimate"], r
     from onnx_dense.runtime import schedule
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -22,7 +20,7 @@ from PIL import Image
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession, dense_session, schedule
 from onnx_dense.runtime.dense_session import DenseMap, PixelGrid
-from tests._graphs import dense_zoo
+from tests._graphs import dense_zoo, json_child
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +209,8 @@ def test_the_estimate_is_above_the_measured_peak_and_close_to_it(models):
     process: the measured peak is within the estimate, and the estimate (above what the process
     held before the run) is less than twice what the run added. The estimate before these
     rules counted the image up to four times and was 2.8x the measured whole run at 2048."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for depth in (0, 1):
-        proc = subprocess.run([sys.executable, "-c", _ESTIMATE_CHILD, models["resnet"], str(depth)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = json_child(_ESTIMATE_CHILD, models["resnet"], depth)
         assert r["peak"] <= r["estimate"], r
         assert r["estimate"] - r["before"] < 2 * (r["peak"] - r["before"]), r
 
@@ -300,15 +294,8 @@ def test_measured_peak_stays_within_the_budget(models):
     """FCN at output stride 1 on 512x512, each run in its own process: the whole run peaks above
     the budget, the budgeted run (phase by phase) below it, with the same output."""
 
-    def child(budget: str) -> dict:
-        env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, models["fcn"], budget],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
     budget = 260 * 2**20
-    whole, lean = child("-"), child(f"{budget}")
+    whole, lean = json_child(_PEAK_CHILD, models["fcn"], "-"), json_child(_PEAK_CHILD, models["fcn"], budget)
     assert whole["kind"] == "whole" and lean["kind"] in ("phases", "phases+tiles")
     assert lean["peak"] <= budget < whole["peak"], (lean, whole)
     assert lean["sum"] == whole["sum"]

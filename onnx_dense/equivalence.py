@@ -16,7 +16,9 @@ Checks, each a :class:`Comparison` in a :class:`Report` that is truthy when all 
 * ``weights``: every weight of the original is in the dense model with the same name,
   shape and values (what makes dpoa export possible).
 * ``any size``: the dense model also runs at a larger input (skipped when the original does
-  not run at that size either, e.g. an upsampling to a baked size).
+  not run at that size either, e.g. an upsampling to a baked size); where the original runs
+  there, and one pixel larger (off every stride), each rebuilt upsampling has the original's
+  output size.
 
 A dense model cut with ``--outputs`` is compared with the same part of the original: its
 weights, and its runs, leave out what follows the cut.
@@ -519,16 +521,7 @@ def _check_any_size(
     run_dense: OrtRunner, feeds, info: metadata.DenseInfo, orig: onnx.ModelProto | None = None,
     provider: str = "cpu", optimize: bool = False,
 ) -> Comparison:
-    bigger = {}
-    for name, x in feeds.items():
-        entry = info.inputs.get(name)
-        if entry is None:
-            bigger[name] = x
-            continue
-        pad = [(0, 0)] * x.ndim
-        for a in entry.spatial_axes:
-            pad[a] = (0, max(3, x.shape[a] // 4))
-        bigger[name] = np.pad(x, pad, mode="reflect" if all(x.shape[a] > p[1] for a, p in enumerate(pad)) else "edge")
+    bigger = _grown(feeds, info, 0)
     try:
         outs = run_dense(bigger)
     except DenseError as exc:
@@ -540,7 +533,67 @@ def _check_any_size(
         return Comparison("(model)", "any size", False, note=f"dense model fails on a larger input: {exc}")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outs.items())
     first = next(iter(bigger.values()))
-    return Comparison("(model)", "any size", True, note=f"runs at input {list(first.shape)} -> {shapes}")
+    note = f"runs at input {list(first.shape)} -> {shapes}"
+    if orig is None or not any(o.upsampling for o in info.outputs.values()):
+        return Comparison("(model)", "any size", True, note=note)
+    runner = OrtRunner(_flexible(orig, info), provider=provider, optimize=optimize)
+    try:
+        run_orig = runner.__enter__()
+    except DenseError:  # onnxruntime refuses the original with symbolic sizes (pads it checks at load)
+        return Comparison("(model)", "any size", True, note=note)
+    sized = []
+    try:
+        for extra in (0, 1):  # and one pixel more: a size off the strides, where border pixels are lost or kept
+            x = bigger if extra == 0 else _grown(feeds, info, 1)
+            shape = list(next(iter(x.values())).shape)
+            try:
+                want = run_orig({k: x[k] for k in run_orig.input_names})
+            except DenseError:
+                continue  # the original does not run there: no size to compare with
+            try:
+                got = outs if extra == 0 else run_dense(x)
+            except DenseError as exc:
+                return Comparison("(model)", "any size", False,
+                                  note=f"the original runs at input {shape}, the dense model fails: {exc}")
+            for name, value in want.items():
+                why = _size_mismatch(name, value.shape, got[name].shape, info.outputs.get(name)) if name in got else None
+                if why:
+                    return Comparison("(model)", "any size", False, note=f"at input {shape}: {why}")
+            sized.append("x".join(map(str, shape)))
+    finally:
+        runner.__exit__(None, None, None)
+    if sized:
+        note += f"; upsampled outputs sized as the original's at {' and '.join(sized)}"
+    return Comparison("(model)", "any size", True, note=note)
+
+
+def _grown(feeds, info: metadata.DenseInfo, extra: int) -> dict:
+    """Feeds grown by a quarter (at least 3 px) plus ``extra`` per spatial axis."""
+    bigger = {}
+    for name, x in feeds.items():
+        entry = info.inputs.get(name)
+        if entry is None:
+            bigger[name] = x
+            continue
+        pad = [(0, 0)] * x.ndim
+        for a in entry.spatial_axes:
+            pad[a] = (0, max(3, x.shape[a] // 4) + extra)
+        bigger[name] = np.pad(x, pad, mode="reflect" if all(x.shape[a] > p[1] for a, p in enumerate(pad)) else "edge")
+    return bigger
+
+
+def _size_mismatch(name: str, want, got, out: metadata.DenseOutput | None) -> str | None:
+    """Why a rebuilt upsampling's output is not the original's size at the same input (None: it
+    is, or the check does not apply). Only those: a dense map is the original's function at
+    the static size, whose global pools and absolute slices the original at another size
+    changes; and an original whose output keeps its static size (baked at export) is bound to
+    that size."""
+    want, got = tuple(want), tuple(got)
+    if out is None or not out.upsampling or want == got:
+        return None
+    if tuple(want[a] for a in out.spatial_axes if a < len(want)) == tuple(out.size):
+        return None
+    return f"output '{name}' is {list(got)}, the original's {list(want)}"
 
 
 def _runs_at(orig: onnx.ModelProto, info: metadata.DenseInfo, feeds, provider: str, optimize: bool) -> bool:

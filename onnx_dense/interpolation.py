@@ -97,7 +97,7 @@ def axis_matrix(desc: dict, k: int, length: int, out: int) -> np.ndarray:
         return np.maximum(0.0, 1 - np.abs(y[:, None] - offset - j[None, :] * m) / m)
     if desc["align_corners"]:
         e = desc["score_est"][k]
-        used = length - (e - 1)
+        used = e * (-(-length // e) - 1) + 1  # the original's first..last: L = ceil(length / e) positions
         x = y * (used - 1) / (out - 1) if out > 1 else np.zeros_like(y)
     else:
         x = (y - offset) / m

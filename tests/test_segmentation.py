@@ -177,6 +177,77 @@ def test_rebuilt_on_the_dense_score_map(case, stride):
     assert ort_run(proto, {"x": x})["y"].shape == ort_run(model, {"x": x})["y"].shape
 
 
+# An image-sized head, as exporters write ``F.interpolate(h, size=x.shape[-2:])`` for an input of
+# any size: the Resize's sizes are the score map's batch and channels and the input's height and
+# width (Shape at run time). ``scales``: the same head upsampled by a factor (its output s L).
+SIZED = """
+  sx = Shape (x)
+  ss = Shape (score)
+  a0 = Constant <value = int64[1] {{0}}> ()
+  a2 = Constant <value = int64[1] {{2}}> ()
+  a4 = Constant <value = int64[1] {{4}}> ()
+  lead = Slice (ss, a0, a2)
+  hw = Slice (sx, a2, a4)
+  sz = Concat <axis=0> (lead, hw)
+  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="{coord}"{extra}> (score, , , sz)"""
+
+
+def any_size_head(sized: str, mode: str = "linear", coord: str = "half_pixel", extra: str = "") -> onnx.ModelProto:
+    body = SIZED.format(mode=mode, coord=coord, extra=extra) if sized == "input" else \
+        SCALES + f'  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="{coord}"{extra}> (score, , sc)'
+    return build(HEAD.replace("float[1,2,32,32] x", "float[1,2,H,W] x").format(opset=17, sig="", out="float y", body=body))
+
+
+@pytest.mark.parametrize("sized", ["input", "scales"])
+@pytest.mark.parametrize("mode,coord,extra", [
+    ("linear", "half_pixel", ""), ("linear", "asymmetric", ""), ("nearest", "half_pixel", ""),
+    ("nearest", "asymmetric", ', nearest_mode="floor"'), ("linear", "align_corners", ""),
+])
+@pytest.mark.parametrize("stride,strategy", [(2, "dilate"), (1, "dilate"), (2, "fragments"), (1, "fragments")])
+def test_the_output_keeps_the_originals_size_at_any_input_size(sized, mode, coord, extra, stride, strategy):
+    """Rewritten at 32x32, run at sizes that are not multiples of the score map's stride 8: an
+    output the original sizes from its input is the image's size (not 8 times the score map's,
+    8 px more), and one the original upsamples by a factor is the factor times the score map, as
+    the original's are. Either way every pixel is the numpy reference's on the dense score map.
+    Both strategies: their dense score maps differ in length at such sizes (dilate's ends a
+    phase short of fragments' e L)."""
+    model = any_size_head(sized, mode, coord, extra)
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=stride, input_shapes={"x": (1, 2, 32, 32)},
+                                                              strategy=strategy))
+    up = metadata.read(dense).outputs["y"].upsampling
+    rng = np.random.default_rng(4)
+    for size in ((32, 32), (37, 45), (40, 33), (25, 63)):
+        x = rng.standard_normal((1, 2, *size)).astype(np.float32)
+        want = ort_run(model, {"x": x})["y"]
+        got = ort_run(dense, {"x": x})
+        assert got["y"].shape == want.shape == ((1, 3, *size) if sized == "input" else want.shape), (size, got["y"].shape)
+        ref = reference(got["score"], up, (2, 3), want.shape[2:])
+        assert np.abs(ref - got["y"]).max() <= 1e-5 * max(1.0, np.abs(ref).max()), size
+
+
+def test_tiles_and_phases_of_an_image_sized_output_equal_the_whole_run():
+    """The tail (runtime/final_tail.py) reads the image's size, not the image: tiles and phases
+    of an odd-sized image give the whole run's image-sized output, bit for bit."""
+    from onnx_dense.runtime import DenseSession, final_tail
+
+    model = any_size_head("input")
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=2, input_shapes={"x": (1, 2, 32, 32)},
+                                                              strategy="dilate"))
+    x = np.random.default_rng(0).standard_normal((1, 2, 97, 113)).astype(np.float32)
+    with DenseSession(dense, provider="cpu") as session:
+        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
+    assert whole["y"].shape == (1, 3, 97, 113)
+    parts = final_tail.split(dense, metadata.read(dense))
+    assert "x" not in parts.tail_inputs and list(parts.shapes.values()) == ["x"]
+    for kwargs, kind in ((dict(tile=48), "tiles"), (dict(schedule="phases"), "phases"),
+                         (dict(max_memory="1GB", schedule="tiled-trunk"), "tiled-trunk")):
+        with DenseSession(dense, provider="cpu", **kwargs) as session:
+            got = session.run({"x": x})
+            assert session.last_schedule.kind == kind
+        for name, value in whole.items():
+            np.testing.assert_array_equal(got[name].numpy(), value, err_msg=f"{name}, {kind}")
+
+
 @pytest.mark.parametrize("stride,mode,scale,step", [(2, "half_pixel", 2, 1), (4, "half_pixel", 4, 1),
                                                    (1, "asymmetric", 2, 2)])
 def test_a_half_pixel_offset_is_resized_by_m_where_m_allows(stride, mode, scale, step):
@@ -493,3 +564,33 @@ def test_cli_flag_and_refusal(tmp_path):
     code, out, err = run("rewrite", learned, tmp_path / "l.onnx", "-r", "4")
     assert_clean_error(code, out, err, "'up' (ConvTranspose)", "--no-final-upsampling")
     assert not (tmp_path / "l.onnx").exists()
+
+
+def test_verify_checks_an_upsampled_outputs_size_where_the_original_runs(monkeypatch):
+    """``verify``'s any-size check runs the original too, one pixel off the strides: an output
+    the original sizes from its input that the dense model sizes from its score map (the
+    rewrite before it read ``sized_by``) fails there, naming the output and both sizes."""
+    from onnx_dense.passes.analysis import final_upsampling
+
+    model = any_size_head("input")
+    shapes = {"x": (1, 2, 32, 32)}
+    (check,) = [c for c in onnx_dense.verify(model, onnx_dense.rewrite_model(model, output_stride=2, input_shapes=shapes))
+                .comparisons if c.check == "any size"]
+    assert check.passed and "sized as the original's at 1x2x40x40 and 1x2x41x41" in check.note, check.note
+    monkeypatch.setattr(final_upsampling, "_sized_by_input", lambda *args: None)
+    (check,) = [c for c in onnx_dense.verify(model, onnx_dense.rewrite_model(model, output_stride=2, input_shapes=shapes))
+                .comparisons if c.check == "any size"]
+    assert not check.passed and "at input [1, 2, 41, 41]: output 'y' is [1, 3, 48, 48], the original's [1, 3, 41, 41]" \
+        in check.note, check.note
+
+
+def test_rewrite_says_which_outputs_take_the_inputs_size(tmp_path):
+    from tests._cli import run
+
+    for sized, said in (("input", True), ("scales", False)):
+        src = tmp_path / f"{sized}.onnx"
+        onnx.save(any_size_head(sized), src)
+        code, out, err = run("rewrite", src, tmp_path / f"{sized}_dense.onnx", "-r", "2", "--input-shape", "x:1,2,32,32")
+        assert code == 0, err
+        assert "upsampled x2 (resize, linear) to the original's size 32" in out, out
+        assert ("(the input's, at any input size)" in out) is said, out

@@ -84,6 +84,7 @@ def rewrite(src, dst, output_stride, from_node, input_shapes, outputs, strategy,
                 f"  output '{out.name}': the final upsampling rebuilt on the dense score map '{up['score']}': a "
                 f"prediction every {fmt(up['information_stride'])} input pixels, upsampled x{fmt(up['factor'])} "
                 f"({up['kind']}, {up['mode']}) to the original's size {fmt(out.size)}"
+                + (" (the input's, at any input size)" if up.get("sized_by") is not None else "")
             )
             continue
         grid = grids.get(out.name)

@@ -5,20 +5,27 @@ The pipeline cut the model at the score map T of each output whose final block i
 appends, per such output, the block rebuilt on the dense T (onnx_dense/interpolation.py):
 
 * Resize (not align_corners): Pad T (edge) -> Resize by m, asymmetric, same mode and
-  nearest_mode -> Slice (start, tail dropped): output pixel y reads the dense map at
+  nearest_mode -> Slice (start, n pixels): output pixel y reads the dense map at
   (y - offset) / m, clamped, as the original read T at (y - offset) / s. A half-pixel offset:
   linear Resize half_pixel by m where the offset allows it (an even m), else asymmetric by 2m
   and every other pixel (that map is four times the output's: the largest of a run at 4096).
-* Resize align_corners: Slice T to the positions the original's first..last span -> Resize
-  align_corners to m times T's size (sizes from Shape(T)).
+* Resize align_corners: Slice T to the positions the original's first..last span
+  (e (L - 1) + 1) -> Resize align_corners to n pixels.
 * Bilinear ConvTranspose: Pad T (zeros) -> ConvTranspose of the bilinear kernel for m, one per
   channel, the original's bias -> Slice.
 * Then the block's per-position ops (Sigmoid, Softmax over channels, ArgMax, ...), copied.
 
-The output keeps its name, its size and its place among the outputs; T stays an output too
+n, the output's length per axis, is the original's at the input size of the run, computed in
+the graph: the input's size where the original's Resize took it there (``sized_by``), else
+s L plus what the block adds (crops, a ConvTranspose's kernel), L = ceil(D / e) being the
+original's T length (phase 0 of the dense T, of length D, is the original's T). The end pad
+leaves room for any input size; what lies past n is cropped. So the model runs at any input
+size and its output has the original's size there: an image-sized map stays image-sized at
+333x301, not 8 times T's 42x38.
+
+The output keeps its name and its place among the outputs; T stays an output too
 (appended), so ``verify`` compares it on the subgrid and the phases, and the output against
-the numpy form of the rebuilt block. Every shape the nodes read is relative (pads, a crop from
-the end, scales), so the model runs at any input size, as the original does.
+the numpy form of the rebuilt block.
 """
 
 from __future__ import annotations
@@ -97,22 +104,25 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
         m = [s // e for s, e in zip(block.factor, entry.est)]
         base = f"{block.score}_upsampled"
         fdtype = _ir.numpy_dtype(score)
+        needs_positions = block.sized_by is None or (block.align_corners and any(v > 1 for v in entry.est))
+        positions = self._score_positions(editor, nodes, block, entry, score, base) if needs_positions else None
+        lengths = self._lengths(editor, nodes, block, entry, positions, base)
         if block.kind == "resize" and block.align_corners:
+            # the span of the original's first..last positions: e (L - 1) + 1, L = ceil(D / e)
             e = list(entry.est)
             x = score
             if any(v > 1 for v in e):
                 starts = editor.const(nodes, np.zeros(len(axes), np.int64), base=f"{base}_starts")
-                ends = editor.const(
-                    nodes, np.array([-(v - 1) if v > 1 else INT64_MAX for v in e], np.int64), base=f"{base}_ends"
-                )
+                ends = editor.op(nodes, "Add", [
+                    editor.op(nodes, "Mul", [positions, editor.const(nodes, np.array(e, np.int64), base=f"{base}_est")],
+                              base=f"{base}_span_mul"),
+                    editor.const(nodes, np.array([1 - v for v in e], np.int64), base=f"{base}_span_plus"),
+                ], base=f"{base}_span_ends")
                 ax = editor.const(nodes, np.array(axes, np.int64), base=f"{base}_axes")
                 x = editor.op(nodes, "Slice", [score, starts, ends, ax], base=f"{base}_span")
             shape = editor.op(nodes, "Shape", [score], base=f"{base}_shape")
-            mult = np.ones(rank, np.int64)
-            for k, a in enumerate(axes):
-                mult[a] = m[k]
-            mult_v = editor.const(nodes, mult, base=f"{base}_factor")
-            sizes = editor.op(nodes, "Mul", [shape, mult_v], base=f"{base}_sizes")
+            ax = editor.const(nodes, np.array(axes, np.int64), base=f"{base}_size_axes")
+            sizes = editor.op(nodes, "ScatterElements", [shape, ax, lengths], {"axis": 0}, base=f"{base}_sizes")
             roi, scales = self._roi_scales(editor, nodes, base, opset)
             y = editor.op(
                 nodes, "Resize", [x, roi, scales, sizes],
@@ -132,7 +142,9 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
         ]
         begin, end = [0] * rank, [0] * rank
         for k, a in enumerate(axes):
-            begin[a], end[a] = plans[k].pad_begin, plans[k].pad_end
+            # past the static size's need, what another size's may be: e positions (its dense
+            # map can end a phase short of e L) and the output's last s pixels
+            begin[a], end[a] = plans[k].pad_begin, plans[k].pad_end + entry.est[k] + -(-block.factor[k] // m[k]) + 1
         x = score
         if any(begin) or any(end):
             pads = editor.const(nodes, np.array(begin + end, np.int64), base=f"{base}_pads")
@@ -173,13 +185,38 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
                 base=f"{base}_transpose",
             )
         starts = editor.const(nodes, np.array([p.start for p in plans], np.int64), base=f"{base}_starts")
-        ends = editor.const(
-            nodes, np.array([-p.tail if p.tail else INT64_MAX for p in plans], np.int64), base=f"{base}_ends"
-        )
+        steps_array = np.array([p.step for p in plans], np.int64)
+        ends = editor.op(nodes, "Add", [  # start + step (n - 1) + 1 for an output of n pixels
+            editor.op(nodes, "Mul", [lengths, editor.const(nodes, steps_array, base=f"{base}_step")], base=f"{base}_end_mul"),
+            editor.const(nodes, np.array([p.start - p.step + 1 for p in plans], np.int64), base=f"{base}_end_plus"),
+        ], base=f"{base}_ends")
         ax = editor.const(nodes, np.array(axes, np.int64), base=f"{base}_axes")
-        steps = editor.const(nodes, np.array([p.step for p in plans], np.int64), base=f"{base}_steps")
+        steps = editor.const(nodes, steps_array, base=f"{base}_steps")
         y = editor.op(nodes, "Slice", [up, starts, ends, ax, steps], base=f"{base}_crop")
         return self._tail(editor, nodes, block, y, base)
+
+    def _score_positions(self, editor, nodes, block, entry, score, base) -> ir.Value:
+        """L per spatial axis, the original's T length at this input size: ceil(D / e) of the
+        dense T's D (its phase 0 is the original's T)."""
+        e = np.array(entry.est, np.int64)
+        shape = editor.op(nodes, "Shape", [score], base=f"{base}_score_shape")
+        dense = editor.op(nodes, "Gather", [shape, editor.const(nodes, np.array(block.axes, np.int64), base=f"{base}_score_axes")],
+                          {"axis": 0}, base=f"{base}_score_dims")
+        up = editor.op(nodes, "Add", [dense, editor.const(nodes, e - 1, base=f"{base}_est_less")], base=f"{base}_score_ceil")
+        return editor.op(nodes, "Div", [up, editor.const(nodes, e, base=f"{base}_est_div")], base=f"{base}_score_positions")
+
+    def _lengths(self, editor, nodes, block, entry, positions, base) -> ir.Value:
+        """The output's length per spatial axis at this input size, as the original's: the
+        input's (``sized_by``), else s L plus the static size's difference."""
+        if block.sized_by is not None:
+            source = next(v for v in editor.graph.inputs if v.name == entry.input)
+            shape = editor.op(nodes, "Shape", [source], base=f"{base}_input_shape")
+            index = editor.const(nodes, np.array(block.sized_by, np.int64), base=f"{base}_input_axes")
+            return editor.op(nodes, "Gather", [shape, index], {"axis": 0}, base=f"{base}_lengths")
+        scaled = editor.op(nodes, "Mul", [positions, editor.const(nodes, np.array(block.factor, np.int64), base=f"{base}_s")],
+                           base=f"{base}_scaled")
+        return editor.op(nodes, "Add", [scaled, editor.const(nodes, np.array(block.size_offset, np.int64), base=f"{base}_c")],
+                         base=f"{base}_lengths")
 
     def _roi_scales(self, editor, nodes, base, opset):
         if opset >= 13:

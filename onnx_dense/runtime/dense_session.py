@@ -543,7 +543,9 @@ class DenseSession:
             over = chosen.over if chosen.estimate > self.max_memory else (
                 "the fastest for the rest, within the budget (the final upsampling is not split)")
             self.last_schedule = dataclasses.replace(chosen, estimate=tail_peak, tail=True, over=over)
-        tail_feeds = {name: (maps[name].numpy() if name in maps else feeds[name]) for name in parts.tail_inputs}
+        tail_feeds = {name: (maps[name].numpy() if name in maps else
+                             np.array(_shape(feeds[parts.shapes[name]]), np.int64) if name in parts.shapes else feeds[name])
+                      for name in parts.tail_inputs}
         try:
             values = dict(zip(parts.rebuilt, tail.run(parts.rebuilt, tail_feeds)))
         except Exception as exc:

@@ -12,7 +12,9 @@ output of the dense model too. So such a model runs in two parts:
 :func:`split` cuts the model by walking the graph from the rebuilt outputs back to their
 score maps. ``onnx.utils.Extractor`` cuts subgraphs too, but it runs shape inference over
 the whole model with its weights, and it cannot say which graph inputs a tail reads beyond
-the names it is given (a rebuilt Resize may take its size from the image input).
+the names it is given (a rebuilt Resize may take its size from the image input). A graph
+input the tail reads only through ``Shape`` (an image-sized output's length) comes in as that
+shape (``shapes``), so the tail never holds a copy of the image.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from onnx_dense import metadata
 class Split:
     body: onnx.ModelProto  # every output but the rebuilt ones; onnx_dense metadata for them
     tail: onnx.ModelProto  # score maps (and graph inputs it reads) -> the rebuilt outputs
-    tail_inputs: list[str]  # score maps first, then graph inputs
+    tail_inputs: list[str]  # score maps first, then graph inputs, then the shapes below
     rebuilt: list[str]
+    shapes: dict[str, str] = dataclasses.field(default_factory=dict)  # tail input -> the graph input it is the Shape of
 
 
 def rebuilt_outputs(info: metadata.DenseInfo) -> list[str]:
@@ -69,10 +72,20 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
                 stack.extend(_outer_names(attr.g))
 
     values = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
+    needed = sorted(set(needed_inputs))
+    shapes: dict[str, str] = {}
+    for name in list(needed):
+        readers = [i for i in tail_nodes if name in graph.node[i].input]
+        if all(graph.node[i].op_type == "Shape" and not graph.node[i].attribute for i in readers):
+            needed.remove(name)
+            for i in readers:
+                tail_nodes.discard(i)
+                shapes[graph.node[i].output[0]] = name
     tail = onnx.helper.make_graph(
         [n for i, n in enumerate(graph.node) if i in tail_nodes],
         f"{graph.name}_final_upsampling",
-        [values[s] for s in scores] + [values[i] for i in sorted(set(needed_inputs))],
+        [values[s] for s in scores] + [values[i] for i in needed]
+        + [onnx.helper.make_tensor_value_info(s, onnx.TensorProto.INT64, [None]) for s in shapes],
         [values[n] for n in rebuilt],
         [t for t in graph.initializer if t.name in needed_inits],
     )
@@ -96,7 +109,7 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
     for prop in body.metadata_props:
         if prop.key == metadata.KEY:
             prop.value = body_info.to_json()
-    return Split(body, tail_model, scores + sorted(set(needed_inputs)), rebuilt)
+    return Split(body, tail_model, scores + needed + list(shapes), rebuilt, shapes)
 
 
 def _live_nodes(graph: onnx.GraphProto, outputs: set[str]) -> set[int]:

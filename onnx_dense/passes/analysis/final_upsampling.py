@@ -15,7 +15,10 @@ passes/final_upsampling.py) when it is, in any order after the upsampling:
 
 Every such block reads T at output pixel y at T coordinate x = (y - offset) / s (in T
 positions), linearly (zero beyond the ends for a ConvTranspose, clamped for a Resize) or by
-nearest rounding; align_corners reads x = y (h - 1) / (H - 1). Anything else in the block (a
+nearest rounding; align_corners reads x = y (h - 1) / (H - 1). The output's length at any input
+size is the original's: the input's (``sized_by``: a Resize whose ``sizes`` are the input's
+size, as ``F.interpolate(size=x.shape[-2:])`` exports), else s times T's plus what it was at
+the static size (a Resize by scales, a ConvTranspose, crops). Anything else in the block (a
 learned ConvTranspose, a Conv after the upsampling, a U-Net's last decoder block) makes it
 *learned*: ``problem`` says which node, and only the score map T itself can be made dense
 (``--no-final-upsampling``).
@@ -61,6 +64,12 @@ class FinalUpsampling:
     odd_kernel: tuple[bool, ...] = ()  # transpose: kernel 2s-1 (centre on a pixel) rather than 2s
     bias: tuple[float, ...] | None = None  # transpose: per channel
     tail: tuple[ir.Node, ...] = ()  # per-position ops after the upsampling, in order
+    sized_by: tuple[int, ...] | None = None  # the input's axes whose size the output has; None: s times T's
+
+    @property
+    def size_offset(self) -> tuple[int, ...]:
+        """Output length minus s times T's, at the static size (a relative output keeps it)."""
+        return tuple(o - f * t for o, f, t in zip(self.out_size, self.factor, self.score_size))
 
     @property
     def fixed(self) -> bool:
@@ -74,6 +83,7 @@ class FinalUpsampling:
             "align_corners": self.align_corners, "factor": m, "offset": list(self.offset),
             "score_est": list(est), "score_size": list(self.score_size), "bias": list(self.bias) if self.bias else None,
             "tail": [tail_record(n) for n in self.tail], "replaces": list(self.nodes),
+            "sized_by": list(self.sized_by) if self.sized_by is not None else None,
         }
 
 
@@ -188,7 +198,26 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
     if any(f * os != ss for f, os, ss in zip(factor, og.stride, sg.stride)):
         return FinalUpsampling(node=label, problem=f"node {label} scales by {fmt(factor)}, not the grid's ratio", **base)
     offset = tuple(o - c for o, c in zip(fields.pop("offset"), crop))
-    return FinalUpsampling(node=label, factor=tuple(factor), offset=offset, tail=tuple(tail), **fields, **base)
+    return FinalUpsampling(node=label, factor=tuple(factor), offset=offset, tail=tuple(tail),
+                           sized_by=_sized_by_input(model, up, og), **fields, **base)
+
+
+def _sized_by_input(model: ir.Model, up: ir.Node, og: Grid) -> tuple[int, ...] | None:
+    """The input axes a Resize given ``sizes`` takes the output to, where the output has the
+    input's size (folded from ``Shape(x)``, or baked at export): at another input size the
+    original's output is that input's size. A Resize by scales: None."""
+    if up.op_type != "Resize" or len(up.inputs) < 4 or up.inputs[3] is None:
+        return None
+    sizes = _ir.const_array(up.inputs[3])
+    if sizes is not None and sizes.size == 0:
+        return None
+    source = next((v for v in model.graph.inputs if v.name == og.source), None)
+    dims = _ir.static_dims(source) if source is not None else None
+    if dims is None or og.source_axes is None or len(og.source_axes) != len(og.size):
+        return None
+    if tuple(dims[a] for a in og.source_axes) != tuple(og.size):
+        return None
+    return tuple(og.source_axes)
 
 
 def _crop(node: ir.Node, g: Grid, crop: list[int]) -> str | None:

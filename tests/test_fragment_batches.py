@@ -381,3 +381,19 @@ def test_random_cnn_by_phases_of_its_batch_equals_the_whole_run(spec, data):
         plan = session._phase_plan(depth)
         assert plan.splits == int(np.prod([np.prod(level["factor"]) for level in levels[:depth]]))
         _assert_same(plan.run({name: x}), whole)
+
+
+def test_branches_that_remove_different_strides_name_their_nodes():
+    """Two heads on one input, one removing a stride of 2 first, the other 4: the batch cannot
+    split at that level, and the refusal names a node of each."""
+    from tests._graphs import build
+
+    model = build("""
+<ir_version: 9, opset_import: ["" : 17]>
+net (float[1,2,32,32] x, float[4,2,3,3] w1, float[4,2,5,5] w2) => (float a, float b) {
+  [half] a = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)
+  [quarter] b = Conv <strides=[4,4], pads=[2,2,2,2]> (x, w2)
+}""")
+    dense = onnx_dense.rewrite_model(model, output_stride=1, strategy="fragments")
+    why = metadata.read(dense).batches["refused"]
+    assert why == "its branches remove different strides at level 1: node 'half' (Conv) removes 2x2, node 'quarter' (Conv) 4x4", why

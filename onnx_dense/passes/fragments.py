@@ -572,9 +572,11 @@ def _batches(p: PhasePlan) -> dict:
     limit, why = p.depth_limit if p.depth_limit is not None else (max(p.cuts) + 1, "")
     levels = []
     for k in range(limit):
-        found = p.levels_at.get(k, set())
+        found = p.levels_at.get(k, {})
         if len(found) != 1 or k not in p.cuts:
-            why = f"its branches remove different strides at level {k + 1}"
+            removes = ", ".join(f"node {label} {'removes ' if i == 0 else ''}{'x'.join(map(str, level.factor))}"
+                                for i, (level, label) in enumerate(found.items()))
+            why = f"its branches remove different strides at level {k + 1}" + (f": {removes}" if removes else "")
             break
         (level,) = found
         levels.append({"factor": list(level.factor), "cuts": [v.name for v in p.cuts[k]]})

@@ -205,7 +205,7 @@ class PhasePlan:
     # What the runtime needs to run the batch of phases one phase of a level at a time
     # (runtime/fragment_batches.py): the levels split at each depth (the number of levels before
     # them), and the first depth whose phases cannot run apart, with why.
-    levels_at: dict[int, set[Level]] = dataclasses.field(default_factory=dict)
+    levels_at: dict[int, dict[Level, str]] = dataclasses.field(default_factory=dict)  # level -> a node splitting it there
     depth_limit: tuple[int, str] | None = None
     cuts: dict[int, list[ir.Value]] = dataclasses.field(default_factory=dict)  # set by the rewrite: moves' outputs
     interleaved: dict[str, dict] = dataclasses.field(default_factory=dict)  # output -> how its phases interleave

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnx_dense.errors import UnsupportedNodeError
+from onnx_dense.errors import UnsupportedNodeError, node_label
 from onnx_dense.grid import GRID, PLAN, Grid
 from onnx_dense.passes import _ir
 from onnx_dense.passes.plans import CHANNEL_GLOBAL, PHASES, Layout, Level, PhasePlan, ReshapePlan, SpatialPlan
@@ -104,7 +104,7 @@ def _plan(model: ir.Model, disabled: frozenset) -> PhasePlan:
                 if node.op_type == "MaxPool" and len(node.outputs) > 1 and _used(node.outputs[1]):
                     raise UnsupportedNodeError(node, "MaxPool indices of a pool computed per phase index a different tensor")
                 p.splits.append((node, level))
-                p.levels_at.setdefault(len(layout), set()).add(level)
+                p.levels_at.setdefault(len(layout), {}).setdefault(level, node_label(node))
                 layout = layout + (level,)
         if vlayout and node.op_type not in ("Shape", "Size"):
             if _is_upsampling(node):

@@ -142,6 +142,8 @@ def _tail(op: str, attrs: dict, x: np.ndarray) -> np.ndarray:
 
             return x.astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
         return x
+    if op == "Transpose":
+        return np.transpose(x, attrs.get("perm"))
     if op == "Sigmoid":
         return 1 / (1 + np.exp(-x))
     if op == "Relu":

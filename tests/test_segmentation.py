@@ -225,18 +225,24 @@ def test_the_output_keeps_the_originals_size_at_any_input_size(sized, mode, coor
         assert np.abs(ref - got["y"]).max() <= 1e-5 * max(1.0, np.abs(ref).max()), size
 
 
-def test_tiles_and_phases_of_an_image_sized_output_equal_the_whole_run():
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_argmax"])
+def test_tiles_and_phases_of_an_image_sized_output_equal_the_whole_run(layout):
     """The tail (runtime/final_tail.py) reads the image's size, not the image: tiles and phases
-    of an odd-sized image give the whole run's image-sized output, bit for bit."""
+    of an odd-sized image give the whole run's image-sized output, bit for bit (also an NHWC
+    head whose tail transposes and takes the ArgMax)."""
     from onnx_dense.runtime import DenseSession, final_tail
 
-    model = any_size_head("input")
-    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=2, input_shapes={"x": (1, 2, 32, 32)},
+    if layout == "nchw":
+        model, static, shape, want = any_size_head("input"), (1, 2, 32, 32), (1, 2, 97, 113), (1, 3, 97, 113)
+    else:
+        out, body = NHWC_TAILS["transpose_argmax"]
+        model, static, shape, want = build(NHWC.format(out=out, body=body)), (1, 32, 32, 2), (1, 97, 113, 2), (1, 97, 113)
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=2, input_shapes={"x": static},
                                                               strategy="dilate"))
-    x = np.random.default_rng(0).standard_normal((1, 2, 97, 113)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with DenseSession(dense, provider="cpu") as session:
         whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
-    assert whole["y"].shape == (1, 3, 97, 113)
+    assert whole["y"].shape == want
     parts = final_tail.split(dense, metadata.read(dense))
     assert "x" not in parts.tail_inputs and list(parts.shapes.values()) == ["x"]
     for kwargs, kind in ((dict(tile=48), "tiles"), (dict(schedule="phases"), "phases"),
@@ -302,8 +308,8 @@ def test_learned_final_upsampling_is_refused_with_the_alternative():
 
 @pytest.mark.parametrize("tail, why", [
     ("  [last] y = Conv <pads=[1,1,1,1]> (u, wl)", "'last' (Conv), which has learned weights after the upsampling"),
-    ("  [last] y = Transpose <perm=[0,1,3,2]> (u)",
-     "'last' (Transpose), which is neither an interpolation nor a per-position op after the upsampling"),
+    ("  [last] y = MaxPool <kernel_shape=[3,3], pads=[1,1,1,1]> (u)",
+     "'last' (MaxPool), which is neither an interpolation nor a per-position op after the upsampling"),
 ])
 def test_a_final_block_that_is_not_an_interpolation_says_why(tail, why):
     weights = {"wl": np.ones((3, 3, 3, 3), np.float32)} if "wl" in tail else None
@@ -594,3 +600,52 @@ def test_rewrite_says_which_outputs_take_the_inputs_size(tmp_path):
         assert code == 0, err
         assert "upsampled x2 (resize, linear) to the original's size 32" in out, out
         assert ("(the input's, at any input size)" in out) is said, out
+
+
+# TensorFlow's layout: an NHWC input, transposed for the convolutions, upsampled, and transposed
+# back (or upsampled in NHWC after a transpose); the label map is NHWC or, after ArgMax, NHW.
+NHWC = """
+<ir_version: 9, opset_import: ["" : 17]>
+net (float[1,H,W,2] x, float[4,2,3,3] w1, float[4,4,3,3] w2, float[4,4,3,3] w3, float[3,4,1,1] w4) => ({out} y) {{
+  t = Transpose <perm=[0,3,1,2]> (x)
+  c1 = Conv <strides=[2,2], pads=[1,1,1,1]> (t, w1)
+  c2 = Conv <strides=[2,2], pads=[1,1,1,1]> (c1, w2)
+  c3 = Conv <strides=[2,2], pads=[1,1,1,1]> (c2, w3)
+  score = Conv (c3, w4)
+  sx = Shape (x)
+  ss = Shape (score)
+  a0 = Constant <value = int64[1] {{0}}> ()
+  a1 = Constant <value = int64[1] {{1}}> ()
+  a2 = Constant <value = int64[1] {{2}}> ()
+  a3 = Constant <value = int64[1] {{3}}> ()
+  lead = Slice (ss, a0, a2)
+  hw = Slice (sx, a1, a3)
+  sz = Concat <axis=0> (lead, hw)
+{body}
+}}"""
+NHWC_TAILS = {
+    "transpose": ("float", '  [up] u = Resize <mode="linear"> (score, , , sz)\n  y = Transpose <perm=[0,2,3,1]> (u)'),
+    "softmax_transpose": ("float", '  [up] u = Resize <mode="linear"> (score, , , sz)\n  v = Softmax <axis=1> (u)\n'
+                                   '  y = Transpose <perm=[0,2,3,1]> (v)'),
+    "transpose_argmax": ("int64", '  [up] u = Resize <mode="linear"> (score, , , sz)\n  v = Transpose <perm=[0,2,3,1]> (u)\n'
+                                  '  y = ArgMax <axis=3, keepdims=0> (v)'),
+    "resize_in_nhwc": ("float", '  st = Transpose <perm=[0,2,3,1]> (score)\n'
+                                '  sc = Constant <value = float[4] {1.0, 8.0, 8.0, 1.0}> ()\n'
+                                '  [up] y = Resize <mode="linear"> (st, , sc)'),
+}
+
+
+@pytest.mark.parametrize("tail", list(NHWC_TAILS))
+@pytest.mark.parametrize("stride", [2, 1])
+def test_an_nhwc_head_transposed_back_after_the_upsampling(tail, stride):
+    """A Transpose after the upsampling moves the spatial axes and mixes nothing: it is part of
+    the block (Softmax and ArgMax then name the channel axis where it went). verify passes,
+    phases included, and the output has the original's size at an odd size too."""
+    out, body = NHWC_TAILS[tail]
+    model = build(NHWC.format(out=out, body=body))
+    dense = onnx_dense.rewrite_model(model, output_stride=stride, input_shapes={"x": (1, 32, 32, 2)})
+    report = onnx_dense.verify(model, dense, phases=True)
+    assert report.passed, report.text()
+    assert ("y", "upsampling") in {(c.output, c.check.split()[0]) for c in report.comparisons if not c.skipped}
+    x = np.random.default_rng(5).standard_normal((1, 37, 45, 2)).astype(np.float32)
+    assert ort_run(ir.serde.serialize_model(dense), {"x": x})["y"].shape == ort_run(model, {"x": x})["y"].shape

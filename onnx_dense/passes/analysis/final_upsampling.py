@@ -11,7 +11,8 @@ passes/final_upsampling.py) when it is, in any order after the upsampling:
   asymmetric or align_corners, or a ConvTranspose whose weight is the bilinear kernel of its
   stride per channel (FCN's, with group C or a diagonal weight; any bias per channel);
 * crops: Slice on spatial axes with constant starts and step 1;
-* per-position ops: unary activations, Cast, Softmax/LogSoftmax/ArgMax over a non-spatial axis.
+* per-position ops: unary activations, Cast, Softmax/LogSoftmax/ArgMax over a non-spatial axis,
+  Transpose (TensorFlow's exports upsample NCHW and transpose back to NHWC).
 
 Every such block reads T at output pixel y at T coordinate x = (y - offset) / s (in T
 positions), linearly (zero beyond the ends for a ConvTranspose, clamped for a Resize) or by
@@ -89,7 +90,7 @@ class FinalUpsampling:
 
 def tail_record(node: ir.Node) -> dict:
     attrs = {}
-    for name in ("axis", "keepdims", "select_last_index", "to", "alpha", "beta"):
+    for name in ("axis", "keepdims", "select_last_index", "to", "alpha", "beta", "perm"):
         a = node.attributes.get(name)
         if a is not None:
             attrs[name] = a.value
@@ -163,23 +164,31 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
         fields = f"is a {up.op_type}, not a fixed interpolation"
     if isinstance(fields, str):
         learned = (up, fields)
+    where = list(sg.axes)  # T's spatial axes in the tensor so far (a Transpose moves them)
     for n in rest if learned is None else ():
+        rank = n.inputs[0].shape.rank() if n.inputs[0].shape is not None else None
         if n.op_type == "Slice":
-            why = _crop(n, sg, crop)
+            why = _crop(n, where, crop)
             if why:
                 learned = (n, why)
                 break
         elif n.op_type in TAIL_UNARY:
             tail.append(n)
+        elif n.op_type == "Transpose" and rank is not None:  # back to NHWC, as TensorFlow's exports end
+            perm = list(n.attributes.get_ints("perm", list(range(rank))[::-1]))
+            where = [perm.index(a) for a in where]
+            tail.append(n)
         elif n.op_type in TAIL_AXIS:
             default = 0 if n.op_type == "ArgMax" else (-1 if _ir.opset(model) >= 13 else 1)
             axis = n.attributes.get_int("axis", default)
-            rank = n.inputs[0].shape.rank() if n.inputs[0].shape is not None else None
-            if rank is None or _ir.normalise_axis(axis, rank) in sg.axes or (
+            if rank is None or _ir.normalise_axis(axis, rank) in where or (
                 n.op_type != "ArgMax" and _ir.opset(model) < 13
             ):
                 learned = (n, "runs over a spatial axis")
                 break
+            if n.op_type == "ArgMax" and not n.attributes.get_int("keepdims", 1):
+                axis = _ir.normalise_axis(axis, rank)
+                where = [a - (a > axis) for a in where]
             tail.append(n)
         else:
             kind = "has learned weights" if any(v is not None and v.const_value is not None and v.shape is not None
@@ -220,7 +229,7 @@ def _sized_by_input(model: ir.Model, up: ir.Node, og: Grid) -> tuple[int, ...] |
     return tuple(og.source_axes)
 
 
-def _crop(node: ir.Node, g: Grid, crop: list[int]) -> str | None:
+def _crop(node: ir.Node, where: list[int], crop: list[int]) -> str | None:
     starts, ends = (_ir.const_array(v) for v in node.inputs[1:3])
     axes = _ir.const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
     steps = _ir.const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
@@ -234,7 +243,7 @@ def _crop(node: ir.Node, g: Grid, crop: list[int]) -> str | None:
     for a, s in zip(axes, starts):
         a = _ir.normalise_axis(a, rank)
         s = int(s)
-        if a not in g.axes:
+        if a not in where:
             if s != 0:
                 return "slices a non-spatial axis"
             continue
@@ -242,7 +251,7 @@ def _crop(node: ir.Node, g: Grid, crop: list[int]) -> str | None:
             if dims is None or dims[a] is None:
                 return "is a crop counted from the end"
             s += int(dims[a])
-        crop[g.axes.index(a)] += s
+        crop[where.index(a)] += s
     return None
 
 

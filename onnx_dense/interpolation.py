@@ -144,6 +144,12 @@ def _tail(op: str, attrs: dict, x: np.ndarray) -> np.ndarray:
         return x
     if op == "Transpose":
         return np.transpose(x, attrs.get("perm"))
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(attrs["axes"]))
+    if op == "Unsqueeze":
+        for a in sorted(attrs["axes"]):
+            x = np.expand_dims(x, a)
+        return x
     if op == "Sigmoid":
         return 1 / (1 + np.exp(-x))
     if op == "Relu":

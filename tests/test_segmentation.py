@@ -111,6 +111,18 @@ RULES = {
     "argmax_keepdims0": lambda: head(
         SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1, keepdims=0> (u)', out="int64 y"
     ),
+    "clip_after": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  lo = Constant <value = float {-0.5}> ()\n'
+        '  hi = Constant <value = float {0.5}> ()\n  y = Clip (u, lo, hi)'
+    ),
+    "argmax_squeeze": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  v = ArgMax <axis=1> (u)\n'
+        '  one = Constant <value = int64[1] {1}> ()\n  y = Squeeze (v, one)', out="int64 y"
+    ),
+    "argmax_unsqueeze": lambda: head(
+        SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  v = ArgMax <axis=1, keepdims=0> (u)\n'
+        '  one = Constant <value = int64[1] {-3}> ()\n  y = Unsqueeze (v, one)', out="int64 y"
+    ),
     "transpose_pads": lambda: thead(),
     "transpose_crop_sigmoid": lambda: thead(pads=0, crop=4, tail="Sigmoid"),
     "transpose_group_bias": lambda: thead(group=True, bias=[0.1, -0.2, 0.3]),

@@ -225,10 +225,9 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
         return empty, empty
 
     def _tail(self, editor, nodes, block: FinalUpsampling, y: ir.Value, base: str) -> ir.Value:
-        for n in block.tail:
+        for n, args in zip(block.tail, block.tail_args):
             inputs = [y]
-            for v in n.inputs[1:]:  # Clip's bounds: constants, copied (the cut removed their producers)
-                array = _ir.const_array(v) if v is not None else None
+            for array in args:  # Clip's bounds, Squeeze's axes: constants read before the cut
                 inputs.append(None if array is None else editor.const(nodes, array, base=f"{base}_{n.op_type.lower()}_arg"))
             attrs = {a.name: a.value for a in n.attributes.values()}
             y = editor.op(nodes, n.op_type, inputs, attrs, base=f"{base}_{n.op_type.lower()}")

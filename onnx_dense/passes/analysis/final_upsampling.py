@@ -12,7 +12,8 @@ passes/final_upsampling.py) when it is, in any order after the upsampling:
   stride per channel (FCN's, with group C or a diagonal weight; any bias per channel);
 * crops: Slice on spatial axes with constant starts and step 1;
 * per-position ops: unary activations, Cast, Softmax/LogSoftmax/ArgMax over a non-spatial axis,
-  Transpose (TensorFlow's exports upsample NCHW and transpose back to NHWC).
+  Transpose (TensorFlow's exports upsample NCHW and transpose back to NHWC), Squeeze and
+  Unsqueeze of non-spatial axes (a one-channel mask as N x H x W).
 
 Every such block reads T at output pixel y at T coordinate x = (y - offset) / s (in T
 positions), linearly (zero beyond the ends for a ConvTranspose, clamped for a Resize) or by
@@ -66,6 +67,10 @@ class FinalUpsampling:
     bias: tuple[float, ...] | None = None  # transpose: per channel
     tail: tuple[ir.Node, ...] = ()  # per-position ops after the upsampling, in order
     sized_by: tuple[int, ...] | None = None  # the input's axes whose size the output has; None: s times T's
+    # Per tail op, read while the graph is whole (the cut removes the Constants they read): what
+    # verify's reference applies, and the constant inputs after the first (Clip's bounds, axes).
+    tail_records: tuple[dict, ...] = ()
+    tail_args: tuple[tuple, ...] = ()
 
     @property
     def size_offset(self) -> tuple[int, ...]:
@@ -83,13 +88,39 @@ class FinalUpsampling:
             "score": self.score, "score_axes": list(self.axes), "kind": self.kind, "mode": self.mode, "nearest_mode": self.nearest_mode,
             "align_corners": self.align_corners, "factor": m, "offset": list(self.offset),
             "score_est": list(est), "score_size": list(self.score_size), "bias": list(self.bias) if self.bias else None,
-            "tail": [tail_record(n) for n in self.tail], "replaces": list(self.nodes),
+            "tail": list(self.tail_records), "replaces": list(self.nodes),
             "sized_by": list(self.sized_by) if self.sized_by is not None else None,
         }
 
 
+def _squeeze_axes(node: ir.Node) -> list[int] | None:
+    """The axes a Squeeze takes (of its input) or an Unsqueeze inserts (of its output),
+    normalised; None where they are not constant or the ranks are not known."""
+    if "axes" in node.attributes:
+        axes = list(node.attributes.get_ints("axes"))
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = _ir.const_array(node.inputs[1])
+        if array is None:
+            return None
+        axes = [int(a) for a in np.atleast_1d(array)]
+    elif node.op_type == "Squeeze" and node.inputs[0] is not None:
+        dims = _ir.static_dims(node.inputs[0])
+        if dims is None or None in dims:
+            return None
+        axes = [a for a, d in enumerate(dims) if d == 1]
+    else:
+        return None
+    out = node.outputs[0].shape
+    if out is None:
+        return None
+    rank = out.rank() + (len(axes) if node.op_type == "Squeeze" else 0)
+    return [_ir.normalise_axis(a, rank) for a in axes]
+
+
 def tail_record(node: ir.Node) -> dict:
     attrs = {}
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        attrs["axes"] = _squeeze_axes(node)
     for name in ("axis", "keepdims", "select_last_index", "to", "alpha", "beta", "perm"):
         a = node.attributes.get(name)
         if a is not None:
@@ -178,6 +209,14 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
             perm = list(n.attributes.get_ints("perm", list(range(rank))[::-1]))
             where = [perm.index(a) for a in where]
             tail.append(n)
+        elif n.op_type in ("Squeeze", "Unsqueeze") and rank is not None:  # a channel axis of 1 taken or given
+            axes = _squeeze_axes(n)
+            if axes is None or (n.op_type == "Squeeze" and any(a in where for a in axes)):
+                learned = (n, "squeezes a spatial axis" if axes is not None else "squeezes axes that are not constant")
+                break
+            for a in sorted(axes, reverse=n.op_type == "Squeeze"):
+                where = [w - (w > a) for w in where] if n.op_type == "Squeeze" else [w + (w >= a) for w in where]
+            tail.append(n)
         elif n.op_type in TAIL_AXIS:
             default = 0 if n.op_type == "ArgMax" else (-1 if _ir.opset(model) >= 13 else 1)
             axis = n.attributes.get_int("axis", default)
@@ -207,8 +246,10 @@ def _final_block(model: ir.Model, output: ir.Value, og: Grid) -> FinalUpsampling
     if any(f * os != ss for f, os, ss in zip(factor, og.stride, sg.stride)):
         return FinalUpsampling(node=label, problem=f"node {label} scales by {fmt(factor)}, not the grid's ratio", **base)
     offset = tuple(o - c for o, c in zip(fields.pop("offset"), crop))
+    args = tuple(tuple(_ir.const_array(v) if v is not None else None for v in n.inputs[1:]) for n in tail)
     return FinalUpsampling(node=label, factor=tuple(factor), offset=offset, tail=tuple(tail),
-                           sized_by=_sized_by_input(model, up, og), **fields, **base)
+                           sized_by=_sized_by_input(model, up, og), tail_records=tuple(tail_record(n) for n in tail),
+                           tail_args=args, **fields, **base)
 
 
 def _sized_by_input(model: ir.Model, up: ir.Node, og: Grid) -> tuple[int, ...] | None:

@@ -135,6 +135,29 @@ def reference(score: np.ndarray, desc: dict, axes: tuple[int, ...], out_size: tu
     return x
 
 
+def near_ties(score: np.ndarray, desc: dict, axes: tuple[int, ...], out_size: tuple[int, ...], tolerance: float) -> np.ndarray | None:
+    """Where the block's ArgMax chooses among scores within ``tolerance`` of the largest (a
+    label float32 and float64 may pick differently; a Sigmoid before it saturates to exact
+    ties): a boolean array of the output's shape. None without an ArgMax."""
+    ops = [op["op"] for op in desc["tail"]]
+    if "ArgMax" not in ops:
+        return None
+    k = ops.index("ArgMax")
+    x = reference(score, {**desc, "tail": desc["tail"][:k]}, axes, out_size)
+    attrs = desc["tail"][k]["attrs"]
+    axis = attrs.get("axis", 0)
+    top = np.sort(x, axis=axis)
+    gap = np.take(top, [-1], axis=axis) - np.take(top, [-2], axis=axis) if x.shape[axis] > 1 else np.full_like(
+        np.take(top, [-1], axis=axis), np.inf)
+    tied = gap <= tolerance * max(1.0, float(np.abs(x).max()))
+    if not attrs.get("keepdims", 1):
+        tied = np.squeeze(tied, axis=axis)
+    for op in desc["tail"][k + 1:]:
+        if op["op"] in ("Transpose", "Squeeze", "Unsqueeze"):
+            tied = _tail(op["op"], op["attrs"], tied)
+    return tied
+
+
 def _tail(op: str, attrs: dict, x: np.ndarray) -> np.ndarray:
     if op in ("Identity", "Cast"):
         if op == "Cast":

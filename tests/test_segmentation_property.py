@@ -1,0 +1,149 @@
+"""Random segmentation heads against the rewrite (hypothesis): the final upsampling's rules together.
+
+Each example builds a small head from ONNX text: an NCHW or NHWC input of any size (symbolic
+height and width, so the original runs at every size), a trunk of stride-2 convolutions or
+pools, a score map, one Resize back to the image (sized from the input, as exporters write
+``F.interpolate(size=x.shape[-2:])``, or by a factor), then per-position ops (Sigmoid, Softmax
+or ArgMax over channels, Squeeze, a Transpose back to NHWC). It is rewritten at a random output
+stride below the score map's, with a random strategy, and must:
+
+* pass ``verify`` with the off-grid phases (the score map on the subgrid and phases, the output
+  against the numpy reference of the rebuilt block, and its size at other input sizes);
+* at two sizes off the strides, give an output of the original's shape whose every pixel is the
+  reference's on the dense score map.
+
+``ONNX_DENSE_HYPOTHESIS_EXAMPLES`` and ``ONNX_DENSE_HYPOTHESIS_SEED`` as in test_property.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import strategies as st
+
+import onnx_dense
+from onnx_dense import metadata
+from onnx_dense.interpolation import near_ties, reference
+from tests._graphs import build
+from tests.test_segmentation import ort_run
+
+MAX_EXAMPLES = int(os.environ.get("ONNX_DENSE_HYPOTHESIS_EXAMPLES", "80"))
+SEED = os.environ.get("ONNX_DENSE_HYPOTHESIS_SEED")
+STATIC = 32
+
+RESIZES = [("linear", "half_pixel", ""), ("linear", "pytorch_half_pixel", ""), ("linear", "asymmetric", ""),
+           ("linear", "align_corners", ""), ("nearest", "half_pixel", ""), ("nearest", "asymmetric", ', nearest_mode="floor"'),
+           ("nearest", "half_pixel", ', nearest_mode="round_prefer_ceil"')]
+
+
+@st.composite
+def heads(draw):
+    nhwc = draw(st.booleans())
+    strides = draw(st.lists(st.sampled_from(["conv", "maxpool", "avgpool"]), min_size=1, max_size=3))
+    mode, coord, extra = draw(st.sampled_from(RESIZES))
+    sized = draw(st.booleans()) or coord == "align_corners"  # align_corners by a factor: rarely exported
+    tail = draw(st.lists(st.sampled_from(["sigmoid", "softmax"]), max_size=2))
+    last = draw(st.sampled_from(["none", "argmax", "argmax_squeeze", "argmax_flat"]))
+    back = nhwc and draw(st.booleans())  # transpose the output back to NHWC
+    s = 2 ** len(strides)
+    r = draw(st.sampled_from([d for d in (1, 2, 4) if d < s]))
+    strategy = draw(st.sampled_from(["dilate", "fragments", "auto"]))
+    return dict(nhwc=nhwc, strides=strides, mode=mode, coord=coord, extra=extra, sized=sized, tail=tail, last=last,
+                back=back, s=s, r=r, strategy=strategy)
+
+
+def text(h: dict) -> str:
+    lines, sig = [], []
+    x = "x"
+    if h["nhwc"]:
+        lines.append("  t = Transpose <perm=[0,3,1,2]> (x)")
+        x = "t"
+    c = 2
+    for i, kind in enumerate(h["strides"]):
+        if kind == "conv":
+            sig.append(f"float[4,{c},3,3] w{i}")
+            lines.append(f"  c{i} = Conv <strides=[2,2], pads=[1,1,1,1]> ({x}, w{i})")
+            c = 4
+        else:
+            op = "MaxPool" if kind == "maxpool" else "AveragePool"
+            lines.append(f"  c{i} = {op} <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]> ({x})")
+        lines.append(f"  a{i} = Relu (c{i})")
+        x = f"a{i}"
+    sig.append(f"float[3,{c},1,1] ws")
+    lines.append(f"  score = Conv ({x}, ws)")
+    attrs = f'mode="{h["mode"]}", coordinate_transformation_mode="{h["coord"]}"{h["extra"]}'
+    if h["sized"]:
+        hw = "1, 3" if h["nhwc"] else "2, 4"
+        lines += ["  sx = Shape (x)", "  ss = Shape (score)",
+                  "  k0 = Constant <value = int64[1] {0}> ()", "  k2 = Constant <value = int64[1] {2}> ()",
+                  f"  h0 = Constant <value = int64[1] {{{hw.split(', ')[0]}}}> ()",
+                  f"  h1 = Constant <value = int64[1] {{{hw.split(', ')[1]}}}> ()",
+                  "  lead = Slice (ss, k0, k2)", "  hw = Slice (sx, h0, h1)", "  sz = Concat <axis=0> (lead, hw)",
+                  f"  [up] u = Resize <{attrs}> (score, , , sz)"]
+    else:
+        lines += [f"  sc = Constant <value = float[4] {{1.0, 1.0, {h['s']}.0, {h['s']}.0}}> ()",
+                  f"  [up] u = Resize <{attrs}> (score, , sc)"]
+    y = "u"
+    for i, op in enumerate(h["tail"]):
+        lines.append(f"  p{i} = {'Sigmoid' if op == 'sigmoid' else 'Softmax <axis=1>'} ({y})")
+        y = f"p{i}"
+    out = "float"
+    channel = 1
+    if h["back"]:
+        lines.append(f"  b = Transpose <perm=[0,2,3,1]> ({y})")
+        y, channel = "b", 3
+    if h["last"] != "none":
+        out = "int64"
+        keep = 0 if h["last"] == "argmax_flat" else 1
+        lines.append(f"  m = ArgMax <axis={channel}, keepdims={keep}> ({y})")
+        y = "m"
+        if h["last"] == "argmax_squeeze":
+            lines += [f"  q = Constant <value = int64[1] {{{channel}}}> ()", "  sq = Squeeze (m, q)"]
+            y = "sq"
+    lines.append(f"  y = Identity ({y})")
+    dims = "1,H,W,2" if h["nhwc"] else "1,2,H,W"
+    header = '<ir_version: 9, opset_import: ["" : 17]>\n'
+    inputs = ", ".join([f"float[{dims}] x"] + sig)
+    return header + f"net ({inputs}) => ({out} y) {{\n" + "\n".join(lines) + "\n}"
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=SEED is None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(h=heads())
+# A Sigmoid saturates scores to exact ties in float32, not in float64: verify's reference picked
+# another label at 1% of the pixels and failed a correct model (now: ties may go either way).
+@example(h=dict(nhwc=False, strides=["conv", "conv"], mode="linear", coord="half_pixel", extra="", sized=False,
+                tail=["sigmoid"], last="argmax", back=False, s=4, r=1, strategy="dilate"))
+def test_random_segmentation_heads(h):
+    model = build(text(h))
+    static = (1, STATIC, STATIC, 2) if h["nhwc"] else (1, 2, STATIC, STATIC)
+    dense = onnx_dense.rewrite_model(model, output_stride=h["r"], input_shapes={"x": static}, strategy=h["strategy"])
+    report = onnx_dense.verify(model, dense, phases=True)
+    assert report.passed, report.text()
+    info = metadata.read(dense)
+    (out,) = [o for o in info.outputs.values() if o.upsampling]
+    proto = ir.serde.serialize_model(dense)
+    rng = np.random.default_rng(0)
+    for size in ((STATIC + 5, STATIC + 13), (STATIC + 11, STATIC - 3)):
+        shape = (1, *size, 2) if h["nhwc"] else (1, 2, *size)
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = ort_run(model, {"x": x})["y"]
+        got = ort_run(proto, {"x": x})
+        assert got["y"].shape == want.shape, (size, got["y"].shape, want.shape)
+        up = out.upsampling
+        args = (got[up["score"]], up, tuple(up["score_axes"]), tuple(want.shape[a] for a in out.spatial_axes))
+        ref = reference(*args)
+        if want.dtype.kind == "i":  # an ArgMax: float64 and float32 may choose differently among near ties only
+            assert not np.any((ref != got["y"]) & ~near_ties(*args, 2e-5)), size
+        else:  # round-off of the interpolated scores passes through the tail: relative to their scale too
+            scale = max(1.0, np.abs(ref).max(), np.abs(reference(args[0], {**up, "tail": []}, *args[2:])).max())
+            assert np.abs(ref - got["y"]).max() <= 2e-5 * scale, size
+
+
+if SEED is not None:
+    test_random_segmentation_heads = seed(int(SEED))(test_random_segmentation_heads)

@@ -661,3 +661,33 @@ def test_an_nhwc_head_transposed_back_after_the_upsampling(tail, stride):
     assert ("y", "upsampling") in {(c.output, c.check.split()[0]) for c in report.comparisons if not c.skipped}
     x = np.random.default_rng(5).standard_normal((1, 37, 45, 2)).astype(np.float32)
     assert ort_run(ir.serde.serialize_model(dense), {"x": x})["y"].shape == ort_run(model, {"x": x})["y"].shape
+
+
+@pytest.mark.parametrize("case", ["half_pixel", "align_corners", "nearest", "argmax_squeeze", "transpose_crop_sigmoid",
+                                  "sized_by_input"])
+def test_the_trainers_torch_interpreter_runs_the_rebuilt_upsampling(case):
+    """``onnx-dense train`` fine-tunes the dense graph in torch (train/graph_module.py): every node
+    the rebuilt block adds (its sizes computed from Shape, Gather, Div, Concat) is one it runs, and
+    its outputs are onnxruntime's, at the static size and at one off the strides."""
+    torch = pytest.importorskip("torch")
+    from onnx_dense.train.graph_module import OnnxGraphModule
+
+    if case == "sized_by_input":
+        dense = onnx_dense.rewrite_model(any_size_head("input"), output_stride=2, input_shapes={"x": (1, 2, 32, 32)})
+        sizes = [(32, 32), (37, 45)]
+    else:
+        dense = onnx_dense.rewrite_model(RULES[case](), output_stride=2)
+        sizes = [(32, 32)]
+    proto = ir.serde.serialize_model(dense)
+    module = OnnxGraphModule(proto).eval()
+    names = [o.name for o in proto.graph.output]
+    for size in sizes:
+        x = np.random.default_rng(6).standard_normal((1, 2, *size)).astype(np.float32)
+        want = ort_run(proto, {"x": x})
+        with torch.no_grad():
+            got = module(torch.from_numpy(x))
+        got = got if isinstance(got, (list, tuple)) else [got]
+        for name, value in zip(names, got):
+            assert value.shape == want[name].shape, (case, name, size)
+            err = np.abs(value.numpy().astype(np.float64) - want[name]).max()
+            assert err <= 1e-5 * max(1.0, np.abs(want[name]).max()), (case, name, size, err)

@@ -120,9 +120,15 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
                 ], base=f"{base}_span_ends")
                 ax = editor.const(nodes, np.array(axes, np.int64), base=f"{base}_axes")
                 x = editor.op(nodes, "Slice", [score, starts, ends, ax], base=f"{base}_span")
+            # sizes: T's dims, the spatial ones replaced by the lengths (Gathers and a Concat, ops
+            # the trainer's torch interpreter runs too)
             shape = editor.op(nodes, "Shape", [score], base=f"{base}_shape")
-            ax = editor.const(nodes, np.array(axes, np.int64), base=f"{base}_size_axes")
-            sizes = editor.op(nodes, "ScatterElements", [shape, ax, lengths], {"axis": 0}, base=f"{base}_sizes")
+            pieces = []
+            for a in range(rank):
+                source, index = (lengths, axes.index(a)) if a in axes else (shape, a)
+                at = editor.const(nodes, np.array([index], np.int64), base=f"{base}_dim{a}")
+                pieces.append(editor.op(nodes, "Gather", [source, at], {"axis": 0}, base=f"{base}_size{a}"))
+            sizes = editor.op(nodes, "Concat", pieces, {"axis": 0}, base=f"{base}_sizes")
             roi, scales = self._roi_scales(editor, nodes, base, opset)
             y = editor.op(
                 nodes, "Resize", [x, roi, scales, sizes],

@@ -104,6 +104,8 @@ RULES = {
     ),
     "nearest": lambda: head(resize("nearest", "half_pixel")),
     "nearest_asymmetric_floor": lambda: head(resize("nearest", "asymmetric", ', nearest_mode="floor"')),
+    "nearest_tf_half_pixel": lambda: head(resize("nearest", "tf_half_pixel_for_nn")),
+    "nearest_tf_half_pixel_floor": lambda: head(resize("nearest", "tf_half_pixel_for_nn", ', nearest_mode="floor"')),
     "softmax_after": lambda: head(SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = Softmax <axis=1> (u)'),
     "argmax_after": lambda: head(
         SCALES + '  [up] u = Resize <mode="linear"> (score, , sc)\n  y = ArgMax <axis=1> (u)', out="int64 y"

@@ -41,7 +41,7 @@ STATIC = 32
 
 RESIZES = [("linear", "half_pixel", ""), ("linear", "pytorch_half_pixel", ""), ("linear", "asymmetric", ""),
            ("linear", "align_corners", ""), ("nearest", "half_pixel", ""), ("nearest", "asymmetric", ', nearest_mode="floor"'),
-           ("nearest", "half_pixel", ', nearest_mode="round_prefer_ceil"')]
+           ("nearest", "half_pixel", ', nearest_mode="round_prefer_ceil"'), ("nearest", "tf_half_pixel_for_nn", "")]
 
 
 @st.composite

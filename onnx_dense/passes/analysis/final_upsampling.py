@@ -8,8 +8,9 @@ passes/final_upsampling.py) when it is, in any order after the upsampling:
 
 * one upsampling by an integer factor s per spatial axis: a Resize in mode linear or nearest
   with coordinate_transformation_mode half_pixel, pytorch_half_pixel, half_pixel_symmetric,
-  asymmetric or align_corners, or a ConvTranspose whose weight is the bilinear kernel of its
-  stride per channel (FCN's, with group C or a diagonal weight; any bias per channel);
+  asymmetric, align_corners or tf_half_pixel_for_nn (TensorFlow's nearest), or a
+  ConvTranspose whose weight is the bilinear kernel of its stride per channel (FCN's, with
+  group C or a diagonal weight; any bias per channel);
 * crops: Slice on spatial axes with constant starts and step 1;
 * per-position ops: unary activations, Cast, Softmax/LogSoftmax/ArgMax over a non-spatial axis,
   Transpose (TensorFlow's exports upsample NCHW and transpose back to NHWC), Squeeze and
@@ -39,7 +40,8 @@ from onnx_dense.passes import _ir
 
 TAIL_UNARY = {"Identity", "Sigmoid", "Relu", "Tanh", "Exp", "HardSigmoid", "Cast", "Softplus", "Clip"}
 TAIL_AXIS = {"Softmax", "LogSoftmax", "ArgMax"}
-RESIZE_MODES = {"half_pixel", "pytorch_half_pixel", "half_pixel_symmetric", "asymmetric", "align_corners"}
+RESIZE_MODES = {"half_pixel", "pytorch_half_pixel", "half_pixel_symmetric", "asymmetric", "align_corners",
+                "tf_half_pixel_for_nn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +322,9 @@ def _resize(node: ir.Node, sg: Grid, og: Grid):
             return f"scales {h} to {H}, not by an integer factor"
         s = H // h
         factor.append(s)
-        offset.append(0.0 if coord in ("asymmetric", "align_corners") else (s - 1) / 2)
+        # x = (y + 0.5) / s - 0.5 (half pixel), y / s, or (y + 0.5) / s (TensorFlow's nearest)
+        offset.append(0.0 if coord in ("asymmetric", "align_corners") else -0.5 if coord == "tf_half_pixel_for_nn"
+                      else (s - 1) / 2)
     return dict(
         kind="resize", mode=mode, nearest_mode=attrs.get_string("nearest_mode", "round_prefer_floor"),
         align_corners=coord == "align_corners", factor=factor, offset=offset, odd_kernel=(False,) * len(factor),

@@ -49,7 +49,7 @@ def heads(draw):
     nhwc = draw(st.booleans())
     strides = draw(st.lists(st.sampled_from(["conv", "maxpool", "avgpool"]), min_size=1, max_size=3))
     mode, coord, extra = draw(st.sampled_from(RESIZES))
-    sized = draw(st.booleans()) or coord == "align_corners"  # align_corners by a factor: rarely exported
+    sized = draw(st.booleans())  # else by a factor (align_corners too: smp's UpsamplingBilinear2d)
     tail = draw(st.lists(st.sampled_from(["sigmoid", "softmax"]), max_size=2))
     last = draw(st.sampled_from(["none", "argmax", "argmax_squeeze", "argmax_flat"]))
     back = nhwc and draw(st.booleans())  # transpose the output back to NHWC

@@ -5,7 +5,8 @@ x = (y - offset) / s (passes/analysis/final_upsampling.py). The dense model's T 
 times more positions (m: output pixels per dense position), and its rebuilt block reads the dense
 score map at x_d = (y - offset) / m: the same place on the image, predictions m pixels apart
 instead of s. Linear (a Resize: clamped at the ends; a bilinear ConvTranspose: zero beyond
-them, plus its bias) or nearest (the original's rounding); align_corners maps the first and
+them, plus its bias), cubic (Keys' kernel with the Resize's coefficient, neighbours clamped)
+or nearest (the original's rounding); align_corners maps the first and
 last dense positions that the original's first and last positions are, onto the first and
 last output pixels.
 
@@ -111,6 +112,15 @@ def axis_matrix(desc: dict, k: int, length: int, out: int) -> np.ndarray:
         idx = np.clip(rounding(x), 0, length - 1).astype(int)
         matrix[rows, idx] = 1.0
         return matrix
+    if desc["mode"] == "cubic":  # four neighbours, their indices clamped to the map
+        # (align_corners: to the original's last position, as the rebuilt block crops there)
+        last = (used if desc["align_corners"] else length) - 1
+        a = desc.get("cubic_a", -0.75)
+        i = np.floor(x).astype(int)
+        t = x - i
+        for d, w in zip((-1, 0, 1, 2), _cubic_weights(t, a)):
+            np.add.at(matrix, (rows, np.clip(i + d, 0, last)), w)
+        return matrix
     x = np.clip(x, 0, length - 1)
     i0 = np.floor(x).astype(int)
     i1 = np.minimum(i0 + 1, length - 1)
@@ -118,6 +128,17 @@ def axis_matrix(desc: dict, k: int, length: int, out: int) -> np.ndarray:
     np.add.at(matrix, (rows, i0), 1 - w)
     np.add.at(matrix, (rows, i1), w)
     return matrix
+
+
+def _cubic_weights(t: np.ndarray, a: float) -> tuple[np.ndarray, ...]:
+    """Keys' cubic convolution weights of the neighbours at -1, 0, 1, 2 for fraction ``t``."""
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
 
 
 def reference(score: np.ndarray, desc: dict, axes: tuple[int, ...], out_size: tuple[int, ...]) -> np.ndarray:

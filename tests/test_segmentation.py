@@ -103,6 +103,12 @@ RULES = {
         '  [up] y = Resize <mode="linear", coordinate_transformation_mode="align_corners"> (score, , , sz)'
     ),
     "nearest": lambda: head(resize("nearest", "half_pixel")),
+    "cubic": lambda: head(resize("cubic", "half_pixel")),
+    "cubic_asymmetric_a05": lambda: head(resize("cubic", "asymmetric", ", cubic_coeff_a=-0.5")),
+    "cubic_align_corners": lambda: head(
+        '  sz = Constant <value = int64[4] {1, 3, 32, 32}> ()\n'
+        '  [up] y = Resize <mode="cubic", coordinate_transformation_mode="align_corners"> (score, , , sz)'
+    ),
     "nearest_asymmetric_floor": lambda: head(resize("nearest", "asymmetric", ', nearest_mode="floor"')),
     "nearest_tf_half_pixel": lambda: head(resize("nearest", "tf_half_pixel_for_nn")),
     "nearest_tf_half_pixel_floor": lambda: head(resize("nearest", "tf_half_pixel_for_nn", ', nearest_mode="floor"')),

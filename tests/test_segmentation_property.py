@@ -41,7 +41,8 @@ STATIC = 32
 
 RESIZES = [("linear", "half_pixel", ""), ("linear", "pytorch_half_pixel", ""), ("linear", "asymmetric", ""),
            ("linear", "align_corners", ""), ("nearest", "half_pixel", ""), ("nearest", "asymmetric", ', nearest_mode="floor"'),
-           ("nearest", "half_pixel", ', nearest_mode="round_prefer_ceil"'), ("nearest", "tf_half_pixel_for_nn", "")]
+           ("nearest", "half_pixel", ', nearest_mode="round_prefer_ceil"'), ("nearest", "tf_half_pixel_for_nn", ""),
+           ("cubic", "half_pixel", ""), ("cubic", "align_corners", ", cubic_coeff_a=-0.5")]
 
 
 @st.composite
@@ -57,7 +58,7 @@ def heads(draw):
     s = 2 ** (len(strides) - skip)  # the score map's stride
     r = draw(st.sampled_from([d for d in (1, 2, 4) if d < s]))
     strategy = draw(st.sampled_from(["fragments", "auto"] if skip else ["dilate", "fragments", "auto"]))
-    transpose = not sized and mode == "linear" and draw(st.booleans())  # FCN's fixed bilinear ConvTranspose instead
+    transpose = not sized and mode == "linear" and coord != "align_corners" and draw(st.booleans())  # FCN's fixed bilinear ConvTranspose instead
     return dict(nhwc=nhwc, strides=strides, mode=mode, coord=coord, extra=extra, sized=sized, tail=tail, last=last,
                 back=back, s=s, r=r, strategy=strategy, skip=skip, transpose=transpose)
 

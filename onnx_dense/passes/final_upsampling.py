@@ -132,14 +132,15 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             roi, scales = self._roi_scales(editor, nodes, base, opset)
             y = editor.op(
                 nodes, "Resize", [x, roi, scales, sizes],
-                {"mode": block.mode, "coordinate_transformation_mode": "align_corners", "nearest_mode": block.nearest_mode},
+                {"mode": block.mode, "coordinate_transformation_mode": "align_corners", "nearest_mode": block.nearest_mode,
+                 **self._cubic(block)},
                 base=f"{base}_resize",
             )
             return self._tail(editor, nodes, block, y, base)
         step, half = 1, False
         if block.kind == "resize" and any(o != int(o) for o in block.offset):
             # linear: half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
-            half = block.mode == "linear" and all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
+            half = block.mode in ("linear", "cubic") and all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
             step = 1 if half else 2
         plans = [
             axis_plan(block.kind, m[k], block.offset[k], entry.dense_size[k], block.out_size[k], block.odd_kernel[k], step,
@@ -168,7 +169,7 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             up = editor.op(
                 nodes, "Resize", [x, roi, scales],
                 {"mode": block.mode, "coordinate_transformation_mode": "half_pixel" if half else "asymmetric",
-                 "nearest_mode": block.nearest_mode},
+                 "nearest_mode": block.nearest_mode, **self._cubic(block)},
                 base=f"{base}_resize",
             )
         else:
@@ -223,6 +224,10 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
                            base=f"{base}_scaled")
         return editor.op(nodes, "Add", [scaled, editor.const(nodes, np.array(block.size_offset, np.int64), base=f"{base}_c")],
                          base=f"{base}_lengths")
+
+    @staticmethod
+    def _cubic(block: FinalUpsampling) -> dict:
+        return {"cubic_coeff_a": float(block.cubic_a)} if block.mode == "cubic" else {}
 
     def _roi_scales(self, editor, nodes, base, opset):
         if opset >= 13:

@@ -6,7 +6,7 @@ information stride equals its grid stride (grid.py: an upsampled map is finer th
 predictions). It is *fixed* (:class:`FinalUpsampling`, rebuilt by
 passes/final_upsampling.py) when it is, in any order after the upsampling:
 
-* one upsampling by an integer factor s per spatial axis: a Resize in mode linear or nearest
+* one upsampling by an integer factor s per spatial axis: a Resize in mode linear, nearest or cubic
   with coordinate_transformation_mode half_pixel, pytorch_half_pixel, half_pixel_symmetric,
   asymmetric, align_corners or tf_half_pixel_for_nn (TensorFlow's nearest), or a
   ConvTranspose whose weight is the bilinear kernel of its stride per channel (FCN's, with
@@ -60,7 +60,8 @@ class FinalUpsampling:
     out_size: tuple[int, ...]
     problem: str | None = None  # learned: why the block cannot be rebuilt (names the node)
     kind: str = "resize"  # "resize" or "transpose" (fixed bilinear ConvTranspose)
-    mode: str = "linear"  # "linear" or "nearest"
+    mode: str = "linear"  # "linear", "nearest" or "cubic"
+    cubic_a: float = -0.75  # cubic: the Resize's cubic_coeff_a
     nearest_mode: str = "round_prefer_floor"
     align_corners: bool = False
     factor: tuple[int, ...] = ()  # s: output positions per T position
@@ -88,7 +89,7 @@ class FinalUpsampling:
         m = [s // e for s, e in zip(self.factor, est)]
         return {
             "score": self.score, "score_axes": list(self.axes), "kind": self.kind, "mode": self.mode, "nearest_mode": self.nearest_mode,
-            "align_corners": self.align_corners, "factor": m, "offset": list(self.offset),
+            "align_corners": self.align_corners, "factor": m, "offset": list(self.offset), "cubic_a": self.cubic_a,
             "score_est": list(est), "score_size": list(self.score_size), "bias": list(self.bias) if self.bias else None,
             "tail": list(self.tail_records), "replaces": list(self.nodes),
             "sized_by": list(self.sized_by) if self.sized_by is not None else None,
@@ -302,8 +303,10 @@ def _resize(node: ir.Node, sg: Grid, og: Grid):
     attrs = node.attributes
     mode = attrs.get_string("mode", "nearest")
     coord = attrs.get_string("coordinate_transformation_mode", "half_pixel")
-    if mode not in ("linear", "nearest"):
-        return f"interpolates in mode {mode} (onnx-dense rebuilds linear and nearest)"
+    if mode not in ("linear", "nearest", "cubic"):
+        return f"interpolates in mode {mode} (onnx-dense rebuilds linear, nearest and cubic)"
+    if mode == "cubic" and attrs.get_int("exclude_outside", 0):
+        return "is a cubic Resize with exclude_outside (onnx-dense rebuilds it without)"
     if coord not in RESIZE_MODES:
         return f"uses coordinate_transformation_mode {coord}"
     if attrs.get_string("keep_aspect_ratio_policy", "stretch") != "stretch":
@@ -328,6 +331,7 @@ def _resize(node: ir.Node, sg: Grid, og: Grid):
     return dict(
         kind="resize", mode=mode, nearest_mode=attrs.get_string("nearest_mode", "round_prefer_floor"),
         align_corners=coord == "align_corners", factor=factor, offset=offset, odd_kernel=(False,) * len(factor),
+        cubic_a=attrs.get_float("cubic_coeff_a", -0.75),
     )
 
 

@@ -139,7 +139,7 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             return self._tail(editor, nodes, block, y, base)
         step, half = 1, False
         if block.kind == "resize" and any(o != int(o) for o in block.offset):
-            # linear: half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
+            # linear or cubic: half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
             half = block.mode in ("linear", "cubic") and all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
             step = 1 if half else 2
         plans = [

@@ -12,7 +12,9 @@ strategy (fragments or auto where there is a join), and must:
 * pass ``verify`` with the off-grid phases (the score map on the subgrid and phases, the output
   against the numpy reference of the rebuilt block, and its size at other input sizes);
 * at two sizes off the strides (where the original runs), give an output of the original's
-  shape whose every pixel is the reference's on the dense score map.
+  shape whose every pixel is the reference's on the dense score map;
+* (a quarter of the examples) run by tiles, phases, the tiled trunk and a tight budget in the
+  serving session exactly as the whole run does.
 
 ``ONNX_DENSE_HYPOTHESIS_EXAMPLES`` and ``ONNX_DENSE_HYPOTHESIS_SEED`` as in test_property.py.
 """
@@ -25,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 
 import onnx_dense
@@ -175,3 +177,44 @@ def test_random_segmentation_heads(h):
 
 if SEED is not None:
     test_random_segmentation_heads = seed(int(SEED))(test_random_segmentation_heads)
+
+
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=max(1, MAX_EXAMPLES // 4), deadline=None, derandomize=SEED is None, database=None,
+          print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(h=heads())
+def test_every_schedule_of_a_random_head_is_the_whole_run(h):
+    """The serving session on the same heads, at a size off the strides where the original
+    runs: tiles (dilate models; fragments ones refuse them, as documented), phases, the tiled
+    trunk and a tight budget each give the whole run's outputs, bit for bit (the body split,
+    the final upsampling run once on the stitched score map, runtime/final_tail.py)."""
+    from onnx_dense.runtime import DenseSession
+
+    model = build(text(h))
+    if h.get("transpose"):
+        k = 2 * h["s"]
+        kernel = np.multiply.outer(bilinear_kernel(k, h["s"]), bilinear_kernel(k, h["s"])).astype(np.float32)
+        wt = next(t for t in model.graph.initializer if t.name == "wt")
+        wt.CopyFrom(onnx.numpy_helper.from_array(np.broadcast_to(kernel, (3, 1, k, k)).copy(), "wt"))
+    static = (1, STATIC, STATIC, 2) if h["nhwc"] else (1, 2, STATIC, STATIC)
+    dense = ir.serde.serialize_model(
+        onnx_dense.rewrite_model(model, output_stride=h["r"], input_shapes={"x": static}, strategy=h["strategy"]))
+    fragments = metadata.read(dense).strategy == "fragments"
+    size = (STATIC * 2 + 5, STATIC * 2 + 3) if not h["skip"] else (STATIC * 2, STATIC * 2 + 16)
+    x = np.random.default_rng(1).standard_normal((1, *size, 2) if h["nhwc"] else (1, 2, *size)).astype(np.float32)
+    with DenseSession(dense, provider="cpu") as session:
+        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
+        tile = max(session.minimum_tile()) + 5
+    runs = [dict(schedule="phases"), dict(max_memory="1GB", schedule="tiled-trunk"), dict(max_memory="1MB")]
+    if not fragments:
+        runs.append(dict(tile=tile))
+    for kwargs in runs:
+        with DenseSession(dense, provider="cpu", **kwargs) as session:
+            got = session.run({"x": x})
+            event(f"{next(iter(kwargs.values()))}: {session.last_schedule.kind}")
+        for name, value in whole.items():
+            np.testing.assert_array_equal(got[name].numpy(), value, err_msg=f"{name} {kwargs}")
+
+
+if SEED is not None:
+    test_every_schedule_of_a_random_head_is_the_whole_run = seed(int(SEED))(test_every_schedule_of_a_random_head_is_the_whole_run)

@@ -60,7 +60,8 @@ def heads(draw):
     s = 2 ** (len(strides) - skip)  # the score map's stride
     r = draw(st.sampled_from([d for d in (1, 2, 4) if d < s]))
     strategy = draw(st.sampled_from(["fragments", "auto"] if skip else ["dilate", "fragments", "auto"]))
-    transpose = not sized and mode == "linear" and coord != "align_corners" and draw(st.booleans())  # FCN's fixed bilinear ConvTranspose instead
+    # FCN's fixed bilinear ConvTranspose instead of the Resize
+    transpose = not sized and mode == "linear" and coord != "align_corners" and draw(st.booleans())
     return dict(nhwc=nhwc, strides=strides, mode=mode, coord=coord, extra=extra, sized=sized, tail=tail, last=last,
                 back=back, s=s, r=r, strategy=strategy, skip=skip, transpose=transpose)
 
@@ -133,6 +134,18 @@ def text(h: dict) -> str:
     return header + f"net ({inputs}) => ({out} y) {{\n" + "\n".join(lines) + "\n}"
 
 
+def head_model(h: dict) -> onnx.ModelProto:
+    """The head as a model; FCN's ConvTranspose gets the bilinear kernel (random weights would
+    make it learned)."""
+    model = build(text(h))
+    if h.get("transpose"):
+        k = 2 * h["s"]
+        kernel = np.multiply.outer(bilinear_kernel(k, h["s"]), bilinear_kernel(k, h["s"])).astype(np.float32)
+        wt = next(t for t in model.graph.initializer if t.name == "wt")
+        wt.CopyFrom(onnx.numpy_helper.from_array(np.broadcast_to(kernel, (3, 1, k, k)).copy(), "wt"))
+    return model
+
+
 @pytest.mark.filterwarnings("ignore")
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=SEED is None, database=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -142,12 +155,7 @@ def text(h: dict) -> str:
 @example(h=dict(nhwc=False, strides=["conv", "conv"], mode="linear", coord="half_pixel", extra="", sized=False,
                 tail=["sigmoid"], last="argmax", back=False, s=4, r=1, strategy="dilate"))
 def test_random_segmentation_heads(h):
-    model = build(text(h))
-    if h.get("transpose"):
-        k = 2 * h["s"]
-        kernel = np.multiply.outer(bilinear_kernel(k, h["s"]), bilinear_kernel(k, h["s"])).astype(np.float32)
-        wt = next(t for t in model.graph.initializer if t.name == "wt")
-        wt.CopyFrom(onnx.numpy_helper.from_array(np.broadcast_to(kernel, (3, 1, k, k)).copy(), "wt"))
+    model = head_model(h)
     static = (1, STATIC, STATIC, 2) if h["nhwc"] else (1, 2, STATIC, STATIC)
     dense = onnx_dense.rewrite_model(model, output_stride=h["r"], input_shapes={"x": static}, strategy=h["strategy"])
     report = onnx_dense.verify(model, dense, phases=True)
@@ -190,12 +198,7 @@ def test_every_schedule_of_a_random_head_is_the_whole_run(h):
     the final upsampling run once on the stitched score map, runtime/final_tail.py)."""
     from onnx_dense.runtime import DenseSession
 
-    model = build(text(h))
-    if h.get("transpose"):
-        k = 2 * h["s"]
-        kernel = np.multiply.outer(bilinear_kernel(k, h["s"]), bilinear_kernel(k, h["s"])).astype(np.float32)
-        wt = next(t for t in model.graph.initializer if t.name == "wt")
-        wt.CopyFrom(onnx.numpy_helper.from_array(np.broadcast_to(kernel, (3, 1, k, k)).copy(), "wt"))
+    model = head_model(h)
     static = (1, STATIC, STATIC, 2) if h["nhwc"] else (1, 2, STATIC, STATIC)
     dense = ir.serde.serialize_model(
         onnx_dense.rewrite_model(model, output_stride=h["r"], input_shapes={"x": static}, strategy=h["strategy"]))

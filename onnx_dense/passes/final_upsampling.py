@@ -7,8 +7,9 @@ appends, per such output, the block rebuilt on the dense T (onnx_dense/interpola
 * Resize (not align_corners): Pad T (edge) -> Resize by m, asymmetric, same mode and
   nearest_mode -> Slice (start, n pixels): output pixel y reads the dense map at
   (y - offset) / m, clamped, as the original read T at (y - offset) / s. A half-pixel offset:
-  linear Resize half_pixel by m where the offset allows it (an even m), else asymmetric by 2m
-  and every other pixel (that map is four times the output's: the largest of a run at 4096).
+  Resize half_pixel by m where the offset allows it (an even m; nearest rounds the same
+  coordinate, never at a tie), else asymmetric by 2m and every other pixel (that map is four
+  times the output's: the largest of a run at 4096).
 * Resize align_corners: Slice T to the positions the original's first..last span
   (e (L - 1) + 1) -> Resize align_corners to n pixels.
 * Bilinear ConvTranspose: Pad T (zeros) -> ConvTranspose of the bilinear kernel for m, one per
@@ -139,8 +140,8 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
             return self._tail(editor, nodes, block, y, base)
         step, half = 1, False
         if block.kind == "resize" and any(o != int(o) for o in block.offset):
-            # linear or cubic: half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
-            half = block.mode in ("linear", "cubic") and all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
+            # half_pixel by m where it fits every axis; else asymmetric by 2m, every other pixel
+            half = all(half_pixel_fits(m[k], block.offset[k]) for k in range(len(axes)))
             step = 1 if half else 2
         plans = [
             axis_plan(block.kind, m[k], block.offset[k], entry.dense_size[k], block.out_size[k], block.odd_kernel[k], step,

@@ -197,24 +197,25 @@ def test_rebuilt_on_the_dense_score_map(case, stride):
     assert ort_run(proto, {"x": x})["y"].shape == ort_run(model, {"x": x})["y"].shape
 
 
-# An image-sized head, as exporters write ``F.interpolate(h, size=x.shape[-2:])`` for an input of
-# any size: the Resize's sizes are the score map's batch and channels and the input's height and
-# width (Shape at run time). ``scales``: the same head upsampled by a factor (its output s L).
-SIZED = """
-  sx = Shape (x)
-  ss = Shape (score)
-  a0 = Constant <value = int64[1] {{0}}> ()
-  a2 = Constant <value = int64[1] {{2}}> ()
-  a4 = Constant <value = int64[1] {{4}}> ()
-  lead = Slice (ss, a0, a2)
-  hw = Slice (sx, a2, a4)
-  sz = Concat <axis=0> (lead, hw)
-  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="{coord}"{extra}> (score, , , sz)"""
+def input_sizes(first: int) -> str:
+    """ONNX text making ``sz``, the sizes of an image-sized head, as exporters write
+    ``F.interpolate(h, size=x.shape[-2:])`` for an input of any size: the score map's batch and
+    channels, then the input's two spatial dims from axis ``first`` (2: NCHW, 1: NHWC), read by
+    Shape at run time."""
+    return ("  sz_x = Shape (x)\n  sz_score = Shape (score)\n"
+            "  sz_0 = Constant <value = int64[1] {0}> ()\n  sz_2 = Constant <value = int64[1] {2}> ()\n"
+            f"  sz_from = Constant <value = int64[1] {{{first}}}> ()\n"
+            f"  sz_to = Constant <value = int64[1] {{{first + 2}}}> ()\n"
+            "  sz_lead = Slice (sz_score, sz_0, sz_2)\n  sz_hw = Slice (sz_x, sz_from, sz_to)\n"
+            "  sz = Concat <axis=0> (sz_lead, sz_hw)\n")
 
 
 def any_size_head(sized: str, mode: str = "linear", coord: str = "half_pixel", extra: str = "") -> onnx.ModelProto:
-    body = SIZED.format(mode=mode, coord=coord, extra=extra) if sized == "input" else \
-        SCALES + f'  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="{coord}"{extra}> (score, , sc)'
+    """An image-sized head (``sized`` "input") or the same upsampled by a factor ("scales": its
+    output s L), with an input of any size."""
+    attrs = f'mode="{mode}", coordinate_transformation_mode="{coord}"{extra}'
+    body = input_sizes(2) + f"  [up] y = Resize <{attrs}> (score, , , sz)" if sized == "input" else \
+        SCALES + f"  [up] y = Resize <{attrs}> (score, , sc)"
     return build(HEAD.replace("float[1,2,32,32] x", "float[1,2,H,W] x").format(opset=17, sig="", out="float y", body=body))
 
 
@@ -256,7 +257,7 @@ def test_tiles_and_phases_of_an_image_sized_output_equal_the_whole_run(layout):
         model, static, shape, want = any_size_head("input"), (1, 2, 32, 32), (1, 2, 97, 113), (1, 3, 97, 113)
     else:
         out, body = NHWC_TAILS["transpose_argmax"]
-        model, static, shape, want = build(NHWC.format(out=out, body=body)), (1, 32, 32, 2), (1, 97, 113, 2), (1, 97, 113)
+        model, static, shape, want = build(NHWC.format(out=out, sizes=input_sizes(1), body=body)), (1, 32, 32, 2), (1, 97, 113, 2), (1, 97, 113)
     dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=2, input_shapes={"x": static},
                                                               strategy="dilate"))
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -634,16 +635,7 @@ net (float[1,H,W,2] x, float[4,2,3,3] w1, float[4,4,3,3] w2, float[4,4,3,3] w3, 
   c2 = Conv <strides=[2,2], pads=[1,1,1,1]> (c1, w2)
   c3 = Conv <strides=[2,2], pads=[1,1,1,1]> (c2, w3)
   score = Conv (c3, w4)
-  sx = Shape (x)
-  ss = Shape (score)
-  a0 = Constant <value = int64[1] {{0}}> ()
-  a1 = Constant <value = int64[1] {{1}}> ()
-  a2 = Constant <value = int64[1] {{2}}> ()
-  a3 = Constant <value = int64[1] {{3}}> ()
-  lead = Slice (ss, a0, a2)
-  hw = Slice (sx, a1, a3)
-  sz = Concat <axis=0> (lead, hw)
-{body}
+{sizes}{body}
 }}"""
 NHWC_TAILS = {
     "transpose": ("float", '  [up] u = Resize <mode="linear"> (score, , , sz)\n  y = Transpose <perm=[0,2,3,1]> (u)'),
@@ -664,7 +656,7 @@ def test_an_nhwc_head_transposed_back_after_the_upsampling(tail, stride):
     the block (Softmax and ArgMax then name the channel axis where it went). verify passes,
     phases included, and the output has the original's size at an odd size too."""
     out, body = NHWC_TAILS[tail]
-    model = build(NHWC.format(out=out, body=body))
+    model = build(NHWC.format(out=out, sizes=input_sizes(1), body=body))
     dense = onnx_dense.rewrite_model(model, output_stride=stride, input_shapes={"x": (1, 32, 32, 2)})
     report = onnx_dense.verify(model, dense, phases=True)
     assert report.passed, report.text()

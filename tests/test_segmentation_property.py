@@ -35,7 +35,7 @@ from onnx_dense import metadata
 from onnx_dense.interpolation import near_ties, reference
 from onnx_dense.passes.analysis.final_upsampling import bilinear_kernel
 from tests._graphs import build
-from tests.test_segmentation import ort_run
+from tests.test_segmentation import input_sizes, ort_run
 
 MAX_EXAMPLES = int(os.environ.get("ONNX_DENSE_HYPOTHESIS_EXAMPLES", "80"))
 SEED = os.environ.get("ONNX_DENSE_HYPOTHESIS_SEED")
@@ -100,13 +100,7 @@ def text(h: dict) -> str:
         sig.append(f"float[3,1,{k},{k}] wt")
         lines.append(f"  [up] u = ConvTranspose <strides=[{h['s']},{h['s']}], pads=[{p},{p},{p},{p}], group=3> (score, wt)")
     elif h["sized"]:
-        hw = "1, 3" if h["nhwc"] else "2, 4"
-        lines += ["  sx = Shape (x)", "  ss = Shape (score)",
-                  "  k0 = Constant <value = int64[1] {0}> ()", "  k2 = Constant <value = int64[1] {2}> ()",
-                  f"  h0 = Constant <value = int64[1] {{{hw.split(', ')[0]}}}> ()",
-                  f"  h1 = Constant <value = int64[1] {{{hw.split(', ')[1]}}}> ()",
-                  "  lead = Slice (ss, k0, k2)", "  hw = Slice (sx, h0, h1)", "  sz = Concat <axis=0> (lead, hw)",
-                  f"  [up] u = Resize <{attrs}> (score, , , sz)"]
+        lines += [input_sizes(1 if h["nhwc"] else 2).rstrip("\n"), f"  [up] u = Resize <{attrs}> (score, , , sz)"]
     else:
         lines += [f"  sc = Constant <value = float[4] {{1.0, 1.0, {h['s']}.0, {h['s']}.0}}> ()",
                   f"  [up] u = Resize <{attrs}> (score, , sc)"]

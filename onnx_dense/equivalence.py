@@ -34,6 +34,7 @@ of the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -550,13 +551,12 @@ def _check_any_size(
     note = f"runs at input {list(first.shape)} -> {shapes}"
     if orig is None or not any(o.upsampling for o in info.outputs.values()):
         return Comparison("(model)", "any size", True, note=note)
-    runner = OrtRunner(_flexible(orig, info), provider=provider, optimize=optimize)
-    try:
-        run_orig = runner.__enter__()
-    except DenseError:  # onnxruntime refuses the original with symbolic sizes (pads it checks at load)
-        return Comparison("(model)", "any size", True, note=note)
     sized = []
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            run_orig = stack.enter_context(OrtRunner(_flexible(orig, info), provider=provider, optimize=optimize))
+        except DenseError:  # onnxruntime refuses the original with symbolic sizes (pads it checks at load)
+            return Comparison("(model)", "any size", True, note=note)
         for extra in (0, 1):  # and one pixel more: a size off the strides, where border pixels are lost or kept
             x = bigger if extra == 0 else _grown(feeds, info, 1)
             shape = list(next(iter(x.values())).shape)
@@ -574,8 +574,6 @@ def _check_any_size(
                 if why:
                     return Comparison("(model)", "any size", False, note=f"at input {shape}: {why}")
             sized.append("x".join(map(str, shape)))
-    finally:
-        runner.__exit__(None, None, None)
     if sized:
         note += f"; upsampled outputs sized as the original's at {' and '.join(sized)}"
     return Comparison("(model)", "any size", True, note=note)

@@ -27,8 +27,9 @@ import numpy as np
 class AxisPlan:
     """Pad the dense score map by ``pad_begin``/``pad_end`` (edge for a Resize, zeros for a
     ConvTranspose), upsample by ``factor`` (Resize asymmetric or half_pixel, or ConvTranspose of
-    ``kernel`` taps), then keep every ``step``-th position from ``start`` and drop ``tail`` at
-    the end."""
+    ``kernel`` taps), then keep every ``step``-th position from ``start``. ``pad_end`` covers
+    the static size's output; the crop's length, the output's at the run's size, is computed in
+    the graph (passes/final_upsampling.py)."""
 
     pad_begin: int
     pad_end: int
@@ -36,7 +37,6 @@ class AxisPlan:
     kernel: int
     start: int
     step: int
-    tail: int
 
 
 def half_pixel_fits(m: int, offset: float) -> bool:
@@ -62,30 +62,25 @@ def axis_plan(kind: str, m: int, offset: float, length: int, out: int, odd: bool
         p1 = 0
         while (length + p0 + p1 - 1) * m + kernel - (start + out) < 0:
             p1 += 1
-        tail = (length + p0 + p1 - 1) * m + kernel - (start + out)
-        return AxisPlan(p0, p1, m, kernel, start, 1, tail)
+        return AxisPlan(p0, p1, m, kernel, start, 1)
     if half_pixel:
         if not half_pixel_fits(m, offset):
             raise ValueError("the offset is not a half_pixel Resize's")
         p0 = max(0, math.ceil(offset / m))
         p1 = max(1, math.ceil((out - 1 - offset) / m - length + 1))
         start = int(p0 * m - offset + (m - 1) / 2)
-        tail = (length + p0 + p1) * m - (start + out)
-        while tail < 0:
+        while (length + p0 + p1) * m < start + out:
             p1 += 1
-            tail += m
-        return AxisPlan(p0, p1, m, 0, start, 1, tail)
+        return AxisPlan(p0, p1, m, 0, start, 1)
     q = step
     if (q * offset) != int(q * offset):
         raise ValueError("the offset is not a multiple of half a pixel")
     p0 = max(0, math.ceil(offset / m))
     p1 = max(1, math.ceil((out - 1 - offset) / m - length + 1))
     start = int(q * (p0 * m - offset))
-    tail = (length + p0 + p1) * q * m - (start + q * (out - 1) + 1)
-    while tail < 0:
+    while (length + p0 + p1) * q * m < start + q * (out - 1) + 1:
         p1 += 1
-        tail += q * m
-    return AxisPlan(p0, p1, q * m, 0, start, q, tail)
+    return AxisPlan(p0, p1, q * m, 0, start, q)
 
 
 def axis_matrix(desc: dict, k: int, length: int, out: int) -> np.ndarray:

@@ -41,8 +41,6 @@ from onnx_dense.interpolation import axis_plan, half_pixel_fits
 from onnx_dense.passes import _ir
 from onnx_dense.passes.analysis.final_upsampling import FinalUpsampling, bilinear_kernel
 
-INT64_MAX = np.iinfo(np.int64).max
-
 
 class RebuildFinalUpsampling(ir.passes.InPlacePass):
     def __init__(self, blocks: dict[str, FinalUpsampling], originals: dict[str, tuple], rf: dict[str, tuple]) -> None:
@@ -151,8 +149,8 @@ class RebuildFinalUpsampling(ir.passes.InPlacePass):
         begin, end = [0] * rank, [0] * rank
         for k, a in enumerate(axes):
             # past the static size's need, what another size's may be: e positions (its dense
-            # map can end a phase short of e L) and the output's last s pixels
-            begin[a], end[a] = plans[k].pad_begin, plans[k].pad_end + entry.est[k] + -(-block.factor[k] // m[k]) + 1
+            # map can end a phase short of e L) and e more for the output's last s = e m pixels
+            begin[a], end[a] = plans[k].pad_begin, plans[k].pad_end + 2 * entry.est[k] + 1
         x = score
         if any(begin) or any(end):
             pads = editor.const(nodes, np.array(begin + end, np.int64), base=f"{base}_pads")

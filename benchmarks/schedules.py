@@ -30,8 +30,13 @@ Models (built in code, random weights, TorchScript export, nothing downloaded):
 * ``deeplab``: the DeepLabV3 sample (``samples.segmentation``, width 16: a stride-8 backbone,
   ASPP with global pooling, bilinear upsampling back to the input), output stride 2, rewritten
   with ``rederive_sizes``. ``auto`` writes it as ``fragments`` (global context in the dense
-  region): no tiles; under a budget it runs by phases of its batch
-  (:mod:`onnx_dense.runtime.fragment_batches`). Run it with ``--runs whole,budget``.
+  region): no tiles of the whole model; under a budget it runs by phases of its batch
+  (:mod:`onnx_dense.runtime.fragment_batches`), its trunk on tiles if need be. Run it with
+  ``--runs whole,budget``.
+* ``fcn8s``: the FCN-8s sample (``samples.segmentation``, width 8: a VGG-like backbone of five
+  pools, skip joins at strides 8 and 16, a bilinear ConvTranspose back to the input), output
+  stride 1, ``fragments`` like ``deeplab``: three levels of phases, and a trunk at the image's
+  size (two 8-channel convs) that is the largest stage.
 
 Run (Linux: reads /proc/self/status):
 
@@ -62,6 +67,7 @@ MODELS = {
     "fcn": dict(zoo="fcn", kwargs={}, stride=1, tile=512),
     "resnet": dict(zoo="resnet", kwargs={"width": 16, "size": 224}, stride=8, tile=1024),
     "deeplab": dict(segmentation="deeplabv3", kwargs={"width": 16}, stride=2, tile=None),
+    "fcn8s": dict(segmentation="fcn8s", kwargs={"width": 8}, stride=1, tile=None),
 }
 
 _CHILD = textwrap.dedent(

@@ -209,6 +209,25 @@ def _check_batches(batches) -> None:
         ints(level.get("factor"), f"level {k + 1} factor")
         if len(level["factor"]) != len(levels[0]["factor"]):
             raise ValueError(f"batches: level {k + 1} factor has another number of axes")
+        sources = level.get("sources", {})  # absent in models written before the tiled trunk
+        if not isinstance(sources, dict):
+            raise ValueError(f"batches: level {k + 1} sources is not an object")
+        n = len(level["factor"])
+        for name, spec in sources.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"batches: level {k + 1} source '{name}' is not an object")
+            for field in ("axes", "stride", "rf_size"):  # axes: the batch is axis 0
+                ints(spec.get(field), f"level {k + 1} source '{name}' {field}")
+            start = spec.get("rf_start")
+            if not isinstance(start, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in start):
+                raise ValueError(f"batches: level {k + 1} source '{name}' rf_start is not a list of integers")
+            if any(len(spec[f]) != n for f in ("axes", "stride", "rf_size", "rf_start")):
+                raise ValueError(f"batches: level {k + 1} source '{name}' does not give every spatial axis")
+            made = spec.get("cuts")
+            if not isinstance(made, list) or not made or not all(isinstance(c, str) and c in cuts for c in made):
+                raise ValueError(f"batches: level {k + 1} source '{name}' cuts are not among the level's cuts")
+            if not isinstance(spec.get("every"), bool):
+                raise ValueError(f"batches: level {k + 1} source '{name}' every is not a boolean")
     if not isinstance(outputs, dict):
         raise ValueError("batches: outputs is not an object")
     for name, spec in outputs.items():

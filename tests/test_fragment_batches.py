@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import onnx_dense
 from onnx_dense import DenseError, metadata
 from onnx_dense.runtime import DenseSession
+from onnx_dense.runtime import tiling
 from onnx_dense.runtime.fragment_batches import BatchPlan
 from tests._graphs import json_child
 from tests.test_property import build as build_chain
@@ -81,6 +82,13 @@ def test_the_rewrite_records_where_the_batch_splits(models):
         for spec in batches["outputs"].values():
             assert spec["phases"] in made and spec["levels"][0] == batches["levels"][0]["factor"]
         assert metadata.DenseInfo.from_json(info.to_json()) == info
+        for level in batches["levels"]:  # the maps each level's moves read, with their fields
+            assert level["sources"] and set(level["sources"]) <= made, (name, level)
+            assert sorted(c for spec in level["sources"].values() for c in spec["cuts"]) == sorted(level["cuts"])
+            for source, spec in level["sources"].items():
+                assert spec["every"], (name, source)  # every sample's moves take every f-th position
+                if source in info.fields:
+                    assert tuple(map(tuple, (spec["stride"], spec["rf_start"], spec["rf_size"]))) == info.fields[source]
 
 
 @pytest.mark.parametrize("name,sizes,depth", [("fcn8s", (64, 100), 3), ("lraspp", (64, 100), 2),
@@ -105,6 +113,139 @@ def test_each_phase_of_each_level_alone_equals_the_whole_run(models, name, sizes
             else:  # the score maps the final upsampling reads
                 _assert_same(raw, {k: v.numpy() for k, v in DenseSession(models[name], provider="cpu")
                                    ._body_and_tail()[0].run(x).items()})
+
+
+@pytest.mark.parametrize("name,sizes", [("fcn8s", (64, 100)), ("lraspp", (64, 131)), ("deeplabv3", (97, 131)),
+                                        ("resnet", (197, 280))])
+def test_the_trunk_before_the_first_moves_runs_on_tiles(models, name, sizes):
+    """Level 1's moves read maps of the trunk, the original network at the kept strides: the trunk
+    runs on tiles that overlap by its own field, the maps are stitched, and each phase takes its
+    positions from them (no moves run). At every depth, the smallest trunk tiles and larger ones,
+    sizes off the strides: the whole run's outputs."""
+    for size in sizes:
+        x = _image(size, seed=size)
+        whole = {k: v.numpy() for k, v in DenseSession(models[name], provider="cpu").run(x).items()}
+        session = DenseSession(models[name], provider="cpu")
+        body = session._body_and_tail()[0] if session._rebuilt else session
+        want = whole if body is session else {k: v.numpy() for k, v in body.run(x).items()}
+        for depth in range(1, body._max_depth() + 1):
+            plan = body._phase_plan(depth)
+            assert plan.moves is True and plan.strided == frozenset(range(depth)), (plan.moves, plan.strided)
+            assert plan.stages[0].outputs == list(plan.sources[0])  # the trunk hands on the maps alone
+            trunk = body._trunk_axes(depth)
+            least = tiling.minimum_tile_anywhere([g for o in trunk for g in o.geometry])
+            for tile in (least, least + 7, 2 * least + 3):
+                if len(tiling.plan_tiles(x.shape, (2, 3), trunk, (tile, tile))) == 1:
+                    assert tile > least, "the smallest tiles cover the image at once: nothing tested"
+                    continue
+                got = plan.run(body._feeds(x), trunk=lambda f, t=tile: tiling.run_tiled(
+                    plan.stages[0].run, f, body.image_input, (2, 3), trunk, (t, t)))
+                _assert_same(got, {k: want[k] for k in got})
+        forced = DenseSession(models[name], provider="cpu", schedule="tiled-trunk")
+        got = forced.run(x)
+        assert forced.last_schedule.kind == "tiled-trunk"
+        _assert_same({k: v.numpy() for k, v in got.items()}, whole)
+
+
+_WIDE_TRUNK = """
+<ir_version: 9, opset_import: ["" : 17]>
+net (float[1,3,64,64] x, float[16,3,3,3] w1, float[16,16,3,3] w2, float[4,16,3,3] w3, float[4,4,3,3] w4)
+    => (float[1,4,32,32] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, w1)
+  r1 = Relu (c1)
+  c2 = Conv <pads=[1,1,1,1]> (r1, w2)
+  r2 = Relu (c2)
+  c3 = Conv <strides=[2,2], pads=[1,1,1,1]> (r2, w3)
+  r3 = Relu (c3)
+  y = Conv <pads=[1,1,1,1]> (r3, w4)
+}"""
+
+
+def test_a_budget_between_the_split_and_the_tiled_trunk_takes_the_tiled_trunk():
+    """A trunk 16 channels wide at the image's size before a split into 4-channel phases: the
+    trunk is the largest part of the split run, so a budget below the split's estimate and above
+    the tiled trunk's is met by the tiled trunk, with the whole run's outputs."""
+    from tests._graphs import build
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(build(_WIDE_TRUNK), output_stride=1,
+                                                              strategy="fragments"))
+    x = np.random.default_rng(5).standard_normal((1, 3, 600, 577), dtype=np.float32)
+    probe = DenseSession(dense, provider="cpu", max_memory="1TB")
+    size = (600, 577)
+    estimate = probe._estimator(size)
+    split = estimate(1)
+    trunk = probe._choose_trunk(probe._feeds(x), size, range(1, 2), estimate, 0)  # the leanest
+    assert trunk.estimate + 16 * 2**20 < split, (trunk.estimate, split)
+    budgeted = DenseSession(dense, provider="cpu", max_memory=(trunk.estimate + split) // 2)
+    got = budgeted.run(x)
+    assert budgeted.last_schedule.kind == "tiled-trunk", budgeted.last_schedule.describe()
+    assert budgeted.last_schedule.tiles > 1
+    whole = DenseSession(dense, provider="cpu").run(x)
+    _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
+    # nothing fits: not the leanest (the smallest trunk tiles, thousands of them) but the fastest
+    # within 5% of its peak above what the process holds
+    tiny = DenseSession(dense, provider="cpu", max_memory="1MB")
+    chosen = tiny.choose({"x": x})
+    estimate = tiny._estimator(size)  # the same process, a moment later: its RSS moves by little
+    lean = tiny._choose_trunk(tiny._feeds(x), size, range(1, 2), estimate, 0)
+    near = estimate.base + (lean.estimate - estimate.base) * 1.05
+    assert chosen.estimate <= near + 4 * 2**20 and chosen.tiles < lean.tiles / 10, (chosen.describe(), lean.tiles)
+    assert "the fastest within 5% of the leanest's peak" in chosen.describe()
+
+
+_CEIL_POOL = """
+<ir_version: 9, opset_import: ["" : 17]>
+net (float[1,2,40,40] x, float[4,2,3,3] w1, float[4,4,3,3] w2, float[3,4,3,3] w3) => (float[1,3,10,10] y) {
+  c1 = Conv <pads=[1,1,1,1]> (x, w1)
+  r1 = Relu (c1)
+  p1 = MaxPool <kernel_shape=[2,2], strides=[2,2], pads=[0,0,1,1]> (r1)
+  c2 = Conv <pads=[1,1,1,1]> (p1, w2)
+  r2 = Relu (c2)
+  p2 = AveragePool <kernel_shape=[3,3], strides=[2,2], pads=[1,1,1,1]> (r2)
+  y = Conv <pads=[1,1,1,1]> (p2, w3)
+}"""
+
+
+def test_moves_that_shift_copies_of_the_input_run_apart_from_the_trunk():
+    """A pool whose end pad and the extension would reach its kernel is split by shifted copies of
+    its padded input (passes/fragments.py, _split), not every f-th position of a map: its moves
+    run as a stage of their own, on the
+    stitched maps of the tiled trunk. A model written before the maps were recorded splits as
+    before and says why its trunk does not tile."""
+    from tests._graphs import build
+
+    m = build(_CEIL_POOL)
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(m, output_stride=1, strategy="fragments"))
+    levels = metadata.read(dense).batches["levels"]
+    assert [spec["every"] for spec in levels[0]["sources"].values()] == [False]
+    x = np.random.default_rng(3).standard_normal((1, 2, 53, 47), dtype=np.float32)
+    whole = {k: v.numpy() for k, v in DenseSession(dense, provider="cpu").run({"x": x}).items()}
+    session = DenseSession(dense, provider="cpu", schedule="tiled-trunk")
+    for depth in range(1, session._max_depth() + 1):
+        plan = session._phase_plan(depth)
+        assert plan.moves is True and 0 not in plan.strided and plan._first_level == 2
+        assert all(n.op_type in ("Pad", "Slice", "Concat") or n.op_type == "Constant" for n in plan.stages[1].nodes)
+        _assert_same(plan.run({"x": x}), whole)
+    got = session.run({"x": x})
+    assert session.last_schedule.kind == "tiled-trunk" and session.last_schedule.tiles > 1
+    _assert_same({k: v.numpy() for k, v in got.items()}, whole)
+    # written before: no maps recorded
+    info = metadata.read(dense)
+    batches = json.loads(json.dumps(info.batches))
+    for level in batches["levels"]:
+        del level["sources"]
+    for p in dense.metadata_props:
+        if p.key == metadata.KEY:
+            p.value = dataclasses.replace(info, batches=batches).to_json()
+    older = DenseSession(dense, provider="cpu", schedule="phases")
+    _assert_same({k: v.numpy() for k, v in older.run({"x": x}).items()}, whole)
+    assert older._phase_plan(1).moves.startswith("it was written before")
+    forced = DenseSession(dense, provider="cpu", schedule="tiled-trunk")
+    _assert_same({k: v.numpy() for k, v in forced.run({"x": x}).items()}, whole)
+    assert forced.last_schedule.kind == "phases"
+    assert forced.last_schedule.instead.startswith("tiled-trunk asked for, but model: cannot tile the trunk (the "
+                                                   "trunk of this 'fragments' model ends in moves to the batch")
+    assert "rewrite it again" in forced.last_schedule.instead
 
 
 def test_a_batch_of_two_images_keeps_each_images_phases():
@@ -137,11 +278,14 @@ def test_the_batch_of_phases_is_split_where_the_budget_asks(models):
     assert session.last_schedule.kind == "phases", session.last_schedule.describe()
     assert session.last_schedule.runs in (4, 16)  # one level or two: the budget sits near the first's estimate
     _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
-    for kind in ("tiled-trunk", "phases+tiles"):
+    for kind in ("tiled-trunk", "phases+tiles"):  # the trunk tiles; the rest is not tiled
         forced = DenseSession(models["fcn8s"], provider="cpu", schedule=kind)
-        forced.run(x)
-        assert forced.last_schedule.kind == "phases"
-        assert forced.last_schedule.instead.startswith(f"{kind} asked for, but a 'fragments' model is not tiled")
+        got = forced.run(x)
+        assert forced.last_schedule.kind == "tiled-trunk", forced.last_schedule.describe()
+        if kind == "phases+tiles":
+            assert forced.last_schedule.instead.startswith(
+                "phases+tiles asked for, but a 'fragments' model is tiled only before its first moves to the batch")
+        _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
 
 
 def test_the_run_command_splits_a_fragments_model_and_says_so(models, tmp_path):
@@ -208,6 +352,16 @@ def test_the_estimate_counts_the_final_upsampling(models, monkeypatch):
     assert "(the final upsampling's, on the whole score map), over the 1.00 GB allowed" in line, line
     assert "the fastest for the rest, within the budget" in line
     assert session.last_schedule.to_dict()["estimate_of"] == "final upsampling"
+    # a budget nothing fits: the rest need not be leaner than the final upsampling, so it runs
+    # the fastest way within that peak (here: whole), not the leanest
+    squeezed = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1MB")
+    got = squeezed.run(_image(64))
+    line = squeezed.last_schedule.describe()
+    assert squeezed.last_schedule.kind == "whole", line
+    assert "over the 1.00 MB allowed: no schedule fits, this is the fastest for the rest within the final " \
+           "upsampling's peak" in line, line
+    whole = DenseSession(models["deeplabv3"], provider="cpu").run(_image(64))
+    _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
 
 
 _TAIL_CHILD = textwrap.dedent(
@@ -381,6 +535,18 @@ def test_random_cnn_by_phases_of_its_batch_equals_the_whole_run(spec, data):
         plan = session._phase_plan(depth)
         assert plan.splits == int(np.prod([np.prod(level["factor"]) for level in levels[:depth]]))
         _assert_same(plan.run({name: x}), whole)
+    for depth in range(1, deepest + 1):  # the trunk on its smallest tiles, where it tiles
+        try:
+            trunk = session._trunk_axes(depth)
+        except DenseError as exc:
+            event(f"trunk not tiled: {str(exc)[:60]}")
+            continue
+        plan = session._phase_plan(depth)
+        axes = metadata.read(dense).inputs[name].spatial_axes
+        tile = [tiling.minimum_tile_anywhere([o.geometry[k] for o in trunk]) for k in range(len(axes))]
+        event(f"trunk in {len(tiling.plan_tiles(x.shape, axes, trunk, tile))} tiles")
+        _assert_same(plan.run({name: x}, trunk=lambda f: tiling.run_tiled(plan.stages[0].run, f, name, axes, trunk,
+                                                                          tile)), whole)
 
 
 def test_branches_that_remove_different_strides_name_their_nodes():

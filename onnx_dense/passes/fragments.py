@@ -62,6 +62,12 @@ Rules:
 * Outputs: one Reshape/Transpose/Reshape undoes every level. Outputs with no spatial axes
   (classifier heads) get them appended first: (N, K) -> (N, K, e_h, e_w), one prediction per
   phase, the same layout as the dilated head.
+* Metadata (``DenseInfo.batches``, what a run needs to take the batch one phase of a level at a
+  time: runtime/fragment_batches.py): per level, its factor, the tensors of phases its moves
+  make, and the maps they read (``sources``: spatial axes, dense stride, receptive field, and
+  ``every``: the moves take every f-th position of the map, as those after a node's output
+  do). A run tiles the trunk up to the first level's maps, and takes a phase's positions from
+  a map instead of running the moves.
 
 What is exact (also in the README):
 
@@ -106,8 +112,13 @@ class SplitIntoPhases(ir.passes.InPlacePass):
         depth = {id(node): len(p.layouts.get(node.inputs[0], ())) for node, _ in p.splits}
         replaced: dict[ir.Value, ir.Value] = {}  # graph outputs a division by a count took over
         for node, level in p.splits:
-            made = _split_after(graph, editor, node, level, p) or _split(graph, editor, node, level, replaced)
+            made, source = _split_after(graph, editor, node, level, p)
+            every = bool(made)  # the tensor of phases is every f-th position of the map, phase-major
+            if not made:
+                source = node.inputs[0]  # before _split puts the shifted copies in its place
+                made = _split(graph, editor, node, level, replaced)
             p.cuts.setdefault(depth[id(node)], []).extend(made)  # where a run can split the batch
+            p.sources.setdefault(depth[id(node)], []).append((source, made, every))  # what the moves read
         for node, dropped in p.collapses:
             _keep_first_block(graph, editor, node, dropped)
         for node in p.reshapes:
@@ -314,15 +325,16 @@ def _data_index(node: ir.Node, value: ir.Value) -> int:
     return next(i for i, v in enumerate(node.inputs) if v is value)
 
 
-def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level, p: PhasePlan) -> list[ir.Value]:
+def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Level,
+                 p: PhasePlan) -> tuple[list[ir.Value], ir.Value | None]:
     """Space-to-batch of the node's *output*: run it at its kept stride s' (every phase's windows
     at once: dense window ``j = a + f*i`` is phase a's window i), then move every f-th position to
     the batch with one Reshape/Transpose/Reshape. Same windows as ``_split`` (the node's pads grow
     by the extension ``(f-1)*s'`` at the end, zeros counted or ignored as the node's own pads
     are), one copy of the output instead of f^2 shifted copies of the input. Returns the tensor of
-    phases made; [] (nothing changed) where check_split_after gives a reason."""
+    phases made and the map it moves; ([], None) (nothing changed) where check_split_after gives a reason."""
     if check_split_after(node) is not None:
-        return []
+        return [], None
     plan: SpatialPlan = node.meta[PLAN]
     params = plan.params
     rank = node.inputs[0].shape.rank()
@@ -331,7 +343,7 @@ def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Leve
     ext = tuple((f - 1) * k for f, k in zip(level.factor, plan.kept))
     pads_end = tuple(pe + e for pe, e in zip(params.pads_end, ext))
     if node.op_type != "Conv" and any(pe >= k for pe, k in zip(pads_end, params.kernel)):
-        return []  # onnxruntime's pools take pads below the kernel only: the input's split serves
+        return [], None  # onnxruntime's pools take pads below the kernel only: the input's split serves
     _ir.set_ints(node, "strides", tuple(plan.kept))
     _ir.set_ints(node, "pads", tuple(params.pads_begin) + pads_end)
     if node.op_type == "AveragePool" and not any(params.pads_begin + params.pads_end):
@@ -390,7 +402,7 @@ def _split_after(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, level: Leve
     graph.insert_after(y.producer(), nodes)
     for use in users:
         use.node.replace_input_with(use.idx, out)
-    return [out]
+    return [out], y
 
 
 def _product(editor, nodes, vec: ir.Value, lo: int, hi: int, base: str) -> ir.Value:
@@ -563,6 +575,24 @@ class RecordFragmentsMetadata(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
+def _sources(moves: list[tuple[ir.Value, list[ir.Value], bool]]) -> dict:
+    """The maps a level's moves read, with their spatial axes, dense stride and receptive field:
+    a run can compute them on tiles and stitch them before the moves, and where the tensor of
+    phases is every f-th position of the map (``every``: _split_after's moves, spatial axes
+    last), take each phase's positions from the map itself (runtime/fragment_batches.py). A map
+    whose grid is not one window per position is left out (no tiled trunk then)."""
+    from onnx_dense.grid import GRID
+
+    found = {}
+    for value, made, every in moves:
+        g = value.meta.get(GRID)
+        if (value.name and g is not None and g.axes is not None and not g.flattened and not g.global_from
+                and g.info is None and not g.inserted):
+            found[value.name] = {"axes": list(g.axes), "stride": list(g.dense_stride), "rf_start": list(g.rf_start),
+                                 "rf_size": list(g.rf_size), "cuts": [v.name for v in made], "every": every}
+    return found
+
+
 def _batches(p: PhasePlan) -> dict:
     """What a run needs to take the batch of phases one phase of a level at a time: per depth
     (levels before it), while every split there removes the same level and no upsampling drops
@@ -579,7 +609,8 @@ def _batches(p: PhasePlan) -> dict:
             why = f"its branches remove different strides at level {k + 1}" + (f": {removes}" if removes else "")
             break
         (level,) = found
-        levels.append({"factor": list(level.factor), "cuts": [v.name for v in p.cuts[k]]})
+        levels.append({"factor": list(level.factor), "cuts": [v.name for v in p.cuts[k]],
+                       "sources": _sources(p.sources.get(k, []))})
     if not levels:
         return {"refused": why}
     for name, spec in p.interleaved.items():

@@ -535,14 +535,23 @@ class DenseSession:
         (:mod:`onnx_dense.runtime.final_tail`)."""
         body, tail, parts = self._body_and_tail()
         tail_peak = self._tail_estimate(feeds, body, parts) if self.max_memory is not None else None
-        maps = body.run({k: v for k, v in feeds.items() if k in body.input_names}, tile=tile, progress=progress,
-                        schedule=schedule)
+        # Where the final upsampling (not split) needs more than the budget, the rest need not be
+        # leaner than it: the fastest schedule within its peak.
+        body.max_memory = max(self.max_memory, tail_peak) if tail_peak is not None else self.max_memory
+        try:
+            maps = body.run({k: v for k, v in feeds.items() if k in body.input_names}, tile=tile, progress=progress,
+                            schedule=schedule)
+        finally:
+            body.max_memory = self.max_memory
         self.last_schedule = body.last_schedule
         chosen = self.last_schedule
         if tail_peak is not None and chosen is not None and chosen.estimate is not None and tail_peak > chosen.estimate:
-            over = chosen.over if chosen.estimate > self.max_memory else (
-                "the fastest for the rest, within the budget (the final upsampling is not split)")
-            self.last_schedule = dataclasses.replace(chosen, estimate=tail_peak, tail=True, over=over)
+            if chosen.estimate > self.max_memory:
+                over = "the fastest for the rest within the final upsampling's peak (it is not split)"
+            else:
+                over = "the fastest for the rest, within the budget (the final upsampling is not split)"
+            self.last_schedule = dataclasses.replace(chosen, estimate=tail_peak, budget=self.max_memory, tail=True,
+                                                     over=over)
         tail_feeds = {name: (maps[name].numpy() if name in maps else
                              np.array(_shape(feeds[parts.shapes[name]]), np.int64) if name in parts.shapes else feeds[name])
                       for name in parts.tail_inputs}
@@ -688,7 +697,8 @@ class DenseSession:
             chosen.depth, max(chosen.tile) if chosen.tile is not None else None, trunk=chosen.kind == "tiled-trunk")
         return dataclasses.replace(chosen, pattern=with_pattern <= budget)
 
-    def _choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None) -> Schedule:
+    def _choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None,
+                _trunk_only: bool = False) -> Schedule:
         kind = schedule or self.schedule
         if kind not in SCHEDULES:
             raise DenseError(f"schedule '{kind}': use one of {', '.join(SCHEDULES)}")
@@ -718,11 +728,19 @@ class DenseSession:
             depths, why = range(0), str(exc)
         else:
             why = ""
-        if kind in ("tiled-trunk", "phases+tiles") and self.info.strategy == "fragments":
-            chosen = self._choose(feeds, tile=None, schedule="phases", _budget=_budget)
-            return dataclasses.replace(chosen, instead=f"{kind} asked for, but a 'fragments' model is not tiled "
-                                                       "(its phases read a zero extension that depends on the map's "
-                                                       "size): by phases of its batch instead")
+        if kind in ("tiled-trunk", "phases+tiles") and self.info.strategy == "fragments" and not _trunk_only:
+            try:
+                chosen = self._choose(feeds, tile=None, schedule="tiled-trunk", _budget=_budget, _trunk_only=True)
+            except DenseError as exc:  # its trunk does not tile: by phases, and why
+                chosen = self._choose(feeds, tile=None, schedule="phases", _budget=_budget)
+                return dataclasses.replace(chosen, instead=f"{kind} asked for, but {exc}: by phases of its batch "
+                                                           "instead")
+            if kind == "tiled-trunk":
+                return chosen
+            return dataclasses.replace(chosen, instead=f"{kind} asked for, but a 'fragments' model is tiled only "
+                                                       "before its first moves to the batch (its phases read a zero "
+                                                       "extension that depends on the map's size): with its trunk "
+                                                       "tiled instead")
         if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:  # one phase: the whole model
             chosen = self._choose(feeds, tile=None, schedule="auto", _budget=_budget)
             return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
@@ -751,7 +769,13 @@ class DenseSession:
             if kind == "phases+tiles":
                 raise DenseError(f"{self.label}: cannot run by phases on tiles ({untileable})")
             leanest = min([c for c in [*candidates, trunk] if c is not None], key=lambda c: c.estimate)
-            return dataclasses.replace(leanest, budget=budget, over=f"the leanest (no tiles: {untileable})")
+            which = "no tiles beyond the trunk" if leanest.kind == "tiled-trunk" else "no tiles"
+            if _budget is None and budget is not None and kind == "auto":  # the fastest near the leanest's peak
+                near = self._choose(feeds, tile=None, schedule=schedule, _budget=int(
+                    estimate.base + (leanest.estimate - estimate.base) * NEAR_LEANEST))
+                return dataclasses.replace(near, budget=budget, over=f"the fastest within 5% of the leanest's peak "
+                                                                     f"({which}: {untileable})")
+            return dataclasses.replace(leanest, budget=budget, over=f"the leanest ({which}: {untileable})")
         # Tiles: per split depth, the largest tile whose estimate fits; then the depth whose tiles
         # recompute the least overlap, a little against deep splits whose phase maps get small
         # (many short onnxruntime runs): cost = computed pixels / image pixels * (1 + 16 / phase side).
@@ -854,8 +878,9 @@ class DenseSession:
         """Stage 0's outputs as tiles stitch them; DenseError if the trunk cannot be tiled exactly."""
         def compute():
             layout = self._layout(depth)
+            axes = layout.trunk_axes(self.info)  # first: a fragments model's trunk may end in moves
             tiling.check_tileable(self._structure(), self.info, self.image_input, layout.stages[0].nodes)
-            return layout.trunk_axes(self.info)
+            return axes
 
         return self._memo(("trunk", depth), compute)
 

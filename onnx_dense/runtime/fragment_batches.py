@@ -14,10 +14,24 @@ The plan is a :class:`~onnx_dense.runtime.phases.PhasePlan` (the session, the sc
 estimate and ``run`` treat it the same), split ``depth`` levels deep:
 
 * stage 0, the nodes that do not depend on a tensor of phases (the trunk at the original
-  strides, up to and including the first level's moves), on the whole image;
+  strides, up to the maps the first level's moves read), on the whole image;
 * stage k, the nodes that depend on level k's moves but not on level k+1's (or, for the last
   stage, on any deeper ones), once per phase of levels 1..k; the outputs' batch-to-space is
   left out.
+
+The moves themselves are not run where the rewrite's moves take every f-th position of a map
+(passes/fragments.py, ``_split_after``; the rewrite records each level's maps, with their
+fields, as ``sources``): a stage hands on the map, and each phase of the next level copies its
+own positions ``a + f*i`` from it (:class:`_EveryFth`), 1/f of the map, where the moves (a
+crop, two transposes) held two to three copies of the whole map. Moves that shift copies of a
+padded input (``_split``) run as they are: level 1's as a stage of their own between the trunk
+and level 1, deeper levels' inside their stage.
+
+The tiled trunk. Stage 0 ends at the maps level 1's moves read, so it is the original network
+at the kept strides: it tiles as a dilated trunk does (``run(trunk=...)``), and the maps
+are stitched before the moves. Only the trunk: the positions of a level's phases run on a
+zero extension that depends on the map's length (passes/fragments.py), so a tile of what
+follows is not a crop of the whole run.
 
 Each output's batch-to-space is done here in numpy, straight into the output buffer, one run
 at a time (:func:`_place`): the graph's own (Reshape, Transpose, Reshape) would need the whole
@@ -39,6 +53,7 @@ import onnx
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
 from onnx_dense.runtime.phases import PhasePlan, Stage, _value_types
+from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
 
 @dataclasses.dataclass
@@ -48,24 +63,83 @@ class BatchPlan(PhasePlan):
     factors: tuple[tuple[int, ...], ...] = ()  # per split level, its phases per axis
     cuts: tuple[tuple[str, ...], ...] = ()  # per split level, the tensors its moves make
     interleaved: dict = dataclasses.field(default_factory=dict)  # output -> DenseInfo.batches spec
-    made_at: dict = dataclasses.field(default_factory=dict)  # output -> the stage that makes it
+    made_at: dict = dataclasses.field(default_factory=dict)  # output -> the level that makes it
+    # Per split level, the maps its moves read (DenseInfo.batches), by name: axes, field, cuts.
+    # ``moves``: True where level 1's moves are apart from the trunk before them, which then
+    # tiles (``run(trunk=...)``); else why not (stage 0 ends in the moves).
+    sources: tuple[dict, ...] = ()
+    moves: str | bool = False
+    # Levels (0: the first) whose moves are not run at all, each tensor of phases being every
+    # f-th position of its map (``every``): a phase's run takes those positions from the map, a
+    # copy of 1/f of it, where the moves would hold two to three copies of the whole map. Where
+    # level 1 is not among them but its moves are apart, they are stage 1, run on the whole maps.
+    strided: frozenset = frozenset()
+
+    @property
+    def depth(self) -> int:
+        return len(self.factors)
+
+    @property
+    def _first_level(self) -> int:
+        """Index of the stage of level 1 (after the trunk, and its moves where they are apart)."""
+        return 2 if self.moves is True and 0 not in self.strided else 1
 
     def describe(self) -> str:
         deep = f"{self.depth} level{'s' if self.depth != 1 else ''}"
-        return f"{len(self.stages)} stages: the trunk, then the batch of phases split {deep} deep"
+        return f"{self.depth + 1} stages: the trunk, then the batch of phases split {deep} deep"
 
     def trunk_axes(self, info: metadata.DenseInfo) -> list:
-        raise DenseError("the trunk of a 'fragments' model ends in moves to the batch, which tiles would not stitch")
+        """Stage 0's outputs as tiles stitch them: the maps the first moves read (the trunk
+        before them is the original network at the kept strides, so it tiles like a dense
+        model), and any graph output it makes."""
+        if self.moves is not True:
+            raise self._untiled()
+        result = []
+        for name in self.stages[0].outputs:
+            out = info.outputs.get(name)
+            if name in self.sources[0]:
+                spec = self.sources[0][name]
+                geometry = zip(spec["stride"], spec["rf_start"], spec["rf_size"])
+                axes = tuple(spec["axes"])
+            elif out is not None and out.input == self.input_name and out.upsampling is None:
+                geometry = zip(out.stride, out.rf_start, out.rf_size)
+                axes = tuple(out.spatial_axes)
+            else:
+                raise DenseError(f"the trunk hands on '{name}', whose positions do not each see one window of the "
+                                 "image, so its tiles could not be stitched")
+            result.append(OutputAxes(name, axes, tuple(Geometry(*g) for g in geometry)))
+        return result
+
+    def _every_fth(self, k: int, made: dict) -> dict:
+        """Level ``k + 1``'s tensors of phases, from the maps in ``made`` (popped) that its moves read."""
+        return {spec["cuts"][0]: _EveryFth(made.pop(name), spec["axes"], self.factors[k])
+                for name, spec in self.sources[k].items()}
+
+    def _untiled(self) -> DenseError:
+        return DenseError(f"the trunk of this 'fragments' model ends in moves to the batch, which tiles would not "
+                          f"stitch: {self.moves}")
 
     def run(self, feeds: Mapping[str, np.ndarray], trunk: Callable | None = None) -> dict[str, np.ndarray]:
-        if trunk is not None:
-            raise DenseError("the trunk of a 'fragments' model cannot be tiled")
+        """All graph outputs for ``feeds``. ``trunk``, if given, runs stage 0 instead of its
+        session (the tiled trunk: :meth:`trunk_axes`)."""
+        if trunk is not None and self.moves is not True:
+            raise self._untiled()
         first = self.stages[0]
-        made = first.run({n: np.ascontiguousarray(feeds[n]) for n in first.inputs})
+        made = (trunk or first.run)({n: np.ascontiguousarray(feeds[n]) for n in first.inputs})
+        later = {n for s in self.stages[self._first_level:] for n in s.inputs}
+        if self._first_level == 2:  # level 1's moves, on the whole maps
+            moves = self.stages[1]
+            env = {**feeds, **made}
+            moved = moves.run({n: np.ascontiguousarray(env[n]) for n in moves.inputs})
+            del env
+            made = {n: v for n, v in made.items() if n in later or n in self.output_names}
+            made.update(moved)
+            del moved
         results = {n: made[n] for n in self.output_names if n in made and n not in self.interleaved}
-        later = {n for s in self.stages[1:] for n in s.inputs}
         shared = {n: (made[n] if n in made else feeds[n]) for n in later if n in made or n in feeds}
         cuts = {n: shared.pop(n) for n in self.cuts[0] if n in shared}
+        if 0 in self.strided:
+            cuts.update(self._every_fth(0, made))
         del made
         batch = {v.shape[0] for v in cuts.values()}
         phases = math.prod(self.factors[0])
@@ -79,22 +153,48 @@ class BatchPlan(PhasePlan):
     def _run_level(self, k: int, shared: dict, cuts: dict, prefix: tuple, n: int, buffers: dict) -> None:
         """Stage ``k`` once per phase of level ``k``, on ``cuts`` (this level's tensors of
         phases, for the phase ``prefix`` of the levels above), and the stages below it."""
-        stage = self.stages[k]
+        stage = self.stages[k - 1 + self._first_level]
         phases = math.prod(self.factors[k - 1])
         size = next(iter(cuts.values())).shape[0] // phases
         mine = [o for o, at in self.made_at.items() if at == k]
         for a in range(phases):
-            feeds = {name: (cuts[name][a * size:(a + 1) * size] if name in cuts else shared[name])
-                     for name in stage.inputs}
+            feeds = {name: (_phase(cuts[name], a, size) if name in cuts else shared[name]) for name in stage.inputs}
             out = stage.run(feeds)
             del feeds
             for name in mine:
                 _place(buffers, name, out.pop(self.interleaved[name]["phases"]), self.interleaved[name],
                        self.factors[:k], prefix + (a,), n)
             if k < self.depth:
-                deeper = {name: out.pop(name) for name in self.cuts[k] if name in out}
+                deeper = self._every_fth(k, out) if k in self.strided else {name: out.pop(name) for name in self.cuts[k] if name in out}
                 del out
                 self._run_level(k + 1, shared, deeper, prefix + (a,), n, buffers)
+
+
+class _EveryFth:
+    """A tensor of phases that the moves would make from ``source`` (passes/fragments.py,
+    _split_after): per spatial axis, the first ``f * (D // f)`` positions folded to (D // f, f),
+    phase axes moved to the front of the batch, row-major. Phase ``a``'s block is positions
+    ``a_t + f_t * i`` of ``source``; only that block is ever copied."""
+
+    def __init__(self, source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> None:
+        self.source, self.axes, self.factor = source, list(axes), list(factor)
+        self.windows = [source.shape[a] // f for a, f in zip(self.axes, self.factor)]
+        shape = list(source.shape)
+        shape[0] *= math.prod(self.factor)
+        for a, q in zip(self.axes, self.windows):
+            shape[a] = q
+        self.shape = tuple(shape)
+
+    def phase(self, a: int) -> np.ndarray:
+        index = [slice(None)] * self.source.ndim
+        for axis, f, q, p in zip(self.axes, self.factor, self.windows, np.unravel_index(a, self.factor)):
+            index[axis] = slice(int(p), int(p) + f * q, f)
+        return np.ascontiguousarray(self.source[tuple(index)])
+
+
+def _phase(cut, a: int, size: int) -> np.ndarray:
+    """Phase ``a`` of a level's tensor of phases: ``size`` batch entries from ``a * size``."""
+    return cut.phase(a) if isinstance(cut, _EveryFth) else cut[a * size:(a + 1) * size]
 
 
 def _place(buffers: dict, name: str, value: np.ndarray, spec: dict, factors: Sequence[Sequence[int]],
@@ -171,6 +271,47 @@ class _TooDeep(Exception):
     pass
 
 
+def _rank(types: Mapping, name: str, spatial: int) -> int:
+    """A value's rank from the graph's types (batch, channels and spatial axes if not known)."""
+    return len(types.get(name, (None, None))[1] or ()) or (spatial + 2)
+
+
+# What the rewrite's moves to the batch are made of (passes/fragments.py): shape arithmetic and copies.
+_MOVES = frozenset({"Shape", "Slice", "Div", "Mul", "Concat", "Reshape", "Transpose", "Pad", "Gather", "Unsqueeze",
+                    "Squeeze", "Cast", "ConstantOfShape", "Expand", "Identity"})
+
+
+def _trunk_and_moves(nodes: list[onnx.NodeProto], cuts: Sequence[str], sources: Mapping[str, dict],
+                     producer: Mapping[str, onnx.NodeProto], level: Mapping) -> tuple[list, list, str | bool]:
+    """A stage's nodes as the rest and a level's moves (what leads from the maps they read to
+    the tensors of phases), and True; or (nodes, [], why not). For level 1, the rest is the
+    trunk: the original network up to the maps."""
+    if "sources" not in level:
+        return nodes, [], "it was written before onnx-dense recorded the maps they read (rewrite it again)"
+    if not sources:
+        return nodes, [], "the maps they read have no single window per position"
+    in_stage = {id(n) for n in nodes}
+    found: set[int] = set()
+    stack = list(cuts)
+    while stack:  # back from the tensors of phases to the maps
+        value = stack.pop()
+        node = producer.get(value)
+        if value in sources or node is None or id(node) not in in_stage or id(node) in found:
+            continue
+        found.add(id(node))
+        stack.extend(i for i in node.input if i)
+    derived = set(sources)  # every move must follow from the maps (else it would take trunk nodes along)
+    for node in nodes:
+        if id(node) in found:
+            if node.op_type not in _MOVES or not any(i in derived for i in node.input):
+                return nodes, [], f"node {node_label(node)} is not part of them (a map they read has no single window per position)"
+            derived.update(o for o in node.output if o)
+    trunk = [node for node in nodes if id(node) not in found]
+    if any(i in derived and i not in sources for node in trunk for i in node.input):
+        return nodes, [], "the trunk reads a value of the moves"
+    return trunk, [node for node in nodes if id(node) in found], True
+
+
 def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, depth: int) -> BatchPlan:
     batches = info.batches
     entry = info.inputs.get(input_name)
@@ -231,9 +372,32 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
         if o not in interleaved and level_of.get(o, 0) > 0:
             raise DenseError(f"output '{o}' is made from the tensors of phases but its batch-to-space is not recorded; "
                              "rewrite the model again")
+    types = _value_types(proto, info, input_name)
+    n = len(entry.spatial_axes)
+    # Each level's moves apart from the stage that runs them (level 1's: from the trunk, which
+    # can then be tiled); where the tensors of phases are every f-th position of their maps,
+    # the moves are not run at all (strided: a phase takes its positions from the map).
+    apart, strided, moves0 = "", set(), []
+    for k in range(depth):
+        sources = levels[k].get("sources") or {}
+        rest, moves, why = _trunk_and_moves(stage_nodes[k], cuts[k], sources, producer, levels[k])
+        every = why is True and sorted(c for spec in sources.values() for c in spec["cuts"]) == sorted(cuts[k]) and all(
+            spec["every"] and len(spec["cuts"]) == 1
+            and spec["axes"] == list(range(_rank(types, name, n) - n, _rank(types, name, n)))
+            for name, spec in sources.items())
+        if k == 0:
+            apart = why
+        if every:
+            stage_nodes[k] = rest
+            strided.add(k)
+        elif k == 0 and why is True:
+            stage_nodes[0], moves0 = rest, moves
+    groups = [(0, stage_nodes[0])] + ([(0, moves0)] if moves0 else [])
+    groups += [(k, nodes) for k, nodes in enumerate(stage_nodes) if k]
+    kept = {k: set(levels[k]["sources"]) for k in strided}  # maps a stage hands on instead of its moves
     stages: list[Stage] = []
     reads: list[list[str]] = []
-    for k, nodes in enumerate(stage_nodes):
+    for k, nodes in groups:
         own = {o for node in nodes for o in node.output if o}
         need: list[str] = []
         for node in nodes:
@@ -245,29 +409,31 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
             if k and source and not (i in cut_depth and cut_depth[i] == k):
                 raise _TooDeep  # a value of another batch (an upper level's run): not split here
         reads.append(need)
-    later = [set().union(*reads[k + 1:]) for k in range(depth + 1)]
+    later = [set().union(*reads[g + 1:]) for g in range(len(groups))]
     made_at = {o: level_of[spec["phases"]] for o, spec in interleaved.items()}
     cumulative = (1,) * len(entry.spatial_axes)
-    for k, nodes in enumerate(stage_nodes):
+    for g, (k, nodes) in enumerate(groups):
         outs = [o for node in nodes for o in node.output
-                if o and (o in later[k] or (k == 0 and o in outputs and o not in interleaved))]
+                if o and (o in later[g] or (k == 0 and o in outputs and o not in interleaved) or o in kept.get(k, ()))]
         outs += [spec["phases"] for o, spec in interleaved.items() if made_at[o] == k]
         split = factors[k - 1] if k else cumulative
         if k:
             cumulative = tuple(a * b for a, b in zip(cumulative, split))
-        stages.append(Stage(k, cumulative, split, nodes, reads[k], outs, divide=False))
-    n = len(entry.spatial_axes)
+        stages.append(Stage(g, cumulative, split, nodes, reads[g], outs, divide=False))
     # dims left symbolic in the stages' inputs and outputs: the batch, and the spatial axes
     axes: dict[str, tuple[int, ...]] = {input_name: tuple(entry.spatial_axes)}
-    types = _value_types(proto, info, input_name)
     for name in cut_depth:
-        rank = len(types.get(name, (None, None))[1] or ()) or (n + 2)
+        rank = _rank(types, name, n)
         axes[name] = (0,) + tuple(range(rank - n, rank))
     for spec in interleaved.values():
         axes[spec["phases"]] = (0,) + tuple(a for a in spec["axes"] if not spec["inserted"])
-    producer_stage = {o: k for k, nodes in enumerate(stage_nodes) for node in nodes for o in node.output if o}
+    for k in range(depth if apart is True else 0):
+        for name, spec in (levels[k].get("sources") or {}).items():
+            axes[name] = (0,) + tuple(spec["axes"])
+    producer_stage = {o: g for g, (_, nodes) in enumerate(groups) for node in nodes for o in node.output if o}
     producer_stage.update(made_at)
     plan = BatchPlan(stages, input_name, {}, outputs, producer_stage, factors=factors, cuts=cuts,
-                     interleaved=interleaved, made_at=made_at)
+                     interleaved=interleaved, made_at=made_at, moves=apart, strided=frozenset(strided),
+                     sources=tuple(dict(levels[k].get("sources") or {}) for k in range(depth)))
     plan._types, plan._constants, plan._axes = types, constant_nodes, axes
     return plan

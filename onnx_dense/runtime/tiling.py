@@ -358,14 +358,16 @@ def _axis_name(k: int, rank: int) -> str:
 def check_tileable(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str,
                    nodes: Sequence[onnx.NodeProto] | None = None) -> None:
     """Raise DenseError naming the first node that would make a tiled run differ from an untiled one
-    (of ``nodes`` only, if given: a part of the graph that is tiled on its own)."""
-    if info.strategy != "dilate":
+    (of ``nodes`` only, if given: a part of the graph that is tiled on its own, such as the trunk
+    of a phase schedule, which is the original network whatever the strategy or what follows)."""
+    if nodes is None and info.strategy != "dilate":
         raise DenseError(
             f"this model was rewritten with strategy '{info.strategy}', whose phases read a zero extension that "
             "depends on the map's size, so tiles would not match the whole image; run without --tile, or "
             "rewrite with --strategy dilate"
         )
-    if getattr(info, "per_phase_global", False) or any(getattr(o, "off_grid", "exact") == "global" for o in info.outputs.values()):
+    if nodes is None and (getattr(info, "per_phase_global", False)
+                          or any(getattr(o, "off_grid", "exact") == "global" for o in info.outputs.values())):
         raise DenseError(
             "this model computes global context (per-phase means over the whole map), so tiles would not match "
             "the whole image; run without --tile"

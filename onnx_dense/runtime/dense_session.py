@@ -543,8 +543,10 @@ class DenseSession:
                             schedule=schedule)
         finally:
             body.max_memory = self.max_memory
-        self.last_schedule = body.last_schedule
-        chosen = self.last_schedule
+        chosen = body.last_schedule
+        if chosen is not None and chosen.budget is not None:  # the budget given, not the one the body ran under
+            chosen = dataclasses.replace(chosen, budget=self.max_memory)
+        self.last_schedule = chosen
         if tail_peak is not None and chosen is not None and chosen.estimate is not None and tail_peak > chosen.estimate:
             if chosen.estimate > self.max_memory:
                 over = "the fastest for the rest within the final upsampling's peak (it is not split)"

@@ -19,13 +19,15 @@ estimate and ``run`` treat it the same), split ``depth`` levels deep:
   stage, on any deeper ones), once per phase of levels 1..k; the outputs' batch-to-space is
   left out.
 
-The moves themselves are not run where the rewrite's moves take every f-th position of a map
-(passes/fragments.py, ``_split_after``; the rewrite records each level's maps, with their
-fields, as ``sources``): a stage hands on the map, and each phase of the next level copies its
-own positions ``a + f*i`` from it (:class:`_EveryFth`), 1/f of the map, where the moves (a
-crop, two transposes) held two to three copies of the whole map. Moves that shift copies of a
-padded input (``_split``) run as they are: level 1's as a stage of their own between the trunk
-and level 1, deeper levels' inside their stage.
+Where the rewrite's moves take every f-th position of a map (passes/fragments.py,
+``_split_after``; the rewrite records each level's maps, with their fields, as ``sources``), a
+stage hands on the map and the moves are done here in numpy (:func:`_moved`): one copy, after
+which the map is dropped, where the graph's moves (a crop, then a copy per transposed axis)
+held up to three copies of the map beside the stage's own values. Each phase then reads its
+contiguous slice of the batch, as before. (Copying each phase's positions from the map as it
+runs instead, 1/f of it, measured worse: that copy is alive with the next stage's values, at
+the run's peak.) Moves that shift copies of a padded input (``_split``) run as they are: level
+1's as a stage of their own between the trunk and level 1, deeper levels' inside their stage.
 
 The tiled trunk. Stage 0 ends at the maps level 1's moves read, so it is the original network
 at the kept strides: it tiles as a dilated trunk does (``run(trunk=...)``), and the maps
@@ -69,20 +71,34 @@ class BatchPlan(PhasePlan):
     # tiles (``run(trunk=...)``); else why not (stage 0 ends in the moves).
     sources: tuple[dict, ...] = ()
     moves: str | bool = False
-    # Levels (0: the first) whose moves are not run at all, each tensor of phases being every
-    # f-th position of its map (``every``): a phase's run takes those positions from the map, a
-    # copy of 1/f of it, where the moves would hold two to three copies of the whole map. Where
-    # level 1 is not among them but its moves are apart, they are stage 1, run on the whole maps.
-    strided: frozenset = frozenset()
+    # Levels (0: the first) whose moves are done in numpy (:func:`_moved`), each tensor of
+    # phases being every f-th position of its map (``every``). Where level 1 is not among them
+    # but its moves are apart, they are stage 1, run on the whole maps.
+    in_numpy: frozenset = frozenset()
 
     @property
     def depth(self) -> int:
         return len(self.factors)
 
+    def estimate_stages(self):
+        """As :meth:`PhasePlan.estimate_stages`, with how each stage runs (schedule.phases_peak):
+        a level's stage reads slices of its tensors of phases (no copies), and the stage before
+        it hands on the maps its moves, done in numpy, read."""
+        plain = super().estimate_stages()
+        level_at = {self._first_level + k: k + 1 for k in range(self.depth)}  # stage -> its level
+        result = []
+        for i, stage in enumerate(plain):
+            level = level_at.get(i, 0)  # the trunk (and level 1's moves) at 0
+            moved = {}
+            if level in self.in_numpy and (level or i == 0):
+                moved = {name: spec["cuts"][0] for name, spec in self.sources[level].items()}
+            result.append((*stage, {"views": i >= self._first_level, "moved": moved}))
+        return result
+
     @property
     def _first_level(self) -> int:
         """Index of the stage of level 1 (after the trunk, and its moves where they are apart)."""
-        return 2 if self.moves is True and 0 not in self.strided else 1
+        return 2 if self.moves is True and 0 not in self.in_numpy else 1
 
     def describe(self) -> str:
         deep = f"{self.depth} level{'s' if self.depth != 1 else ''}"
@@ -110,9 +126,10 @@ class BatchPlan(PhasePlan):
             result.append(OutputAxes(name, axes, tuple(Geometry(*g) for g in geometry)))
         return result
 
-    def _every_fth(self, k: int, made: dict) -> dict:
-        """Level ``k + 1``'s tensors of phases, from the maps in ``made`` (popped) that its moves read."""
-        return {spec["cuts"][0]: _EveryFth(made.pop(name), spec["axes"], self.factors[k])
+    def _moved_here(self, k: int, made: dict) -> dict:
+        """Level ``k + 1``'s tensors of phases, from the maps in ``made`` that its moves read
+        (popped: each map is gone once its tensor of phases is made)."""
+        return {spec["cuts"][0]: _moved(made.pop(name), spec["axes"], self.factors[k])
                 for name, spec in self.sources[k].items()}
 
     def _untiled(self) -> DenseError:
@@ -138,8 +155,8 @@ class BatchPlan(PhasePlan):
         results = {n: made[n] for n in self.output_names if n in made and n not in self.interleaved}
         shared = {n: (made[n] if n in made else feeds[n]) for n in later if n in made or n in feeds}
         cuts = {n: shared.pop(n) for n in self.cuts[0] if n in shared}
-        if 0 in self.strided:
-            cuts.update(self._every_fth(0, made))
+        if 0 in self.in_numpy:
+            cuts.update(self._moved_here(0, made))
         del made
         batch = {v.shape[0] for v in cuts.values()}
         phases = math.prod(self.factors[0])
@@ -158,43 +175,33 @@ class BatchPlan(PhasePlan):
         size = next(iter(cuts.values())).shape[0] // phases
         mine = [o for o, at in self.made_at.items() if at == k]
         for a in range(phases):
-            feeds = {name: (_phase(cuts[name], a, size) if name in cuts else shared[name]) for name in stage.inputs}
+            feeds = {name: (cuts[name][a * size:(a + 1) * size] if name in cuts else shared[name])
+                     for name in stage.inputs}
             out = stage.run(feeds)
             del feeds
             for name in mine:
                 _place(buffers, name, out.pop(self.interleaved[name]["phases"]), self.interleaved[name],
                        self.factors[:k], prefix + (a,), n)
             if k < self.depth:
-                deeper = self._every_fth(k, out) if k in self.strided else {name: out.pop(name) for name in self.cuts[k] if name in out}
+                deeper = self._moved_here(k, out) if k in self.in_numpy else {name: out.pop(name) for name in self.cuts[k] if name in out}
                 del out
                 self._run_level(k + 1, shared, deeper, prefix + (a,), n, buffers)
 
 
-class _EveryFth:
-    """A tensor of phases that the moves would make from ``source`` (passes/fragments.py,
-    _split_after): per spatial axis, the first ``f * (D // f)`` positions folded to (D // f, f),
-    phase axes moved to the front of the batch, row-major. Phase ``a``'s block is positions
-    ``a_t + f_t * i`` of ``source``; only that block is ever copied."""
-
-    def __init__(self, source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> None:
-        self.source, self.axes, self.factor = source, list(axes), list(factor)
-        self.windows = [source.shape[a] // f for a, f in zip(self.axes, self.factor)]
-        shape = list(source.shape)
-        shape[0] *= math.prod(self.factor)
-        for a, q in zip(self.axes, self.windows):
-            shape[a] = q
-        self.shape = tuple(shape)
-
-    def phase(self, a: int) -> np.ndarray:
-        index = [slice(None)] * self.source.ndim
-        for axis, f, q, p in zip(self.axes, self.factor, self.windows, np.unravel_index(a, self.factor)):
-            index[axis] = slice(int(p), int(p) + f * q, f)
-        return np.ascontiguousarray(self.source[tuple(index)])
-
-
-def _phase(cut, a: int, size: int) -> np.ndarray:
-    """Phase ``a`` of a level's tensor of phases: ``size`` batch entries from ``a * size``."""
-    return cut.phase(a) if isinstance(cut, _EveryFth) else cut[a * size:(a + 1) * size]
+def _moved(source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> np.ndarray:
+    """The tensor of phases the rewrite's moves make from ``source`` (passes/fragments.py,
+    _split_after), in one copy: per spatial axis (the last ones), the first ``f * (D // f)``
+    positions folded to (D // f, f), the phase axes moved to the front of the batch (row-major),
+    so phase ``a`` is batch entries ``a*N .. a*N + N``: positions ``a_t + f_t * i`` of ``source``.
+    The graph's moves (a crop copied, then a copy per transposed axis) held up to three."""
+    n = len(axes)
+    lead = source.shape[:source.ndim - n]
+    windows = [source.shape[a] // f for a, f in zip(axes, factor)]
+    crop = source[(...,) + tuple(slice(0, q * f) for q, f in zip(windows, factor))]
+    split = crop.reshape(lead + tuple(d for q, f in zip(windows, factor) for d in (q, f)))  # a view
+    k = len(lead)
+    perm = [k + 2 * t + 1 for t in range(n)] + list(range(k)) + [k + 2 * t for t in range(n)]
+    return np.ascontiguousarray(split.transpose(perm)).reshape((-1,) + lead[1:] + tuple(windows))
 
 
 def _place(buffers: dict, name: str, value: np.ndarray, spec: dict, factors: Sequence[Sequence[int]],
@@ -376,8 +383,8 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
     n = len(entry.spatial_axes)
     # Each level's moves apart from the stage that runs them (level 1's: from the trunk, which
     # can then be tiled); where the tensors of phases are every f-th position of their maps,
-    # the moves are not run at all (strided: a phase takes its positions from the map).
-    apart, strided, moves0 = "", set(), []
+    # the moves are done in numpy (in_numpy: one copy of the map, which is then dropped).
+    apart, in_numpy, moves0 = "", set(), []
     for k in range(depth):
         sources = levels[k].get("sources") or {}
         rest, moves, why = _trunk_and_moves(stage_nodes[k], cuts[k], sources, producer, levels[k])
@@ -389,12 +396,12 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
             apart = why
         if every:
             stage_nodes[k] = rest
-            strided.add(k)
+            in_numpy.add(k)
         elif k == 0 and why is True:
             stage_nodes[0], moves0 = rest, moves
     groups = [(0, stage_nodes[0])] + ([(0, moves0)] if moves0 else [])
     groups += [(k, nodes) for k, nodes in enumerate(stage_nodes) if k]
-    kept = {k: set(levels[k]["sources"]) for k in strided}  # maps a stage hands on instead of its moves
+    kept = {k: set(levels[k]["sources"]) for k in in_numpy}  # maps a stage hands on instead of its moves
     stages: list[Stage] = []
     reads: list[list[str]] = []
     for k, nodes in groups:
@@ -433,7 +440,7 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
     producer_stage = {o: g for g, (_, nodes) in enumerate(groups) for node in nodes for o in node.output if o}
     producer_stage.update(made_at)
     plan = BatchPlan(stages, input_name, {}, outputs, producer_stage, factors=factors, cuts=cuts,
-                     interleaved=interleaved, made_at=made_at, moves=apart, strided=frozenset(strided),
+                     interleaved=interleaved, made_at=made_at, moves=apart, in_numpy=frozenset(in_numpy),
                      sources=tuple(dict(levels[k].get("sources") or {}) for k in range(depth)))
     plan._types, plan._constants, plan._axes = types, constant_nodes, axes
     return plan

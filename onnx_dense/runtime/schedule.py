@@ -293,7 +293,11 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
                 margin: float = MARGIN, trunk: Profile | None = None) -> int:
     """Phase by phase (:meth:`PhasePlan.run`): bytes above what the process holds before it.
 
-    ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs) per stage, in order.
+    ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs[, how]) per
+    stage, in order; ``how`` (fragments' batches: runtime/fragment_batches.py): ``views``, the
+    stage reads its inputs as slices of the batch (no copies); ``moved``, {map: tensor of
+    phases} made in numpy from this stage's maps once it has run, each map dropped once its
+    tensor is made.
     While one phase of stage ``k`` runs, the process holds: the values stages above carry to
     later ones (their phase's share), the output buffers (an output made at stage ``s`` has one
     at every level down to ``s``), the contiguous copies of the stage's inputs (stage 0 reads
@@ -302,25 +306,28 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     it holds its outputs stitched whole, one tile's copy of the image and that tile's values.
     """
     outputs = set(output_names)
-    parts = [math.prod(level) for level, *_ in plan_stages]
-    made_at = {o: k for k, (_, _, _, outs) in enumerate(plan_stages) for o in outs}
+    parts = [math.prod(stage[0]) for stage in plan_stages]
+    made_at = {o: k for k, stage in enumerate(plan_stages) for o in stage[3]}
     held = sum(prof.nbytes.get(n, 0) * sum(1 / p for p in parts[:made_at.get(n, 0) + 1]) for n in outputs)
     if not resident:
         held += sum(prof.nbytes.get(n, 0) for n in prof.graph_inputs)
     peak = 0.0
     carried = 0.0
-    for k, (level, nodes, inputs, outs) in enumerate(plan_stages):
+    for k, (level, nodes, inputs, outs, *rest) in enumerate(plan_stages):
+        how = rest[0] if rest else {}
         if k == 0 and trunk is not None:
             stitched = sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs)
             tile_input = sum(trunk.nbytes.get(n, 0) for n in trunk.graph_inputs)
             ort = live_peak(trunk, nodes, keep=set(outs), skip=set(inputs))
             peak = max(peak, held + stitched + tile_input + ort * margin)
-            carried += stitched
-            continue
-        ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs))
-        copies = 0.0 if k == 0 else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
-        peak = max(peak, held + carried + copies + ort * margin)
+        else:
+            ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs))
+            copies = 0.0 if k == 0 or how.get("views") else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
+            peak = max(peak, held + carried + copies + ort * margin)
         carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs) / parts[k]
+        for source, cut in how.get("moved", {}).items():  # the map and its tensor of phases, then the map goes
+            peak = max(peak, held + carried + prof.nbytes.get(cut, 0) / parts[k])
+            carried += (prof.nbytes.get(cut, 0) - prof.nbytes.get(source, 0)) / parts[k]
     return int(peak)
 
 

@@ -115,6 +115,39 @@ def test_each_phase_of_each_level_alone_equals_the_whole_run(models, name, sizes
                                    ._body_and_tail()[0].run(x).items()})
 
 
+def test_each_phases_share_of_a_tensor_of_phases_goes_once_the_phase_has_run(models, monkeypatch):
+    """The moves done in numpy give one array per phase; a phase's goes before the levels below
+    it run, so the deepest stage of phase 0 holds 3 of level 1's 4 arrays, not the whole map."""
+    from onnx_dense.runtime import fragment_batches
+
+    made = []
+    real = fragment_batches._moved
+
+    def moved(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(fragment_batches, "_moved", moved)
+    body = DenseSession(models["fcn8s"], provider="cpu")._body_and_tail()[0]
+    x = _image(100)
+    whole = body.run(x)
+    plan = body._phase_plan(3)
+    assert plan.in_numpy == {0, 1, 2}
+    deepest = plan.stages[-1]
+    held = []
+    run = deepest.run
+    deepest.run = lambda feeds: (held.append([sum(p is not None for p in parts) for parts in made[:2]]), run(feeds))[1]
+    try:
+        _assert_same(plan.run(body._feeds(x)), {k: v.numpy() for k, v in whole.items()})
+    finally:
+        deepest.run = run
+    assert held[0] == [3, 3] and held[-1] == [0, 0] and len(held) == 64
+    assert all(p is None for parts in made for p in parts)
+    # the estimate counts it: each level's stage frees its inputs' share
+    how = [stage[4] for stage in plan.estimate_stages()]
+    assert [sorted(h["freed"]) for h in how[1:]] == [sorted(plan.cuts[k]) for k in range(3)]
+
+
 @pytest.mark.parametrize("name,sizes", [("fcn8s", (64, 100)), ("lraspp", (64, 131)), ("deeplabv3", (97, 131)),
                                         ("resnet", (197, 280))])
 def test_the_trunk_before_the_first_moves_runs_on_tiles(models, name, sizes):

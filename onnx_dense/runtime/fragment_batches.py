@@ -21,12 +21,13 @@ estimate and ``run`` treat it the same), split ``depth`` levels deep:
 
 Where the rewrite's moves take every f-th position of a map (passes/fragments.py,
 ``_split_after``; the rewrite records each level's maps, with their fields, as ``sources``), a
-stage hands on the map and the moves are done here in numpy (:func:`_moved`): one copy, after
-which the map is dropped, where the graph's moves (a crop, then a copy per transposed axis)
-held up to three copies of the map beside the stage's own values. Each phase then reads its
-contiguous slice of the batch, as before. (Copying each phase's positions from the map as it
-runs instead, 1/f of it, measured worse: that copy is alive with the next stage's values, at
-the run's peak.) Moves that shift copies of a padded input (``_split``) run as they are: level
+stage hands on the map and the moves are done here in numpy (:func:`_moved`): one copy, an
+array per phase, after which the map is dropped, where the graph's moves (a crop, then a copy
+per transposed axis) held up to three copies of the map beside the stage's own values. Each
+phase's array goes once the phase has run, before the levels below it run, so the deepest
+stage of the first phase holds (f-1)/f of each level's map above it. (Copying each phase's
+positions from the map as it runs instead, 1/f of it, measured worse: the whole map stays,
+and that copy is alive with the next stage's values, at the run's peak.) Moves that shift copies of a padded input (``_split``) run as they are: level
 1's as a stage of their own between the trunk and level 1, deeper levels' inside their stage.
 
 The tiled trunk. Stage 0 ends at the maps level 1's moves read, so it is the original network
@@ -82,8 +83,9 @@ class BatchPlan(PhasePlan):
 
     def estimate_stages(self):
         """As :meth:`PhasePlan.estimate_stages`, with how each stage runs (schedule.phases_peak):
-        a level's stage reads slices of its tensors of phases (no copies), and the stage before
-        it hands on the maps its moves, done in numpy, read."""
+        a level's stage reads slices of its tensors of phases (no copies), the stage before
+        it hands on the maps its moves, done in numpy, read, and each phase's array of those
+        goes once the phase has run."""
         plain = super().estimate_stages()
         level_at = {self._first_level + k: k + 1 for k in range(self.depth)}  # stage -> its level
         result = []
@@ -92,7 +94,8 @@ class BatchPlan(PhasePlan):
             moved = {}
             if level in self.in_numpy and (level or i == 0):
                 moved = {name: spec["cuts"][0] for name, spec in self.sources[level].items()}
-            result.append((*stage, {"views": i >= self._first_level, "moved": moved}))
+            freed = [spec["cuts"][0] for spec in self.sources[level - 1].values()] if level - 1 in self.in_numpy else []
+            result.append((*stage, {"views": i >= self._first_level, "moved": moved, "freed": freed}))
         return result
 
     @property
@@ -158,7 +161,7 @@ class BatchPlan(PhasePlan):
         if 0 in self.in_numpy:
             cuts.update(self._moved_here(0, made))
         del made
-        batch = {v.shape[0] for v in cuts.values()}
+        batch = {_batch(v) for v in cuts.values()}
         phases = math.prod(self.factors[0])
         if len(batch) != 1 or next(iter(batch)) % phases:
             raise DenseError(f"the tensors of phases have batch sizes {sorted(batch)}, not one multiple of {phases}")
@@ -169,16 +172,20 @@ class BatchPlan(PhasePlan):
 
     def _run_level(self, k: int, shared: dict, cuts: dict, prefix: tuple, n: int, buffers: dict) -> None:
         """Stage ``k`` once per phase of level ``k``, on ``cuts`` (this level's tensors of
-        phases, for the phase ``prefix`` of the levels above), and the stages below it."""
+        phases, for the phase ``prefix`` of the levels above: a batch, or a list of one array
+        per phase where the moves were done in numpy), and the stages below it. A phase's
+        array in a list is dropped once its phase has run, before the levels below it run."""
         stage = self.stages[k - 1 + self._first_level]
         phases = math.prod(self.factors[k - 1])
-        size = next(iter(cuts.values())).shape[0] // phases
+        size = _batch(next(iter(cuts.values()))) // phases
         mine = [o for o, at in self.made_at.items() if at == k]
         for a in range(phases):
-            feeds = {name: (cuts[name][a * size:(a + 1) * size] if name in cuts else shared[name])
-                     for name in stage.inputs}
+            feeds = {name: (_phase(cuts[name], a, size) if name in cuts else shared[name]) for name in stage.inputs}
             out = stage.run(feeds)
             del feeds
+            for value in cuts.values():
+                if isinstance(value, list):
+                    value[a] = None
             for name in mine:
                 _place(buffers, name, out.pop(self.interleaved[name]["phases"]), self.interleaved[name],
                        self.factors[:k], prefix + (a,), n)
@@ -188,20 +195,27 @@ class BatchPlan(PhasePlan):
                 self._run_level(k + 1, shared, deeper, prefix + (a,), n, buffers)
 
 
-def _moved(source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> np.ndarray:
+def _moved(source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> list[np.ndarray]:
     """The tensor of phases the rewrite's moves make from ``source`` (passes/fragments.py,
-    _split_after), in one copy: per spatial axis (the last ones), the first ``f * (D // f)``
-    positions folded to (D // f, f), the phase axes moved to the front of the batch (row-major),
-    so phase ``a`` is batch entries ``a*N .. a*N + N``: positions ``a_t + f_t * i`` of ``source``.
-    The graph's moves (a crop copied, then a copy per transposed axis) held up to three."""
+    _split_after), one contiguous array per phase (row-major over the phase axes): phase ``a``,
+    batch entries ``a*N .. a*N + N`` of the graph's tensor, is positions ``a_t + f_t * i`` of
+    ``source`` along its last spatial axes, the first ``D // f`` of them. One copy of the map
+    in all (the graph's moves, a crop copied and a copy per transposed axis, held up to three),
+    and each phase's array can go once its phase has run (:meth:`BatchPlan._run_level`)."""
     n = len(axes)
-    lead = source.shape[:source.ndim - n]
     windows = [source.shape[a] // f for a, f in zip(axes, factor)]
-    crop = source[(...,) + tuple(slice(0, q * f) for q, f in zip(windows, factor))]
-    split = crop.reshape(lead + tuple(d for q, f in zip(windows, factor) for d in (q, f)))  # a view
-    k = len(lead)
-    perm = [k + 2 * t + 1 for t in range(n)] + list(range(k)) + [k + 2 * t for t in range(n)]
-    return np.ascontiguousarray(split.transpose(perm)).reshape((-1,) + lead[1:] + tuple(windows))
+    return [np.ascontiguousarray(source[(...,) + tuple(slice(p, p + q * f, f) for p, q, f in zip(phase, windows, factor))])
+            for phase in np.ndindex(*factor)]
+
+
+def _batch(value) -> int:
+    """Batch size of a tensor of phases (an array, or :func:`_moved`'s list of one per phase)."""
+    return sum(part.shape[0] for part in value) if isinstance(value, list) else value.shape[0]
+
+
+def _phase(value, a: int, size: int) -> np.ndarray:
+    """Phase ``a``'s ``size`` batch entries of a tensor of phases (no copy)."""
+    return value[a] if isinstance(value, list) else value[a * size:(a + 1) * size]
 
 
 def _place(buffers: dict, name: str, value: np.ndarray, spec: dict, factors: Sequence[Sequence[int]],

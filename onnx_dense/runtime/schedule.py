@@ -295,9 +295,10 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
 
     ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs[, how]) per
     stage, in order; ``how`` (fragments' batches: runtime/fragment_batches.py): ``views``, the
-    stage reads its inputs as slices of the batch (no copies); ``moved``, {map: tensor of
-    phases} made in numpy from this stage's maps once it has run, each map dropped once its
-    tensor is made.
+    stage reads its inputs as slices of the batch (no copies); ``freed``, inputs (tensors of
+    phases made in numpy) whose phase's share goes once the stage has run; ``moved``, {map:
+    tensor of phases} made in numpy from this stage's maps once it has run, each map dropped
+    once its tensor is made.
     While one phase of stage ``k`` runs, the process holds: the values stages above carry to
     later ones (their phase's share), the output buffers (an output made at stage ``s`` has one
     at every level down to ``s``), the contiguous copies of the stage's inputs (stage 0 reads
@@ -325,6 +326,7 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
             copies = 0.0 if k == 0 or how.get("views") else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
             peak = max(peak, held + carried + copies + ort * margin)
         carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs) / parts[k]
+        carried -= sum(prof.nbytes.get(n, 0) for n in how.get("freed", ())) / parts[k]
         for source, cut in how.get("moved", {}).items():  # the map and its tensor of phases, then the map goes
             peak = max(peak, held + carried + prof.nbytes.get(cut, 0) / parts[k])
             carried += (prof.nbytes.get(cut, 0) - prof.nbytes.get(source, 0)) / parts[k]

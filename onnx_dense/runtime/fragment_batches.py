@@ -27,8 +27,9 @@ per transposed axis) held up to three copies of the map beside the stage's own v
 phase's array goes once the phase has run, before the levels below it run, so the deepest
 stage of the first phase holds (f-1)/f of each level's map above it. (Copying each phase's
 positions from the map as it runs instead, 1/f of it, measured worse: the whole map stays,
-and that copy is alive with the next stage's values, at the run's peak.) Moves that shift copies of a padded input (``_split``) run as they are: level
-1's as a stage of their own between the trunk and level 1, deeper levels' inside their stage.
+and that copy is alive with the next stage's values, at the run's peak.) Moves that shift
+copies of a padded input (``_split``) run as they are: level 1's as a stage of their own
+between the trunk and level 1, deeper levels' inside their stage.
 
 The tiled trunk. Stage 0 ends at the maps level 1's moves read, so it is the original network
 at the kept strides: it tiles as a dilated trunk does (``run(trunk=...)``), and the maps
@@ -202,7 +203,6 @@ def _moved(source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> li
     ``source`` along its last spatial axes, the first ``D // f`` of them. One copy of the map
     in all (the graph's moves, a crop copied and a copy per transposed axis, held up to three),
     and each phase's array can go once its phase has run (:meth:`BatchPlan._run_level`)."""
-    n = len(axes)
     windows = [source.shape[a] // f for a, f in zip(axes, factor)]
     return [np.ascontiguousarray(source[(...,) + tuple(slice(p, p + q * f, f) for p, q, f in zip(phase, windows, factor))])
             for phase in np.ndindex(*factor)]

@@ -276,7 +276,7 @@ def test_moves_that_shift_copies_of_the_input_run_apart_from_the_trunk():
     forced = DenseSession(dense, provider="cpu", schedule="tiled-trunk")
     _assert_same({k: v.numpy() for k, v in forced.run({"x": x}).items()}, whole)
     assert forced.last_schedule.kind == "phases"
-    assert forced.last_schedule.instead.startswith("tiled-trunk asked for, but model: cannot tile the trunk (the "
+    assert forced.last_schedule.instead.startswith("tiled-trunk asked for, but cannot tile the trunk (the "
                                                    "trunk of this 'fragments' model ends in moves to the batch")
     assert "rewrite it again" in forced.last_schedule.instead
 

@@ -735,7 +735,8 @@ class DenseSession:
                 chosen = self._choose(feeds, tile=None, schedule="tiled-trunk", _budget=_budget, _trunk_only=True)
             except DenseError as exc:  # its trunk does not tile: by phases, and why
                 chosen = self._choose(feeds, tile=None, schedule="phases", _budget=_budget)
-                return dataclasses.replace(chosen, instead=f"{kind} asked for, but {exc}: by phases of its batch "
+                why = str(exc).removeprefix(f"{self.label}: ")  # the line names the model already
+                return dataclasses.replace(chosen, instead=f"{kind} asked for, but {why}: by phases of its batch "
                                                            "instead")
             if kind == "tiled-trunk":
                 return chosen

@@ -66,8 +66,8 @@ Rules:
   time: runtime/fragment_batches.py): per level, its factor, the tensors of phases its moves
   make, and the maps they read (``sources``: spatial axes, dense stride, receptive field, and
   ``every``: the moves take every f-th position of the map, as those after a node's output
-  do). A run tiles the trunk up to the first level's maps, and takes a phase's positions from
-  a map instead of running the moves.
+  do). A run tiles the trunk up to the first level's maps, and where ``every`` holds does the
+  moves itself, in numpy, one array per phase.
 
 What is exact (also in the README):
 
@@ -579,7 +579,7 @@ def _sources(moves: list[tuple[ir.Value, list[ir.Value], bool]]) -> dict:
     """The maps a level's moves read, with their spatial axes, dense stride and receptive field:
     a run can compute them on tiles and stitch them before the moves, and where the tensor of
     phases is every f-th position of the map (``every``: _split_after's moves, spatial axes
-    last), take each phase's positions from the map itself (runtime/fragment_batches.py). A map
+    last), make it from the map in numpy (runtime/fragment_batches.py). A map
     whose grid is not one window per position is left out (no tiled trunk then)."""
     from onnx_dense.grid import GRID
 

@@ -208,7 +208,7 @@ class PhasePlan:
     levels_at: dict[int, dict[Level, str]] = dataclasses.field(default_factory=dict)  # level -> a node splitting it there
     depth_limit: tuple[int, str] | None = None
     cuts: dict[int, list[ir.Value]] = dataclasses.field(default_factory=dict)  # set by the rewrite: moves' outputs
-    sources: dict[int, list[ir.Value]] = dataclasses.field(default_factory=dict)  # and the maps the moves read
+    sources: dict[int, list[tuple]] = dataclasses.field(default_factory=dict)  # and (map read, made, every)
     interleaved: dict[str, dict] = dataclasses.field(default_factory=dict)  # output -> how its phases interleave
 
 

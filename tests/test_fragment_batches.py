@@ -194,11 +194,16 @@ net (float[1,3,64,64] x, float[16,3,3,3] w1, float[16,16,3,3] w2, float[4,16,3,3
 }"""
 
 
-def test_a_budget_between_the_split_and_the_tiled_trunk_takes_the_tiled_trunk():
+def test_a_budget_between_the_split_and_the_tiled_trunk_takes_the_tiled_trunk(monkeypatch):
     """A trunk 16 channels wide at the image's size before a split into 4-channel phases: the
     trunk is the largest part of the split run, so a budget below the split's estimate and above
     the tiled trunk's is met by the tiled trunk, with the whole run's outputs."""
+    from onnx_dense.runtime import dense_session
     from tests._graphs import build
+
+    # Estimates start from the process's RSS, which other tests in this worker move between
+    # two calls: held fixed, the estimates compared here are the same numbers the choice saw.
+    monkeypatch.setattr(dense_session, "_rss", lambda: 300 * 2**20)
 
     dense = ir.serde.serialize_model(onnx_dense.rewrite_model(build(_WIDE_TRUNK), output_stride=1,
                                                               strategy="fragments"))
@@ -219,10 +224,11 @@ def test_a_budget_between_the_split_and_the_tiled_trunk_takes_the_tiled_trunk():
     # within 5% of its peak above what the process holds
     tiny = DenseSession(dense, provider="cpu", max_memory="1MB")
     chosen = tiny.choose({"x": x})
-    estimate = tiny._estimator(size)  # the same process, a moment later: its RSS moves by little
+    estimate = tiny._estimator(size)
     lean = tiny._choose_trunk(tiny._feeds(x), size, range(1, 2), estimate, 0)
     near = estimate.base + (lean.estimate - estimate.base) * 1.05
-    assert chosen.estimate <= near + 4 * 2**20 and chosen.tiles < lean.tiles / 10, (chosen.describe(), lean.tiles)
+    assert chosen.kind == "tiled-trunk", chosen.describe()
+    assert chosen.estimate <= near and chosen.tiles < lean.tiles / 10, (chosen.describe(), lean.tiles)
     assert "the fastest within 5% of the leanest's peak" in chosen.describe()
 
 
@@ -297,10 +303,13 @@ def test_a_batch_of_two_images_keeps_each_images_phases():
     assert session._max_depth() == 2 and whole["y"].shape[0] == 2
 
 
-def test_the_batch_of_phases_is_split_where_the_budget_asks(models):
+def test_the_batch_of_phases_is_split_where_the_budget_asks(models, monkeypatch):
     """A budget between the two estimates runs by phases, and says so; forced tiled schedules,
     which a fragments model cannot take, run by phases and say why."""
-    x = _image(640)  # the two estimates ~130 MB apart: more than the RSS moves between sessions
+    from onnx_dense.runtime import dense_session
+
+    monkeypatch.setattr(dense_session, "_rss", lambda: 300 * 2**20)  # the RSS other tests move, held
+    x = _image(640)  # the two estimates ~130 MB apart
     whole = DenseSession(models["fcn8s"], provider="cpu").run(x)
     probe = DenseSession(models["fcn8s"], provider="cpu", max_memory="1TB")._body_and_tail()[0]  # the score map's
     estimate = probe._estimator((640, 640))

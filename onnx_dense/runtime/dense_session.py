@@ -700,7 +700,7 @@ class DenseSession:
         return dataclasses.replace(chosen, pattern=with_pattern <= budget)
 
     def _choose(self, feeds, *, tile=_UNSET, schedule: str | None = None, _budget: int | None = None,
-                _trunk_only: bool = False) -> Schedule:
+                _trunk_only: bool = False, _base: int | None = None) -> Schedule:
         kind = schedule or self.schedule
         if kind not in SCHEDULES:
             raise DenseError(f"schedule '{kind}': use one of {', '.join(SCHEDULES)}")
@@ -722,7 +722,7 @@ class DenseSession:
             whole_only = self._whole_only()
             if kind in ("phases", "tiled-trunk", "phases+tiles") and whole_only:  # its phases are the whole run
                 chosen = self._choose(feeds, tile=None, schedule="whole")
-                estimate = self._estimator(size)(0) if budget is not None else None
+                estimate = self._estimator(size, base=_base)(0) if budget is not None else None
                 return dataclasses.replace(chosen, estimate=estimate, budget=budget,
                                            instead=f"{kind} asked for, but {whole_only}")
             if kind in ("phases", "tiled-trunk", "phases+tiles"):
@@ -732,9 +732,10 @@ class DenseSession:
             why = ""
         if kind in ("tiled-trunk", "phases+tiles") and self.info.strategy == "fragments" and not _trunk_only:
             try:
-                chosen = self._choose(feeds, tile=None, schedule="tiled-trunk", _budget=_budget, _trunk_only=True)
+                chosen = self._choose(feeds, tile=None, schedule="tiled-trunk", _budget=_budget, _trunk_only=True,
+                                      _base=_base)
             except DenseError as exc:  # its trunk does not tile: by phases, and why
-                chosen = self._choose(feeds, tile=None, schedule="phases", _budget=_budget)
+                chosen = self._choose(feeds, tile=None, schedule="phases", _budget=_budget, _base=_base)
                 why = str(exc).removeprefix(f"{self.label}: ")  # the line names the model already
                 return dataclasses.replace(chosen, instead=f"{kind} asked for, but {why}: by phases of its batch "
                                                            "instead")
@@ -745,10 +746,10 @@ class DenseSession:
                                                        "extension that depends on the map's size): with its trunk "
                                                        "tiled instead")
         if kind in ("phases", "tiled-trunk", "phases+tiles") and not depths:  # one phase: the whole model
-            chosen = self._choose(feeds, tile=None, schedule="auto", _budget=_budget)
+            chosen = self._choose(feeds, tile=None, schedule="auto", _budget=_budget, _base=_base)
             return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
                                                        "the one phase is the whole model")
-        estimate = self._estimator(size)
+        estimate = self._estimator(size, base=_base)
         candidates: list[Schedule] = []
         if kind == "auto":
             candidates.append(Schedule("whole", estimate=estimate(0)))
@@ -774,7 +775,7 @@ class DenseSession:
             leanest = min([c for c in [*candidates, trunk] if c is not None], key=lambda c: c.estimate)
             which = "no tiles beyond the trunk" if leanest.kind == "tiled-trunk" else "no tiles"
             if _budget is None and budget is not None and kind == "auto":  # the fastest near the leanest's peak
-                near = self._choose(feeds, tile=None, schedule=schedule, _budget=int(
+                near = self._choose(feeds, tile=None, schedule=schedule, _base=estimate.base, _budget=int(
                     estimate.base + (leanest.estimate - estimate.base) * NEAR_LEANEST))
                 return dataclasses.replace(near, budget=budget, over=f"the fastest within 5% of the leanest's peak "
                                                                      f"({which}: {untileable})")
@@ -807,7 +808,7 @@ class DenseSession:
             leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
             if _budget is None and budget is not None:  # within 5% above what the process holds already
                 floor = leanest.estimate if leanest is not None else est
-                near = self._choose(feeds, tile=None, schedule=schedule,
+                near = self._choose(feeds, tile=None, schedule=schedule, _base=estimate.base,
                                    _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
                 return dataclasses.replace(near, budget=budget, over="the fastest within 5% of the leanest's peak")
             if leanest is not None:
@@ -895,12 +896,14 @@ class DenseSession:
                 return str(exc)
         return "no eST level to split at"
 
-    def _estimator(self, size, margin: float = sched.MARGIN):
+    def _estimator(self, size, margin: float = sched.MARGIN, base: int | None = None):
         """``estimate(depth, tile=None)``: the process's peak RSS (bytes) expected for a run on an
         image of ``size`` (already in memory, as the feeds are when :meth:`choose` is called)
         split at ``depth`` eST levels (0: the whole dense model), on the whole image or on tiles
-        of ``tile`` pixels (see :mod:`~onnx_dense.runtime.schedule`)."""
-        base = _rss()
+        of ``tile`` pixels (see :mod:`~onnx_dense.runtime.schedule`). ``base``: the RSS to start
+        from (default: now); a choice made in two steps passes the first step's, so that the
+        process's memory moving between them cannot change what the second step picks."""
+        base = _rss() if base is None else base
         prof = self._profile(size)
         weights = self._weight_bytes()
 

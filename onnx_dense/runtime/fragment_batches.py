@@ -56,7 +56,7 @@ import onnx
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
-from onnx_dense.runtime.phases import PhasePlan, Stage, _value_types
+from onnx_dense.runtime.phases import PhasePlan, Stage, _first, _phase_view, _value_types
 from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
 
@@ -93,7 +93,7 @@ class BatchPlan(PhasePlan):
         for i, stage in enumerate(plain):
             level = level_at.get(i, 0)  # the trunk (and level 1's moves) at 0
             moved = {}
-            if level in self.in_numpy and (level or i == 0):
+            if level in self.in_numpy:  # level 0 is then stage 0 alone (its moves are no stage)
                 moved = {name: spec["cuts"][0] for name, spec in self.sources[level].items()}
             freed = [spec["cuts"][0] for spec in self.sources[level - 1].values()] if level - 1 in self.in_numpy else []
             result.append((*stage, {"views": i >= self._first_level, "moved": moved, "freed": freed}))
@@ -203,8 +203,10 @@ def _moved(source: np.ndarray, axes: Sequence[int], factor: Sequence[int]) -> li
     ``source`` along its last spatial axes, the first ``D // f`` of them. One copy of the map
     in all (the graph's moves, a crop copied and a copy per transposed axis, held up to three),
     and each phase's array can go once its phase has run (:meth:`BatchPlan._run_level`)."""
-    windows = [source.shape[a] // f for a, f in zip(axes, factor)]
-    return [np.ascontiguousarray(source[(...,) + tuple(slice(p, p + q * f, f) for p, q, f in zip(phase, windows, factor))])
+    windows = list(source.shape)
+    for a, f in zip(axes, factor):
+        windows[a] //= f
+    return [np.ascontiguousarray(_phase_view(source, axes, factor, phase)[_first(windows, axes)])
             for phase in np.ndindex(*factor)]
 
 

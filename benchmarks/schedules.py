@@ -37,6 +37,9 @@ Models (built in code, random weights, TorchScript export, nothing downloaded):
   pools, skip joins at strides 8 and 16, a bilinear ConvTranspose back to the input), output
   stride 1, ``fragments`` like ``deeplab``: three levels of phases, and a trunk at the image's
   size (two 8-channel convs) that is the largest stage.
+* ``deeplab21``: ``deeplab`` with 21 classes (as Pascal VOC): its rebuilt final upsampling
+  (21 maps the image's size) is the largest part of a budgeted run, where the final
+  upsampling runs in bands of the score map's rows (:mod:`onnx_dense.runtime.final_tail`).
 
 Run (Linux: reads /proc/self/status):
 
@@ -68,6 +71,7 @@ MODELS = {
     "resnet": dict(zoo="resnet", kwargs={"width": 16, "size": 224}, stride=8, tile=1024),
     "deeplab": dict(segmentation="deeplabv3", kwargs={"width": 16}, stride=2, tile=None),
     "fcn8s": dict(segmentation="fcn8s", kwargs={"width": 8}, stride=1, tile=None),
+    "deeplab21": dict(segmentation="deeplabv3", kwargs={"width": 16, "num_classes": 21}, stride=2, tile=None),
 }
 
 _CHILD = textwrap.dedent(

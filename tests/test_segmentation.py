@@ -693,3 +693,99 @@ def test_the_trainers_torch_interpreter_runs_the_rebuilt_upsampling(case):
             assert value.shape == want[name].shape, (case, name, size)
             err = np.abs(value.numpy().astype(np.float64) - want[name]).max()
             assert err <= 1e-5 * max(1.0, np.abs(want[name]).max()), (case, name, size, err)
+
+
+def _split_tail(dense: onnx.ModelProto, x: np.ndarray):
+    """The whole run's rebuilt outputs and the tail's pieces: (parts, bands or why not, feeds, whole, run)."""
+    from onnx_dense.runtime import final_tail
+
+    info = metadata.read(dense)
+    parts = final_tail.split(dense, info)
+    maps = ort_run(parts.body, {"x": x})
+    feeds = {n: maps[n] if n in maps else np.array(x.shape, np.int64) for n in parts.tail_inputs}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    tail = ort.InferenceSession(parts.tail.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    whole = dict(zip(parts.rebuilt, tail.run(parts.rebuilt, feeds)))
+    return parts, final_tail.bands_of(info, parts), feeds, whole, tail.run
+
+
+BAND_HEADS = {
+    **{rule: RULES[rule] for rule in RULES},
+    "sized_by_input": lambda: any_size_head("input"),
+    "sized_by_input_nearest": lambda: any_size_head("input", "nearest", "asymmetric", ', nearest_mode="floor"'),
+    **{f"nhwc_{tail}": (lambda t=tail: build(NHWC.format(out=NHWC_TAILS[t][0], sizes=input_sizes(1), body=NHWC_TAILS[t][1])))
+       for tail in NHWC_TAILS},
+}
+
+
+@pytest.mark.parametrize("stride", [4, 2, 1])
+@pytest.mark.parametrize("case", list(BAND_HEADS))
+def test_the_final_upsampling_in_bands_is_the_whole_run(case, stride):
+    """Under a budget the rebuilt tail runs on bands of the score map's rows (runtime/final_tail.py):
+    from one eST of rows to most of the map, at sizes that split unevenly, each output is the whole
+    run's bit for bit (ORT with optimisations off). align_corners runs whole and says why."""
+    from onnx_dense.runtime import final_tail
+
+    nhwc = case.startswith("nhwc_")
+    model = BAND_HEADS[case]()
+    shapes = {"x": (1, 32, 32, 2) if nhwc else (1, 2, 32, 32)}
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=stride, input_shapes=shapes))
+    sizes = [(32, 32)] if "align_corners" in case else [(96, 112), (101, 77)]
+    rng = np.random.default_rng(7)
+    for size in sizes:
+        x = rng.standard_normal((1, *size, 2) if nhwc else (1, 2, *size)).astype(np.float32)
+        parts, bands, feeds, whole, run = _split_tail(dense, x)
+        if "align_corners" in case:
+            assert bands == "it is align_corners, whose coordinates scale with the whole length"
+            return
+        assert isinstance(bands, final_tail.Bands), bands
+        length = feeds[bands.score].shape[bands.axis]
+        for rows in sorted({bands.est, 2 * bands.est, 5 * bands.est, final_tail.band_rows(length - 1, bands.est)}):
+            got = final_tail.run_in_bands(run, parts, feeds, bands, rows)
+            assert got is not None, (size, rows)
+            for name, want in whole.items():
+                assert got[name].shape == want.shape and got[name].dtype == want.dtype, (name, size, rows)
+                np.testing.assert_array_equal(got[name], want, err_msg=f"{name}, {size}, {rows} rows a band")
+
+
+def test_a_linear_resize_by_a_factor_not_a_power_of_two_runs_whole():
+    """By 3 (strides 3, 2, 2; R = 3) a linear Resize's shifted coordinates round otherwise: forced
+    into bands its output differs from the whole run's, so it runs whole; a nearest Resize
+    rounds them the same and runs in bands, bit for bit."""
+    from onnx_dense.runtime import final_tail
+
+    head3 = HEAD.replace("c1 = Conv <strides=[2,2]", "c1 = Conv <strides=[3,3]")
+    scales = SCALES.replace("8.0, 8.0", "12.0, 12.0")
+    x = np.random.default_rng(8).standard_normal((1, 2, 600, 90)).astype(np.float32)
+    for mode, exact in (("linear", False), ("nearest", True)):
+        model = build(head3.format(opset=17, sig="", out="float y",
+                                   body=scales + f'  [up] y = Resize <mode="{mode}", coordinate_transformation_mode="asymmetric"> (score, , sc)'))
+        dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=3))
+        parts, bands, feeds, whole, run = _split_tail(dense, x)
+        if not exact:
+            assert bands == "its linear Resize scales the rows by 3, not a power of two"
+            up = metadata.read(dense).outputs["y"].upsampling
+            bands = final_tail.Bands(up["score"], up["score_axes"][0], up["score_est"][0],
+                                     {"y": (2, up["factor"][0], up["offset"][0])})
+        got = final_tail.run_in_bands(run, parts, feeds, bands, 4 * bands.est)
+        assert np.array_equal(got["y"], whole["y"]) == exact, mode
+
+
+@pytest.mark.parametrize("rule", ["half_pixel", "transpose_crop_sigmoid", "argmax_after"])
+def test_a_budget_the_final_upsampling_does_not_fit_runs_it_in_bands(rule):
+    """A session whose budget the whole final upsampling exceeds runs it in bands of the score
+    map's rows: its line and its record say how many, and every output is the whole run's."""
+    from onnx_dense.runtime import DenseSession
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
+    x = np.random.default_rng(9).standard_normal((1, 2, 96, 112)).astype(np.float32)
+    with DenseSession(dense, provider="cpu") as session:
+        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
+    with DenseSession(dense, provider="cpu", max_memory="1MB") as session:
+        got = session.run({"x": x})
+        chosen = session.last_schedule
+    assert chosen.tail_bands == 3 and chosen.to_dict()["final_upsampling_bands"] == 3  # 48 rows, 16 a band
+    assert "(the final upsampling's, in 3 bands), over the 1.00 MB allowed" in chosen.describe(), chosen.describe()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)

@@ -256,6 +256,7 @@ class DenseSession:
                              conv_algo_search=conv_algo_search, max_workspace=max_workspace, device_id=device_id,
                              allow_cpu_nodes=allow_cpu_nodes, optimize=optimize, threads=threads, spinning=spinning)
         self._split = None  # (body DenseSession, tail session, Split): a rebuilt final upsampling, tiled
+        self._bands = None  # final_tail.Bands of that tail, or why it runs whole
         self._rebuilt = final_tail.rebuilt_outputs(self.info)
         if self.max_memory is None and schedule in ("auto", "whole", "tiles") and not (self._rebuilt and tile is not None):
             self._open()  # the whole dense model, as before
@@ -532,11 +533,13 @@ class DenseSession:
 
     def _run_body_and_tail(self, feeds, tile, progress, schedule) -> dict[str, DenseMap]:
         """Tiles or phases of the body up to the score maps, then the rebuilt upsampling on them
-        (:mod:`onnx_dense.runtime.final_tail`)."""
+        (:mod:`onnx_dense.runtime.final_tail`): whole, or under a budget it does not fit, in
+        bands of the score map's rows where that is exact."""
         body, tail, parts = self._body_and_tail()
-        tail_peak = self._tail_estimate(feeds, body, parts) if self.max_memory is not None else None
-        # Where the final upsampling (not split) needs more than the budget, the rest need not be
-        # leaner than it: the fastest schedule within its peak.
+        plan = self._tail_plan(feeds, body, parts) if self.max_memory is not None else None
+        tail_peak = plan.estimate if plan is not None else None
+        # Where the final upsampling needs more than the budget, the rest need not be leaner
+        # than it: the fastest schedule within its peak.
         body.max_memory = max(self.max_memory, tail_peak) if tail_peak is not None else self.max_memory
         try:
             maps = body.run({k: v for k, v in feeds.items() if k in body.input_names}, tile=tile, progress=progress,
@@ -546,22 +549,30 @@ class DenseSession:
         chosen = body.last_schedule
         if chosen is not None and chosen.budget is not None:  # the budget given, not the one the body ran under
             chosen = dataclasses.replace(chosen, budget=self.max_memory)
-        self.last_schedule = chosen
-        if tail_peak is not None and chosen is not None and chosen.estimate is not None and tail_peak > chosen.estimate:
-            if chosen.estimate > self.max_memory:
-                over = "the fastest for the rest within the final upsampling's peak (it is not split)"
-            else:
-                over = "the fastest for the rest, within the budget (the final upsampling is not split)"
-            self.last_schedule = dataclasses.replace(chosen, estimate=tail_peak, budget=self.max_memory, tail=True,
-                                                     over=over)
         tail_feeds = {name: (maps[name].numpy() if name in maps else
                              np.array(_shape(feeds[parts.shapes[name]]), np.int64) if name in parts.shapes else feeds[name])
                       for name in parts.tail_inputs}
+        values, bands = None, 0
         try:
-            values = dict(zip(parts.rebuilt, tail.run(parts.rebuilt, tail_feeds)))
+            if plan is not None and plan.rows is not None:
+                values = final_tail.run_in_bands(tail.run, parts, tail_feeds, plan.bands, plan.rows)
+                length = tail_feeds[plan.bands.score].shape[plan.bands.axis]
+                bands = -(-length // plan.rows) if values is not None else 0
+            if values is None:
+                values = dict(zip(parts.rebuilt, tail.run(parts.rebuilt, tail_feeds)))
         except Exception as exc:
             raise DenseError(f"onnxruntime failed to run the final upsampling of {self.label}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
+        if chosen is not None:
+            chosen = dataclasses.replace(chosen, tail_bands=bands)
+            if tail_peak is not None and chosen.estimate is not None and tail_peak > chosen.estimate:
+                split = f"in {bands} bands" if bands else f"whole: {plan.why}" if plan.why else "whole"
+                if chosen.estimate > self.max_memory:
+                    over = f"the fastest for the rest within the final upsampling's peak (it runs {split})"
+                else:
+                    over = f"the fastest for the rest, within the budget (the final upsampling runs {split})"
+                chosen = dataclasses.replace(chosen, estimate=tail_peak, budget=self.max_memory, tail=True, over=over)
+        self.last_schedule = chosen
         result = {}
         for name in self.output_names:
             if name in values:
@@ -571,8 +582,9 @@ class DenseSession:
                 result[name] = maps[name]
         return result
 
-    def _tail_estimate(self, feeds, body, parts) -> int | None:
-        """The process's peak while the rebuilt final upsampling runs (None: no estimate)."""
+    def _tail_plan(self, feeds, body, parts) -> "_TailPlan | None":
+        """The process's peak while the rebuilt final upsampling runs: whole, or where that
+        exceeds the budget, in the largest bands that fit (None: no estimate)."""
         if self.image_input is None:
             return None
         try:
@@ -580,7 +592,30 @@ class DenseSession:
         except DenseError:
             return None
         nodes = [([i for i in n.input if i], [o for o in n.output if o], n.op_type) for n in parts.tail.graph.node]
-        return _rss() + sched.tail_peak(prof, nodes, body.output_names, parts.rebuilt)
+        # the body's sessions, where its run is yet to make them, stay while the tail runs
+        made = body.session is not None or body._plan is not None
+        base = _rss() + (0 if made else sched.session_bytes(body._weight_bytes(), stages=True))
+        whole = base + sched.tail_peak(prof, nodes, body.output_names, parts.rebuilt)
+        if whole <= self.max_memory:
+            return _TailPlan(whole)
+        if self._bands is None:
+            self._bands = final_tail.bands_of(self.info, parts)
+        bands = self._bands
+        if isinstance(bands, str):
+            return _TailPlan(whole, why=bands)
+        length = prof.shapes.get(bands.score, ())[bands.axis:bands.axis + 1]
+        if not length:
+            return _TailPlan(whole)
+        fixed, ort_bytes = sched.tail_parts(prof, nodes, body.output_names, parts.rebuilt)
+        per_row = ort_bytes * sched.MARGIN / max(1, length[0])
+        # a band's run holds its own rows, the halo each side, its start rounded down to a
+        # multiple of eST and the pads the tail adds at both ends (about 2 eST + 3 rows)
+        extra = 2 * final_tail.HALO + 3 * bands.est + 5
+        rows = final_tail.band_rows(int((self.max_memory - base - fixed) / max(per_row, 1e-9)) - extra, bands.est)
+        rows = max(rows, final_tail.band_rows(MIN_BAND_ROWS, bands.est))
+        if rows >= length[0]:
+            return _TailPlan(whole)
+        return _TailPlan(int(base + fixed + per_row * min(length[0], rows + extra)), bands, rows)
 
     def _body_and_tail(self):
         if self._split is None:
@@ -1099,6 +1134,19 @@ class DenseSession:
         rank = len(self.info.inputs[name].spatial_axes)
         least = self.minimum_input(name)
         return tuple(max(least[k], tiling.minimum_tile([o.geometry[k] for o in outputs])) for k in range(rank))
+
+
+MIN_BAND_ROWS = 16  # the final upsampling's smallest band of score-map rows (each band is one onnxruntime run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TailPlan:
+    """How the rebuilt final upsampling runs under a budget: its estimated peak, and the bands."""
+
+    estimate: int
+    bands: "final_tail.Bands | None" = None
+    rows: int | None = None  # score-map rows per band (None: whole)
+    why: str | None = None  # why it runs whole over the budget
 
 
 NEAR_LEANEST = 1.05  # nothing fits the budget: the fastest within 5% of the leanest's peak above the RSS before

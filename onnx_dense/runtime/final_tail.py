@@ -15,15 +15,38 @@ the whole model with its weights, and it cannot say which graph inputs a tail re
 the names it is given (a rebuilt Resize may take its size from the image input). A graph
 input the tail reads only through ``Shape`` (an image-sized output's length) comes in as that
 shape (``shapes``), so the tail never holds a copy of the image.
+
+**Bands.** The tail's output is the image's size, and its Resize (or ConvTranspose) and crop
+each hold a map of that size: run once, it can need more memory than the rest of a budgeted
+run. Under a budget the session runs it on bands of the score map's rows instead
+(:func:`bands_of`, :func:`run_in_bands`). Output pixel y reads the dense score map at
+x = (y - offset) / m (onnx_dense/interpolation.py), so the tail run on T's rows a.. computes
+the whole run's row y as its row y - m a: the pad, the upsampling by m and the crop all shift
+by whole rows. Each band keeps the rows whose x lies in its own rows of T and reads T
+:data:`HALO` rows beyond them (cubic reads x - 1 .. x + 2), so the edge the band's pad makes is
+never read. That is bit for bit the whole run where the shifted coordinates are computed
+exactly: a linear or cubic Resize whose factor along the rows is a power of two (ORT divides
+the output's index by it; by 3 or 6 its weights differ by up to 4e-3 between two positions a
+band apart), a nearest Resize by any factor (it rounds k + r / m the same for every k), any
+bilinear ConvTranspose (integer taps), never align_corners (its coordinates scale with the
+whole length). Band starts are multiples of the score map's eST, so the lengths
+the tail computes (whole original positions, ceil(D / e)) shift by whole rows too. Other tails
+run whole, as before, and the schedule says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from onnx_dense import metadata
+from onnx_dense.interpolation import half_pixel_fits
+
+HALO = 2  # rows of the score map read beyond a band's rows [c0, c1): cubic reads floor(x) - 1 .. floor(x) + 2 <= c1 + 1
 
 
 @dataclasses.dataclass
@@ -37,6 +60,97 @@ class Split:
 
 def rebuilt_outputs(info: metadata.DenseInfo) -> list[str]:
     return [name for name, out in info.outputs.items() if out.upsampling]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bands:
+    """How the tail runs on row bands of its score map (see the module docstring)."""
+
+    score: str
+    axis: int  # the score map's row axis
+    est: int  # band starts are multiples of the score map's eST along the rows
+    rows: dict[str, tuple[int, int, float]]  # rebuilt output -> (its row axis, m, offset)
+    # rebuilt output -> (tail input, index) of its length where the input's size gives it: a
+    # band's crop then runs to the whole output's length, past what the band computes right
+    sized: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+
+
+def bands_of(info: metadata.DenseInfo, parts: Split) -> Bands | str:
+    """The tail's bands, or why it runs whole."""
+    descs = {name: info.outputs[name].upsampling for name in parts.rebuilt}
+    scores = {d["score"] for d in descs.values()}
+    if len(scores) != 1:
+        return "it reads several score maps"
+    score = scores.pop()
+    if set(parts.tail_inputs) - {score} - set(parts.shapes):
+        return "it reads a graph input itself"
+    rows, sized = {}, {}
+    for name, d in descs.items():
+        if d.get("sized_by") is not None:
+            feed = next((k for k, v in parts.shapes.items() if v == info.outputs[name].input), None)
+            if feed is None:
+                return "its length is the input's, which it does not read as a shape"
+            sized[name] = (feed, int(d["sized_by"][0]))
+        if d["align_corners"]:
+            return "it is align_corners, whose coordinates scale with the whole length"
+        m, offset = int(d["factor"][0]), float(d["offset"][0])
+        if d["kind"] == "resize":
+            fractional = any(o != int(o) for o in d["offset"])
+            half = all(half_pixel_fits(int(f), o) for f, o in zip(d["factor"], d["offset"]))
+            factor = 2 * m if fractional and not half else m
+            if d["mode"] != "nearest" and factor & (factor - 1):
+                return f"its {d['mode']} Resize scales the rows by {factor}, not a power of two"
+        rows[name] = (info.outputs[name].spatial_axes[0], m, offset)
+    first = descs[parts.rebuilt[0]]
+    return Bands(score, int(first["score_axes"][0]), int(first["score_est"][0]), rows, sized)
+
+
+def band_rows(rows: int, est: int) -> int:
+    """``rows`` rounded down to a multiple of ``est``, at least one ``est``."""
+    return max(est, rows // est * est)
+
+
+def run_in_bands(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: Split, feeds: Mapping[str, np.ndarray],
+                 bands: Bands, rows: int) -> dict[str, np.ndarray] | None:
+    """The rebuilt outputs, computed ``rows`` rows of the score map at a time (a multiple of
+    its eST); ``run(names, feeds)`` runs the tail. None where a band's output came out shorter
+    than the rows it must give (the caller runs the tail whole)."""
+    score = feeds[bands.score]
+    length = score.shape[bands.axis]
+    cores = [(c0, min(c0 + rows, length)) for c0 in range(0, length, rows)]
+    out: dict[str, np.ndarray] = {}
+    total: dict[str, int] = {}
+    for c0, c1 in reversed(cores):  # the last band first: it gives each output's length
+        a = max(0, (c0 - HALO) // bands.est * bands.est)
+        b = min(length, c1 + HALO)
+        index = [slice(None)] * score.ndim
+        index[bands.axis] = slice(a, b)
+        band_feeds = {**feeds, bands.score: np.ascontiguousarray(score[tuple(index)])}
+        values = dict(zip(parts.rebuilt, run(parts.rebuilt, band_feeds)))
+        del band_feeds
+        for name in parts.rebuilt:
+            value, (axis, m, offset) = values.pop(name), bands.rows[name]
+            if name not in out:
+                feed = bands.sized.get(name)
+                total[name] = int(feeds[feed[0]][feed[1]]) if feed else m * a + value.shape[axis]
+                shape = list(value.shape)
+                shape[axis] = total[name]
+                out[name] = np.empty(shape, value.dtype)
+            lo = 0 if c0 == 0 else min(total[name], math.ceil(c0 * m + offset))
+            hi = total[name] if c1 == length else min(total[name], math.ceil(c1 * m + offset))
+            if hi <= lo:
+                continue
+            if hi - m * a > value.shape[axis] or lo < m * a:
+                return None
+            src = [slice(None)] * value.ndim
+            src[axis] = slice(lo - m * a, hi - m * a)
+            dst = [slice(None)] * value.ndim
+            dst[axis] = slice(lo, hi)
+            target = out[name][tuple(dst)]
+            if target.shape != value[tuple(src)].shape:
+                return None
+            target[...] = value[tuple(src)]
+    return out
 
 
 def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:

@@ -71,6 +71,10 @@ MARGIN = 1.5  # onnxruntime's values x MARGIN must fit: allocator slack, kernels
 # with the values counted PATTERN_MARGIN times fits too.
 PATTERN_MARGIN = 2.1
 SESSION_BYTES = 24 * 2**20  # onnxruntime's sessions and run-time buffers beside the weights and values
+# A run's buffers beside its values, its sessions made: 8-13 MiB on small models (measured
+# 2026-11); a final upsampling in small bands holds little more (0.6 MiB over an estimate
+# without it, DeepLabV3 sample at 1024 in 8 bands, 2026-12-07)
+RUN_BYTES = 8 * 2**20
 
 
 def session_bytes(weights: int, stages: bool = False) -> int:
@@ -127,7 +131,8 @@ class Schedule:
     over: str = "the leanest"  # which schedule this is when none fits the budget
     instead: str | None = None  # why this ran instead of the schedule chosen
     pattern: bool = True  # onnxruntime's memory pattern on (see PATTERN_MARGIN)
-    tail: bool = False  # the estimate is the rebuilt final upsampling's, on the whole score map
+    tail: bool = False  # the estimate is the rebuilt final upsampling's
+    tail_bands: int = 0  # the rebuilt final upsampling ran on that many bands of the score map's rows (0: whole)
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -148,7 +153,8 @@ class Schedule:
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
             if self.tail:
-                line += " (the final upsampling's, on the whole score map)"
+                line += (f" (the final upsampling's, in {self.tail_bands} bands)" if self.tail_bands
+                         else " (the final upsampling's, on the whole score map)")
             if self.budget is not None and self.estimate > self.budget:
                 line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
             elif self.budget is not None:
@@ -156,6 +162,8 @@ class Schedule:
         if not self.pattern:
             within = self.budget is not None and self.estimate is not None and self.estimate <= self.budget
             line += "; onnxruntime's memory pattern off" + (" to stay within the budget" if within else "")
+        if self.tail_bands and not self.tail:
+            line += f"; the final upsampling in {self.tail_bands} bands"
         if self.instead:
             line += f" ({self.instead})"
         return line
@@ -166,6 +174,7 @@ class Schedule:
             "estimate_bytes": self.estimate, "budget_bytes": self.budget, "phases": self.runs, "tiles": self.tiles,
             "memory_pattern": self.pattern, **({"instead": self.instead} if self.instead else {}),
             **({"estimate_of": "final upsampling"} if self.tail else {}),
+            **({"final_upsampling_bands": self.tail_bands} if self.tail_bands else {}),
         }
 
 
@@ -183,9 +192,10 @@ class Profile:
     nodes: list[tuple[list[str], list[str], str]]  # (inputs, outputs, op_type) per node, in graph order
     outputs: list[str]
     graph_inputs: list[str]
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # at ``size`` only
 
     def scaled(self, size: Sequence[int]) -> "Profile":
-        """The same values at another input size (bytes scale with the number of pixels)."""
+        """The same values at another input size (bytes scale with the number of pixels; no shapes)."""
         ratio = math.prod(size) / max(1, math.prod(self.size))
         return Profile(tuple(size), {k: int(v * ratio) for k, v in self.nbytes.items()}, self.nodes, self.outputs,
                        self.graph_inputs)
@@ -210,6 +220,7 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
         raise DenseError(f"cannot estimate memory: shape inference failed ({str(exc).splitlines()[0][:200]})") from None
     inits = {t.name for t in structure.graph.initializer}
     nbytes: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if vi.name in inits:
             continue
@@ -218,10 +229,12 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
             continue
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
         nbytes[vi.name] = int(np.prod(dims, dtype=np.float64)) * _ITEMSIZE.get(tt.elem_type, 4)
+        if all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(dims)
     nodes = [([i for i in n.input if i and i not in inits], [o for o in n.output if o], n.op_type)
              for n in structure.graph.node]
     graph_inputs = [i.name for i in structure.graph.input if i.name not in inits]
-    return Profile(tuple(size), nbytes, nodes, [o.name for o in structure.graph.output], graph_inputs)
+    return Profile(tuple(size), nbytes, nodes, [o.name for o in structure.graph.output], graph_inputs, shapes)
 
 
 # Elementwise ops: onnxruntime fuses them into the Conv before them (Conv + activation, Conv +
@@ -341,8 +354,15 @@ def tail_peak(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[
     the process holds before the run. Its output is the image's size, so it can be the largest
     part of a run; where its Resize is by twice the factor before a Slice that keeps every other
     pixel (passes/final_upsampling.py), that map is four times the output's."""
+    fixed, ort = tail_parts(prof, tail_nodes, held, rebuilt)
+    return int(ort * margin) + fixed
+
+
+def tail_parts(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str]) -> tuple[int, int]:
+    """(what the tail's run holds whatever its bands: the body's outputs, its own outputs and
+    :data:`RUN_BYTES`; onnxruntime's values of one run on the whole score map, without margin)."""
     ort = live_peak(prof, tail_nodes, keep=set(rebuilt), skip=set(held))
-    return int(ort * margin) + sum(prof.nbytes.get(n, 0) for n in (*held, *rebuilt))
+    return sum(prof.nbytes.get(n, 0) for n in (*held, *rebuilt)) + RUN_BYTES, ort
 
 
 def tiles_peak(tile_prof: Profile, image_prof: Profile, plan_stages=None, output_names: Sequence[str] = (), *,

@@ -111,7 +111,7 @@ def map_figure(dense, image, view: str = "auto", names: Sequence[str] | str | No
     ax.set_axis_off()
     label = class_names(names, classes)
     if view == "labels":
-        labels = np.argmax(scores, axis=0)[rows[:, None], cols[None, :]]
+        labels = imglib.class_argmax(scores)[rows[:, None], cols[None, :]]
         colours = label_colours(classes)
         blend = (1 - alpha) * image.rgb.astype(np.float32) + alpha * colours[labels]
         ax.imshow(np.clip(blend, 0, 255).astype(np.uint8), interpolation="nearest")

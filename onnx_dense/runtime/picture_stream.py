@@ -25,6 +25,12 @@ from onnx_dense.runtime import windowed
 BAND_PIXELS = 1 << 21  # pixels per band: ~2M (a few tens of MB of temporaries)
 
 
+def _band_rows(width: int, channels: int) -> int:
+    """Rows of a band whose scores are about BAND_PIXELS values: a band of 21 class maps as many
+    rows as one map took copies of 21 x 2M scores (176 MB, twice: the band and numpy's argmax)."""
+    return max(1, BAND_PIXELS // max(1, width * channels))
+
+
 def write_picture(path, dense, image, view: str = "auto", alpha: float = 0.5) -> dict | None:
     """Draw ``dense`` over ``image`` as :func:`images.render` would and write it to ``path``.
 
@@ -47,7 +53,7 @@ def picture_writer(dense, image, view: str = "auto", alpha: float = 0.5):
         return None
     kind, scores, extra = plan
     height, width = image.size
-    rows_per_band = max(1, BAND_PIXELS // max(1, width))
+    rows_per_band = _band_rows(width, scores.shape[0])
     grid = dense.grid
     cols = grid.nearest(np.arange(width), 1)
 
@@ -59,7 +65,7 @@ def picture_writer(dense, image, view: str = "auto", alpha: float = 0.5):
             part = np.array(scores[:, lo:hi, :])
             windowed.release(scores)  # a map stitched on disk: read pages leave this process
             if kind == "labels":
-                labels = np.argmax(part, axis=0)[(rows - lo)[:, None], cols[None, :]]
+                labels = imglib.class_argmax(part)[(rows - lo)[:, None], cols[None, :]]
                 if extra["classes"] <= 256:
                     yield labels.astype(np.uint8)
                 else:
@@ -92,7 +98,7 @@ def _plan(dense, image, view: str):
         view = "heatmap" if dense.is_classifier or classes == 1 else "labels"
     extra: dict = {"classes": classes}
     if view == "heatmap":
-        step = max(1, BAND_PIXELS // max(1, scores.shape[2]))
+        step = _band_rows(scores.shape[2], classes)
         if classes == 1:
             lo, hi = np.inf, -np.inf
             for r in range(0, scores.shape[1], step):

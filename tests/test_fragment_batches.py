@@ -497,7 +497,7 @@ def test_a_refusal_the_session_keeps_keeps_no_run_alive(models, monkeypatch):
     refusal's traceback used to hold the run's frames, and with them its outputs, for as long
     as the session lived (400 MB at 4096 pixels). (The final upsampling goes unestimated, so
     that the rest runs under the 1 MB, not under the final upsampling's peak.)"""
-    monkeypatch.setattr(DenseSession, "_tail_plan", lambda *a: None)
+    monkeypatch.setattr(DenseSession, "_tail_plan", lambda *a, **k: None)
     session = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1MB")
     gc.disable()  # nor in a reference cycle, which only the collector would free, when it runs
     try:

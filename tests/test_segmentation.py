@@ -572,6 +572,42 @@ def test_run_writes_full_resolution_label_maps(samples, tmp_path):
     assert labels.shape == (64, 96) and set(np.unique(labels)) <= set(range(5))
 
 
+def test_run_under_a_budget_writes_the_final_upsampling_band_by_band_into_its_file(samples, tmp_path, monkeypatch):
+    """``onnx-dense run --max-memory`` on DeepLabV3 under a budget its final upsampling does not
+    fit whole: the upsampling runs in bands straight into the output's .npy file (mapped, its
+    pages given back band by band), which is moved into place, no temporary left; the maps and
+    pictures are the unbudgeted run's, byte for byte."""
+    import json
+
+    from PIL import Image
+
+    from onnx_dense.runtime import windowed
+    from tests._cli import run
+
+    dense = tmp_path / "deeplab_dense.onnx"
+    onnx_dense.rewrite(samples("deeplabv3"), dense, output_stride=2, rederive_sizes=True)  # any input size
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)).save(image)
+    code, _, stderr = run("run", dense, image, "--out", tmp_path / "whole")
+    assert code == 0, stderr
+    on_disk = []
+    allocate = windowed.DiskOutputs.allocate
+    monkeypatch.setattr(windowed.DiskOutputs, "allocate",
+                        lambda self, name, *a: on_disk.append(name) or allocate(self, name, *a))
+    code, _, stderr = run("run", dense, image, "--out", tmp_path / "budget", "--max-memory", "1MB")
+    assert code == 0, stderr
+    assert on_disk == ["output"]  # the rebuilt output; T comes from the body's run
+    schedule = json.loads((tmp_path / "budget" / "img.json").read_text())["schedule"]
+    assert schedule["final_upsampling_bands"] == 3, schedule  # 48 rows of the score map, 16 a band
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "budget").iterdir())  # no temporary left
+    for name in files:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "budget" / name), np.load(tmp_path / "whole" / name))
+        elif name.endswith(".png"):
+            assert (tmp_path / "budget" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
 def test_cli_flag_and_refusal(tmp_path):
     from tests._cli import assert_clean_error, run
 

@@ -171,7 +171,12 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             maps, schedule = run_windows(session, image, disk)
         else:
             image = imglib.load_image(path, **load)
-            maps = session.run({session.image_input: image.array})
+            if session.max_memory is not None and session.rebuilt_outputs:
+                # a final upsampling run in bands writes its image-sized outputs to files
+                disk = windowed.DiskOutputs(out, stem)
+                maps = session.run({session.image_input: image.array}, allocate=disk.allocate)
+            else:
+                maps = session.run({session.image_input: image.array})
             schedule = session.last_schedule
         check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
         described: dict[str, dict] = {}

@@ -452,6 +452,7 @@ class DenseSession:
         keep_on_device: bool = False,
         progress: Callable[[int, int], None] | None = None,
         schedule: str | None = None,
+        allocate: Callable | None = None,
     ) -> dict[str, DenseMap]:
         """Run on ``inputs`` (an array for the image input, or a dict by input name).
 
@@ -459,6 +460,8 @@ class DenseSession:
         session's default; ``keep_on_device`` leaves outputs as OrtValues where the session runs
         (untiled runs only); ``progress(done, total)`` is called after each tile. ``schedule``
         overrides the session's (see :meth:`choose`); what was done is in ``last_schedule``.
+        ``allocate(name, shape, dtype)``: where a rebuilt final upsampling run in bands under a
+        budget puts its outputs (``windowed.DiskOutputs.allocate``: files, out of the budget).
         """
         feeds = self._feeds(inputs)
         if self.fixed_size is not None and self.image_input in feeds:
@@ -473,7 +476,7 @@ class DenseSession:
             if keep_on_device:
                 raise DenseError("a rebuilt final upsampling run by tiles or phases is put together on the host; "
                                  "keep_on_device needs an untiled run")
-            return self._run_body_and_tail(feeds, tile, progress, schedule)
+            return self._run_body_and_tail(feeds, tile, progress, schedule, allocate)
         chosen = self.choose(feeds, tile=tile, schedule=schedule)
         self.last_schedule = chosen
         self._use_pattern(chosen.pattern)
@@ -531,12 +534,12 @@ class DenseSession:
         """Outputs whose final upsampling was rebuilt: a tile of them is not a tile of the run."""
         return list(self._rebuilt)
 
-    def _run_body_and_tail(self, feeds, tile, progress, schedule) -> dict[str, DenseMap]:
+    def _run_body_and_tail(self, feeds, tile, progress, schedule, allocate=None) -> dict[str, DenseMap]:
         """Tiles or phases of the body up to the score maps, then the rebuilt upsampling on them
         (:mod:`onnx_dense.runtime.final_tail`): whole, or under a budget it does not fit, in
         bands of the score map's rows where that is exact."""
         body, tail, parts = self._body_and_tail()
-        plan = self._tail_plan(feeds, body, parts) if self.max_memory is not None else None
+        plan = self._tail_plan(feeds, body, parts, on_disk=allocate is not None) if self.max_memory is not None else None
         tail_peak = plan.estimate if plan is not None else None
         # Where the final upsampling needs more than the budget, the rest need not be leaner
         # than it: the fastest schedule within its peak.
@@ -555,7 +558,7 @@ class DenseSession:
         values, bands = None, 0
         try:
             if plan is not None and plan.rows is not None:
-                values = final_tail.run_in_bands(tail.run, parts, tail_feeds, plan.bands, plan.rows)
+                values = final_tail.run_in_bands(tail.run, parts, tail_feeds, plan.bands, plan.rows, allocate)
                 length = tail_feeds[plan.bands.score].shape[plan.bands.axis]
                 bands = -(-length // plan.rows) if values is not None else 0
             if values is None:
@@ -582,9 +585,10 @@ class DenseSession:
                 result[name] = maps[name]
         return result
 
-    def _tail_plan(self, feeds, body, parts) -> "_TailPlan | None":
+    def _tail_plan(self, feeds, body, parts, on_disk: bool = False) -> "_TailPlan | None":
         """The process's peak while the rebuilt final upsampling runs: whole, or where that
-        exceeds the budget, in the largest bands that fit (None: no estimate)."""
+        exceeds the budget, in the largest bands that fit (None: no estimate). ``on_disk``:
+        bands write the outputs to files (``allocate``), so they do not count."""
         if self.image_input is None:
             return None
         try:
@@ -607,7 +611,14 @@ class DenseSession:
         if not length:
             return _TailPlan(whole)
         fixed, ort_bytes = sched.tail_parts(prof, nodes, body.output_names, parts.rebuilt)
-        per_row = ort_bytes * sched.MARGIN / max(1, length[0])
+        # per row of the score map: the tail's values, the band's copy of its score rows and,
+        # where the outputs are files, the band's pages of them until they are given back
+        banded = ort_bytes * sched.MARGIN + prof.nbytes.get(bands.score, 0)
+        if on_disk:
+            written = sum(prof.nbytes.get(n, 0) for n in parts.rebuilt)
+            fixed -= written
+            banded += written
+        per_row = banded / max(1, length[0])
         # a band's run holds its own rows, the halo each side, its start rounded down to a
         # multiple of eST and the pads the tail adds at both ends (about 2 eST + 3 rows)
         extra = 2 * final_tail.HALO + 3 * bands.est + 5

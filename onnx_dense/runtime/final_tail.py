@@ -111,10 +111,14 @@ def band_rows(rows: int, est: int) -> int:
 
 
 def run_in_bands(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: Split, feeds: Mapping[str, np.ndarray],
-                 bands: Bands, rows: int) -> dict[str, np.ndarray] | None:
+                 bands: Bands, rows: int, allocate: Callable | None = None) -> dict[str, np.ndarray] | None:
     """The rebuilt outputs, computed ``rows`` rows of the score map at a time (a multiple of
     its eST); ``run(names, feeds)`` runs the tail. None where a band's output came out shorter
-    than the rows it must give (the caller runs the tail whole)."""
+    than the rows it must give (the caller runs the tail whole). ``allocate(name, shape,
+    dtype)``: the output arrays (a file mapping, :class:`windowed.DiskOutputs`, whose pages
+    each band gives back), else in memory."""
+    from onnx_dense.runtime import windowed
+
     score = feeds[bands.score]
     length = score.shape[bands.axis]
     cores = [(c0, min(c0 + rows, length)) for c0 in range(0, length, rows)]
@@ -135,7 +139,7 @@ def run_in_bands(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: 
                 total[name] = int(feeds[feed[0]][feed[1]]) if feed else m * a + value.shape[axis]
                 shape = list(value.shape)
                 shape[axis] = total[name]
-                out[name] = np.empty(shape, value.dtype)
+                out[name] = allocate(name, shape, value.dtype) if allocate else np.empty(shape, value.dtype)
             lo = 0 if c0 == 0 else min(total[name], math.ceil(c0 * m + offset))
             hi = total[name] if c1 == length else min(total[name], math.ceil(c1 * m + offset))
             if hi <= lo:
@@ -150,6 +154,8 @@ def run_in_bands(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: 
             if target.shape != value[tuple(src)].shape:
                 return None
             target[...] = value[tuple(src)]
+            del target
+            windowed.release(out[name])
     return out
 
 

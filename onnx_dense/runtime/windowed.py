@@ -12,7 +12,8 @@ neither is held:
   1/65535, float is taken as already in [0, 1] (Pillow's conventions for 8-bit, 16-bit and
   float images). ``--size`` needs the whole image and is refused for a windowed input. Without
   ``--tile`` a .npy image is read whole, as any image file is.
-* **Outputs on disk.** :class:`DiskOutputs` gives the :class:`tiling.Stitcher` ``.npy`` files
+* **Outputs on disk.** :class:`DiskOutputs` gives the :class:`tiling.Stitcher` (and, under a
+  budget, a final upsampling run in bands: ``final_tail.run_in_bands``) ``.npy`` files
   opened with ``np.lib.format.open_memmap`` under temporary names in the output folder; the
   finished file is renamed into place (:class:`Move`: atomic, as every other write), and the
   picture is drawn band by band from the mapping (:mod:`picture_stream`).

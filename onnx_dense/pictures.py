@@ -131,9 +131,7 @@ def map_figure(dense, image, view: str = "auto", names: Sequence[str] | str | No
         what = f"value of '{dense.name}'"
         top = None
     else:
-        probs = imglib._probabilities(scores)
-        top = int(np.argmax(probs.reshape(classes, -1).mean(axis=1)))
-        heat = probs[top]
+        top, heat = imglib.top_class_heat(scores)
         what = f"probability of {label[top]!r} (class {top}, the top class on average)"
     lo, hi = float(np.nanmin(heat)), float(np.nanmax(heat))
     if not hi > lo:

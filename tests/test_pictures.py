@@ -163,3 +163,41 @@ def test_label_maps_take_the_argmax_without_a_copy_of_the_scores(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < scores.nbytes / 4, (peak, scores.nbytes)
+
+
+def test_a_heatmap_takes_the_top_class_without_the_whole_maps_probabilities(monkeypatch):
+    """A many-class map's heatmap is the probability of the class highest on average, a softmax
+    over the classes (or the scores, already probabilities): the same class and the same map, to
+    the bit, as from the whole map's probabilities, computed a chunk of rows at a time (the
+    whole map's float64 probabilities and softmax's copies were several times the scores)."""
+    import tracemalloc
+
+    from onnx_dense.runtime import images as imglib
+
+    def whole(scores):  # the whole map's probabilities, as the pictures took them before
+        s = scores.astype(np.float64)
+        if not (s.min() >= 0 and s.max() <= 1 and np.allclose(s.sum(axis=0), 1, atol=1e-3)):
+            e = np.exp(s - s.max(axis=0, keepdims=True))
+            s = e / e.sum(axis=0, keepdims=True)
+        top = int(np.argmax(s.reshape(len(s), -1).mean(axis=1)))
+        return top, s[top]
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((40, 90, 70)).astype(np.float32)
+    logits[7] += 0.5  # a clear top class
+    e = np.exp(logits - logits.max(axis=0))
+    for scores in (logits, (e / e.sum(axis=0)).astype(np.float32), np.zeros((5, 30, 20), np.float32)):
+        for chunk in (1, 40 * 70 * 3, 1 << 30):
+            monkeypatch.setattr(imglib, "ARGMAX_CHUNK", chunk)
+            top, heat = imglib.top_class_heat(scores)
+            want_top, want_heat = whole(scores)
+            assert top == want_top
+            np.testing.assert_array_equal(heat, want_heat)
+    monkeypatch.setattr(imglib, "ARGMAX_CHUNK", 1 << 14)
+    tracemalloc.start()
+    try:
+        imglib.top_class_heat(logits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < logits.nbytes, (peak, logits.nbytes)  # the whole map's probabilities: 2x, then copies

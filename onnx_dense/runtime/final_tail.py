@@ -45,6 +45,7 @@ import onnx
 
 from onnx_dense import metadata
 from onnx_dense.interpolation import half_pixel_fits
+from onnx_dense.runtime import windowed
 
 HALO = 2  # rows of the score map read beyond a band's rows [c0, c1): cubic reads floor(x) - 1 .. floor(x) + 2 <= c1 + 1
 
@@ -117,8 +118,6 @@ def run_in_bands(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: 
     than the rows it must give (the caller runs the tail whole). ``allocate(name, shape,
     dtype)``: the output arrays (a file mapping, :class:`windowed.DiskOutputs`, whose pages
     each band gives back), else in memory."""
-    from onnx_dense.runtime import windowed
-
     score = feeds[bands.score]
     length = score.shape[bands.axis]
     cores = [(c0, min(c0 + rows, length)) for c0 in range(0, length, rows)]

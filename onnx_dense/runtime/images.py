@@ -260,9 +260,7 @@ def render(dense, image: ImageInput, view: str = "auto", alpha: float = 0.5,
         lo, hi = float(np.min(values)), float(np.max(values))
         heat = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     else:
-        probs = _probabilities(scores)
-        top = int(np.argmax(probs.reshape(classes, -1).mean(axis=1)))
-        heat = probs[top]
+        top, heat = top_class_heat(scores)
     if not draw_heatmap:
         return Rendering(None, "heatmap", top, classes)
     heat = heat[rows[:, None], cols[None, :]]
@@ -289,6 +287,39 @@ def class_argmax(scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def top_class_heat(scores: np.ndarray) -> tuple[int, np.ndarray]:
+    """(the class whose probability is highest on average, its probability map) of (C, h, w)
+    scores: a softmax over the classes, unless the scores already are probabilities (in [0, 1],
+    summing to 1 everywhere). Computed a chunk of rows at a time: the whole map's probabilities
+    in float64 are twice the scores, times the copies softmax makes."""
+    step = max(1, ARGMAX_CHUNK // max(1, scores.shape[0] * int(np.prod(scores.shape[2:]))))
+    chunks = [slice(r, r + step) for r in range(0, scores.shape[1], step)]
+    lo, hi, sums = np.inf, -np.inf, True
+    for rows in chunks:
+        part = scores[:, rows].astype(np.float64)
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+        sums = sums and bool(np.allclose(part.sum(axis=0), 1, atol=1e-3))
+    given = lo >= 0 and hi <= 1 and sums
+    total = np.zeros(scores.shape[0], np.float64)
+    for rows in chunks:
+        total += _softmax(scores[:, rows], given).reshape(scores.shape[0], -1).sum(axis=1)
+    top = int(np.argmax(total))
+    heat = np.empty(scores.shape[1:], np.float64)
+    for rows in chunks:
+        heat[rows] = _softmax(scores[:, rows], given)[top]
+    return top, heat
+
+
+def _softmax(part: np.ndarray, given: bool) -> np.ndarray:
+    """Probabilities over the first axis, in float64 (``given``: the scores already are)."""
+    s = part.astype(np.float64)
+    if given:
+        return s
+    s = s - s.max(axis=0, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(axis=0, keepdims=True)
+
+
 def _scores(value: np.ndarray, spatial_axes: Sequence[int]) -> np.ndarray | None:
     """(C, *spatial) from the first batch item; axes other than batch and spatial are channels."""
     if value.ndim < 3:
@@ -300,16 +331,6 @@ def _scores(value: np.ndarray, spatial_axes: Sequence[int]) -> np.ndarray | None
         return None
     moved = np.moveaxis(first, [*others, *spatial], list(range(first.ndim)))
     return moved if others else moved[None]
-
-
-def _probabilities(scores: np.ndarray) -> np.ndarray:
-    """Softmax over channels, unless the values already are probabilities."""
-    s = scores.astype(np.float64)
-    if s.min() >= 0 and s.max() <= 1 and np.allclose(s.sum(axis=0), 1, atol=1e-3):
-        return s
-    s = s - s.max(axis=0, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(axis=0, keepdims=True)
 
 
 def palette(n: int) -> np.ndarray:

@@ -117,19 +117,10 @@ def _plan(dense, image, view: str):
             extra["given"] = smin >= 0 and smax <= 1 and sums_ok
             total = np.zeros(classes, dtype=np.float64)
             for r in range(0, scores.shape[1], step):
-                total += _probs(np.asarray(scores[:, r:r + step]), extra["given"]).reshape(classes, -1).sum(axis=1)
+                total += imglib._softmax(np.asarray(scores[:, r:r + step]), extra["given"]).reshape(classes, -1).sum(axis=1)
                 windowed.release(scores)
             extra["top"] = int(np.argmax(total / max(1, scores.shape[1] * scores.shape[2])))
     return view, scores, extra
-
-
-def _probs(part: np.ndarray, given: bool) -> np.ndarray:
-    s = part.astype(np.float64)
-    if given:
-        return s
-    s = s - s.max(axis=0, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(axis=0, keepdims=True)
 
 
 def _heat(part: np.ndarray, extra: dict) -> np.ndarray:
@@ -137,7 +128,7 @@ def _heat(part: np.ndarray, extra: dict) -> np.ndarray:
         values = part[0].astype(np.float64)
         lo, hi = extra["lo"], extra["hi"]
         return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    return _probs(part, extra["given"])[extra["top"]]
+    return imglib._softmax(part, extra["given"])[extra["top"]]
 
 
 def write_png(f: BinaryIO, width: int, height: int, bands: Iterator[np.ndarray], palette: np.ndarray | None) -> None:

@@ -748,6 +748,8 @@ def _split_tail(dense: onnx.ModelProto, x: np.ndarray):
 
 BAND_HEADS = {
     **{rule: RULES[rule] for rule in RULES},
+    "two_upsamplings": lambda: head(SCALES + '  [up] y = Resize <mode="linear"> (score, , sc)\n'
+                                    '  [up_nearest] z = Resize <mode="nearest"> (score, , sc)', out="float y, float z"),
     "sized_by_input": lambda: any_size_head("input"),
     "sized_by_input_nearest": lambda: any_size_head("input", "nearest", "asymmetric", ', nearest_mode="floor"'),
     **{f"nhwc_{tail}": (lambda t=tail: build(NHWC.format(out=NHWC_TAILS[t][0], sizes=input_sizes(1), body=NHWC_TAILS[t][1])))

@@ -406,7 +406,7 @@ def test_the_estimate_counts_the_final_upsampling(models, monkeypatch):
     assert r["before"] < r["peak"] <= r["estimate"] and r["runs"] == 1, r
     from onnx_dense.runtime import final_tail, schedule
 
-    monkeypatch.setattr(schedule, "tail_peak", lambda *a, **k: 2**40)
+    monkeypatch.setattr(schedule, "tail_parts", lambda *a, **k: (2**40, 0))
     monkeypatch.setattr(final_tail, "bands_of", lambda *a: "a reason")  # a tail that runs whole
     session = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1GB")
     session.run(_image(64))
@@ -425,7 +425,7 @@ def test_the_estimate_counts_the_final_upsampling(models, monkeypatch):
     whole = DenseSession(models["deeplabv3"], provider="cpu").run(_image(64))
     _assert_same({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in whole.items()})
     # the rest fits neither: its line gives the budget asked for, not the final upsampling's peak
-    monkeypatch.setattr(schedule, "tail_peak", lambda *a, **k: 2**20)
+    monkeypatch.setattr(schedule, "tail_parts", lambda *a, **k: (2**20, 0))
     squeezed = DenseSession(models["deeplabv3"], provider="cpu", max_memory="1MB")
     squeezed.run(_image(64))
     assert squeezed.last_schedule.budget == 2**20 and "over the 1.00 MB allowed" in squeezed.last_schedule.describe()

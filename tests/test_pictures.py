@@ -137,13 +137,23 @@ def test_plots_from_the_commands(tmp_path):
     onnx.load(str(dense))  # untouched and loadable
 
 
+def _traced_peak(function, *args) -> int:
+    """Bytes at the peak of what ``function(*args)`` allocates (numpy's arrays included)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_label_maps_take_the_argmax_without_a_copy_of_the_scores(monkeypatch):
     """The labels of a many-class map are numpy's argmax over the classes (first of equal scores
     and first NaN included), taken a chunk of rows at a time: over the first axis numpy copies
     every score with that axis moved last, which was the largest part of ``onnx-dense run``'s
     peak under a budget (21 classes at 2048x2048: +352 MiB)."""
-    import tracemalloc
-
     from onnx_dense.runtime import images as imglib
 
     rng = np.random.default_rng(0)
@@ -156,12 +166,7 @@ def test_label_maps_take_the_argmax_without_a_copy_of_the_scores(monkeypatch):
         view = np.moveaxis(rng.standard_normal((300, 200, 21)).astype(np.float32), 2, 0)  # NHWC scores
         np.testing.assert_array_equal(imglib.class_argmax(view), np.argmax(view, axis=0))
     monkeypatch.setattr(imglib, "ARGMAX_CHUNK", 1 << 16)
-    tracemalloc.start()
-    try:
-        imglib.class_argmax(scores)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _traced_peak(imglib.class_argmax, scores)
     assert peak < scores.nbytes / 4, (peak, scores.nbytes)
 
 
@@ -170,8 +175,6 @@ def test_a_heatmap_takes_the_top_class_without_the_whole_maps_probabilities(monk
     over the classes (or the scores, already probabilities): the same class and the same map, to
     the bit, as from the whole map's probabilities, computed a chunk of rows at a time (the
     whole map's float64 probabilities and softmax's copies were several times the scores)."""
-    import tracemalloc
-
     from onnx_dense.runtime import images as imglib
 
     def whole(scores):  # the whole map's probabilities, as the pictures took them before
@@ -194,10 +197,5 @@ def test_a_heatmap_takes_the_top_class_without_the_whole_maps_probabilities(monk
             assert top == want_top
             np.testing.assert_array_equal(heat, want_heat)
     monkeypatch.setattr(imglib, "ARGMAX_CHUNK", 1 << 14)
-    tracemalloc.start()
-    try:
-        imglib.top_class_heat(logits)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _traced_peak(imglib.top_class_heat, logits)
     assert peak < logits.nbytes, (peak, logits.nbytes)  # the whole map's probabilities: 2x, then copies

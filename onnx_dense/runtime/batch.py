@@ -174,9 +174,7 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             if session.max_memory is not None and session.rebuilt_outputs:
                 # a final upsampling run in bands writes its image-sized outputs to files
                 disk = windowed.DiskOutputs(out, stem)
-                maps = session.run({session.image_input: image.array}, allocate=disk.allocate)
-            else:
-                maps = session.run({session.image_input: image.array})
+            maps = session.run({session.image_input: image.array}, allocate=disk.allocate if disk else None)
             schedule = session.last_schedule
         check_not_inputs(path, out, planned_names(stem, outputs, view, write_npy), inputs)
         described: dict[str, dict] = {}

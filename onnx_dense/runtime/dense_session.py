@@ -599,7 +599,8 @@ class DenseSession:
         # the body's sessions, where its run is yet to make them, stay while the tail runs
         made = body.session is not None or body._plan is not None
         base = _rss() + (0 if made else sched.session_bytes(body._weight_bytes(), stages=True))
-        whole = base + sched.tail_peak(prof, nodes, body.output_names, parts.rebuilt)
+        fixed, ort_bytes = sched.tail_parts(prof, nodes, body.output_names, parts.rebuilt)
+        whole = base + fixed + int(ort_bytes * sched.MARGIN)
         if whole <= self.max_memory:
             return _TailPlan(whole)
         if self._bands is None:
@@ -610,7 +611,6 @@ class DenseSession:
         length = prof.shapes.get(bands.score, ())[bands.axis:bands.axis + 1]
         if not length:
             return _TailPlan(whole)
-        fixed, ort_bytes = sched.tail_parts(prof, nodes, body.output_names, parts.rebuilt)
         # per row of the score map: the tail's values, the band's copy of its score rows and,
         # where the outputs are files, the band's pages of them until they are given back
         banded = ort_bytes * sched.MARGIN + prof.nbytes.get(bands.score, 0)

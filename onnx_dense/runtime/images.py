@@ -280,34 +280,48 @@ def class_argmax(scores: np.ndarray) -> np.ndarray:
     21 classes at 2048x2048, the largest part of ``onnx-dense run``'s peak under a budget)."""
     if scores.ndim < 2:
         return np.argmax(scores, axis=0)
-    step = max(1, ARGMAX_CHUNK // max(1, scores.shape[0] * int(np.prod(scores.shape[2:]))))
     out = np.empty(scores.shape[1:], np.intp)
-    for r in range(0, scores.shape[1], step):
-        out[r:r + step] = np.argmax(scores[:, r:r + step], axis=0)
+    for rows in _row_chunks(scores):
+        out[rows] = np.argmax(scores[:, rows], axis=0)
     return out
 
 
 def top_class_heat(scores: np.ndarray) -> tuple[int, np.ndarray]:
     """(the class whose probability is highest on average, its probability map) of (C, h, w)
-    scores: a softmax over the classes, unless the scores already are probabilities (in [0, 1],
-    summing to 1 everywhere). Computed a chunk of rows at a time: the whole map's probabilities
-    in float64 are twice the scores, times the copies softmax makes."""
-    step = max(1, ARGMAX_CHUNK // max(1, scores.shape[0] * int(np.prod(scores.shape[2:]))))
-    chunks = [slice(r, r + step) for r in range(0, scores.shape[1], step)]
-    lo, hi, sums = np.inf, -np.inf, True
-    for rows in chunks:
-        part = scores[:, rows].astype(np.float64)
-        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-        sums = sums and bool(np.allclose(part.sum(axis=0), 1, atol=1e-3))
-    given = lo >= 0 and hi <= 1 and sums
-    total = np.zeros(scores.shape[0], np.float64)
-    for rows in chunks:
-        total += _softmax(scores[:, rows], given).reshape(scores.shape[0], -1).sum(axis=1)
-    top = int(np.argmax(total))
+    scores (:func:`top_class`), a chunk of rows at a time: the whole map's probabilities in
+    float64 are twice the scores, times the copies softmax makes."""
+    chunks = _row_chunks(scores)
+    given, top = top_class(scores, chunks)
     heat = np.empty(scores.shape[1:], np.float64)
     for rows in chunks:
         heat[rows] = _softmax(scores[:, rows], given)[top]
     return top, heat
+
+
+def top_class(scores: np.ndarray, chunks: Sequence[slice], after: Callable[[], None] = lambda: None) -> tuple[bool, int]:
+    """(whether the (C, h, w) scores already are probabilities: in [0, 1] and summing to 1
+    everywhere; the class whose probability, a softmax over the classes otherwise, is highest
+    on average), read ``chunks`` (slices of rows) at a time; ``after()`` runs after each chunk
+    is read (a map on disk gives its pages back there)."""
+    lo, hi, sums = np.inf, -np.inf, True
+    for rows in chunks:
+        part = np.asarray(scores[:, rows], dtype=np.float64)
+        lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+        sums = sums and bool(np.allclose(part.sum(axis=0), 1, atol=1e-3))
+        after()
+    given = lo >= 0 and hi <= 1 and sums
+    classes = scores.shape[0]
+    total = np.zeros(classes, dtype=np.float64)
+    for rows in chunks:
+        total += _softmax(np.asarray(scores[:, rows]), given).reshape(classes, -1).sum(axis=1)
+        after()
+    return given, int(np.argmax(total / max(1, int(np.prod(scores.shape[1:])))))
+
+
+def _row_chunks(scores: np.ndarray) -> list[slice]:
+    """Slices of rows (axis 1) of about :data:`ARGMAX_CHUNK` scores each."""
+    step = max(1, ARGMAX_CHUNK // max(1, scores.shape[0] * int(np.prod(scores.shape[2:]))))
+    return [slice(r, r + step) for r in range(0, scores.shape[1], step)]
 
 
 def _softmax(part: np.ndarray, given: bool) -> np.ndarray:

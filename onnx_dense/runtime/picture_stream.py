@@ -108,18 +108,8 @@ def _plan(dense, image, view: str):
             extra.update(lo=lo, hi=hi)
         else:
             # render's test "already probabilities", over the whole map, then the top class's mean
-            smin, smax, sums_ok = np.inf, -np.inf, True
-            for r in range(0, scores.shape[1], step):
-                part = np.asarray(scores[:, r:r + step], dtype=np.float64)
-                smin, smax = min(smin, float(part.min())), max(smax, float(part.max()))
-                sums_ok = sums_ok and bool(np.allclose(part.sum(axis=0), 1, atol=1e-3))
-                windowed.release(scores)
-            extra["given"] = smin >= 0 and smax <= 1 and sums_ok
-            total = np.zeros(classes, dtype=np.float64)
-            for r in range(0, scores.shape[1], step):
-                total += imglib._softmax(np.asarray(scores[:, r:r + step]), extra["given"]).reshape(classes, -1).sum(axis=1)
-                windowed.release(scores)
-            extra["top"] = int(np.argmax(total / max(1, scores.shape[1] * scores.shape[2])))
+            chunks = [slice(r, r + step) for r in range(0, scores.shape[1], step)]
+            extra["given"], extra["top"] = imglib.top_class(scores, chunks, after=lambda: windowed.release(scores))
     return view, scores, extra
 
 

@@ -346,21 +346,14 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     return int(peak)
 
 
-def tail_peak(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str], *,
-              margin: float = MARGIN) -> int:
-    """The rebuilt final upsampling (:mod:`~onnx_dense.runtime.final_tail`), run once on the
-    stitched score maps after the body: the body's outputs (``held``), the tail's onnxruntime
-    values (times ``margin``) and the numpy copies of its outputs (``rebuilt``). Bytes above what
-    the process holds before the run. Its output is the image's size, so it can be the largest
+def tail_parts(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str]) -> tuple[int, int]:
+    """The rebuilt final upsampling (:mod:`~onnx_dense.runtime.final_tail`), run after the body
+    on the stitched score maps, in bytes above what the process holds before the run: (what it
+    holds whatever its bands: the body's outputs ``held``, the numpy copies of its outputs
+    ``rebuilt`` and :data:`RUN_BYTES`; onnxruntime's values of one run on the whole score map,
+    to be counted times the margin). Its output is the image's size, so it can be the largest
     part of a run; where its Resize is by twice the factor before a Slice that keeps every other
     pixel (passes/final_upsampling.py), that map is four times the output's."""
-    fixed, ort = tail_parts(prof, tail_nodes, held, rebuilt)
-    return int(ort * margin) + fixed
-
-
-def tail_parts(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str]) -> tuple[int, int]:
-    """(what the tail's run holds whatever its bands: the body's outputs, its own outputs and
-    :data:`RUN_BYTES`; onnxruntime's values of one run on the whole score map, without margin)."""
     ort = live_peak(prof, tail_nodes, keep=set(rebuilt), skip=set(held))
     return sum(prof.nbytes.get(n, 0) for n in (*held, *rebuilt)) + RUN_BYTES, ort
 

@@ -120,7 +120,9 @@ class PhasePlan:
         """All graph outputs for ``feeds`` (the dense model's inputs, numpy). ``trunk``, if
         given, runs stage 0 instead of its session (the tiled trunk: :func:`trunk_axes`)."""
         env = dict(feeds)
-        result = self._run_from(0, env, trunk)
+        interleaved = _Interleaved(self.value_axes)
+        result = self._run_from(0, env, trunk, interleaved, ())
+        result.update(interleaved.result())
         return {name: result[name] for name in self.output_names}
 
     def trunk_axes(self, info: metadata.DenseInfo) -> list:
@@ -149,7 +151,10 @@ class PhasePlan:
     def _needed_after(self, k: int) -> set[str]:
         return {n for s in self.stages[k + 1:] for n in s.inputs}
 
-    def _run_from(self, k: int, env: dict[str, np.ndarray], trunk: Callable | None = None) -> dict[str, np.ndarray]:
+    def _run_from(self, k: int, env: dict[str, np.ndarray], trunk: Callable | None, interleaved: "_Interleaved",
+                  path: tuple) -> dict[str, np.ndarray]:
+        """Stage ``k`` on the phase ``path`` ((split, phase) per level above), then each phase of
+        the stages below; returns stage 0's outputs, the later ones go into ``interleaved``."""
         stage = self.stages[k]
         later = self._needed_after(k)
         feeds = {n: np.ascontiguousarray(env[n]) for n in stage.inputs}
@@ -158,38 +163,60 @@ class PhasePlan:
                 env.pop(n, None)
         made = (trunk if k == 0 and trunk is not None else stage.run)(feeds)
         del feeds
-        results = {n: v for n, v in made.items() if n in self.output_names}
+        results = {}
+        for n in [n for n in made if n in self.output_names]:  # an output may be a later stage's input too
+            if k == 0:
+                results[n] = made[n]
+            else:
+                interleaved.place(n, made[n], path)
         if k + 1 == len(self.stages):
             return results
         carry = {n: v for n, v in {**env, **made}.items() if n in later}
         del made
         env.clear()
         split = self.stages[k + 1].split
-        later_outputs = [n for n in self.output_names if self.producer_stage.get(n, -1) > k]
-        buffers: dict[str, np.ndarray] = {}
-        lengths: dict[str, list[dict[int, int]]] = {}
         for phase in itertools.product(*(range(f) for f in split)):
             sub = {n: _phase_view(v, self.value_axes[n], split, phase) if n in self.value_axes else v
                    for n, v in carry.items()}
-            out = self._run_from(k + 1, sub)
+            self._run_from(k + 1, sub, None, interleaved, path + ((split, phase),))
             del sub
-            for n in later_outputs:
-                value = out.pop(n)
-                axes = self.value_axes[n]
-                if n not in buffers:  # phase 0 is the longest: an upper bound of the whole
-                    shape = list(value.shape)
-                    for a, f in zip(axes, split):
-                        shape[a] = value.shape[a] * f
-                    buffers[n] = np.empty(shape, dtype=value.dtype)
-                    lengths[n] = [dict() for _ in axes]
-                for i, (a, f, p) in enumerate(zip(axes, split, phase)):
-                    lengths[n][i][p] = value.shape[a]
-                _phase_view(buffers[n], axes, split, phase)[_first(value.shape, axes)] = value
-        for n, buf in buffers.items():
+        return results
+
+
+class _Interleaved:
+    """The outputs of later stages, each phase's run written straight to its positions in one
+    array per output. Phase ``ph`` of a split ``f`` holds positions ``ph::f`` of the level above,
+    so a run's positions are the views of the levels' phases nested: no array per level (those
+    held 1/4 + 1/16 + ... of the output more, and a copy per level)."""
+
+    def __init__(self, value_axes: Mapping[str, tuple[int, ...]]):
+        self.value_axes = value_axes
+        self.buffers: dict[str, np.ndarray] = {}
+        self.lengths: dict[str, list[dict]] = {}  # per output and axis: the length of each run's positions
+
+    def place(self, name: str, value: np.ndarray, path: tuple) -> None:
+        axes = self.value_axes[name]
+        if name not in self.buffers:  # the first run, phase 0 at every level, is the longest
+            shape = list(value.shape)
+            for split, _ in path:
+                for a, f in zip(axes, split):
+                    shape[a] *= f
+            self.buffers[name] = np.empty(shape, dtype=value.dtype)
+            self.lengths[name] = [{} for _ in axes]
+        view = self.buffers[name]
+        for split, phase in path:
+            view = _phase_view(view, axes, split, phase)
+        view[_first(value.shape, axes)] = value
+        for i, a in enumerate(axes):
+            self.lengths[name][i][tuple(phase[i] for _, phase in path)] = value.shape[a]
+
+    def result(self) -> dict[str, np.ndarray]:
+        results = {}
+        for name, buf in self.buffers.items():
             crop = [slice(None)] * buf.ndim
-            for i, a in enumerate(self.value_axes[n]):
-                crop[a] = slice(0, sum(lengths[n][i].values()))
-            results[n] = buf[tuple(crop)]
+            for i, a in enumerate(self.value_axes[name]):
+                crop[a] = slice(0, sum(self.lengths[name][i].values()))
+            results[name] = buf[tuple(crop)]
         return results
 
 

@@ -313,16 +313,17 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     tensor of phases} made in numpy from this stage's maps once it has run, each map dropped
     once its tensor is made.
     While one phase of stage ``k`` runs, the process holds: the values stages above carry to
-    later ones (their phase's share), the output buffers (an output made at stage ``s`` has one
-    at every level down to ``s``), the contiguous copies of the stage's inputs (stage 0 reads
-    the image itself: counted only if not ``resident``), and onnxruntime's values of the stage
-    (times ``margin``). ``trunk``: stage 0 runs tile by tile (the profile at the tile's size):
+    later ones (their phase's share), the output arrays (each phase's run is written straight
+    into its positions, plus that run's share as it is placed), the contiguous copies of the
+    stage's inputs (stage 0 reads the image itself: counted only if not ``resident``), and
+    onnxruntime's values of the stage (times ``margin``). ``trunk``: stage 0 runs tile by tile (the profile at the tile's size):
     it holds its outputs stitched whole, one tile's copy of the image and that tile's values.
     """
     outputs = set(output_names)
     parts = [math.prod(stage[0]) for stage in plan_stages]
     made_at = {o: k for k, stage in enumerate(plan_stages) for o in stage[3]}
-    held = sum(prof.nbytes.get(n, 0) * sum(1 / p for p in parts[:made_at.get(n, 0) + 1]) for n in outputs)
+    # an output made by phases: one array, and the run's numpy copy of its share as it is placed
+    held = sum(prof.nbytes.get(n, 0) * (1 + (1 / parts[made_at[n]] if made_at.get(n, 0) else 0)) for n in outputs)
     if not resident:
         held += sum(prof.nbytes.get(n, 0) for n in prof.graph_inputs)
     peak = 0.0

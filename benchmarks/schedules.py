@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="set in every child's environment, e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (huge pages "
                     "for glibc's large blocks)")
+    ap.add_argument("--budget-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set only in budgeted children's environment, as the onnx-dense script does for budgeted runs "
+                    "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1: onnx_dense/_entry.py)")
     ap.add_argument("--repeat", type=int, default=0,
                     help="with --second-run: time this many runs after the first and report the fastest")
     ap.add_argument("--keep", action="store_true",
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-    print(f"machine: {machine}; budget {args.budget}" + (f"; children's env {' '.join(args.env)}" if args.env else ""),
-          flush=True)
+    print(f"machine: {machine}; budget {args.budget}" + (f"; children's env {' '.join(args.env)}" if args.env else "")
+          + (f"; budgeted children's env {' '.join(args.budget_env)}" if args.budget_env else ""), flush=True)
     for path in args.models.split(","):
         model = build(path, args.workdir)
         name = model.stem if path.endswith(".onnx") else path
@@ -215,11 +218,11 @@ def main(argv=None) -> int:
                     results[kind] = dict(model=name, size=size, kind=kind, skipped=f"not run: needs ~{need / 2**30:.1f} GB (est.)")
                     continue
                 before = load()
+                env = dict(e.split("=", 1) for e in [*args.env, *(args.budget_env if kind.startswith("budget") else [])])
                 r = child(model, size, kind, args.tile or MODELS.get(name, {}).get("tile") or 512, args.budget, out,
-                          1 + max(1, args.repeat) if args.second_run else 1,
-                          dict(e.split("=", 1) for e in args.env))
+                          1 + max(1, args.repeat) if args.second_run else 1, env)
                 r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime(),
-                         env=dict(e.split("=", 1) for e in args.env))
+                         env=env)
                 results[kind] = r
             ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
             if not ref.exists():  # no whole run: compare with the tiled one

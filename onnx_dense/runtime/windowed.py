@@ -108,12 +108,11 @@ class NpyImage:
     def window(self, index: Sequence[slice]) -> np.ndarray:
         """``whole_input[index]`` (an index of the fed array's shape), computed from its window only."""
         rows, cols = index[self.spatial_axes[0]], index[self.spatial_axes[1]]
-        pixels = self._pixels(rows, cols)
-        pixels = (pixels - self.mean) / self.std
-        from onnx_dense.runtime.images import _to_layout
+        from onnx_dense.runtime.images import normalised
 
         # batch and channel axes are whole in a tile's index (tiling.plan_tiles)
-        return np.ascontiguousarray(_to_layout(pixels, tuple(self.spatial_axes)).astype(self.dtype))
+        return normalised(self._pixels(rows, cols), None, self.mean, self.std, self.channels,
+                          tuple(self.spatial_axes), self.dtype)
 
     def rgb_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` of the picture background, (rows, W, 3) uint8, as load_image makes it."""

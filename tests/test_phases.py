@@ -215,8 +215,7 @@ def _two_level_plan(outputs=("y",)) -> phases.PhasePlan:
         phases.Stage(1, (2, 2), (2, 2), [], ["m"], ["a"], run=lambda f: {"a": f["m"] + 1}),
         phases.Stage(2, (4, 4), (2, 2), [], ["a"], ["y"], run=lambda f: {"y": f["a"] * 3}),
     ]
-    return phases.PhasePlan(stages, "x", {"m": (2, 3), "a": (2, 3), "y": (2, 3)}, list(outputs),
-                            {"m": 0, "a": 1, "y": 2})
+    return phases.PhasePlan(stages, "x", {"m": (2, 3), "a": (2, 3), "y": (2, 3)}, list(outputs))
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 37, 29), (1, 3, 5, 4)])

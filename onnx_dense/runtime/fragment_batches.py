@@ -453,9 +453,7 @@ def _layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, d
     for k in range(depth if apart is True else 0):
         for name, spec in (levels[k].get("sources") or {}).items():
             axes[name] = (0,) + tuple(spec["axes"])
-    producer_stage = {o: g for g, (_, nodes) in enumerate(groups) for node in nodes for o in node.output if o}
-    producer_stage.update(made_at)
-    plan = BatchPlan(stages, input_name, {}, outputs, producer_stage, factors=factors, cuts=cuts,
+    plan = BatchPlan(stages, input_name, {}, outputs, factors=factors, cuts=cuts,
                      interleaved=interleaved, made_at=made_at, moves=apart, in_numpy=frozenset(in_numpy),
                      sources=tuple(dict(levels[k].get("sources") or {}) for k in range(depth)))
     plan._types, plan._constants, plan._axes = types, constant_nodes, axes

@@ -87,7 +87,6 @@ class PhasePlan:
     input_name: str
     value_axes: dict[str, tuple[int, ...]]  # spatial axes of values passed between stages and of outputs
     output_names: list[str]
-    producer_stage: dict[str, int]  # value -> stage that makes it
     _types: dict = dataclasses.field(default_factory=dict, repr=False)
     _constants: dict = dataclasses.field(default_factory=dict, repr=False)
     _axes: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -374,7 +373,7 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
             if name not in axes and producer.get(name) is not None:
                 raise DenseError(f"value '{name}' passes between phases but its spatial axes are unknown")
     value_axes = {k: v for k, v in axes.items() if any(k in s.inputs or k in s.outputs for s in stages)}
-    result = PhasePlan(stages, input_name, value_axes, outputs, producer)
+    result = PhasePlan(stages, input_name, value_axes, outputs)
     result._types = _value_types(proto, info, input_name)
     result._constants, result._axes = constant_nodes, axes
     return result

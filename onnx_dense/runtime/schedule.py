@@ -316,8 +316,9 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     later ones (their phase's share), the output arrays (each phase's run is written straight
     into its positions, plus that run's share as it is placed), the contiguous copies of the
     stage's inputs (stage 0 reads the image itself: counted only if not ``resident``), and
-    onnxruntime's values of the stage (times ``margin``). ``trunk``: stage 0 runs tile by tile (the profile at the tile's size):
-    it holds its outputs stitched whole, one tile's copy of the image and that tile's values.
+    onnxruntime's values of the stage (times ``margin``). ``trunk``: stage 0 runs tile by tile
+    (the profile at the tile's size): it holds its outputs stitched whole, one tile's copy of
+    the image and that tile's values.
     """
     outputs = set(output_names)
     parts = [math.prod(stage[0]) for stage in plan_stages]

@@ -9,7 +9,21 @@ The public API mirrors the command line::
 """
 
 from onnx_dense.errors import DenseError
-from onnx_dense.api import inspect_model, rewrite, rewrite_model, verify
 
 __all__ = ["DenseError", "inspect_model", "rewrite", "rewrite_model", "verify"]
 __version__ = "0.1.0"
+_API = ("inspect_model", "rewrite", "rewrite_model", "verify")
+
+
+def __getattr__(name: str):
+    # The API (onnx, onnx-ir, the passes: about a second) is imported when first used, so that
+    # the console script can start a budgeted run again (onnx_dense/_entry.py) before paying for it.
+    if name in _API:
+        from onnx_dense import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'onnx_dense' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_API})

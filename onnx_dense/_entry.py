@@ -8,8 +8,9 @@ maps (where the kernel's mode is ``madvise``): the ResNet of ``benchmarks/schedu
 under a budget went from 1.48x / 1.58x to 1.27x / 1.29x the whole run at 2048 / 4096, at the
 same peak (benchmarks/README.md). glibc reads tunables only when a process starts, so this
 script starts itself again (``execve``: same process id, arguments and files) before the
-command line is imported; the package's own imports (onnx: about a second here) are paid
-twice, once per budgeted invocation. Whole runs keep onnxruntime's arena and are left as they are: huge pages
+command line is imported. Nothing heavy is imported before that: the package imports its API
+(onnx, onnx-ir: 1.1 s here) when first used, which took a budgeted run at 2048 pixels from
+5.0-5.3 s to 4.0-4.3 s end to end (the whole run: 3.6-4.5 s). Whole runs keep onnxruntime's arena and are left as they are: huge pages
 made their first run slower. ``ONNX_DENSE_HUGEPAGES=0`` turns this off; library users set
 ``GLIBC_TUNABLES`` themselves.
 """

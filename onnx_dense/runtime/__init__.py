@@ -8,6 +8,11 @@
   :func:`load_image` and :func:`render` (:mod:`onnx_dense.runtime.images`) its two halves.
 """
 
+# What a session would import while it runs (onnx-ir when it is made, onnx's reference
+# evaluator for an estimate: 34 MiB and more) is imported here, before a budget's estimate
+# reads the process's memory; the package itself imports its API lazily (onnx_dense/__init__.py).
+import onnx_dense.api  # noqa: F401, E402
+import onnx.reference  # noqa: F401, E402
 from onnx_dense.runtime.session import OrtRunner, available_providers, cuda_options
 from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid, resolve_provider
 from onnx_dense.runtime.batch import RunSummary, run_images

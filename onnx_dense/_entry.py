@@ -10,8 +10,8 @@ same peak (benchmarks/README.md). glibc reads tunables only when a process start
 script starts itself again (``execve``: same process id, arguments and files) before the
 command line is imported. Nothing heavy is imported before that: the package imports its API
 (onnx, onnx-ir: 1.1 s here) when first used, which took a budgeted run at 2048 pixels from
-5.0-5.3 s to 3.9-4.7 s end to end (the whole run: 3.6-4.5 s). Whole runs keep onnxruntime's arena and are left as they are: huge pages
-made their first run slower. ``ONNX_DENSE_HUGEPAGES=0`` turns this off; library users set
+5.0-5.3 s to 3.9-4.7 s end to end (the whole run: 3.6-4.5 s). Whole runs keep onnxruntime's
+arena and are left as they are: huge pages made their first run slower. ``ONNX_DENSE_HUGEPAGES=0`` turns this off; library users set
 ``GLIBC_TUNABLES`` themselves.
 """
 

@@ -180,7 +180,7 @@ def normalised(pixels: np.ndarray, scale: float | None, mean, std, channels: int
         raise DenseError(f"the model's input has spatial axes {list(spatial_axes)}; images fit (2, 3) (NCHW) or "
                          "(1, 2) (NHWC)")
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    rows = max(1, BAND_VALUES // max(1, width * channels))
+    rows = rows_per_band(width * channels, BAND_VALUES)
     for r0 in range(0, height, rows):
         band = pixels[r0:r0 + rows].astype(np.float32)
         if band.shape[2] != channels:  # one grey channel fed to an RGB model
@@ -305,7 +305,7 @@ def class_argmax(scores: np.ndarray) -> np.ndarray:
     if scores.ndim < 2:
         return np.argmax(scores, axis=0)
     out = np.empty(scores.shape[1:], np.intp)
-    for rows in _row_chunks(scores):
+    for rows in row_chunks(scores):
         out[rows] = np.argmax(scores[:, rows], axis=0)
     return out
 
@@ -314,7 +314,7 @@ def top_class_heat(scores: np.ndarray) -> tuple[int, np.ndarray]:
     """(the class whose probability is highest on average, its probability map) of (C, h, w)
     scores (:func:`top_class`), a chunk of rows at a time: the whole map's probabilities in
     float64 are twice the scores, times the copies softmax makes."""
-    chunks = _row_chunks(scores)
+    chunks = row_chunks(scores)
     given, top = top_class(scores, chunks)
     heat = np.empty(scores.shape[1:], np.float64)
     for rows in chunks:
@@ -342,9 +342,16 @@ def top_class(scores: np.ndarray, chunks: Sequence[slice], after: Callable[[], N
     return given, int(np.argmax(total / max(1, int(np.prod(scores.shape[1:])))))
 
 
-def _row_chunks(scores: np.ndarray) -> list[slice]:
-    """Slices of rows (axis 1) of about :data:`ARGMAX_CHUNK` scores each."""
-    step = max(1, ARGMAX_CHUNK // max(1, scores.shape[0] * int(np.prod(scores.shape[2:]))))
+def rows_per_band(row_values: int, values: int) -> int:
+    """Rows of a band of about ``values`` values, ``row_values`` to a row (at least one)."""
+    return max(1, values // max(1, row_values))
+
+
+def row_chunks(scores: np.ndarray, values: int | None = None) -> list[slice]:
+    """Slices of rows (axis 1) of (C, h, ...) scores, about ``values`` scores each (default
+    :data:`ARGMAX_CHUNK`)."""
+    row_values = scores.shape[0] * int(np.prod(scores.shape[2:]))
+    step = rows_per_band(row_values, ARGMAX_CHUNK if values is None else values)
     return [slice(r, r + step) for r in range(0, scores.shape[1], step)]
 
 

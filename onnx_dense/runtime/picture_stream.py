@@ -22,13 +22,10 @@ import numpy as np
 from onnx_dense.runtime import images as imglib
 from onnx_dense.runtime import windowed
 
-BAND_PIXELS = 1 << 21  # pixels per band: ~2M (a few tens of MB of temporaries)
-
-
-def _band_rows(width: int, channels: int) -> int:
-    """Rows of a band whose scores are about BAND_PIXELS values: a band of 21 class maps as many
-    rows as one map took copies of 21 x 2M scores (176 MB, twice: the band and numpy's argmax)."""
-    return max(1, BAND_PIXELS // max(1, width * channels))
+# Scores per band: ~2M (a few tens of MB of temporaries). Counted in scores, not pixels: a band
+# of 2M pixels of 21 class maps took copies of 21 x 2M scores (176 MB, twice: the band and
+# numpy's argmax).
+BAND_PIXELS = 1 << 21
 
 
 def write_picture(path, dense, image, view: str = "auto", alpha: float = 0.5) -> dict | None:
@@ -53,7 +50,7 @@ def picture_writer(dense, image, view: str = "auto", alpha: float = 0.5):
         return None
     kind, scores, extra = plan
     height, width = image.size
-    rows_per_band = _band_rows(width, scores.shape[0])
+    rows_per_band = imglib.rows_per_band(width * scores.shape[0], BAND_PIXELS)
     grid = dense.grid
     cols = grid.nearest(np.arange(width), 1)
 
@@ -98,17 +95,16 @@ def _plan(dense, image, view: str):
         view = "heatmap" if dense.is_classifier or classes == 1 else "labels"
     extra: dict = {"classes": classes}
     if view == "heatmap":
-        step = _band_rows(scores.shape[2], classes)
+        chunks = imglib.row_chunks(scores, BAND_PIXELS)
         if classes == 1:
             lo, hi = np.inf, -np.inf
-            for r in range(0, scores.shape[1], step):
-                part = np.asarray(scores[0, r:r + step], dtype=np.float64)
+            for rows in chunks:
+                part = np.asarray(scores[0, rows], dtype=np.float64)
                 lo, hi = min(lo, float(np.min(part))), max(hi, float(np.max(part)))
                 windowed.release(scores)
             extra.update(lo=lo, hi=hi)
         else:
             # render's test "already probabilities", over the whole map, then the top class's mean
-            chunks = [slice(r, r + step) for r in range(0, scores.shape[1], step)]
             extra["given"], extra["top"] = imglib.top_class(scores, chunks, after=lambda: windowed.release(scores))
     return view, scores, extra
 

@@ -197,23 +197,26 @@ def test_the_estimate_counts_each_value_once_and_elementwise_ops_in_place():
     assert schedule.whole_peak(prof, margin=2) == 1200 + 200
     assert schedule.whole_peak(prof, margin=1, resident=False) == 600 + 200 + 100
     stages = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:], ["a"], ["y"])]
-    # stage 1: y's buffers (200 + 100) + a carried (400) + a phase's copy of a (200) + its values (300)
-    assert schedule.phases_peak(prof, stages, ["y"], margin=1) == 300 + 400 + 200 + 300
-    assert schedule.phases_peak(prof, stages, ["y"], margin=1, resident=False) == 1300
+    # stage 1: y's array and the buffer its phases share (200 + 100) + a carried (400) + a phase's
+    # copy of a (200) + its values but y, which is written into that buffer (b: 200)
+    assert schedule.phases_peak(prof, stages, ["y"], margin=1) == 300 + 400 + 200 + 200
+    assert schedule.phases_peak(prof, stages, ["y"], margin=1, resident=False) == 1200
+    assert schedule.phases_peak(prof, stages, ["y"], margin=2) == 300 + 400 + 200 + 2 * 200  # not y's buffer
     # two levels (2 then 4 phases): y's one array + a run's share (250), a carried (400); stage 1's
-    # peak: a phase's copy of a (200) and its b (200). No array of y per level (that was +50 here)
+    # peak: a phase's copy of a (200) and the buffer of its b (200). No array of y per level (+50)
     deeper = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:2], ["a"], ["b"]), ((4,), nodes[2:], ["b"], ["y"])]
     assert schedule.phases_peak(prof, deeper, ["y"], margin=1) == 250 + 400 + 200 + 200
+    assert schedule.phases_peak(prof, deeper, ["y"], margin=2) == 250 + 400 + 200 + 200  # b: a buffer, not onnxruntime's
     # tiles: the stitched outputs, then a tile's run on its own copy
-    assert schedule.tiles_peak(prof, prof, stages, ["y"], margin=1) == 200 + 1300
+    assert schedule.tiles_peak(prof, prof, stages, ["y"], margin=1) == 200 + 1200
 
 
 def _two_level_plan(outputs=("y",)) -> phases.PhasePlan:
     """Stages as numpy functions: a map m, split 2x2 into a, each split 2x2 again into y."""
     stages = [
-        phases.Stage(0, (1, 1), (1, 1), [], ["x"], ["m"], run=lambda f: {"m": f["x"] * 2}),
-        phases.Stage(1, (2, 2), (2, 2), [], ["m"], ["a"], run=lambda f: {"a": f["m"] + 1}),
-        phases.Stage(2, (4, 4), (2, 2), [], ["a"], ["y"], run=lambda f: {"y": f["a"] * 3}),
+        phases.Stage(0, (1, 1), (1, 1), [], ["x"], ["m"], run=lambda f, buffers=None: {"m": f["x"] * 2}),
+        phases.Stage(1, (2, 2), (2, 2), [], ["m"], ["a"], run=lambda f, buffers=None: {"a": f["m"] + 1}),
+        phases.Stage(2, (4, 4), (2, 2), [], ["a"], ["y"], run=lambda f, buffers=None: {"y": f["a"] * 3}),
     ]
     return phases.PhasePlan(stages, "x", {"m": (2, 3), "a": (2, 3), "y": (2, 3)}, list(outputs))
 

@@ -71,6 +71,7 @@ from onnx_dense import metadata
 from onnx_dense.errors import DenseError
 from onnx_dense.runtime import final_tail, phases, tiling
 from onnx_dense.runtime import schedule as sched
+from onnx_dense.runtime.buffers import StageRunner
 from onnx_dense.runtime.schedule import KINDS as SCHEDULES, Schedule, parse_memory
 from onnx_dense.runtime.session import cuda_options, preload_cuda, set_spinning
 
@@ -511,7 +512,7 @@ class DenseSession:
         trunk_axes = self._trunk_axes(chosen.depth)
         entry = self.info.inputs[self.image_input]
         return plan.run(feeds, trunk=lambda f: tiling.run_tiled(
-            plan.stages[0].run, f, self.image_input, entry.spatial_axes, trunk_axes, chosen.tile, progress))
+            plan.stages[0].run, f, self.image_input, entry.spatial_axes, trunk_axes, chosen.tile, progress, reuse=True))
 
     def _run_whole_instead(self, chosen: Schedule, feeds, exc: phases.StageRefused) -> dict[str, np.ndarray]:
         """A stage refused on a phase or tile (:class:`~onnx_dense.runtime.phases.StageRefused`),
@@ -1074,7 +1075,7 @@ class DenseSession:
             self._check_providers(session)
             stage.model = None
             layout.sessions.append(session)
-            stage.run = _runner(session)
+            stage.run = StageRunner(session, on_error=_stage_refused)
         self._plan = layout
         return layout
 
@@ -1219,19 +1220,11 @@ def _has_entry(so: ort.SessionOptions, key: str) -> bool:
         return False
 
 
-def _runner(session: ort.InferenceSession):
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds):
-        try:
-            return dict(zip(names, session.run(None, feeds)))
-        except Exception as exc:
-            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
-            raise phases.StageRefused(f"onnxruntime failed to run a stage of the split model on {shapes} (a phase or "
-                                      f"tile this small can be shorter than a window, or a join's branches can differ "
-                                      f"in size at it: run it whole): {' '.join(str(exc).split())[:300]}") from None
-
-    return run
+def _stage_refused(exc: Exception, feeds) -> phases.StageRefused:
+    shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+    return phases.StageRefused(f"onnxruntime failed to run a stage of the split model on {shapes} (a phase or "
+                               f"tile this small can be shorter than a window, or a join's branches can differ "
+                               f"in size at it: run it whole): {' '.join(str(exc).split())[:300]}")
 
 
 def _return_freed_memory() -> None:

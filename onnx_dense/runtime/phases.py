@@ -52,6 +52,7 @@ from onnx import helper, numpy_helper
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
+from onnx_dense.runtime.buffers import Buffers
 from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
 
@@ -63,6 +64,16 @@ class StageRefused(DenseError):
 
 
 WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "ConvInteger", "QLinearConv"}
+# Position by position, so a phase of the output is the op on that phase of its inputs: where
+# its inputs are made by an earlier stage, the node runs there, on the whole map. Else a stage
+# would start with the activation of the conv that ended the stage before: not fused into it,
+# and the conv's output reordered out of onnxruntime's blocked layout and back in between
+# (benchmarks/README.md, "The stage boundaries": 0.5 s of 12 at 8000).
+POINTWISE = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Identity",
+    "BatchNormalization", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow",
+}
 _BIG_INT = 2**62  # Slice ends at or above this mean "to the end"
 
 
@@ -77,7 +88,9 @@ class Stage:
     inputs: list[str]
     outputs: list[str]  # values later stages read, and graph outputs made here
     model: bytes | None = None  # serialised stage model, dropped once a session holds it
-    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # run(feeds) -> outputs; run(feeds, buffers): feeds may be views, outputs written into the
+    # runs' shared buffers (runtime/buffers.py), valid until the next run with those buffers
+    run: Callable[..., dict[str, np.ndarray]] | None = None
     divide: bool = True  # dilations, pads and slices divided by the level (False: fragments' batches)
 
 
@@ -120,7 +133,7 @@ class PhasePlan:
         given, runs stage 0 instead of its session (the tiled trunk: :func:`trunk_axes`)."""
         env = dict(feeds)
         interleaved = _Interleaved(self.value_axes)
-        result = self._run_from(0, env, trunk, interleaved, ())
+        result = self._run_from(0, env, trunk, interleaved, (), None)
         result.update(interleaved.result())
         return {name: result[name] for name in self.output_names}
 
@@ -151,16 +164,25 @@ class PhasePlan:
         return {n for s in self.stages[k + 1:] for n in s.inputs}
 
     def _run_from(self, k: int, env: dict[str, np.ndarray], trunk: Callable | None, interleaved: "_Interleaved",
-                  path: tuple) -> dict[str, np.ndarray]:
+                  path: tuple, reused: Buffers | None) -> dict[str, np.ndarray]:
         """Stage ``k`` on the phase ``path`` ((split, phase) per level above), then each phase of
-        the stages below; returns stage 0's outputs, the later ones go into ``interleaved``."""
+        the stages below; returns stage 0's outputs, the later ones go into ``interleaved``.
+        ``reused``: the buffers of stage ``k``'s runs in this loop of phases (none for stage 0,
+        which runs once and whose outputs are the caller's)."""
         stage = self.stages[k]
         later = self._needed_after(k)
-        feeds = {n: np.ascontiguousarray(env[n]) for n in stage.inputs}
+        feeds = {n: env[n] for n in stage.inputs}
         for n in stage.inputs:  # nothing of this level is needed once the stage has run
             if n not in later:
                 env.pop(n, None)
-        made = (trunk if k == 0 and trunk is not None else stage.run)(feeds)
+        if k == 0 and trunk is not None:
+            made = trunk(feeds)
+        elif reused is None:
+            made = stage.run(feeds)
+        else:
+            made = stage.run(feeds, reused)
+            if k + 1 < len(self.stages):  # the copies of its inputs are not held while the stages below run
+                reused.drop("in")
         del feeds
         results = {}
         for n in [n for n in made if n in self.output_names]:  # an output may be a later stage's input too
@@ -174,11 +196,13 @@ class PhasePlan:
         del made
         env.clear()
         split = self.stages[k + 1].split
+        below = Buffers()
         for phase in itertools.product(*(range(f) for f in split)):
             sub = {n: _phase_view(v, self.value_axes[n], split, phase) if n in self.value_axes else v
                    for n, v in carry.items()}
-            self._run_from(k + 1, sub, None, interleaved, path + ((split, phase),))
+            self._run_from(k + 1, sub, None, interleaved, path + ((split, phase),), below)
             del sub
+        below.clear()
         return results
 
 
@@ -331,16 +355,7 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
         index_of[lv] = max(i for i, kept in enumerate(levels) if all(x % y == 0 for x, y in zip(lv, kept)))
     # Nodes with no image-derived input (Constant, arithmetic on constants) go with every stage that reads them.
     constant_nodes = {o: node for node, lv in zip(graph.node, node_level) if lv is None for o in node.output if o}
-    stage_nodes: list[list[onnx.NodeProto]] = [[] for _ in levels]
-    producer: dict[str, int] = {}
-    for node, lv in zip(graph.node, node_level):
-        if lv is None:
-            continue
-        k = index_of[lv]
-        stage_nodes[k].append(node)
-        for o in node.output:
-            if o:
-                producer[o] = k
+    stage_nodes, producer = _assign(graph.node, node_level, index_of, len(levels), info.fields or {})
     outputs = [o.name for o in graph.output]
     for o in outputs:
         if o not in producer:
@@ -377,6 +392,33 @@ def layout(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str, de
     result._types = _value_types(proto, info, input_name)
     result._constants, result._axes = constant_nodes, axes
     return result
+
+
+def _assign(nodes, node_level, index_of, count: int, fields) -> tuple[list[list[onnx.NodeProto]], dict[str, int]]:
+    """Each node's stage: its level's, or, for an elementwise node (POINTWISE) whose inputs are
+    all made earlier, the stage that makes them (into the trunk only where its tiles can stitch
+    the result: a field recorded). A stage left empty by that keeps its nodes (it would be a
+    model with nothing to run, or its split lost)."""
+    keep: set[int] = set()
+    while True:
+        stage_nodes: list[list[onnx.NodeProto]] = [[] for _ in range(count)]
+        producer: dict[str, int] = {}
+        for node, lv in zip(nodes, node_level):
+            if lv is None:
+                continue
+            k = index_of[lv]
+            made_in = [producer[i] for i in node.input if i in producer]
+            if (node.op_type in POINTWISE and k not in keep and made_in and max(made_in) < k
+                    and (max(made_in) or all(o in fields for o in node.output if o))):
+                k = max(made_in)
+            stage_nodes[k].append(node)
+            for o in node.output:
+                if o:
+                    producer[o] = k
+        empty = {k for k in set(index_of.values()) if not stage_nodes[k]} - keep
+        if not empty:
+            return stage_nodes, producer
+        keep |= empty
 
 
 def _value_types(proto: onnx.ModelProto, info: metadata.DenseInfo, input_name: str) -> dict[str, tuple[int, list]]:

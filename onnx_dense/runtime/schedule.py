@@ -314,11 +314,13 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     once its tensor is made.
     While one phase of stage ``k`` runs, the process holds: the values stages above carry to
     later ones (their phase's share), the output arrays (each phase's run is written straight
-    into its positions, plus that run's share as it is placed), the contiguous copies of the
-    stage's inputs (stage 0 reads the image itself: counted only if not ``resident``), and
-    onnxruntime's values of the stage (times ``margin``). ``trunk``: stage 0 runs tile by tile
-    (the profile at the tile's size): it holds its outputs stitched whole, one tile's copy of
-    the image and that tile's values.
+    into its positions, plus the buffer the runs share for their share), the contiguous copies
+    of the stage's inputs (stage 0 reads the image itself: counted only if not ``resident``),
+    the buffers the runs of a split share for what the stage hands on (bound before the run:
+    runtime/buffers.py), and onnxruntime's other values of the stage (times ``margin``).
+    ``trunk``: stage 0 runs tile by tile (the profile at the tile's size): it holds its outputs
+    stitched whole, one tile's copy of the image, the buffers of that tile's outputs and its
+    other values.
     """
     outputs = set(output_names)
     parts = [math.prod(stage[0]) for stage in plan_stages]
@@ -331,14 +333,18 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     carried = 0.0
     for k, (level, nodes, inputs, outs, *rest) in enumerate(plan_stages):
         how = rest[0] if rest else {}
-        if k == 0 and trunk is not None:
+        if k == 0 and trunk is not None:  # the tiles' outputs: buffers they share, there from the start
             stitched = sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs)
             tile_input = sum(trunk.nbytes.get(n, 0) for n in trunk.graph_inputs)
-            ort = live_peak(trunk, nodes, keep=set(outs), skip=set(inputs))
-            peak = max(peak, held + stitched + tile_input + ort * margin)
+            bound = sum(trunk.nbytes.get(n, 0) for n in outs)
+            ort = live_peak(trunk, nodes, skip=set(inputs) | set(outs))
+            peak = max(peak, held + stitched + tile_input + bound + ort * margin)
         else:
-            ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs))
+            # the phases of a split (not fragments' batches) write their outputs into buffers they share
+            bound = set(outs) if k and not rest else set()
+            ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs) | bound)
             copies = 0.0 if k == 0 or how.get("views") else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
+            copies += sum(prof.nbytes.get(n, 0) for n in bound - outputs) / parts[k]  # outputs': in ``held``
             peak = max(peak, held + carried + copies + ort * margin)
         carried += sum(prof.nbytes.get(n, 0) for n in outs if n not in outputs) / parts[k]
         carried -= sum(prof.nbytes.get(n, 0) for n in how.get("freed", ())) / parts[k]

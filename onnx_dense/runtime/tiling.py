@@ -67,6 +67,7 @@ import onnx
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
 from onnx_dense.runtime import windowed
+from onnx_dense.runtime.buffers import Buffers
 
 # Ops that look at the whole map, or whose output positions do not map to fixed input windows.
 NONLOCAL_OPS = {
@@ -237,19 +238,29 @@ def run_tiled(
     outputs: Sequence[OutputAxes],
     tile: Sequence[int],
     progress: Callable[[int, int], None] | None = None,
+    reuse: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run ``run`` on tiles of ``feeds[input_name]`` and stitch each output.
 
     ``run`` takes a feeds dict and returns numpy outputs by name (at least those of
-    ``outputs``). Other feeds are passed whole to every tile.
+    ``outputs``). Other feeds are passed whole to every tile. ``reuse``: ``run(feeds,
+    buffers)`` takes the tile as a view and copies it, and writes its outputs, into buffers
+    shared by every tile (:mod:`onnx_dense.runtime.buffers`); each tile's outputs are
+    stitched before the next tile runs (crop 0 comes first, so none waits).
     """
     x = feeds[input_name]
     crops = plan_tiles(x.shape, input_axes, outputs, tile)
     stitcher = Stitcher(outputs, crops)
+    shared = Buffers() if reuse else None
     for done, crop in enumerate(crops):
         tile_feeds = dict(feeds)
-        tile_feeds[input_name] = np.ascontiguousarray(x[crop.index])
-        stitcher.add(crop, run(tile_feeds))
+        if shared is None:
+            tile_feeds[input_name] = np.ascontiguousarray(x[crop.index])
+            stitcher.add(crop, run(tile_feeds))
+        else:
+            tile_feeds[input_name] = x[crop.index]
+            stitcher.add(crop, {k: v.copy() for k, v in run(tile_feeds, shared).items()}
+                         if not stitcher.stitched and crop.number != 0 else run(tile_feeds, shared))
         if progress is not None:
             progress(done + 1, len(crops))
     return stitcher.result()

@@ -3,8 +3,8 @@
 Why. A budgeted run calls the same stage session once per phase or tile, and each call used to
 copy its inputs into fresh arrays and get its outputs in fresh arrays. A fresh block of this
 size comes from mmap, so every one of its pages is faulted in again: on the 2-core VM of
-benchmarks/README.md that cost about 1 s per GB written, as much as the copy itself, and the
-whole model's session, with its arena, pays it once. Here the first run of a stage in a loop
+benchmarks/README.md 0.3 s (huge pages) to 1.2 s per GB, more than the copy itself, which
+the whole model's session, with its arena, pays once. Here the first run of a stage in a loop
 allocates; the next runs write into the same memory: inputs copied into it, outputs written
 into it by onnxruntime through IO binding (an output bound to a buffer of its shape).
 

@@ -28,7 +28,14 @@ overlap by its own receptive field (115 px for a ResNet-18 at output stride 8, a
 for the model), and later stages run phase by phase on the stitched maps (``run(trunk=...)``).
 
 Stage sessions run without onnxruntime's memory arena: an arena keeps what a session once
-needed, so stages would add their peaks up instead of taking the largest.
+needed, so stages would add their peaks up instead of taking the largest. The runs of one
+stage in a loop of phases (and the trunk's tiles) share their input copies and output arrays
+(:mod:`onnx_dense.runtime.buffers`), so only the first run's pages are fresh.
+
+An elementwise node (``POINTWISE``) whose inputs an earlier stage makes runs in that stage, on
+the whole map, not at its own level: the activation after a stride-removed conv then fuses
+into it, and one value crosses the boundary, where the conv's output was reordered out of
+onnxruntime's blocked layout and back in for a lone Relu.
 
 Strategy ``fragments`` keeps its phases on the batch axis; :mod:`onnx_dense.runtime.fragment_batches`
 splits that batch instead, level by level, with a plan of the same shape.
@@ -64,11 +71,9 @@ class StageRefused(DenseError):
 
 
 WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "ConvInteger", "QLinearConv"}
-# Position by position, so a phase of the output is the op on that phase of its inputs: where
-# its inputs are made by an earlier stage, the node runs there, on the whole map. Else a stage
-# would start with the activation of the conv that ended the stage before: not fused into it,
-# and the conv's output reordered out of onnxruntime's blocked layout and back in between
-# (benchmarks/README.md, "The stage boundaries": 0.5 s of 12 at 8000).
+# Position by position: a phase of the output is the op on that phase of its inputs, so the
+# node may run in the stage that makes its inputs (_assign). Benchmarks/README.md, "A stage's
+# runs share their buffers": the ResNet at 8000, Relu 0.37 -> 0.20 s, model runs 11.65 -> 11.21 s.
 POINTWISE = {
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Identity",

@@ -274,3 +274,37 @@ def test_a_npy_image_is_read_by_windows_and_stitched_on_disk(cluster, data, wind
             a, b = json.loads(a), json.loads(b)
             assert a.pop("image") == str(windowed_image["png"]) and b.pop("image") == str(windowed_image["npy"])
         assert a == b, name
+
+
+def test_a_budget_applies_to_each_worker_and_gives_the_local_bytes(cluster, data, reference, tmp_path):
+    """--max-memory and --schedule with --engine ray: each worker's session takes them as the
+    local one does (here: phases asked for, and the one phase of this model run whole, as the
+    line per image says), and the files are the local run's, byte for byte."""
+    out = tmp_path / "out"
+    code, stdout, stderr = run("run", data["dense"], *data["small"], "--out", out, "--engine", "ray", "--workers",
+                               "2", "--provider", "cpu", "--max-memory", "4GB", "--schedule", "phases")
+    assert code == 0, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("onnx-dense: ")]
+    assert len(lines) == len(data["small"]) and all("phases asked for" in line for line in lines), stderr
+    local = tmp_path / "local"
+    code, _, stderr = run("run", data["dense"], *data["small"], "--out", local, "--provider", "cpu",
+                          "--max-memory", "4GB", "--schedule", "phases")
+    assert code == 0, stderr
+    ray_files, local_files = _files(out), _files(local)
+    assert ray_files.keys() == local_files.keys()
+    for name, data_ in ray_files.items():  # byte for byte but the estimate (it starts from each process's RSS)
+        if name.endswith(".json"):
+            a, b = json.loads(data_), json.loads(local_files[name])
+            for record in (a, b):
+                assert record["schedule"]["budget_bytes"] == 4 * 2**30 and "phases asked for" in record["schedule"]["instead"]
+                record["schedule"].pop("estimate_bytes")
+            assert a == b, name
+        else:
+            assert data_ == local_files[name], name
+    for name in ray_files:  # the maps are the whole run's too
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(out / name), np.load(reference["small"] / name)), name
+    code, _, err = run("run", data["dense"], data["small"][0], "--out", tmp_path / "bad", "--engine", "ray",
+                       "--max-memory", "lots")
+    assert_clean_error(code, _, err, "--max-memory 'lots'")
+    assert not (tmp_path / "bad").exists()

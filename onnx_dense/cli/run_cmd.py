@@ -27,7 +27,8 @@ from onnx_dense.errors import DenseError
                    "(a .npy image is then read by windows and its outputs stitched on disk)")
 @click.option("--max-memory", metavar="SIZE",
               help="memory budget for the whole process, e.g. 2GB: runs whole, phase by phase (its trunk on tiles if "
-                   "need be), or phase by phase on tiles, whichever is fastest within it (one line per image says which)")
+                   "need be), or phase by phase on tiles, whichever is fastest within it (one line per image says which); "
+                   "with --engine ray, each worker's budget")
 @click.option("--schedule", type=click.Choice(["auto", "whole", "phases", "tiled-trunk", "phases+tiles", "tiles"]), default="auto",
               show_default=True, help="force a schedule instead of choosing one from --max-memory")
 @click.option("--fp16", is_flag=True, help="run in float16 (inputs and outputs stay float32; not bit-exact)")
@@ -69,9 +70,6 @@ def run(model, images, out_dir, size, mean, std, provider, tile, max_memory, sch
         from onnx_dense.runtime import ray_engine
 
         ray_engine.import_ray()  # not installed: one line saying how, before anything else
-        if max_memory or schedule != "auto":
-            raise DenseError("--max-memory and --schedule are options of the local engine; with --engine ray, "
-                             "bound each worker's memory with --tile")
     elif address or workers or cpus_per_worker != 1:
         raise DenseError("--address, --workers and --cpus-per-worker are options of --engine ray")
     size_v = parse_size(size)
@@ -90,10 +88,10 @@ def run(model, images, out_dir, size, mean, std, provider, tile, max_memory, sch
             tqdm.write(line, file=sys.stderr)
         bar.update(advance)
 
-    def done(result) -> None:
+    def done(result, advance: float = 1) -> None:
         if result.schedule and not quiet and (max_memory or schedule != "auto"):
             tqdm.write(f"onnx-dense: {result.image}: {result.schedule}", file=sys.stderr)
-        bar.update(1)
+        bar.update(advance)
 
     try:
         if session is None:
@@ -102,9 +100,9 @@ def run(model, images, out_dir, size, mean, std, provider, tile, max_memory, sch
             summary = ray_engine.run_images(
                 model, images, out_dir, size=size_v, mean=mean_v, std=std_v, provider=provider, tile=tile, fp16=fp16,
                 nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes, view=view, class_names=class_names, address=address,
-                workers=workers,
+                workers=workers, max_memory=max_memory, schedule=schedule,
                 cpus_per_worker=cpus_per_worker, on_error=lambda i, m: error(i, m, 0),
-                on_skip=lambda _image: bar.update(1), on_progress=bar.update,
+                on_skip=lambda _image: bar.update(1), on_progress=bar.update, on_done=lambda r: done(r, 0),
             )
         else:
             summary = run_images(

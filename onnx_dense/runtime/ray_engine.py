@@ -16,7 +16,10 @@ What runs where:
 * Each Ray actor holds one :class:`DenseSession` (one onnxruntime session per worker, created
   once; the model's bytes go to the cluster once). Without ``--tile`` a task is one
   image: its file's bytes go out, the worker decodes, runs, draws and encodes with the code of
-  the local run (:func:`batch.encode`), and the bytes of its .npy/.png/.json come back. With
+  the local run (:func:`batch.encode`), and the bytes of its .npy/.png/.json come back.
+  ``--max-memory`` (and ``--schedule``) apply to each worker's session as to the local one:
+  it picks each image's schedule within the budget, and the line per image says which (the
+  encoded files come back in memory, so the budget bounds the run, not the pictures). With
   ``--tile`` the driver decodes the image and cuts the tiles :func:`tiling.plan_tiles` plans
   (overlap by the receptive field); the tiles of all images go to the workers as one stream, so
   a single huge image keeps every worker busy, and :class:`tiling.Stitcher` puts them back as
@@ -94,7 +97,7 @@ class _Worker:
     """One DenseSession, serving whole images (bytes in, file bytes out) and tiles (array in, arrays out)."""
 
     def __init__(self, model, label, provider, fp16, nhwc, allow_cpu_nodes, fixed_shapes, tile, threads,
-                 load, fault):
+                 load, fault, max_memory=None, schedule="auto"):
         import onnx
         import ray
 
@@ -105,7 +108,8 @@ class _Worker:
             model = onnx.load_from_string(model)
         self.session = DenseSession(
             model, provider=provider, fp16=fp16, nhwc=nhwc, allow_cpu_nodes=allow_cpu_nodes,
-            fixed_shapes=fixed_shapes, threads=threads, spinning=False, tile=tile,
+            fixed_shapes=fixed_shapes, threads=threads, spinning=False, tile=tile, max_memory=max_memory,
+            schedule=schedule,
         )
         self.session.label = label
         self.load = load  # keyword arguments of load_image
@@ -129,11 +133,11 @@ class _Worker:
                 buffer = io.BytesIO()
                 write(buffer)
                 files.append((filename, buffer.getvalue()))
-            return files, described, None
+            return files, described, None, schedule.describe() if schedule else None
         except DenseError as exc:
-            return None, None, str(exc)
+            return None, None, str(exc), None
         except Exception as exc:  # a bug: one line for this image, the run goes on
-            return None, None, _internal(exc)
+            return None, None, _internal(exc), None
 
     def tile(self, label: str, array: np.ndarray):
         self._maybe_die(label)
@@ -226,6 +230,8 @@ def run_images(
     std=(1.0,),
     provider: str = "auto",
     tile=None,
+    max_memory=None,
+    schedule: str = "auto",
     fp16: bool = False,
     nhwc: bool = False,
     allow_cpu_nodes: bool = False,
@@ -267,7 +273,7 @@ def run_images(
     if not images:
         raise DenseError("no images given")
     # The driver's own session only plans: it checks the model, the input layout and the tile.
-    with DenseSession(model, provider="cpu", tile=tile) as planner:
+    with DenseSession(model, provider="cpu", tile=tile, max_memory=max_memory, schedule=schedule) as planner:
         entry, channels = batch.image_layout(planner)
         outputs = list(planner.output_names)
         tile_v = planner.tile
@@ -316,7 +322,7 @@ def run_images(
             on_error(str(item.path), message)
         advance(item)
 
-    def finish(item: _Image, files: Sequence[tuple[str, Callable]], described: dict) -> None:
+    def finish(item: _Image, files: Sequence[tuple[str, Callable]], described: dict, chosen: str | None = None) -> None:
         try:
             batch.check_not_inputs(item.path, out, [name for name, _ in files], inputs)
             written = []
@@ -326,7 +332,7 @@ def run_images(
         except DenseError as exc:
             fail(item, str(exc))
             return
-        result = ImageResult(str(item.path), written, described)
+        result = ImageResult(str(item.path), written, described, chosen)
         summary.written.append(result)
         if on_done:
             on_done(result)
@@ -386,7 +392,7 @@ def run_images(
         fixed_shapes = isinstance(size, tuple) and tile_v is None
         actors = [
             remote.remote(source, str(model), provider, fp16, nhwc, allow_cpu_nodes, fixed_shapes, tile_v,
-                          cpus_per_worker, load, fault)
+                          cpus_per_worker, load, fault, planner.max_memory, schedule)
             for _ in range(n_workers)
         ]
         try:
@@ -440,11 +446,11 @@ def run_images(
                     fail(item, f"Ray could not run it: {_cause(exc)}")
                 if reply is not None and not item.failed:
                     if method == "image":
-                        files, described, error = reply
+                        files, described, error, chosen = reply
                         if error:
                             fail(item, error)
                         else:
-                            finish(item, [(name, _writer(data)) for name, data in files], described)
+                            finish(item, [(name, _writer(data)) for name, data in files], described, chosen)
                     else:
                         values, error = reply
                         crop, label = args
@@ -484,7 +490,7 @@ def _finish_tiled(item, outputs, dense_outputs, view, write_npy, class_names, pr
         schedule = Schedule("tiles", tile=tuple(tile), tiles=item.tiles)  # what the local run records
         files = list(batch.encode(maps, item.image, item.path, item.stem, outputs, view, write_npy, provider, tile,
                                   described, class_names, schedule.to_dict()))
-        finish(item, files, described)
+        finish(item, files, described, schedule.describe())
     except DenseError as exc:
         fail(item, str(exc))
     item.drop()

@@ -196,7 +196,8 @@ def test_the_estimate_counts_each_value_once_and_elementwise_ops_in_place():
     assert schedule.whole_peak(prof, margin=1) == 600 + 200
     assert schedule.whole_peak(prof, margin=2) == 1200 + 200
     assert schedule.whole_peak(prof, margin=1, resident=False) == 600 + 200 + 100
-    stages = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:], ["a"], ["y"])]
+    bound = {"bound": True}  # as PhasePlan.estimate_stages says of every stage after the trunk
+    stages = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:], ["a"], ["y"], bound)]
     # stage 1: y's array and the buffer its phases share (200 + 100) + a carried (400) + a phase's
     # copy of a (200) + its values but y, which is written into that buffer (b: 200)
     assert schedule.phases_peak(prof, stages, ["y"], margin=1) == 300 + 400 + 200 + 200
@@ -204,7 +205,7 @@ def test_the_estimate_counts_each_value_once_and_elementwise_ops_in_place():
     assert schedule.phases_peak(prof, stages, ["y"], margin=2) == 300 + 400 + 200 + 2 * 200  # not y's buffer
     # two levels (2 then 4 phases): y's one array + a run's share (250), a carried (400); stage 1's
     # peak: a phase's copy of a (200) and the buffer of its b (200). No array of y per level (+50)
-    deeper = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:2], ["a"], ["b"]), ((4,), nodes[2:], ["b"], ["y"])]
+    deeper = [((1,), nodes[:1], ["x"], ["a"]), ((2,), nodes[1:2], ["a"], ["b"], bound), ((4,), nodes[2:], ["b"], ["y"], bound)]
     assert schedule.phases_peak(prof, deeper, ["y"], margin=1) == 250 + 400 + 200 + 200
     assert schedule.phases_peak(prof, deeper, ["y"], margin=2) == 250 + 400 + 200 + 200  # b: a buffer, not onnxruntime's
     # tiles: the stitched outputs, then a tile's run on its own copy

@@ -96,7 +96,7 @@ class BatchPlan(PhasePlan):
             if level in self.in_numpy:  # level 0 is then stage 0 alone (its moves are no stage)
                 moved = {name: spec["cuts"][0] for name, spec in self.sources[level].items()}
             freed = [spec["cuts"][0] for spec in self.sources[level - 1].values()] if level - 1 in self.in_numpy else []
-            result.append((*stage, {"views": i >= self._first_level, "moved": moved, "freed": freed}))
+            result.append((*stage[:4], {"views": i >= self._first_level, "moved": moved, "freed": freed}))
         return result
 
     @property

@@ -115,11 +115,13 @@ class PhasePlan:
         return len(self.stages) - 1
 
     def estimate_stages(self):
-        """(level, (inputs, outputs, op_type) per node, stage inputs, stage outputs) per stage, for schedule.phases_peak."""
+        """(level, (inputs, outputs, op_type) per node, stage inputs, stage outputs, how) per stage,
+        for schedule.phases_peak: every stage after the trunk runs in a loop of phases that share
+        their output buffers (``bound``: :meth:`_run_from`)."""
         return [
             (s.level, [([i for i in n.input if i], [o for o in n.output if o], n.op_type) for n in s.nodes],
-             s.inputs, s.outputs)
-            for s in self.stages
+             s.inputs, s.outputs, {"bound": k > 0})
+            for k, s in enumerate(self.stages)
         ]
 
     @property

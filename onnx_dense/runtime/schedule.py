@@ -307,11 +307,12 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
     """Phase by phase (:meth:`PhasePlan.run`): bytes above what the process holds before it.
 
     ``plan_stages``: (level, nodes' (inputs, outputs, op_type), inputs, outputs[, how]) per
-    stage, in order; ``how`` (fragments' batches: runtime/fragment_batches.py): ``views``, the
-    stage reads its inputs as slices of the batch (no copies); ``freed``, inputs (tensors of
-    phases made in numpy) whose phase's share goes once the stage has run; ``moved``, {map:
-    tensor of phases} made in numpy from this stage's maps once it has run, each map dropped
-    once its tensor is made.
+    stage, in order; ``how``: ``bound``, the stage's outputs are written into buffers its runs
+    share (:meth:`PhasePlan.estimate_stages`), there from the start of a run; fragments'
+    batches (runtime/fragment_batches.py): ``views``, the stage reads its inputs as slices of
+    the batch (no copies); ``freed``, inputs (tensors of phases made in numpy) whose phase's
+    share goes once the stage has run; ``moved``, {map: tensor of phases} made in numpy from
+    this stage's maps once it has run, each map dropped once its tensor is made.
     While one phase of stage ``k`` runs, the process holds: the values stages above carry to
     later ones (their phase's share), the output arrays (each phase's run is written straight
     into its positions, plus the buffer the runs share for their share), the contiguous copies
@@ -340,8 +341,7 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
             ort = live_peak(trunk, nodes, skip=set(inputs) | set(outs))
             peak = max(peak, held + stitched + tile_input + bound + ort * margin)
         else:
-            # the phases of a split (not fragments' batches) write their outputs into buffers they share
-            bound = set(outs) if k and not rest else set()
+            bound = set(outs) if how.get("bound") else set()
             ort = live_peak(prof, nodes, divide=parts[k], keep=set(outs), skip=set(inputs) | bound)
             copies = 0.0 if k == 0 or how.get("views") else sum(prof.nbytes.get(n, 0) for n in inputs) / parts[k]
             copies += sum(prof.nbytes.get(n, 0) for n in bound - outputs) / parts[k]  # outputs': in ``held``

@@ -259,8 +259,10 @@ def run_tiled(
             stitcher.add(crop, run(tile_feeds))
         else:
             tile_feeds[input_name] = x[crop.index]
-            stitcher.add(crop, {k: v.copy() for k, v in run(tile_feeds, shared).items()}
-                         if not stitcher.stitched and crop.number != 0 else run(tile_feeds, shared))
+            result = run(tile_feeds, shared)
+            if stitcher.waits(crop):  # held past the next run: out of the shared buffers
+                result = {k: v.copy() for k, v in result.items()}
+            stitcher.add(crop, result)
         if progress is not None:
             progress(done + 1, len(crops))
     return stitcher.result()
@@ -316,12 +318,16 @@ class Stitcher:
         if crop.number not in self.remaining:
             raise RuntimeError(f"tile {crop.number} stitched twice (a bug in the caller)")
         self.remaining.discard(crop.number)
-        if not self.stitched and crop.number != 0:
+        if self.waits(crop):
             self._waiting.append((crop, result))
             return
         self._place(crop, result)
         while self._waiting:
             self._place(*self._waiting.pop())
+
+    def waits(self, crop: Crop) -> bool:
+        """Whether :meth:`add` would hold this tile's result (until crop 0 gives the outputs' sizes)."""
+        return not self.stitched and crop.number != 0
 
     def result(self) -> dict[str, np.ndarray]:
         if self.remaining:

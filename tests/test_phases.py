@@ -121,6 +121,46 @@ def test_the_budget_picks_the_fastest_schedule_that_fits(models, monkeypatch):
     assert plain.choose(plain._feeds(feeds), tile=256).kind == "tiles"
 
 
+def test_expected_time_counts_what_crosses_the_splits_and_what_tiles_recompute(models):
+    """schedule.relative_time, which the choice under a budget minimises: each deeper split moves
+    more values across its boundaries (copies and layout changes); tiles recompute all their
+    overlap, a tiled trunk only the trunk's; many runs on small maps each pay a fixed cost."""
+    session = DenseSession(models["fcn"], provider="cpu")
+    prof = session._profile((512, 512))
+    by_depth = [schedule.relative_time(prof, session._layout(d).estimate_stages(), side=512) for d in range(1, 5)]
+    whole = schedule.relative_time(prof, None, side=512)
+    assert whole < by_depth[0] < by_depth[1] < by_depth[2] < by_depth[3], (whole, by_depth)
+    stages = session._layout(1).estimate_stages()
+    base = schedule.relative_time(prof, stages, side=512)
+    assert schedule.relative_time(prof, stages, side=512, pixels=1.5) == pytest.approx(1.5 * base)
+    assert base < schedule.relative_time(prof, stages, side=512, trunk_pixels=1.5) < 1.5 * base
+    assert schedule.relative_time(prof, stages, side=32) > base
+
+
+def test_where_only_deep_splits_fit_whole_a_shallow_split_on_tiles_can_be_faster(models, monkeypatch):
+    """The FCN at 512 under the deepest split's estimate: 256 phases of 32x32 move every level's
+    maps across four boundaries, where 4 phases on 4 tiles recompute their overlap (measured on
+    the benchmark FCN at 512: 0.70-0.90 s against 0.62-0.88; at 4096 the tiled trunk of 256
+    phases took 35.4 s against 27.5 for 4 phases on tiles, the choice before it was costed).
+    The choice is the fitting schedule expected fastest, whatever its kind, and runs exactly."""
+    monkeypatch.setattr(dense_session, "_rss", lambda: 300 * 2**20)
+    x = _image(512)
+    session = DenseSession(models["fcn"], provider="cpu", max_memory="1TB")
+    feeds = session._feeds(x)
+    estimate, cost = session._estimator((512, 512)), session._coster((512, 512))
+    leanest = min(range(1, 5), key=estimate)
+    session.max_memory = estimate(leanest)
+    assert [d for d in range(1, 5) if estimate(d) <= session.max_memory] == [leanest]
+    chosen = session.choose(feeds)
+    assert chosen.estimate <= session.max_memory and chosen.kind == "phases+tiles", chosen.describe()
+    assert chosen.cost < cost(leanest), (chosen.cost, cost(leanest))
+    trunk = session._choose_trunk(feeds, (512, 512), range(1, 5), estimate, session.max_memory)
+    assert trunk.estimate > session.max_memory or trunk.cost > chosen.cost, trunk.describe()
+    whole = DenseSession(models["fcn"], provider="cpu").run(x)
+    _assert_same(session.run(x), whole)
+    assert session.last_schedule.kind == "phases+tiles"
+
+
 def test_when_nothing_fits_the_fastest_schedule_near_the_leanest_runs(models, monkeypatch):
     """The image and the outputs stay whatever the tiles: the leanest schedule's many small
     tiles save a few percent of the peak for many more runs (the FCN at 8000 under 1 GB: 5,329

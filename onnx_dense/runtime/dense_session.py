@@ -729,8 +729,9 @@ class DenseSession:
         """The schedule a run of ``feeds`` takes (see :mod:`onnx_dense.runtime.schedule`).
 
         A tile given (here or to the session) is obeyed as before. Otherwise ``whole`` unless a
-        memory budget (``max_memory``) or the ``schedule`` asks for phases: then the fastest
-        schedule whose estimated peak fits the budget. When none does, the fastest whose peak,
+        memory budget (``max_memory``) or the ``schedule`` asks for phases: then the schedule
+        expected fastest (``cost``: :func:`~onnx_dense.runtime.schedule.relative_time`) whose
+        estimated peak fits the budget. When none does, the fastest whose peak,
         above what the process holds before the run, is within :data:`NEAR_LEANEST` of the
         leanest's: tiles far smaller than that save little memory (the outputs stay) for many
         more runs and overlaps. Under a budget, onnxruntime's memory pattern stays on only if the
@@ -797,80 +798,115 @@ class DenseSession:
             return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
                                                        "the one phase is the whole model")
         estimate = self._estimator(size, base=_base)
+        cost = self._coster(size)
         candidates: list[Schedule] = []
         if kind == "auto":
             candidates.append(Schedule("whole", estimate=estimate(0)))
         if kind in ("auto", "phases"):
             for d in depths:
                 candidates.append(Schedule("phases", depth=d, estimate=estimate(d), runs=self._layout(d).splits))
-        for c in candidates:
-            if budget is None or c.estimate <= budget:
-                return dataclasses.replace(c, budget=budget)
+        fitting = [c for c in candidates if budget is None or c.estimate <= budget]
+        # whole, or phases with nothing else asked for: no faster schedule (a deeper split moves more)
+        if fitting and (budget is None or fitting[0].kind == "whole" or kind == "phases"):
+            return dataclasses.replace(fitting[0], budget=budget)
         if kind == "phases":  # asked for phases and nothing fits: the deepest split
             return dataclasses.replace(candidates[-1], budget=budget, over="the deepest split")
+        # Under a budget the whole run does not fit: of the phases, the tiled trunk and phases on
+        # tiles that fit, the one expected fastest (schedule.relative_time).
+        options = [dataclasses.replace(c, cost=cost(c.depth)) for c in fitting]
         trunk = None
         if kind in ("auto", "tiled-trunk"):
-            trunk = self._choose_trunk(feeds, size, depths, estimate, budget)
-            if trunk is not None and (trunk.estimate <= (budget or 0) or kind == "tiled-trunk"):
-                return dataclasses.replace(trunk, over="the leanest tiled trunk")
-            if kind == "tiled-trunk":
+            trunk = self._choose_trunk(feeds, size, depths, estimate, budget, cost)
+            if trunk is not None:
+                trunk = dataclasses.replace(trunk, over="the leanest tiled trunk")
+                if kind == "tiled-trunk":
+                    return trunk
+                if trunk.estimate <= budget:
+                    options.append(trunk)
+            elif kind == "tiled-trunk":
                 raise DenseError(f"{self.label}: cannot tile the trunk ({self._trunk_refusal(depths)})")
         untileable = self._tile_refusal()
         if untileable:
             if kind == "phases+tiles":
                 raise DenseError(f"{self.label}: cannot run by phases on tiles ({untileable})")
+            if options:
+                return dataclasses.replace(min(options, key=lambda o: (o.cost, o.estimate)), budget=budget)
             leanest = min([c for c in [*candidates, trunk] if c is not None], key=lambda c: c.estimate)
             which = "no tiles beyond the trunk" if leanest.kind == "tiled-trunk" else "no tiles"
-            if _budget is None and budget is not None and kind == "auto":  # the fastest near the leanest's peak
+            if _budget is None and kind == "auto":  # the fastest near the leanest's peak
                 near = self._choose(feeds, tile=None, schedule=schedule, _base=estimate.base, _budget=int(
                     estimate.base + (leanest.estimate - estimate.base) * NEAR_LEANEST))
                 return dataclasses.replace(near, budget=budget, over=f"the fastest within 5% of the leanest's peak "
                                                                      f"({which}: {untileable})")
             return dataclasses.replace(leanest, budget=budget, over=f"the leanest ({which}: {untileable})")
-        # Tiles: per split depth, the largest tile whose estimate fits; then the depth whose tiles
-        # recompute the least overlap, a little against deep splits whose phase maps get small
-        # (many short onnxruntime runs): cost = computed pixels / image pixels * (1 + 16 / phase side).
+        if kind == "phases+tiles":
+            options = []
+        # Tiles: per split depth, the largest tile whose estimate fits (then the smallest tile
+        # needing as many), costed with the overlap it recomputes.
         rf = max(max(o.rf_size) for o in self.info.outputs.values())
         # tiles under twice the receptive field would mostly recompute their overlap
         lo0 = max(max(self.minimum_tile()), max(self.minimum_input(name)), 2 * rf)
         hi0 = max(size)
-        options = []
+        leanest_tiles = None
         for depth in (list(depths) or [0]):
-            layout = self._layout(depth) if depth else None
             lo, hi = lo0, hi0
             if lo >= hi or estimate(depth, lo) > (budget or 0):
-                options.append((float("inf"), estimate(depth, lo), depth, lo, layout))
+                if leanest_tiles is None or estimate(depth, lo) < leanest_tiles[0]:
+                    leanest_tiles = (estimate(depth, lo), depth, lo)
                 continue
             while hi - lo > 8:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if estimate(depth, mid) <= budget else (lo, mid)
             lo = self._balanced_tile(feeds, lo0, lo)
             tile = self.check_tile(lo)
-            pixels = self._count_tiles(feeds, tile) * math.prod(min(t, x) for t, x in zip(tile, size))
-            side = lo / (max(layout.stages[-1].level) if layout else 1)
-            cost = pixels / math.prod(size) * (1 + 16 / side)
-            options.append((cost, estimate(depth, lo), depth, lo, layout))
-        cost, est, depth, best, layout = min(options, key=lambda o: (o[0], o[1]))
-        if cost == float("inf"):  # nothing fits: the leanest of all, or the fastest near its peak
-            leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else est)
-            if _budget is None and budget is not None:  # within 5% above what the process holds already
-                floor = leanest.estimate if leanest is not None else est
-                near = self._choose(feeds, tile=None, schedule=schedule, _base=estimate.base,
-                                   _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
-                return dataclasses.replace(near, budget=budget, over="the fastest within 5% of the leanest's peak")
-            if leanest is not None:
-                return dataclasses.replace(leanest, budget=budget)
-        if depth == 0 and kind != "auto":
+            count = self._count_tiles(feeds, tile)
+            pixels = count * math.prod(min(t, x) for t, x in zip(tile, size)) / math.prod(size)
+            options.append(Schedule("phases+tiles" if depth else "tiles", depth=depth, tile=tile,
+                                    estimate=estimate(depth, lo), budget=budget, tiles=count,
+                                    runs=self._layout(depth).splits if depth else 1,
+                                    cost=cost(depth, pixels=pixels, tile=lo)))
+        if options:
+            best = min(options, key=lambda o: (o.cost, o.estimate))
+            if best.kind == "tiles" and kind != "auto":
+                raise DenseError(f"{self.label}: cannot run by phases ({why})")
+            return dataclasses.replace(best, budget=budget)
+        # nothing fits: the leanest of all, or the fastest near its peak
+        lean_est, lean_depth, lean_tile = leanest_tiles
+        leanest = min([*candidates, trunk, None], key=lambda c: c.estimate if c else lean_est)
+        if _budget is None and budget is not None:  # within 5% above what the process holds already
+            floor = leanest.estimate if leanest is not None else lean_est
+            near = self._choose(feeds, tile=None, schedule=schedule, _base=estimate.base,
+                               _budget=int(estimate.base + (floor - estimate.base) * NEAR_LEANEST))
+            return dataclasses.replace(near, budget=budget, over="the fastest within 5% of the leanest's peak")
+        if leanest is not None:
+            return dataclasses.replace(leanest, budget=budget)
+        if lean_depth == 0 and kind != "auto":
             raise DenseError(f"{self.label}: cannot run by phases ({why})")
-        tile = self.check_tile(best)
-        return Schedule("phases+tiles" if depth else "tiles", depth=depth, tile=tile, estimate=est,
-                        budget=budget, runs=layout.splits if layout else 1, tiles=self._count_tiles(feeds, tile))
+        tile = self.check_tile(lean_tile)
+        return Schedule("phases+tiles" if lean_depth else "tiles", depth=lean_depth, tile=tile, estimate=lean_est,
+                        budget=budget, runs=self._layout(lean_depth).splits if lean_depth else 1,
+                        tiles=self._count_tiles(feeds, tile))
 
-    def _choose_trunk(self, feeds, size, depths, estimate, budget) -> Schedule | None:
-        """The tiled trunk that fits ``budget`` and recomputes the least: per split depth, the
-        largest trunk tile that fits (then the fewest tiles of that count), costed as the
-        phases+tiles options are; None if no depth's trunk can be tiled. With nothing fitting,
-        the leanest (the deepest split on the smallest tiles)."""
+    def _coster(self, size):
+        """``cost(depth, pixels=1, trunk_pixels=1, tile=None)``: a schedule's expected time
+        against the whole run's (:func:`~onnx_dense.runtime.schedule.relative_time`)."""
+        prof = self._profile(size)
+
+        def cost(depth: int, pixels: float = 1.0, trunk_pixels: float = 1.0, tile: int | None = None) -> float:
+            layout = self._layout(depth) if depth else None
+            level = max(layout.stages[-1].level) if layout else 1
+            side = min(min(size), tile or min(size)) / level
+            return sched.relative_time(prof, layout.estimate_stages() if layout else None, side=side, pixels=pixels,
+                                       trunk_pixels=trunk_pixels)
+
+        return cost
+
+    def _choose_trunk(self, feeds, size, depths, estimate, budget, cost=None) -> Schedule | None:
+        """The tiled trunk that fits ``budget`` and is expected fastest (``cost``, default
+        :meth:`_coster`'s): per split depth, the largest trunk tile that fits (then the fewest
+        tiles of that count); None if no depth's trunk can be tiled. With nothing fitting, the
+        leanest (the deepest split on the smallest tiles)."""
+        cost = cost or self._coster(size)
         options = []
         for depth in depths:
             try:
@@ -895,18 +931,17 @@ class DenseSession:
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid)
             lo = self._balanced_tile(feeds, lo0, lo, outputs)
             count = self._count_tiles(feeds, (lo,) * rank, outputs)
-            pixels = count * math.prod(min(lo, x) for x in size)
-            side = min(size) / max(layout.stages[-1].level)
-            options.append((pixels / math.prod(size) * (1 + 16 / side), estimate(depth, lo, trunk=True), depth, lo,
-                            layout, outputs))
+            pixels = count * math.prod(min(lo, x) for x in size) / math.prod(size)
+            options.append((cost(depth, trunk_pixels=pixels), estimate(depth, lo, trunk=True), depth, lo, layout,
+                            outputs))
         if not options:
             return None
-        cost, est, depth, tile, layout, outputs = min(options, key=lambda o: (o[0], o[1]))
-        if cost == float("inf"):
-            cost, est, depth, tile, layout, outputs = min(options, key=lambda o: o[1])
+        expected, est, depth, tile, layout, outputs = min(options, key=lambda o: (o[0], o[1]))
+        if expected == float("inf"):
+            expected, est, depth, tile, layout, outputs = min(options, key=lambda o: o[1])
         tile = (tile,) * len(size)
         return Schedule("tiled-trunk", depth=depth, tile=tile, estimate=est, budget=budget, runs=layout.splits,
-                        tiles=self._count_tiles(feeds, tile, outputs))
+                        tiles=self._count_tiles(feeds, tile, outputs), cost=expected)
 
     def _whole_only(self) -> str:
         """Why this model's phases run in its own graph, so that no schedule but ``whole`` can

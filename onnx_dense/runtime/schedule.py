@@ -1,6 +1,6 @@
 """Which way to run a dense model on one image, given a memory budget.
 
-Schedules, from fastest to leanest (all give the untiled output):
+Schedules, from fastest to leanest mostly (all give the untiled output):
 
 * ``whole``: the dense model on the whole image, one onnxruntime run.
 * ``phases``: stage by stage, phase by phase (:mod:`onnx_dense.runtime.phases`), split at
@@ -23,8 +23,9 @@ divided by the number of phases at its level; the values carried across a split,
 copies of a stage's inputs and the output buffers are numpy arrays, counted exactly. The
 image (and any other feed) is in the process's RSS when the schedule is chosen, so it is
 counted once, there; a tile's copy of it is counted. Add what making the sessions costs
-(:func:`session_bytes`). The budget is for the whole process, so the choice is the fastest
-schedule whose estimate fits, onnxruntime's values counted :data:`MARGIN` times (none fits: the
+(:func:`session_bytes`). The budget is for the whole process, so the choice is the schedule
+expected fastest (:func:`relative_time`: the overlap tiles recompute against the maps deeper
+splits move) whose estimate fits, onnxruntime's values counted :data:`MARGIN` times (none fits: the
 fastest within 5% of the leanest's estimate above the RSS before the run, since tiles much
 smaller save little). Budgeted
 sessions run without onnxruntime's memory arena (it grows by doubling and keeps what it held),
@@ -133,6 +134,7 @@ class Schedule:
     pattern: bool = True  # onnxruntime's memory pattern on (see PATTERN_MARGIN)
     tail: bool = False  # the estimate is the rebuilt final upsampling's
     tail_bands: int = 0  # the rebuilt final upsampling ran on that many bands of the score map's rows (0: whole)
+    cost: float | None = dataclasses.field(default=None, compare=False)  # expected time / the whole run's
 
     def describe(self) -> str:
         parts = [self.kind]
@@ -352,6 +354,38 @@ def phases_peak(prof: Profile, plan_stages, output_names: Sequence[str], *, resi
             peak = max(peak, held + carried + prof.nbytes.get(cut, 0) / parts[k])
             carried += (prof.nbytes.get(cut, 0) - prof.nbytes.get(source, 0)) / parts[k]
     return int(peak)
+
+
+# What a byte crossing a stage boundary costs, against a byte of a value made inside a run: each
+# phase's inputs are copied out of the map above (a strided gather), onnxruntime turns them into
+# its blocked layout and its outputs back, and the results are placed in the map below. Measured
+# (2026-12-07, ORT 1.32 CPU, 2 threads, huge pages): the FCN sample at 2048 by 4 phases took
+# 5.9-6.9 s, by 256 phases 9.3-9.7 s (3.5 GB more crossing the boundaries, 13.3 GB of values
+# made); the ResNet at 8000 by 16 phases 1.5x its whole run (2.5 GB crossing, 15.3 GB made).
+BOUNDARY_COST = 2.0
+RUN_PIXELS = 16  # a run's fixed cost, in pixels of the side of the map it runs on
+
+
+def relative_time(prof: Profile, plan_stages=None, *, side: float, pixels: float = 1.0,
+                  trunk_pixels: float = 1.0) -> float:
+    """The time a schedule is expected to take, against the whole run's: what the choice under a
+    budget minimises. Time is taken to follow the bytes of the values the nodes make (measured
+    0.45-0.48 s per GB on this machine's two models, ``BOUNDARY_COST``), so that it needs no FLOP
+    count. ``plan_stages``: as :func:`phases_peak` takes (None: the whole model); ``pixels``:
+    the image pixels the runs compute, against the image's (tiles recompute their overlap);
+    ``trunk_pixels``: the same for stage 0 alone (a tiled trunk); ``side``: the smallest map a
+    run sees, in image pixels over its level (many runs on small maps each pay
+    :data:`RUN_PIXELS`)."""
+    made = {o for _, outs, *_ in prof.nodes for o in outs}
+    total = max(1, sum(prof.nbytes.get(o, 0) for o in made))
+    crossing = trunk = 0
+    for k, (level, nodes, inputs, outs, *rest) in enumerate(plan_stages or ()):
+        if k == 0:
+            trunk = sum(prof.nbytes.get(o, 0) for _, node_outs, *_ in nodes for o in node_outs)
+        else:
+            crossing += sum(prof.nbytes.get(n, 0) for n in (*inputs, *outs))
+    cost = (1 + BOUNDARY_COST * crossing / total) * pixels + (trunk_pixels - 1) * trunk / total
+    return cost * (1 + RUN_PIXELS / max(1.0, side))
 
 
 def tail_parts(prof: Profile, tail_nodes, held: Sequence[str], rebuilt: Sequence[str]) -> tuple[int, int]:

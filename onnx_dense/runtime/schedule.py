@@ -42,11 +42,12 @@ The estimate before (the image counted up to four times, no in-place outputs, ar
 whole run fits.
 The tiled trunk (same day, the ResNet under 300 MB, 700 MB and 2 GB at 2048, 4096 and 8000):
 0.94-0.98 of the estimate.
+onnxruntime's blocked layout (NCHWc) is modelled since 2026-12-07 evening
+(:func:`_blocked_copies`): the padded output of a conv narrower than the block and its copy
+back, and the copies of blocked maps read or written in the plain layout. Without it an 8-wide
+ResNet peaked 1.03-1.08x its estimate, a ConvNeXt-like block 1.25-1.27x (not measured again).
 Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
-GEMM), onnxruntime's blocked-layout copies (NCHWc around depthwise convs read by Transposes,
-or after every conv of a net narrower than the block), which took a ConvNeXt-like block to
-1.25x the estimate whole and 1.27x by phases and an 8-wide ResNet 30 MiB over (2026-12-07,
-benchmarks/README.md), other providers (CUDA: device memory is not RSS). onnxruntime's memory
+GEMM), other providers (CUDA: device memory is not RSS). onnxruntime's memory
 pattern is not modelled either: it is turned off where it would not fit (:data:`PATTERN_MARGIN`).
 """
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 import re
 from typing import Sequence
 
@@ -195,12 +197,13 @@ class Profile:
     outputs: list[str]
     graph_inputs: list[str]
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # at ``size`` only
+    channels: dict[str, int] = dataclasses.field(default_factory=dict)  # axis 1 of 4-D float values, any size
 
     def scaled(self, size: Sequence[int]) -> "Profile":
         """The same values at another input size (bytes scale with the number of pixels; no shapes)."""
         ratio = math.prod(size) / max(1, math.prod(self.size))
         return Profile(tuple(size), {k: int(v * ratio) for k, v in self.nbytes.items()}, self.nodes, self.outputs,
-                       self.graph_inputs)
+                       self.graph_inputs, channels=self.channels)
 
 
 _ITEMSIZE = {
@@ -223,6 +226,7 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
     inits = {t.name for t in structure.graph.initializer}
     nbytes: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    channels: dict[str, int] = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if vi.name in inits:
             continue
@@ -233,10 +237,13 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
         nbytes[vi.name] = int(np.prod(dims, dtype=np.float64)) * _ITEMSIZE.get(tt.elem_type, 4)
         if all(d.HasField("dim_value") for d in tt.shape.dim):
             shapes[vi.name] = tuple(dims)
+        if len(dims) == 4 and tt.elem_type == onnx.TensorProto.FLOAT and tt.shape.dim[1].HasField("dim_value"):
+            channels[vi.name] = dims[1]
     nodes = [([i for i in n.input if i and i not in inits], [o for o in n.output if o], n.op_type)
              for n in structure.graph.node]
     graph_inputs = [i.name for i in structure.graph.input if i.name not in inits]
-    return Profile(tuple(size), nbytes, nodes, [o.name for o in structure.graph.output], graph_inputs, shapes)
+    return Profile(tuple(size), nbytes, nodes, [o.name for o in structure.graph.output], graph_inputs, shapes,
+                   channels)
 
 
 # Elementwise ops: onnxruntime fuses them into the Conv before them (Conv + activation, Conv +
@@ -250,6 +257,72 @@ ELEMENTWISE = frozenset({
 })
 
 
+def _nchwc_block() -> int:
+    """The channel block of onnxruntime's blocked layout (NCHWc) on this CPU, as MLAS picks it:
+    16 with AVX-512, 8 with AVX or AVX2, none on older x86; 16 where it cannot tell (the larger
+    block pads narrow layers more, so the estimate errs high)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return 16
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return 16
+    if not flags:
+        return 16
+    return 16 if "avx512f" in flags else 8 if "avx" in flags or "avx2" in flags else 0
+
+
+NCHWC_BLOCK = _nchwc_block()
+# Ops onnxruntime runs on blocked tensors, so that a blocked conv output they read is not
+# reordered back to the plain layout for them.
+NCHWC_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Resize",
+                       "Upsample"}) | ELEMENTWISE
+
+
+def _blocked_copies(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip: set[str]):
+    """What onnxruntime's blocked layout (NCHWc) adds to a run of ``nodes`` beyond the values
+    of the graph it was given: {node index: bytes alive only while that node runs} and
+    {value: (first, last) node index} of the blocked copies of values read by convs.
+
+    Measured (2026-12-07, ORT 1.32, AVX-512): every float Conv whose input channels are fewer
+    than the block or a multiple of it runs blocked; its output's channels are padded to the
+    block (a conv of 8 channels writes 16), and wherever the output is read in the plain
+    layout (padded channels; a stage's or graph's output; an op that is not blocked) a copy is
+    made once the conv's inputs that die there are gone, both alive at once (two convs at 2048:
+    of 8 channels, 3 maps of 8 channels at the peak where the graph holds 2; of 8 then 16, 4
+    maps of 8; of 16 or 32, what the graph holds). A conv's input of a multiple of the block
+    made in the plain layout (a stage's input, a Transpose's output) is copied into the blocked
+    layout, alive from the first conv reading it to the last. The tests' 8-wide ResNet at 2048
+    peaked 1.03 and 1.08x its estimate without this (whole, by 4 phases).
+    """
+    block = NCHWC_BLOCK
+    transient: dict[int, int] = {}
+    copies: dict[str, list[int]] = {}
+    if not block or not prof.channels:
+        return transient, {}
+    made_by = {o: node[2] for node in nodes if len(node) > 2 for o in node[1]}
+    readers: dict[str, list[str]] = {}
+    for node in nodes:
+        for name in node[0]:
+            readers.setdefault(name, []).append(node[2] if len(node) > 2 else "")
+    for i, node in enumerate(nodes):
+        if len(node) < 3 or node[2] != "Conv" or not node[0] or not node[1]:
+            continue
+        x, o = node[0][0], node[1][0]
+        cin, cout = prof.channels.get(x), prof.channels.get(o)
+        if not cin or not cout or (cin >= block and cin % block):
+            continue  # onnxruntime leaves it in the plain layout
+        if cin >= block and made_by.get(x) not in NCHWC_OPS:
+            first_last = copies.setdefault(x, [i, i])
+            first_last[1] = i
+        plain_read = (cout % block or o in keep or o in skip or o in prof.outputs
+                      or any(op not in NCHWC_OPS for op in readers.get(o, ())))
+        if plain_read:
+            transient[i] = int(prof.nbytes.get(o, 0) * (-(-cout // block) * block) / cout)
+    return transient, {x: tuple(v) for x, v in copies.items()}
+
+
 def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
               keep: set[str] = frozenset(), skip: set[str] = frozenset()) -> int:
     """Largest sum of live values while ``nodes`` ((inputs, outputs[, op_type]) each) run in order.
@@ -257,13 +330,15 @@ def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
     A value lives from the node that makes it (values from outside ``nodes``: from the start)
     to its last reader; values in ``keep`` to the end; values in ``skip`` are not counted
     (held, and counted, by the caller). An :data:`ELEMENTWISE` node's output takes the buffer
-    of an input of its size that dies there (not one in ``keep`` or ``skip``).
+    of an input of its size that dies there (not one in ``keep`` or ``skip``). The copies
+    onnxruntime's blocked layout makes are counted too (:func:`_blocked_copies`).
     """
     last: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for name in node[0]:
             last[name] = i
     made = {o for node in nodes for o in node[1]}
+    transient, copies = _blocked_copies(prof, nodes, set(keep), set(skip))
     live: dict[str, int] = {}
     for name in last:  # values from outside the stage are there from the start
         if name not in made and name not in skip:
@@ -271,6 +346,9 @@ def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
     peak = sum(live.values())
     for i, node in enumerate(nodes):
         ins, outs = node[0], node[1]
+        for name, (first, _) in copies.items():
+            if first == i:
+                live[(name, "blocked")] = prof.nbytes.get(name, 0)
         dying = [n for n in ins if last.get(n) == i and n not in keep and n in live]
         for o in outs:
             if o in skip:
@@ -282,9 +360,19 @@ def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
                     live.pop(donor)
                     dying.remove(donor)
             live[o] = size
-        peak = max(peak, sum(live.values()))
+        total = sum(live.values())
+        blocked = transient.get(i, 0)
+        if blocked:  # the blocked output is written beside the inputs; its plain copy once they are gone
+            made_now = sum(live.get(o, 0) for o in outs)
+            gone = sum(live.get(n, 0) for n in dying)
+            peak = max(peak, total - made_now + blocked, total - gone + blocked)
+        else:
+            peak = max(peak, total)
         for name in dying:
             live.pop(name, None)
+        for name, (_, end) in copies.items():
+            if end == i:
+                live.pop((name, "blocked"), None)
         for o in outs:
             if o not in last and o not in keep:
                 live.pop(o, None)

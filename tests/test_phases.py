@@ -170,16 +170,19 @@ def _two_convs(channels: int, size: int) -> schedule.Profile:
     return schedule.Profile((size, size), nbytes, nodes, ["y"], ["x"], channels={"x": 3, **{v: channels for v in "abcy"}})
 
 
-@pytest.mark.parametrize("block,channels,maps", [(16, 8, 3), (16, 16, 2), (16, 32, 2), (8, 8, 2), (0, 8, 2)])
+@pytest.mark.parametrize("block,channels,maps", [(16, 8, 3), (16, 12, 28 / 12), (16, 16, 2), (16, 24, 64 / 24),
+                                                 (16, 32, 2), (16, 40, 96 / 40), (8, 8, 2), (8, 12, 32 / 12),
+                                                 (0, 8, 2)])
 def test_the_estimate_counts_the_copies_of_onnxruntimes_blocked_layout(monkeypatch, block, channels, maps):
     """onnxruntime runs convs in a blocked layout (NCHWc) whose channels are padded to the block:
-    a conv of 8 channels writes 16 and copies them back to 8, so two such convs at 2048 peaked
-    at 3 maps of 8 channels where the graph holds 2 (measured, ORT 1.32, AVX-512); the tests'
-    8-wide ResNet peaked 1.03-1.08x its estimate without this. Aligned channels add nothing."""
+    a conv of 8 channels writes 16 and copies them back to 8 for the next (it reads fewer than a
+    block plain), one of 24 writes 32 and the next reads those. Measured peaks (ORT 1.32,
+    AVX-512, in maps of the graph's): 3 for 8 channels, 28/12 for 12, 64/24 for 24, 96/40 for 40,
+    2 for 16 and 32; the tests' 8-wide ResNet peaked 1.03-1.08x its estimate without this."""
     monkeypatch.setattr(schedule, "NCHWC_BLOCK", block)
     prof = _two_convs(channels, 256)
     got = schedule.live_peak(prof, prof.nodes, keep={"y"}, skip={"x"})
-    assert got == maps * prof.nbytes["y"], (got / prof.nbytes["y"], maps)
+    assert got == pytest.approx(maps * prof.nbytes["y"], rel=1e-6), (got / prof.nbytes["y"], maps)
 
 
 def test_two_narrow_convs_stay_within_their_estimate_in_onnxruntime():
@@ -214,7 +217,7 @@ def test_two_narrow_convs_stay_within_their_estimate_in_onnxruntime():
     """)
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/status")
-    for channels in (8, 16):
+    for channels in (8, 16, 24):
         got = json_child(code, channels, 1024)
         assert got["growth"] <= got["estimate"] + 8 * 2**20, (channels, got)
         assert got["growth"] >= got["estimate"] - got["map"] // 2, (channels, got)

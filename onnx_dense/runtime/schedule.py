@@ -43,8 +43,8 @@ whole run fits.
 The tiled trunk (same day, the ResNet under 300 MB, 700 MB and 2 GB at 2048, 4096 and 8000):
 0.94-0.98 of the estimate.
 onnxruntime's blocked layout (NCHWc) is modelled since 2026-12-07 evening
-(:func:`_blocked_copies`): the padded output of a conv narrower than the block and its copy
-back, and the copies of blocked maps read or written in the plain layout. Without it an 8-wide
+(:func:`_blocked_layout`): conv outputs padded to the channel block, and the copies of maps
+read in the other layout. Without it an 8-wide
 ResNet peaked 1.03-1.08x its estimate, a ConvNeXt-like block 1.25-1.27x (not measured again).
 Not modelled: kernels' scratch beyond ``MARGIN`` (a Conv that expands its whole input for a
 GEMM), other providers (CUDA: device memory is not RSS). onnxruntime's memory
@@ -274,53 +274,92 @@ def _nchwc_block() -> int:
 
 
 NCHWC_BLOCK = _nchwc_block()
-# Ops onnxruntime runs on blocked tensors, so that a blocked conv output they read is not
-# reordered back to the plain layout for them.
-NCHWC_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Resize",
-                       "Upsample"}) | ELEMENTWISE
+# Ops onnxruntime runs on blocked tensors when every map they read is blocked and their channels
+# are a multiple of the block (activations fused into the conv before them: whatever its
+# channels); others read a plain copy. Measured: an 8-wide ResNet's Add and the FCN sample's
+# MaxPool on 8 channels ran plain after a copy back.
+NCHWC_OPS = frozenset({
+    "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Relu", "LeakyRelu",
+    "Sigmoid", "HardSigmoid", "Tanh", "Clip", "Add", "Sum", "Mul", "BatchNormalization", "Identity", "Dropout",
+})
+FUSED_ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Clip"})
 
 
-def _blocked_copies(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip: set[str]):
-    """What onnxruntime's blocked layout (NCHWc) adds to a run of ``nodes`` beyond the values
-    of the graph it was given: {node index: bytes alive only while that node runs} and
-    {value: (first, last) node index} of the blocked copies of values read by convs.
+@dataclasses.dataclass
+class _Blocked:
+    """onnxruntime's blocked layout over a run of nodes (:func:`_blocked_layout`)."""
 
-    Measured (2026-12-07, ORT 1.32, AVX-512): every float Conv whose input channels are fewer
-    than the block or a multiple of it runs blocked; its output's channels are padded to the
-    block (a conv of 8 channels writes 16), and wherever the output is read in the plain
-    layout (padded channels; a stage's or graph's output; an op that is not blocked) a copy is
-    made once the conv's inputs that die there are gone, both alive at once (two convs at 2048:
-    of 8 channels, 3 maps of 8 channels at the peak where the graph holds 2; of 8 then 16, 4
-    maps of 8; of 16 or 32, what the graph holds). A conv's input of a multiple of the block
-    made in the plain layout (a stage's input, a Transpose's output) is copied into the blocked
-    layout, alive from the first conv reading it to the last. The tests' 8-wide ResNet at 2048
-    peaked 1.03 and 1.08x its estimate without this (whole, by 4 phases).
+    held: dict[str, int]  # value -> bytes it holds (blocked, padded; plus its plain copy where both are read)
+    padded: dict[str, int]  # value -> bytes of its blocked form, for the values made blocked
+    transient: dict[int, int]  # node index -> a blocked output's bytes, alive until its plain copy is made
+    copies: dict[str, tuple[int, int, int]]  # plain value -> (first, last conv reading it, bytes of its blocked copy)
+
+
+def _blocked_layout(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip: set[str]) -> _Blocked:
+    """What onnxruntime's blocked layout (NCHWc) changes in a run of ``nodes``.
+
+    Measured (2026-12-07, ORT 1.32, AVX-512, block of 16 channels; two convs 3 -> C -> C with
+    a Relu after each, at 1024 and 2048, arena and memory pattern off): every float conv writes
+    its output blocked, its channels padded to the block (24 -> 32). A conv reads its input
+    blocked when it has at least a block of channels (a plain one is copied in, alive from its
+    first conv reader to its last), else plain. Activations run blocked on blocked maps (fused
+    into the conv), other elementwise ops and pools only where the channels fill whole blocks. A blocked map read in the plain layout (by a narrow conv, an op that is not
+    blocked, or as a stage's or graph's output) is copied back once the node's dying inputs are
+    gone, both alive at once. Peaks, in maps of one channel: C = 8, 24 where the graph holds 16;
+    C = 12, 28 (24); C = 24, 64 (48); C = 40, 96 (80); 16 then 24, 56 (40); C = 16 or 32, what
+    the graph holds. The estimate walks these sizes instead of the graph's; without them the
+    tests' 8-wide ResNet at 2048 peaked 1.03-1.08x its estimate.
     """
     block = NCHWC_BLOCK
-    transient: dict[int, int] = {}
-    copies: dict[str, list[int]] = {}
+    result = _Blocked({}, {}, {}, {})
     if not block or not prof.channels:
-        return transient, {}
-    made_by = {o: node[2] for node in nodes if len(node) > 2 for o in node[1]}
-    readers: dict[str, list[str]] = {}
-    for node in nodes:
-        for name in node[0]:
-            readers.setdefault(name, []).append(node[2] if len(node) > 2 else "")
+        return result
+    channels, nbytes = prof.channels, prof.nbytes
+
+    def pad(v: str) -> int:
+        c = channels[v]
+        return int(nbytes.get(v, 0) * (-(-c // block) * block) / c)
+
+    producer: dict[str, int] = {}
+    plain_reads: dict[str, list[int]] = {}  # value -> nodes reading it in the plain layout
+    blocked_reads: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        if len(node) < 3 or node[2] != "Conv" or not node[0] or not node[1]:
+        op = node[2] if len(node) > 2 else ""
+        ins, outs = node[0], node[1]
+        maps = [v for v in ins if v in channels]
+        if op == "Conv" and ins and outs and ins[0] in channels and outs[0] in channels:
+            x, o = ins[0], outs[0]
+            if channels[x] >= block:
+                blocked_reads[x] = blocked_reads.get(x, 0) + 1
+                if x not in result.padded:  # a plain map copied into the blocked layout
+                    first = result.copies.get(x, (i, i, 0))[0]
+                    result.copies[x] = (first, i, pad(x))
+            else:
+                plain_reads.setdefault(x, []).append(i)
+            result.padded[o] = pad(o)
+            producer[o] = i
             continue
-        x, o = node[0][0], node[1][0]
-        cin, cout = prof.channels.get(x), prof.channels.get(o)
-        if not cin or not cout or (cin >= block and cin % block):
-            continue  # onnxruntime leaves it in the plain layout
-        if cin >= block and made_by.get(x) not in NCHWC_OPS:
-            first_last = copies.setdefault(x, [i, i])
-            first_last[1] = i
-        plain_read = (cout % block or o in keep or o in skip or o in prof.outputs
-                      or any(op not in NCHWC_OPS for op in readers.get(o, ())))
-        if plain_read:
-            transient[i] = int(prof.nbytes.get(o, 0) * (-(-cout // block) * block) / cout)
-    return transient, {x: tuple(v) for x, v in copies.items()}
+        runs_blocked = (op in NCHWC_OPS and outs and outs[0] in channels and maps
+                        and all(v in result.padded for v in maps)
+                        and (op in FUSED_ACTIVATIONS or all(channels[v] % block == 0 for v in maps)))
+        for v in maps:
+            if runs_blocked:
+                blocked_reads[v] = blocked_reads.get(v, 0) + 1
+            else:
+                plain_reads.setdefault(v, []).append(i)
+        if runs_blocked:
+            result.padded[outs[0]] = pad(outs[0])
+            producer[outs[0]] = i
+    for v, size in result.padded.items():
+        plain = (v in keep or v in skip or v in prof.outputs or v in plain_reads)
+        if not plain:
+            result.held[v] = size
+        elif v in blocked_reads:  # read both ways: both forms held
+            result.held[v] = size + nbytes.get(v, 0)
+        else:  # copied back as it is made
+            result.held[v] = nbytes.get(v, 0)
+            result.transient[producer[v]] = result.transient.get(producer[v], 0) + size
+    return result
 
 
 def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
@@ -331,37 +370,38 @@ def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
     to its last reader; values in ``keep`` to the end; values in ``skip`` are not counted
     (held, and counted, by the caller). An :data:`ELEMENTWISE` node's output takes the buffer
     of an input of its size that dies there (not one in ``keep`` or ``skip``). The copies
-    onnxruntime's blocked layout makes are counted too (:func:`_blocked_copies`).
+    onnxruntime's blocked layout makes are counted too (:func:`_blocked_layout`).
     """
     last: dict[str, int] = {}
     for i, node in enumerate(nodes):
         for name in node[0]:
             last[name] = i
     made = {o for node in nodes for o in node[1]}
-    transient, copies = _blocked_copies(prof, nodes, set(keep), set(skip))
-    live: dict[str, int] = {}
+    layout = _blocked_layout(prof, nodes, set(keep), set(skip))
+    live: dict = {}
     for name in last:  # values from outside the stage are there from the start
         if name not in made and name not in skip:
             live[name] = prof.nbytes.get(name, 0)
     peak = sum(live.values())
     for i, node in enumerate(nodes):
         ins, outs = node[0], node[1]
-        for name, (first, _) in copies.items():
+        for name, (first, _, size) in layout.copies.items():
             if first == i:
-                live[(name, "blocked")] = prof.nbytes.get(name, 0)
+                live[(name, "blocked")] = size
         dying = [n for n in ins if last.get(n) == i and n not in keep and n in live]
         for o in outs:
             if o in skip:
                 continue
-            size = prof.nbytes.get(o, 0)
+            size = layout.held.get(o, prof.nbytes.get(o, 0))
             if len(node) > 2 and node[2] in ELEMENTWISE:
-                donor = next((n for n in dying if live.get(n) == size), None)
+                written = layout.padded.get(o, size)
+                donor = next((n for n in dying if live.get(n) == written), None)
                 if donor is not None:  # in place: the input's buffer becomes the output
                     live.pop(donor)
                     dying.remove(donor)
             live[o] = size
         total = sum(live.values())
-        blocked = transient.get(i, 0)
+        blocked = layout.transient.get(i, 0)
         if blocked:  # the blocked output is written beside the inputs; its plain copy once they are gone
             made_now = sum(live.get(o, 0) for o in outs)
             gone = sum(live.get(n, 0) for n in dying)
@@ -370,7 +410,7 @@ def live_peak(prof: Profile, nodes: Sequence[tuple], *, divide: float = 1.0,
             peak = max(peak, total)
         for name in dying:
             live.pop(name, None)
-        for name, (_, end) in copies.items():
+        for name, (_, end, _) in layout.copies.items():
             if end == i:
                 live.pop((name, "blocked"), None)
         for o in outs:

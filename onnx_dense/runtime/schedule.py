@@ -303,9 +303,10 @@ def _blocked_layout(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip:
     its output blocked, its channels padded to the block (24 -> 32). A conv reads its input
     blocked when it has at least a block of channels (a plain one is copied in, alive from its
     first conv reader to its last), else plain. Activations run blocked on blocked maps (fused
-    into the conv), other elementwise ops and pools only where the channels fill whole blocks. A blocked map read in the plain layout (by a narrow conv, an op that is not
-    blocked, or as a stage's or graph's output) is copied back once the node's dying inputs are
-    gone, both alive at once. Peaks, in maps of one channel: C = 8, 24 where the graph holds 16;
+    into the conv), other elementwise ops and pools only where the channels fill whole blocks.
+    A blocked map read in the plain layout (by a narrow conv, an op that is not blocked, or as
+    a stage's or graph's output) is copied back once the node's dying inputs are gone, both
+    alive at once. Peaks, in maps of one channel: C = 8, 24 where the graph holds 16;
     C = 12, 28 (24); C = 24, 64 (48); C = 40, 96 (80); 16 then 24, 56 (40); C = 16 or 32, what
     the graph holds. The estimate walks these sizes instead of the graph's; without them the
     tests' 8-wide ResNet at 2048 peaked 1.03-1.08x its estimate.

@@ -41,6 +41,24 @@ from onnx_dense.runtime.schedule import Schedule
 
 
 STREAM_PICTURES_ABOVE = 2048 * 2048  # input pixels above which pictures are drawn band by band
+# What matplotlib's figure of a map costs above the run, per image pixel (its float blends and
+# its RGBA copy): 305 MiB for a 2048x2048 picture (76 bytes a pixel, measured 2026-12-07).
+# Under a budget a picture that would not fit is drawn band by band instead.
+FIGURE_BYTES_PER_PIXEL = 80
+
+
+def stream_pictures(session, image) -> bool:
+    """Whether ``image``'s pictures are drawn band by band: above :data:`STREAM_PICTURES_ABOVE`
+    pixels, or where the session has a memory budget that matplotlib's figure would exceed."""
+    pixels = image.size[0] * image.size[1]
+    if pixels > STREAM_PICTURES_ABOVE:
+        return True
+    budget = getattr(session, "max_memory", None)
+    if budget is None:
+        return False
+    from onnx_dense.runtime.dense_session import _rss
+
+    return _rss() + FIGURE_BYTES_PER_PIXEL * pixels > budget
 
 
 @dataclasses.dataclass
@@ -180,7 +198,8 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
         described: dict[str, dict] = {}
         files: list[str] = []
         for filename, write in encode(maps, image, path, stem, outputs, view, write_npy, session.provider, session.tile,
-                                      described, class_names, schedule.to_dict() if schedule else None):
+                                      described, class_names, schedule.to_dict() if schedule else None,
+                                      stream=stream_pictures(session, image)):
             target = out / filename
             windowed.write(target, write)
             files.append(str(target))
@@ -239,8 +258,12 @@ def check_not_inputs(path, out: Path, names: Sequence[str], inputs: Sequence[Pat
 
 
 def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
-           described: dict[str, dict], class_names=None, schedule: dict | None = None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
+           described: dict[str, dict], class_names=None, schedule: dict | None = None,
+           stream: bool | None = None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
     """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
+
+    ``stream``: pictures drawn band by band (:func:`stream_pictures`; default: above
+    :data:`STREAM_PICTURES_ABOVE` pixels), without the figure's title and legend.
 
     Pictures are drawn one at a time as the caller writes them, so only one is held at once;
     the caller decides where the bytes go (a file here, a reply to the driver in the Ray engine).
@@ -258,7 +281,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             yield filename, windowed.disk_file(dense.value) or (
                 lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
             entry["npy"] = filename
-        if image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE:  # drawn and written band by band
+        if stream or (stream is None and image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE):  # band by band
             drawn = picture_stream.picture_writer(dense, image, view)
             if drawn is not None:
                 info, write = drawn

@@ -129,7 +129,8 @@ class _Worker:
             files = []
             for filename, write in batch.encode(maps, image, path, stem, outputs, view, write_npy,
                                                 self.session.provider, self.session.tile, described, class_names,
-                                                schedule.to_dict() if schedule else None):
+                                                schedule.to_dict() if schedule else None,
+                                                stream=batch.stream_pictures(self.session, image)):
                 buffer = io.BytesIO()
                 write(buffer)
                 files.append((filename, buffer.getvalue()))

@@ -508,7 +508,7 @@ def test_run_with_a_budget_stays_within_it_pictures_included(models, tmp_path):
                      "--max-memory", str(budget))
     assert got["peak"] <= budget, got["peak"] / 2**20
     record = json.loads((tmp_path / "o" / "big.json").read_text())
-    assert record["outputs"]["output"]["png"] == "big.output.png"
+    assert record["outputs"]["output"]["png"] == "big.output.png" and record["outputs"]["output"]["picture"] == "bands"
     assert Image.open(tmp_path / "o" / "big.output.png").size == (2048, 2048)
 
 

@@ -263,7 +263,8 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
     """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
 
     ``stream``: pictures drawn band by band (:func:`stream_pictures`; default: above
-    :data:`STREAM_PICTURES_ABOVE` pixels), without the figure's title and legend.
+    :data:`STREAM_PICTURES_ABOVE` pixels), without the figure's title and legend; the JSON's
+    ``picture`` says which was drawn (``bands`` or ``figure``).
 
     Pictures are drawn one at a time as the caller writes them, so only one is held at once;
     the caller decides where the bytes go (a file here, a reply to the driver in the Ray engine).
@@ -286,7 +287,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             if drawn is not None:
                 info, write = drawn
                 filename = f"{stem}.{_safe(name)}.png"
-                entry.update(png=filename, view=info["view"])
+                entry.update(png=filename, view=info["view"], picture="bands")
                 if info["top_class"] is not None:
                     entry["top_class"] = info["top_class"]
                 yield filename, write
@@ -301,7 +302,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             filename = f"{stem}.{_safe(name)}.png"
             yield filename, lambda f, d=dense, v=picture.view: pictures.write(
                 pictures.map_figure(d, image, v, class_names), f)
-            entry.update(png=filename, view=picture.view)
+            entry.update(png=filename, view=picture.view, picture="figure")
             if picture.top_class is not None:
                 entry["top_class"] = picture.top_class
     record = {

@@ -35,7 +35,7 @@ from onnx_dense import pictures
 from onnx_dense.errors import DenseError
 from onnx_dense.files import refuse_link
 from onnx_dense.runtime import images as imglib
-from onnx_dense.runtime import picture_stream, tiling, windowed
+from onnx_dense.runtime import dense_session, picture_stream, tiling, windowed
 from onnx_dense.runtime.dense_session import DenseMap, DenseSession, PixelGrid
 from onnx_dense.runtime.schedule import Schedule
 
@@ -56,9 +56,7 @@ def stream_pictures(session, image) -> bool:
     budget = getattr(session, "max_memory", None)
     if budget is None:
         return False
-    from onnx_dense.runtime.dense_session import _rss
-
-    return _rss() + FIGURE_BYTES_PER_PIXEL * pixels > budget
+    return dense_session._rss() + FIGURE_BYTES_PER_PIXEL * pixels > budget
 
 
 @dataclasses.dataclass
@@ -262,13 +260,14 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
            stream: bool | None = None) -> Iterator[tuple[str, Callable[[IO[bytes]], None]]]:
     """(file name, write(file)) for each file of one image, the JSON last; fills ``described``.
 
-    ``stream``: pictures drawn band by band (:func:`stream_pictures`; default: above
-    :data:`STREAM_PICTURES_ABOVE` pixels), without the figure's title and legend; the JSON's
+    ``stream``: pictures drawn band by band (default: :func:`stream_pictures` without a budget,
+    above :data:`STREAM_PICTURES_ABOVE` pixels), without the figure's title and legend; the JSON's
     ``picture`` says which was drawn (``bands`` or ``figure``).
 
     Pictures are drawn one at a time as the caller writes them, so only one is held at once;
     the caller decides where the bytes go (a file here, a reply to the driver in the Ray engine).
     """
+    banded = stream if stream is not None else stream_pictures(None, image)
     for name in outputs:
         dense = maps[name]
         array = dense.numpy()
@@ -282,7 +281,7 @@ def encode(maps, image, path, stem, outputs, view, write_npy, provider, tile,
             yield filename, windowed.disk_file(dense.value) or (
                 lambda f, a=array: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
             entry["npy"] = filename
-        if stream or (stream is None and image.size[0] * image.size[1] > STREAM_PICTURES_ABOVE):  # band by band
+        if banded:  # drawn and written band by band
             drawn = picture_stream.picture_writer(dense, image, view)
             if drawn is not None:
                 info, write = drawn

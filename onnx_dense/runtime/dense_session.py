@@ -839,8 +839,6 @@ class DenseSession:
                 return dataclasses.replace(near, budget=budget, over=f"the fastest within 5% of the leanest's peak "
                                                                      f"({which}: {untileable})")
             return dataclasses.replace(leanest, budget=budget, over=f"the leanest ({which}: {untileable})")
-        if kind == "phases+tiles":
-            options = []
         # Tiles: per split depth, the largest tile whose estimate fits (then the smallest tile
         # needing as many), costed with the overlap it recomputes.
         rf = max(max(o.rf_size) for o in self.info.outputs.values())
@@ -850,9 +848,10 @@ class DenseSession:
         leanest_tiles = None
         for depth in (list(depths) or [0]):
             lo, hi = lo0, hi0
-            if lo >= hi or estimate(depth, lo) > (budget or 0):
-                if leanest_tiles is None or estimate(depth, lo) < leanest_tiles[0]:
-                    leanest_tiles = (estimate(depth, lo), depth, lo)
+            smallest = estimate(depth, lo)
+            if lo >= hi or smallest > (budget or 0):
+                if leanest_tiles is None or smallest < leanest_tiles[0]:
+                    leanest_tiles = (smallest, depth, lo)
                 continue
             while hi - lo > 8:
                 mid = (lo + hi) // 2

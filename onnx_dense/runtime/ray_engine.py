@@ -18,8 +18,9 @@ What runs where:
   image: its file's bytes go out, the worker decodes, runs, draws and encodes with the code of
   the local run (:func:`batch.encode`), and the bytes of its .npy/.png/.json come back.
   ``--max-memory`` (and ``--schedule``) apply to each worker's session as to the local one:
-  it picks each image's schedule within the budget, and the line per image says which (the
-  encoded files come back in memory, so the budget bounds the run, not the pictures). With
+  it picks each image's schedule within the budget, and the line per image says which; a
+  picture is drawn band by band where its figure would not fit (:func:`batch.stream_pictures`),
+  but the encoded files come back in memory, so the budget does not bound them. With
   ``--tile`` the driver decodes the image and cuts the tiles :func:`tiling.plan_tiles` plans
   (overlap by the receptive field); the tiles of all images go to the workers as one stream, so
   a single huge image keeps every worker busy, and :class:`tiling.Stitcher` puts them back as

@@ -278,11 +278,11 @@ NCHWC_BLOCK = _nchwc_block()
 # are a multiple of the block (activations fused into the conv before them: whatever its
 # channels); others read a plain copy. Measured: an 8-wide ResNet's Add and the FCN sample's
 # MaxPool on 8 channels ran plain after a copy back.
-NCHWC_OPS = frozenset({
-    "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Relu", "LeakyRelu",
-    "Sigmoid", "HardSigmoid", "Tanh", "Clip", "Add", "Sum", "Mul", "BatchNormalization", "Identity", "Dropout",
-})
 FUSED_ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Clip"})
+NCHWC_OPS = FUSED_ACTIVATIONS | {
+    "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Add", "Sum", "Mul",
+    "BatchNormalization", "Identity", "Dropout",
+}
 
 
 @dataclasses.dataclass

@@ -13,7 +13,10 @@ process (so its peak is its own):
 
 A whole run whose estimate is above ``--max-whole`` is not run (its row says what it would
 need); the other runs are then compared with the tiled run. ``--keep`` keeps the outputs, so
-that runs made by several invocations can be compared.
+that runs made by several invocations can be compared. ``--image pixels`` gives each child
+8-bit pixels read by windows (:class:`onnx_dense.runtime.images.PixelsImage`, what ``onnx-dense
+run`` feeds under a budget): the timed run makes the input it needs, the whole float input for
+a run on the whole image, a window per tile otherwise.
 
 Each child reports the run's wall time (one run, after building the session), its peak RSS
 (``VmHWM`` of the whole process: Python, onnxruntime, weights, image, outputs) and the RSS
@@ -84,9 +87,14 @@ _CHILD = textwrap.dedent(
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 
-    model, size, kind, tile, budget, out, runs = sys.argv[1:8]
+    model, size, kind, tile, budget, out, runs, image = sys.argv[1:9]
     size = int(size)
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    if image == "pixels":  # 8-bit pixels, as onnx-dense run reads a PNG; the run makes the input (timed)
+        from onnx_dense.runtime.images import PixelsImage
+        pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        x = PixelsImage(pixels, 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3, (2, 3), np.dtype(np.float32))
+    else:
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     options = {}
     if kind == "tiled":
         options["tile"] = int(tile)
@@ -141,10 +149,10 @@ def build(name: str, workdir: Path) -> Path:
 
 
 def child(model: Path, size: int, kind: str, tile: int, budget: str, out: Path, runs: int = 1,
-          extra_env: dict | None = None) -> dict:
+          extra_env: dict | None = None, image: str = "float") -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(model), str(size), kind, str(tile), budget, str(out), str(runs)],
+        [sys.executable, "-c", _CHILD, str(model), str(size), kind, str(tile), budget, str(out), str(runs), image],
         capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
@@ -199,6 +207,9 @@ def main(argv=None) -> int:
                     "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1: onnx_dense/_entry.py)")
     ap.add_argument("--repeat", type=int, default=0,
                     help="with --second-run: time this many runs after the first and report the fastest")
+    ap.add_argument("--image", choices=("float", "pixels"), default="float",
+                    help="pixels: 8-bit pixels read by windows (load_image(..., windows=True)); each run makes the "
+                    "input it needs, timed: the whole float input (whole runs), or each tile's window")
     ap.add_argument("--keep", action="store_true",
                     help="keep the outputs (to compare with a whole run made by another invocation)")
     args = ap.parse_args(argv)
@@ -220,9 +231,9 @@ def main(argv=None) -> int:
                 before = load()
                 env = dict(e.split("=", 1) for e in [*args.env, *(args.budget_env if kind.startswith("budget") else [])])
                 r = child(model, size, kind, args.tile or MODELS.get(name, {}).get("tile") or 512, args.budget, out,
-                          1 + max(1, args.repeat) if args.second_run else 1, env)
+                          1 + max(1, args.repeat) if args.second_run else 1, env, args.image)
                 r.update(model=name, size=size, kind=kind, load_before=before, load_after=load(), uptime=uptime(),
-                         env=env)
+                         env=env, image=args.image)
                 results[kind] = r
             ref = args.workdir / f"out_{name}_{size}_whole.0.npy"
             if not ref.exists():  # no whole run: compare with the tiled one

@@ -95,6 +95,53 @@ def test_budget_tiles_are_the_smallest_of_their_count_and_equal_the_whole_run(mo
     _assert_same({k: DenseMap(k, v, None, None) for k, v in got.items()}, whole)
 
 
+def _pixels_image(size: int, seed: int = 0):
+    from onnx_dense.runtime import images
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return images.PixelsImage(pixels, 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3, (2, 3),
+                              np.dtype(np.float32))
+
+
+@pytest.mark.parametrize("name,kind", [("resnet", "tiled-trunk"), ("fcn", "phases+tiles"), ("fcn", "tiled-trunk"),
+                                       ("resnet", "phases"), ("fcn", "whole")])
+def test_an_image_read_by_windows_is_made_whole_only_by_a_schedule_that_reads_it_whole(models, monkeypatch, name,
+                                                                                           kind):
+    """An input read by windows (``load_image(..., windows=True)``, what ``onnx-dense run`` feeds
+    under a budget): the tiled trunk and phases on tiles compute each tile's window and never the
+    whole float input; whole and phases make it once. Outputs are the whole run's on the whole
+    input, bit for bit."""
+    from onnx_dense.runtime import windowed
+
+    lazy = _pixels_image(300, seed=3)
+    want = DenseSession(models[name], provider="cpu").run(np.asarray(lazy))
+    made = []
+    whole_input = windowed.WindowedInput.__array__
+    monkeypatch.setattr(windowed.WindowedInput, "__array__", lambda self, *a, **k: made.append(1) or
+                        whole_input(self, *a, **k))
+    monkeypatch.setattr(dense_session, "_rss", lambda: 0)
+    session = DenseSession(models[name], provider="cpu", schedule=kind, max_memory="1MB")
+    got = session.run(lazy)
+    assert session.last_schedule.kind == kind
+    assert len(made) == (1 if kind in ("whole", "phases") else 0)
+    for k in want:
+        assert np.array_equal(got[k].numpy(), want[k].numpy()), k
+
+
+def test_the_estimate_counts_an_image_read_by_windows_where_a_schedule_makes_it_whole(models):
+    """A run on the whole image makes a windowed input whole (its bytes added to the estimate);
+    tiles and the tiled trunk make one tile's window, as they copy one tile of an array."""
+    session = DenseSession(models["resnet"], provider="cpu", max_memory="1GB")
+    lazy = _pixels_image(1024)
+    plain, read = session._estimator((1024, 1024), base=0), session._estimator((1024, 1024), base=0, unread=lazy.nbytes)
+    assert lazy.nbytes == 3 * 1024 * 1024 * 4
+    assert read(0) - plain(0) == lazy.nbytes and read(2) - plain(2) == lazy.nbytes
+    assert read(2, 400) == plain(2, 400) and read(2, 400, trunk=True) == plain(2, 400, trunk=True)
+    feeds = session._feeds(lazy)
+    assert feeds[session.image_input] is lazy
+    assert dense_session._unread(feeds) == lazy.nbytes
+
+
 def test_the_budget_picks_the_fastest_schedule_that_fits(models, monkeypatch):
     """Estimates from shape inference; the process's own RSS is taken as 100 MB here."""
     monkeypatch.setattr(dense_session, "_rss", lambda: 100 * 2**20)
@@ -464,6 +511,34 @@ def test_run_command_says_which_schedule_and_records_it(models, tmp_path, monkey
     assert Image.open(tmp_path / "o" / "a.output.png").size == (100, 90)
     code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "o", "--max-memory", "lots")
     assert_clean_error(code, out, err, "--max-memory")
+
+
+def test_run_under_a_budget_reads_the_image_by_windows_and_writes_the_unbudgeted_outputs(models, tmp_path,
+                                                                                          monkeypatch):
+    """``onnx-dense run --max-memory``: the image's input is normalised by windows, so phases on
+    tiles never make the whole float input (732 MiB of an 8000x8000 PNG); the .npy written is
+    the unbudgeted run's, byte for byte."""
+    from onnx_dense.runtime import windowed
+    from tests._cli import run
+
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 280, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "whole")
+    assert code == 0, err
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the whole input was made")
+
+    windows = []
+    read = windowed.WindowedInput.read
+    monkeypatch.setattr(windowed.WindowedInput, "__array__", never)
+    monkeypatch.setattr(windowed.WindowedInput, "read", lambda self, *a: windows.append(a[0]) or read(self, *a))
+    monkeypatch.setattr(dense_session, "_rss", lambda: 0)
+    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "tiles",
+                         "--max-memory", "1MB", "--schedule", "phases+tiles")
+    assert code == 0, err
+    assert "phases+tiles" in err and "tiles of" in err
+    assert len(windows) > 1  # one window a tile
+    assert (tmp_path / "tiles" / "a.output.npy").read_bytes() == (tmp_path / "whole" / "a.output.npy").read_bytes()
 
 
 def test_a_picture_that_would_not_fit_the_budget_is_drawn_in_bands(monkeypatch):

@@ -178,6 +178,44 @@ def test_an_image_is_normalised_band_by_band_to_the_whole_formulas_values(tmp_pa
     assert np.array_equal(image.array, want)
 
 
+@pytest.mark.parametrize("channels,axes,dtype,mode,suffix", [
+    (3, (2, 3), np.float32, "RGB", ".png"),
+    (3, (1, 2), np.float16, "L", ".png"),
+    (1, (2, 3), np.float32, "RGB", ".png"),
+    (3, (2, 3), np.float32, "I;16", ".png"),
+    (3, (2, 3), np.float32, "RGB", ".npy"),
+])
+def test_an_image_read_by_windows_has_the_whole_inputs_values(tmp_path, channels, axes, dtype, mode, suffix):
+    """``load_image(..., windows=True)``: no float input, a window of it computed on demand, bit
+    for bit the whole input's ``[index]``; written into a given array too; ``np.asarray`` gives
+    the whole input."""
+    from onnx_dense.runtime import windowed
+
+    rng = np.random.default_rng(4)
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 65536, (131, 97), dtype=np.uint16)).save(tmp_path / "a.png")
+    elif suffix == ".npy":
+        np.save(tmp_path / "a.npy", rng.integers(0, 256, (131, 97, 3), dtype=np.uint8))
+    else:
+        Image.fromarray(rng.integers(0, 256, (131, 97, 3), dtype=np.uint8)).convert(mode).save(tmp_path / "a.png")
+    args = dict(channels=channels, spatial_axes=axes, mean=(0.4, 0.5, 0.6)[:channels], std=(0.2, 0.3, 0.25)[:channels],
+                dtype=dtype)
+    whole = load_image(tmp_path / f"a{suffix}", **args).array
+    lazy = load_image(tmp_path / f"a{suffix}", windows=True, **args).array
+    assert isinstance(lazy, windowed.WindowedInput) and not isinstance(lazy, np.ndarray)
+    assert lazy.shape == whole.shape and lazy.dtype == whole.dtype and lazy.nbytes == whole.nbytes
+    assert np.array_equal(np.asarray(lazy), whole)
+    rows, cols = slice(17, 80), slice(None, 41)
+    index = tuple(rows if a == axes[0] else cols if a == axes[1] else slice(None) for a in range(4))
+    assert np.array_equal(lazy[index], whole[index])
+    out = np.empty_like(whole[index])
+    assert lazy.read(index, out) is out and np.array_equal(out, whole[index])
+    channel = tuple(slice(0, 1) if a not in axes and a else s for a, s in enumerate(index))
+    assert np.array_equal(lazy[channel], whole[channel])
+    with pytest.raises(TypeError, match="slices of step 1"):
+        lazy[:, :, ::2]
+
+
 def test_reading_an_image_holds_its_array_and_8_bit_pixels_not_copies_of_the_array(tmp_path):
     """What Python allocates reading a 1200x1000 RGB PNG: the float32 array (4 bytes a value), the
     8-bit pixels kept for the pictures (1) and Pillow's buffers of the file (about 2): 1.84x the

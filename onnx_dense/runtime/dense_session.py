@@ -69,7 +69,7 @@ import onnxruntime as ort
 
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError
-from onnx_dense.runtime import final_tail, phases, tiling
+from onnx_dense.runtime import final_tail, phases, tiling, windowed
 from onnx_dense.runtime import schedule as sched
 from onnx_dense.runtime.buffers import StageRunner
 from onnx_dense.runtime.schedule import KINDS as SCHEDULES, Schedule, parse_memory
@@ -481,6 +481,8 @@ class DenseSession:
         chosen = self.choose(feeds, tile=tile, schedule=schedule)
         self.last_schedule = chosen
         self._use_pattern(chosen.pattern)
+        if chosen.kind in ("whole", "phases"):  # these read the image whole
+            feeds = {k: np.asarray(v) if isinstance(v, windowed.WindowedInput) else v for k, v in feeds.items()}
         if chosen.kind != "whole" and keep_on_device:
             raise DenseError(f"{chosen.kind} outputs are put together on the host; keep_on_device needs an untiled run")
         if chosen.kind == "whole":
@@ -518,7 +520,8 @@ class DenseSession:
         """A stage refused on a phase or tile (:class:`~onnx_dense.runtime.phases.StageRefused`),
         mostly of an image so small that it runs whole within the budget; where the whole run
         does not fit, the stage's error stands."""
-        need = self._estimator(self._image_size(feeds))(0) if self.max_memory is not None else None
+        need = (self._estimator(self._image_size(feeds), unread=_unread(feeds))(0) if self.max_memory is not None
+                else None)
         if need is not None and need > self.max_memory:
             raise exc
         self.last_schedule = Schedule("whole", estimate=need, budget=self.max_memory,
@@ -554,7 +557,8 @@ class DenseSession:
         if chosen is not None and chosen.budget is not None:  # the budget given, not the one the body ran under
             chosen = dataclasses.replace(chosen, budget=self.max_memory)
         tail_feeds = {name: (maps[name].numpy() if name in maps else
-                             np.array(_shape(feeds[parts.shapes[name]]), np.int64) if name in parts.shapes else feeds[name])
+                             np.array(_shape(feeds[parts.shapes[name]]), np.int64) if name in parts.shapes else
+                             np.asarray(feeds[name]))
                       for name in parts.tail_inputs}
         values, bands = None, 0
         try:
@@ -700,8 +704,10 @@ class DenseSession:
                     )
             if isinstance(value, ort.OrtValue):
                 continue
-            array = np.asarray(value)
             dtype = self.input_dtype(name)
+            if isinstance(value, windowed.WindowedInput) and name == self.image_input and value.dtype == dtype:
+                continue  # read by windows where the schedule tiles the image, whole otherwise (run)
+            array = np.asarray(value)
             if array.dtype != dtype:
                 array = array.astype(dtype)
             feeds[name] = array
@@ -743,7 +749,7 @@ class DenseSession:
             return chosen
         if chosen.estimate > budget:  # nothing fits: the least memory
             return dataclasses.replace(chosen, pattern=False)
-        with_pattern = self._estimator(self._image_size(feeds), margin=sched.PATTERN_MARGIN)(
+        with_pattern = self._estimator(self._image_size(feeds), margin=sched.PATTERN_MARGIN, unread=_unread(feeds))(
             chosen.depth, max(chosen.tile) if chosen.tile is not None else None, trunk=chosen.kind == "tiled-trunk")
         return dataclasses.replace(chosen, pattern=with_pattern <= budget)
 
@@ -770,7 +776,7 @@ class DenseSession:
             whole_only = self._whole_only()
             if kind in ("phases", "tiled-trunk", "phases+tiles") and whole_only:  # its phases are the whole run
                 chosen = self._choose(feeds, tile=None, schedule="whole")
-                estimate = self._estimator(size, base=_base)(0) if budget is not None else None
+                estimate = self._estimator(size, base=_base, unread=_unread(feeds))(0) if budget is not None else None
                 return dataclasses.replace(chosen, estimate=estimate, budget=budget,
                                            instead=f"{kind} asked for, but {whole_only}")
             if kind in ("phases", "tiled-trunk", "phases+tiles"):
@@ -797,7 +803,7 @@ class DenseSession:
             chosen = self._choose(feeds, tile=None, schedule="auto", _budget=_budget, _base=_base)
             return dataclasses.replace(chosen, instead=f"{kind} asked for, but the rewrite removed no stride: "
                                                        "the one phase is the whole model")
-        estimate = self._estimator(size, base=_base)
+        estimate = self._estimator(size, base=_base, unread=_unread(feeds))
         cost = self._coster(size)
         candidates: list[Schedule] = []
         if kind == "auto":
@@ -977,13 +983,15 @@ class DenseSession:
                 return str(exc)
         return "no eST level to split at"
 
-    def _estimator(self, size, margin: float = sched.MARGIN, base: int | None = None):
+    def _estimator(self, size, margin: float = sched.MARGIN, base: int | None = None, unread: int = 0):
         """``estimate(depth, tile=None)``: the process's peak RSS (bytes) expected for a run on an
         image of ``size`` (already in memory, as the feeds are when :meth:`choose` is called)
         split at ``depth`` eST levels (0: the whole dense model), on the whole image or on tiles
         of ``tile`` pixels (see :mod:`~onnx_dense.runtime.schedule`). ``base``: the RSS to start
         from (default: now); a choice made in two steps passes the first step's, so that the
-        process's memory moving between them cannot change what the second step picks."""
+        process's memory moving between them cannot change what the second step picks. ``unread``:
+        bytes of an image input read by windows (:class:`~onnx_dense.runtime.windowed.WindowedInput`),
+        which a run on the whole image makes whole first."""
         base = _rss() if base is None else base
         prof = self._profile(size)
         weights = self._weight_bytes()
@@ -997,8 +1005,8 @@ class DenseSession:
                 stages = None
             if tile is None:
                 if stages is None:
-                    return base + extra + sched.whole_peak(prof, margin=margin)
-                return base + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin)
+                    return base + unread + extra + sched.whole_peak(prof, margin=margin)
+                return base + unread + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin)
             small = prof.scaled(tuple(min(tile, x) for x in size))
             if trunk:
                 return base + extra + sched.phases_peak(prof, stages, self.output_names, margin=margin, trunk=small)
@@ -1286,6 +1294,11 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _unread(feeds) -> int:
+    """Bytes of the inputs in ``feeds`` read by windows, were they made whole."""
+    return sum(v.nbytes for v in feeds.values() if isinstance(v, windowed.WindowedInput))
 
 
 def _shape(value) -> tuple:

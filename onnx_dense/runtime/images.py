@@ -76,7 +76,7 @@ class ImageInput:
     """One image ready for a model: ``array`` (batch 1, in the model's layout) and what it came from."""
 
     path: str
-    array: np.ndarray
+    array: np.ndarray  # or a windowed.WindowedInput (load_image(..., windows=True))
     original_size: tuple[int, int]  # (height, width) of the file
     size: tuple[int, int]  # (height, width) fed to the model
     rgb: np.ndarray  # (height, width, 3) uint8 of what was fed, for drawing over
@@ -97,19 +97,26 @@ def load_image(
     spatial_axes: Sequence[int] = (2, 3),
     dtype=np.float32,
     data: bytes | None = None,
+    windows: bool = False,
 ) -> ImageInput:
     """Read ``path`` into a (1, C, H, W) array (or the layout ``spatial_axes`` says), see module doc.
 
     ``data``: the file's bytes, read elsewhere (a Ray worker gets them from the driver); ``path``
-    then only names the image in messages and in the result.
+    then only names the image in messages and in the result. ``windows``: ``array`` is a
+    :class:`windowed.WindowedInput` normalised window by window (:class:`PixelsImage`, or a
+    .npy file's :class:`windowed.NpyImage`), not the float array: what a run under a memory
+    budget reads, so that a schedule on tiles never holds the whole input.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     size = parse_size(size)
     if windowed.is_windowed(p):  # a .npy array, read whole here (tiled runs read it by windows)
-        return windowed.open_image(p, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
-                                   dtype=dtype, data=data).load()
+        npy = windowed.open_image(p, size=size, mean=mean, std=std, channels=channels, spatial_axes=spatial_axes,
+                                  dtype=dtype, data=data)
+        if windows:
+            return ImageInput(npy.path, npy, npy.original_size, npy.size, npy.rgb)
+        return npy.load()
     if channels not in (1, 3):
         raise DenseError(f"the model's input has {channels} channels; images are read as RGB (3) or grayscale (1)")
     mean_v = _per_channel(parse_floats(mean, "--mean"), channels, "--mean")
@@ -154,7 +161,11 @@ def load_image(
         pixels = np.asarray(rgb.convert("L"), dtype=np.uint8)[..., None] if channels == 1 else rgb_array
         scale = 255.0
         del rgb
-    array = normalised(pixels, scale, mean_v, std_v, channels, tuple(spatial_axes), dtype)
+    if windows:
+        _fed_shape(1, 1, channels, tuple(spatial_axes))  # the layout's one line now, not at the first window
+        array = PixelsImage(pixels, scale, mean_v, std_v, channels, tuple(spatial_axes), np.dtype(dtype))
+    else:
+        array = normalised(pixels, scale, mean_v, std_v, channels, tuple(spatial_axes), dtype)
     return ImageInput(str(p), array, original, target, rgb_array)
 
 
@@ -162,23 +173,20 @@ BAND_VALUES = 2**20  # values of the image a band of rows of :func:`normalised` 
 
 
 def normalised(pixels: np.ndarray, scale: float | None, mean, std, channels: int, spatial_axes: tuple[int, ...],
-               dtype) -> np.ndarray:
+               dtype, out: np.ndarray | None = None) -> np.ndarray:
     """(H, W, 1 or C) pixels -> the model's input (batch 1, its layout, ``dtype``): divided by
     ``scale`` (None: already in [0, 1]), minus ``mean``, over ``std`` per channel, in float32,
     a band of rows at a time into the one array returned. Why bands: the whole formula held the
     image in float32 up to four times (its temporaries, the layout's copy): reading an 8000x8000
     PNG (a 732 MiB input) peaked at 2,989 MiB. Same values, bit for bit (the same float32
-    operations, element by element)."""
+    operations, element by element). ``out``: the array to write into (of the input's shape and
+    ``dtype``), instead of a new one."""
     height, width = pixels.shape[:2]
-    if spatial_axes == (2, 3):
-        array = np.empty((1, channels, height, width), dtype)
-        hwc = array[0].transpose(1, 2, 0)
-    elif spatial_axes == (1, 2):
-        array = np.empty((1, height, width, channels), dtype)
-        hwc = array[0]
-    else:
-        raise DenseError(f"the model's input has spatial axes {list(spatial_axes)}; images fit (2, 3) (NCHW) or "
-                         "(1, 2) (NHWC)")
+    shape = _fed_shape(height, width, channels, spatial_axes)
+    array = np.empty(shape, dtype) if out is None else out
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        raise ValueError(f"normalised: out is {array.dtype} {array.shape}, the window {np.dtype(dtype)} {shape}")
+    hwc = array[0].transpose(1, 2, 0) if spatial_axes == (2, 3) else array[0]
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     rows = rows_per_band(width * channels, BAND_VALUES)
     for r0 in range(0, height, rows):
@@ -191,6 +199,39 @@ def normalised(pixels: np.ndarray, scale: float | None, mean, std, channels: int
         band /= std32
         hwc[r0:r0 + rows] = band
     return array
+
+
+def _fed_shape(height: int, width: int, channels: int, spatial_axes: tuple[int, ...]) -> tuple[int, ...]:
+    if tuple(spatial_axes) == (2, 3):
+        return (1, channels, height, width)
+    if tuple(spatial_axes) == (1, 2):
+        return (1, height, width, channels)
+    raise DenseError(f"the model's input has spatial axes {list(spatial_axes)}; images fit (2, 3) (NCHW) or "
+                     "(1, 2) (NHWC)")
+
+
+@dataclasses.dataclass(eq=False)
+class PixelsImage(windowed.WindowedInput):
+    """The model's input of a decoded image, normalised window by window (``load_image(...,
+    windows=True)``): it holds only the pixels (uint8 RGB, shared with the picture's background,
+    or grey), and a window's values are :func:`normalised`'s of those pixels, bit for bit."""
+
+    pixels: np.ndarray  # (H, W, 1 or C)
+    scale: float | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int
+    spatial_axes: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return _fed_shape(self.pixels.shape[0], self.pixels.shape[1], self.channels, self.spatial_axes)
+
+    def window(self, index, out: np.ndarray | None = None) -> np.ndarray:
+        rows, cols = index[self.spatial_axes[0]], index[self.spatial_axes[1]]
+        return normalised(self.pixels[rows, cols], self.scale, self.mean, self.std, self.channels,
+                          self.spatial_axes, self.dtype, out)
 
 
 def _deep_gray(img) -> np.ndarray | None:

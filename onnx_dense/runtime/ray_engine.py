@@ -123,7 +123,7 @@ class _Worker:
         self._maybe_die(label)
         try:
             image = imglib.load_image(path, data=data, dtype=self.session.input_dtype(self.session.image_input),
-                                      **self.load)
+                                      windows=self.session.max_memory is not None, **self.load)
             maps = self.session.run({self.session.image_input: image.array})
             schedule = self.session.last_schedule
             described: dict = {}

@@ -243,7 +243,8 @@ def run_tiled(
     """Run ``run`` on tiles of ``feeds[input_name]`` and stitch each output.
 
     ``run`` takes a feeds dict and returns numpy outputs by name (at least those of
-    ``outputs``). Other feeds are passed whole to every tile. ``reuse``: ``run(feeds,
+    ``outputs``). Other feeds are passed whole to every tile; the image may be a
+    :class:`windowed.WindowedInput`, of which each tile computes its window. ``reuse``: ``run(feeds,
     buffers)`` takes the tile as a view and copies it, and writes its outputs, into buffers
     shared by every tile (:mod:`onnx_dense.runtime.buffers`); each tile's outputs are
     stitched before the next tile runs (crop 0 comes first, so none waits).
@@ -258,7 +259,11 @@ def run_tiled(
             tile_feeds[input_name] = np.ascontiguousarray(x[crop.index])
             stitcher.add(crop, run(tile_feeds))
         else:
-            tile_feeds[input_name] = x[crop.index]
+            if isinstance(x, windowed.WindowedInput):  # computed into the tiles' one buffer
+                shape = tuple(len(range(*s.indices(n))) for s, n in zip(crop.index, x.shape))
+                tile_feeds[input_name] = x.read(crop.index, shared.array(("window", input_name), shape, x.dtype))
+            else:
+                tile_feeds[input_name] = x[crop.index]
             result = run(tile_feeds, shared)
             if stitcher.waits(crop):  # held past the next run: out of the shared buffers
                 result = {k: v.copy() for k, v in result.items()}

@@ -66,8 +66,50 @@ def release(array) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class WindowedInput:
+    """An image input computed window by window from what it was read from.
+
+    ``x[index]`` (slices of the fed array's axes, steps of 1) computes only that window, and
+    ``np.asarray(x)`` the whole input. :class:`~onnx_dense.runtime.dense_session.DenseSession`
+    keeps such an input unread where its schedule reads the image by tiles (the tiled trunk,
+    phases on tiles, tiles), so under a budget the float input never exists whole: an
+    8000x8000 RGB image is 192 MB of pixels and 768 MB as the float32 input. Subclasses give
+    ``shape``, ``dtype``, ``spatial_axes`` and ``window(index, out)`` (``out``: an array of the
+    window's shape to write into)."""
+
+    ndim = 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole input, as a schedule that reads it whole makes it."""
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, index, out: np.ndarray | None = None) -> np.ndarray:
+        """``x[index]``, written into ``out`` where given (its shape must be the window's)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        if len(index) != self.ndim or any(not isinstance(s, slice) or s.step not in (None, 1) for s in index):
+            raise TypeError(f"an image read by windows takes {self.ndim} slices of step 1, not {index!r}")
+        window = tuple(index[a] if a in self.spatial_axes else slice(None) for a in range(self.ndim))
+        rest = tuple(slice(None) if a in self.spatial_axes else index[a] for a in range(self.ndim))
+        if any(s != slice(None) for s in rest):
+            return self.window(window)[rest]
+        return self.window(window, out)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.read(index)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.window((slice(None),) * self.ndim)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
 @dataclasses.dataclass
-class NpyImage:
+class NpyImage(WindowedInput):
     """A .npy image, read by windows; duck-types :class:`images.ImageInput` for the writers.
 
     ``shape`` is the shape of the array fed to the model (batch 1, the model's layout);
@@ -105,14 +147,14 @@ class NpyImage:
         shape[self.spatial_axes[0]], shape[self.spatial_axes[1]] = self.height, self.width
         return tuple(shape)
 
-    def window(self, index: Sequence[slice]) -> np.ndarray:
+    def window(self, index: Sequence[slice], out: np.ndarray | None = None) -> np.ndarray:
         """``whole_input[index]`` (an index of the fed array's shape), computed from its window only."""
         rows, cols = index[self.spatial_axes[0]], index[self.spatial_axes[1]]
         from onnx_dense.runtime.images import normalised
 
         # batch and channel axes are whole in a tile's index (tiling.plan_tiles)
         return normalised(self._pixels(rows, cols), None, self.mean, self.std, self.channels,
-                          tuple(self.spatial_axes), self.dtype)
+                          tuple(self.spatial_axes), self.dtype, out)
 
     def rgb_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` of the picture background, (rows, W, 3) uint8, as load_image makes it."""

@@ -43,13 +43,15 @@ Choices, and why:
   and runs without onnxruntime's memory arena, so that a run's peak is what it needs. Tiles
   chosen for a budget are the smallest that need no more tiles than the largest that fits.
   An image so small that a phase is shorter than a window (onnxruntime refuses the stage)
-  runs whole where that fits.
+  runs whole where that fits. An image read by windows (:class:`~onnx_dense.runtime.windowed.WindowedInput`)
+  stays unread where the schedule tiles it; the estimate counts its float input only for the
+  schedules that make it whole.
 * Graph optimisations are on (``ORT_ENABLE_ALL``) for serving; ``optimize=False`` turns them
   off, as verify does.
 * ``spinning=False`` stops onnxruntime's worker threads spin-waiting between runs (its default
   keeps them spinning): worth it when other sessions or processes share a few CPU cores.
 
-Why one module of about 1,050 lines: every way of running (whole, tiles, phases, phases on
+Why one module of about 1,300 lines: every way of running (whole, tiles, phases, phases on
 tiles) goes through the same feeds, providers, metadata and error wording, and the schedule
 chooses among them per run; the parts that stand alone live beside it (``tiling``, ``phases``,
 ``schedule``, ``session``).
@@ -456,6 +458,10 @@ class DenseSession:
         allocate: Callable | None = None,
     ) -> dict[str, DenseMap]:
         """Run on ``inputs`` (an array for the image input, or a dict by input name).
+
+        The image may be a :class:`~onnx_dense.runtime.windowed.WindowedInput` (``load_image(...,
+        windows=True).array``): a schedule that tiles the image then computes each tile's window
+        of it and never the whole float input; ``whole`` and ``phases`` make it whole first.
 
         Returns a DenseMap per output, in the model's output order. ``tile`` overrides the
         session's default; ``keep_on_device`` leaves outputs as OrtValues where the session runs

@@ -186,8 +186,20 @@ def normalised(pixels: np.ndarray, scale: float | None, mean, std, channels: int
     array = np.empty(shape, dtype) if out is None else out
     if array.shape != shape or array.dtype != np.dtype(dtype):
         raise ValueError(f"normalised: out is {array.dtype} {array.shape}, the window {np.dtype(dtype)} {shape}")
-    hwc = array[0].transpose(1, 2, 0) if spatial_axes == (2, 3) else array[0]
-    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    mean32 = np.broadcast_to(np.asarray(mean, np.float32), (channels,))
+    std32 = np.broadcast_to(np.asarray(std, np.float32), (channels,))
+    if spatial_axes == (2, 3):  # a channel's rows at a time: contiguous writes, not a scatter through a transpose
+        rows = rows_per_band(width, BAND_VALUES)
+        for r0 in range(0, height, rows):
+            for c in range(channels):
+                band = pixels[r0:r0 + rows, :, c if pixels.shape[2] == channels else 0].astype(np.float32)
+                if scale is not None:
+                    band /= scale
+                band -= mean32[c]
+                band /= std32[c]
+                array[0, c, r0:r0 + rows] = band
+        return array
+    hwc = array[0]
     rows = rows_per_band(width * channels, BAND_VALUES)
     for r0 in range(0, height, rows):
         band = pixels[r0:r0 + rows].astype(np.float32)

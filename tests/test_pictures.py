@@ -212,6 +212,8 @@ def test_an_image_read_by_windows_has_the_whole_inputs_values(tmp_path, channels
     assert lazy.read(index, out) is out and np.array_equal(out, whole[index])
     channel = tuple(slice(0, 1) if a not in axes and a else s for a, s in enumerate(index))
     assert np.array_equal(lazy[channel], whole[channel])
+    out = np.empty_like(whole[channel])
+    assert lazy.read(channel, out) is out and np.array_equal(out, whole[channel])
     with pytest.raises(TypeError, match="slices of step 1"):
         lazy[:, :, ::2]
 

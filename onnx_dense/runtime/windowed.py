@@ -96,9 +96,13 @@ class WindowedInput:
             raise TypeError(f"an image read by windows takes {self.ndim} slices of step 1, not {index!r}")
         window = tuple(index[a] if a in self.spatial_axes else slice(None) for a in range(self.ndim))
         rest = tuple(slice(None) if a in self.spatial_axes else index[a] for a in range(self.ndim))
-        if any(s != slice(None) for s in rest):
-            return self.window(window)[rest]
-        return self.window(window, out)
+        if all(s == slice(None) for s in rest):
+            return self.window(window, out)
+        part = self.window(window)[rest]  # a batch or channel slice: of the window's whole channels
+        if out is None:
+            return part
+        out[...] = part
+        return out
 
     def __getitem__(self, index) -> np.ndarray:
         return self.read(index)

@@ -513,11 +513,13 @@ def test_run_command_says_which_schedule_and_records_it(models, tmp_path, monkey
     assert_clean_error(code, out, err, "--max-memory")
 
 
+@pytest.mark.parametrize("options", [("--max-memory", "1MB", "--schedule", "phases+tiles"), ("--tile", "128")],
+                         ids=["budget", "tiles"])
 def test_run_under_a_budget_reads_the_image_by_windows_and_writes_the_unbudgeted_outputs(models, tmp_path,
-                                                                                          monkeypatch):
-    """``onnx-dense run --max-memory``: the image's input is normalised by windows, so phases on
-    tiles never make the whole float input (732 MiB of an 8000x8000 PNG); the .npy written is
-    the unbudgeted run's, byte for byte."""
+                                                                                          monkeypatch, options):
+    """``onnx-dense run --max-memory`` (or ``--tile``): the image's input is normalised by
+    windows, so phases on tiles (or tiles) never make the whole float input (732 MiB of an
+    8000x8000 PNG); the .npy written is the untiled run's, byte for byte."""
     from onnx_dense.runtime import windowed
     from tests._cli import run
 
@@ -533,10 +535,10 @@ def test_run_under_a_budget_reads_the_image_by_windows_and_writes_the_unbudgeted
     monkeypatch.setattr(windowed.WindowedInput, "__array__", never)
     monkeypatch.setattr(windowed.WindowedInput, "read", lambda self, *a: windows.append(a[0]) or read(self, *a))
     monkeypatch.setattr(dense_session, "_rss", lambda: 0)
-    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "tiles",
-                         "--max-memory", "1MB", "--schedule", "phases+tiles")
+    code, out, err = run("run", models["fcn"], tmp_path / "a.png", "--out", tmp_path / "tiles", *options)
     assert code == 0, err
-    assert "phases+tiles" in err and "tiles of" in err
+    if "--max-memory" in options:
+        assert "phases+tiles" in err and "tiles of" in err
     assert len(windows) > 1  # one window a tile
     assert (tmp_path / "tiles" / "a.output.npy").read_bytes() == (tmp_path / "whole" / "a.output.npy").read_bytes()
 

@@ -15,9 +15,9 @@ image writes into ``out_dir``:
 
 A ``.npy`` image run with a tile is read window by window and its outputs are stitched into
 .npy files on disk (:mod:`onnx_dense.runtime.windowed`): memory bounded by a tile, not the image.
-Under a memory budget every image's input is normalised window by window
-(``load_image(..., windows=True)``): a schedule that tiles the image (the tiled trunk, phases
-on tiles) then holds the decoded pixels and one tile's input, never the whole float input.
+Under a memory budget or with tiles every image's input is normalised window by window
+(``load_image(..., windows=True)``): a schedule that tiles the image (tiles, the tiled trunk,
+phases on tiles) then holds the decoded pixels and one tile's input, never the whole float input.
 Every file is written to a temporary name and renamed, so a failure never leaves half a file;
 input files are never written (an output path that is an input is an error for that image).
 An image that cannot be read or run is reported through ``on_error`` and the others go on.
@@ -189,8 +189,9 @@ def _one(session, path, stem, out, outputs, size, mean, std, channels, spatial_a
             disk = windowed.DiskOutputs(out, stem)
             maps, schedule = run_windows(session, image, disk)
         else:
-            # under a budget the input is normalised by windows: a schedule on tiles never holds it whole
-            image = imglib.load_image(path, windows=session.max_memory is not None, **load)
+            # with a budget or tiles the input is normalised by windows: tiles never hold it whole
+            image = imglib.load_image(path, windows=session.max_memory is not None or session.tile is not None,
+                                      **load)
             if session.max_memory is not None and session.rebuilt_outputs:
                 # a final upsampling run in bands writes its image-sized outputs to files
                 disk = windowed.DiskOutputs(out, stem)

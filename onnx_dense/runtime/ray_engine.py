@@ -355,7 +355,8 @@ def run_images(
                     if tile_v is None:
                         yield item, "image", item.path.name, (str(item.path), item.stem, data, outputs, view, write_npy, class_names)
                         continue
-                    item.image = imglib.load_image(item.path, data=data, dtype=dtype, **load)
+                    # the pixels held, each tile's input normalised when it is shipped
+                    item.image = imglib.load_image(item.path, data=data, dtype=dtype, windows=True, **load)
                     del data
                     x = item.image.array
                     shape = x.shape

@@ -98,6 +98,30 @@ def test_elementwise_nodes_run_in_the_stage_that_makes_their_inputs(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("op", ["Floor(n1)", "Sign(n1)", "Dropout(n1)", "ThresholdedRelu <alpha = 0.1> (n1)",
+                                "Where(k, n1, s4)"])
+def test_every_elementwise_op_the_estimate_knows_runs_with_its_producer(tmp_path, op):
+    """One list of position-by-position ops for the stage assignment and the estimate
+    (schedule.ELEMENTWISE): these ran a stage late before, each reordered out of onnxruntime's
+    blocked layout and back for a lone elementwise node. The phases equal the whole."""
+    model = _graphs.graph(
+        "float[1,3,32,32] x, float[8,3,3,3] w1, float[8,8,3,3] w2, bool[8,1,1] k, float[8,1,1] s4",
+        "c1 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)\n n1 = Relu(c1)\n"
+        f" r1 = {op}\n c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2)\n y = Relu(c2)",
+        outputs="float y",
+    )
+    dense = _graphs.rewrite(model, output_stride=1)
+    plan = phases.layout(dense, _graphs.info(dense), "x", 1)
+    assert plan.stages[0].outputs == ["r1"], [n.op_type for n in plan.stages[1].nodes]
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(dense.SerializeToString())
+    x = np.random.default_rng(2).standard_normal((1, 3, 29, 22), dtype=np.float32)
+    want = _graphs.run(dense, {"x": x})["y"]
+    session = DenseSession(str(path), provider="cpu", schedule="phases")
+    got = session.run(x)["y"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_an_elementwise_join_of_two_levels_stays_where_its_later_input_is_made():
     """Add(level-2 map made in stage 0, map made in stage 1) cannot run before stage 1."""
     model = _graphs.graph(

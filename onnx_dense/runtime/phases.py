@@ -60,6 +60,7 @@ from onnx import helper, numpy_helper
 from onnx_dense import metadata
 from onnx_dense.errors import DenseError, node_label
 from onnx_dense.runtime.buffers import Buffers
+from onnx_dense.runtime.schedule import ELEMENTWISE
 from onnx_dense.runtime.tiling import Geometry, OutputAxes
 
 
@@ -74,11 +75,8 @@ WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvTranspose", "Conv
 # Position by position: a phase of the output is the op on that phase of its inputs, so the
 # node may run in the stage that makes its inputs (_assign). Benchmarks/README.md, "A stage's
 # runs share their buffers": the ResNet at 8000, Relu 0.37 -> 0.20 s, model runs 11.65 -> 11.21 s.
-POINTWISE = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",
-    "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Identity",
-    "BatchNormalization", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow",
-}
+# The estimate's list (what runs in place or fuses), so that both see the same stages.
+POINTWISE = ELEMENTWISE
 _BIG_INT = 2**62  # Slice ends at or above this mean "to the end"
 
 

@@ -248,7 +248,8 @@ def profile(structure: onnx.ModelProto, info: metadata.DenseInfo, input_name: st
 
 # Elementwise ops: onnxruntime fuses them into the Conv before them (Conv + activation, Conv +
 # Add + activation on CPU) or runs them in place (kernels declared MayInplace): an input of the
-# output's size whose last reader is such a node gives its buffer to the output.
+# output's size whose last reader is such a node gives its buffer to the output. Phases run them
+# in the stage that makes their inputs (phases.POINTWISE is this list).
 ELEMENTWISE = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
     "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor",

@@ -323,8 +323,8 @@ def _blocked_layout(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip:
         return int(nbytes.get(v, 0) * (-(-c // block) * block) / c)
 
     producer: dict[str, int] = {}
-    plain_reads: dict[str, list[int]] = {}  # value -> nodes reading it in the plain layout
-    blocked_reads: dict[str, int] = {}
+    plain_reads: set[str] = set()  # values some node reads in the plain layout
+    blocked_reads: set[str] = set()  # values some node reads blocked
     for i, node in enumerate(nodes):
         op = node[2] if len(node) > 2 else ""
         ins, outs = node[0], node[1]
@@ -332,23 +332,19 @@ def _blocked_layout(prof: Profile, nodes: Sequence[tuple], keep: set[str], skip:
         if op == "Conv" and ins and outs and ins[0] in channels and outs[0] in channels:
             x, o = ins[0], outs[0]
             if channels[x] >= block:
-                blocked_reads[x] = blocked_reads.get(x, 0) + 1
+                blocked_reads.add(x)
                 if x not in result.padded:  # a plain map copied into the blocked layout
                     first = result.copies.get(x, (i, i, 0))[0]
                     result.copies[x] = (first, i, pad(x))
             else:
-                plain_reads.setdefault(x, []).append(i)
+                plain_reads.add(x)
             result.padded[o] = pad(o)
             producer[o] = i
             continue
         runs_blocked = (op in NCHWC_OPS and outs and outs[0] in channels and maps
                         and all(v in result.padded for v in maps)
                         and (op in FUSED_ACTIVATIONS or all(channels[v] % block == 0 for v in maps)))
-        for v in maps:
-            if runs_blocked:
-                blocked_reads[v] = blocked_reads.get(v, 0) + 1
-            else:
-                plain_reads.setdefault(v, []).append(i)
+        (blocked_reads if runs_blocked else plain_reads).update(maps)
         if runs_blocked:
             result.padded[outs[0]] = pad(outs[0])
             producer[outs[0]] = i

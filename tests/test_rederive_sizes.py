@@ -136,3 +136,41 @@ def test_a_partner_computed_from_the_resized_map_is_not_a_source():
     dense = onnx_dense.rewrite_model(original, output_stride=1, strategy="fragments", rederive_sizes=True)
     notes = dense.meta.get("onnx_dense.size_notes", [])
     assert not any("from the size of 'r'" in n for n in notes), notes
+
+
+# tf2onnx's layout: convolutions in NCHW between Transposes, the join (Concat on the channels)
+# in the model's NHWC; the size is found on the far side of the Transpose, on its axes there.
+TF_SIG = "float[1,{n},{n},3] x, float[8,3,3,3] w1, float[4,8,1,1] w2, float[3,12,1,1] w3"
+TF_BODY = """
+    t = Transpose <perm = [0,3,1,2]> (x)
+    c = Conv <strides = [2,2], pads = [1,1,1,1]> (t, w1)
+    f = Relu (c)
+    fl = Transpose <perm = [0,2,3,1]> (f)
+    g = GlobalAveragePool (f)
+    p = Conv (g, w2)
+    s = Shape (p)
+    lo = Constant <value = int64[1] {{0}}> ()
+    hi = Constant <value = int64[1] {{2}}> ()
+    nc = Slice (s, lo, hi)
+    hw = Constant <value = int64[2] {{{h}, {h}}}> ()
+    sizes = Concat <axis = 0> (nc, hw)
+    [up] u = Resize <mode = "nearest"> (p, , , sizes)
+    ul = Transpose <perm = [0,2,3,1]> (u)
+    j = Concat <axis = 3> (fl, ul)
+    jt = Transpose <perm = [0,3,1,2]> (j)
+    y = Conv (jt, w3)
+"""
+
+
+def test_the_join_is_found_past_a_transpose():
+    def tf_model(n):
+        return graph(TF_SIG.format(n=n), TF_BODY.format(h=n // 2), seed=8)
+
+    dense_ir = onnx_dense.rewrite_model(tf_model(32), output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and "re-derived from the size of 'fl'" in n for n in notes), notes
+    dense = ir.serde.serialize_model(dense_ir)
+    assert onnx_dense.verify(tf_model(32), dense)
+    x = np.random.default_rng(9).standard_normal((1, 40, 40, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(tf_model(40), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)

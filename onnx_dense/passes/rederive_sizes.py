@@ -10,13 +10,14 @@ size. Rules, for each default-domain Resize with ``sizes`` (no ``axes`` attribut
 * The size is derivable when a tensor of the same rank has exactly those sizes on the baked
   axes: first another operand of a node that joins the Resize's output, or a tensor computed
   from it at that size (Concat, Add, Mul, Sub, Div, Sum, Max, Min: the image-pooling branch's
-  partner, LR-ASPP's skip past its 1x1 classifier), never one computed from the Resize's own
-  output (a cycle), else a graph input (an
+  partner, LR-ASPP's skip past its 1x1 classifier), past Transposes too, the axes followed
+  through them (tf2onnx joins in NHWC what it resized in NCHW), never one computed from the
+  Resize's own output (a cycle), else a graph input (an
   upsampling back to the image size), else the one tensor computed before the Resize that
   has them (none when there are several: not guessed).
 * With ``rederive`` on, a derivable size is replaced by
-  ``Concat(Slice(Shape(src_i), i, i + 1) for each axis i)``, src_i the tensor found on a
-  baked axis and the Resize's input elsewhere. Otherwise nothing changes.
+  ``Concat(Slice(Shape(src_i), a_i, a_i + 1) for each axis i)``: on a baked axis the tensor
+  found and ``a_i`` the axis ``i`` is there, elsewhere the Resize's input and ``i``. Otherwise nothing changes.
 * Every baked Resize leaves one line in ``model.meta[SIZE_NOTES]`` for rewrite's summary:
   what was re-derived, what could be, or that no tensor has that size.
 """
@@ -65,7 +66,7 @@ class RederiveSizes(ir.passes.InPlacePass):
         want = {i: baked[i] for i in axes}
         label = f"Resize '{node.name or '<unnamed>'}'"
         size = "x".join(str(want[i]) for i in axes)
-        src = _source(node, want, len(in_dims), seen, inputs)
+        src, where = _source(node, want, len(in_dims), seen, inputs)
         if src is None:
             notes.append(
                 f"{label} resizes to {size}, a size baked in at export that no tensor of the graph has to derive it "
@@ -85,8 +86,9 @@ class RederiveSizes(ir.passes.InPlacePass):
         shapes[id(src)] = editor.op(nodes, "Shape", [src], base=f"{base}_from")
         parts = []
         for i in range(len(in_dims)):
-            start = editor.const(nodes, np.array([i], dtype=np.int64), base=f"{base}_at{i}")
-            end = editor.const(nodes, np.array([i + 1], dtype=np.int64), base=f"{base}_to{i}")
+            a = where[i] if i in want else i
+            start = editor.const(nodes, np.array([a], dtype=np.int64), base=f"{base}_at{i}")
+            end = editor.const(nodes, np.array([a + 1], dtype=np.int64), base=f"{base}_to{i}")
             shape = shapes[id(src)] if i in want else shapes[id(x)]
             parts.append(editor.op(nodes, "Slice", [shape, start, end], base=f"{base}_{i}"))
         sizes = editor.op(nodes, "Concat", parts, {"axis": 0}, base=base)
@@ -119,33 +121,47 @@ def _baked_entries(sizes: ir.Value) -> list[int | None] | None:
     return entries
 
 
-def _matches(value: ir.Value, want: dict[int, int], rank: int) -> bool:
+def _matches(value: ir.Value, want: dict[int, int], rank: int, where: dict[int, int] | None = None) -> bool:
+    """``value`` has size ``want[i]`` on axis ``where[i]`` (default ``i``) of its ``rank`` axes."""
     dims = _ir.static_dims(value)
-    return dims is not None and len(dims) == rank and all(dims[i] == s for i, s in want.items())
+    where = where or {i: i for i in want}
+    return dims is not None and len(dims) == rank and all(dims[where[i]] == s for i, s in want.items())
 
 
-def _source(node: ir.Node, want: dict[int, int], rank: int, seen, inputs) -> ir.Value | None:
+def _source(node: ir.Node, want: dict[int, int], rank: int, seen, inputs) -> tuple[ir.Value | None, dict[int, int]]:
+    """The tensor to take the size from, and where each baked axis of the Resize is on it."""
     out = node.outputs[0]
     after = _downstream(out)
+    same = {i: i for i in want}
     # The join the resized map meets, past ops that keep its size (LR-ASPP's 1x1 classifier
-    # before the Add with the skip's): its other operand, unless it is computed from the map.
-    frontier, visited = [out], set()
+    # before the Add with the skip's) and Transposes: its other operand, unless it is computed
+    # from the map.
+    frontier, visited = [(out, same)], set()
     while frontier:
-        value = frontier.pop(0)
+        value, where = frontier.pop(0)
         for user, _ in value.uses():
             if id(user) in visited:
                 continue
             visited.add(id(user))
-            if user.op_type in _JOINS and user.domain in ("", "ai.onnx"):
+            if user.domain not in ("", "ai.onnx"):
+                continue
+            if user.op_type in _JOINS:
                 for v in user.inputs:
-                    if v is not None and id(v) not in after and not v.is_initializer() and _matches(v, want, rank):
-                        return v
-            frontier.extend(o for o in user.outputs if _matches(o, want, rank))
+                    if (v is not None and id(v) not in after and not v.is_initializer()
+                            and _matches(v, want, rank, where)):
+                        return v, where
+            moved = where
+            if user.op_type == "Transpose":
+                perm = user.attributes.get_ints("perm", None)
+                if perm is None or len(perm) != rank:
+                    continue
+                moved = {i: list(perm).index(a) for i, a in where.items()}
+            frontier.extend((o, moved) for o in user.outputs if _matches(o, want, rank, moved))
     for v in inputs:
         if _matches(v, want, rank):
-            return v
+            return v, same
     found = [v for v in seen if v is not node.inputs[0] and _matches(v, want, rank) and not v.is_initializer()]
-    return found[0] if len(found) == 1 else None
+    return (found[0], same) if len(found) == 1 else (None, same)
 
 
 def _downstream(value: ir.Value) -> set[int]:

@@ -186,6 +186,22 @@ def test_input_shape_override_on_dynamic_input():
     check_dense(m, d, feeds=feeds, est=(4, 4))
 
 
+def test_input_shape_keeps_the_originals_dynamic_batch():
+    """--input-shape sizes the analysis; an axis the original left dynamic and the rewrite did
+    not make spatial (the batch) stays dynamic in the dense model, which then runs any batch."""
+    m = graph(
+        "float[N,2,H,W] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[4,4,3,3] w2b",
+        CHAIN + "  [c3] y = Conv <pads=[1,1,1,1]> (r2, w2b)",
+    )
+    d = rewrite(m, 1, input_shapes={"x": (1, 2, 20, 16)})
+    assert d.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert not d.graph.output[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    x = np.random.default_rng(3).standard_normal((3, 2, 20, 16)).astype(np.float32)
+    batch = run(d, {"x": x})["y"]
+    for i in range(3):
+        np.testing.assert_array_equal(batch[i:i + 1], run(d, {"x": x[i:i + 1]})["y"])
+
+
 def test_outputs_cut_before_unsupported_head():
     """CutAtOutputs: the named tensors become the outputs, in order; the rest goes."""
     m = graph(

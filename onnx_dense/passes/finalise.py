@@ -133,13 +133,26 @@ class DynamicSpatialDims(ir.passes.InPlacePass):
     """Symbolic spatial dims on inputs and outputs; stale intermediate shapes dropped."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnx_dense.passes.static_shapes import DECLARED_OUTPUTS, DYNAMIC_DIMS
+
         graph = model.graph
         info = metadata.read(model)
+        freed = model.meta.get(DYNAMIC_DIMS, {})  # axes --input-shape fixed that the original left dynamic
+        batch = {}  # the size given to a freed axis 0: an output's axis 0 of that size is freed too
         for value in graph.inputs:
             entry = info.inputs.get(value.name) if info else None
-            if entry is None or value.shape is None:
+            if value.shape is None:
                 continue
             dims = list(value.shape.dims)
+            spatial = entry.spatial_axes if entry is not None else ()
+            for a, symbol in freed.get(value.name, {}).items():
+                if a not in spatial and a < len(dims):
+                    if a == 0 and isinstance(dims[0], int):
+                        batch[dims[0]] = symbol
+                    dims[a] = ir.SymbolicDim(symbol)
+            value.shape = ir.Shape(dims)
+            if entry is None:
+                continue
             names = _AXIS_NAMES.get(len(entry.spatial_axes), ())
             for k, a in enumerate(entry.spatial_axes):
                 label = names[k] if k < len(names) else f"s{k}"
@@ -158,6 +171,10 @@ class DynamicSpatialDims(ir.passes.InPlacePass):
                 continue
             dims = list(original.shape.dims)
             entry = info.outputs.get(value.name) if info else None
+            spatial = entry.spatial_axes if entry is not None else ()
+            if dims and 0 not in spatial and isinstance(dims[0], int) and dims[0] in batch:
+                declared = model.meta.get(DECLARED_OUTPUTS, {}).get(value.name) or [None]
+                dims[0] = ir.SymbolicDim(declared[0].value if isinstance(declared[0], ir.SymbolicDim) else None)
             if entry is not None:
                 if entry.inserted:
                     dims += [None] * len(entry.spatial_axes)

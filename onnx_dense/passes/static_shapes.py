@@ -21,8 +21,14 @@ from onnx_dense.errors import DenseError
 _SMALL = 1024  # initializers up to this many bytes stay visible to data propagation
 
 
+DYNAMIC_DIMS = "onnx_dense.dynamic_dims"  # model.meta: input -> {axis: symbol or None} before --input-shape
+DECLARED_OUTPUTS = "onnx_dense.declared_outputs"  # model.meta: output -> its dims as the file declared them
+
+
 class SetStaticInputShapes(ir.passes.InPlacePass):
-    """Apply ``--input-shape`` overrides and insist on static non-batch input dims."""
+    """Apply ``--input-shape`` overrides and insist on static non-batch input dims. The axes
+    an override fixed that the original left dynamic are remembered, so that the dense model
+    leaves them dynamic too (its batch, where the hint said 1)."""
 
     def __init__(self, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__()
@@ -44,6 +50,12 @@ class SetStaticInputShapes(ir.passes.InPlacePass):
                 )
             if any(d <= 0 for d in dims):
                 raise DenseError(f"--input-shape {name}: dims must be positive, got {','.join(map(str, dims))}")
+            if value.shape is not None:  # what the original left dynamic (finalise.DynamicSpatialDims)
+                model.meta.setdefault(DYNAMIC_DIMS, {})[name] = {
+                    i: (None if isinstance(d, int) else d.value) for i, d in enumerate(value.shape.dims)
+                    if not isinstance(d, int) or d < 0}  # (paddle2onnx writes -1)
+                model.meta.setdefault(DECLARED_OUTPUTS, {}).update(
+                    {o.name: list(o.shape.dims) for o in graph.outputs if o.shape is not None})
             value.shape = ir.Shape(dims)
             modified = True
         for value in graph.inputs:

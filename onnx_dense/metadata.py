@@ -79,6 +79,9 @@ class DenseInfo:
     # first), "axes": its spatial axes, "inserted": bool}}}, or {"refused": why not}. None for
     # dilate models and fragments models written before.
     batches: dict | None = None
+    # Resize sizes baked in at export and left so (passes/rederive_sizes.py): one line each. The
+    # model then runs only at the inputs' recorded sizes; a failed run at another says why.
+    fixed_sizes: list[str] | None = None
 
     def to_json(self) -> str:
         data = {
@@ -99,6 +102,8 @@ class DenseInfo:
             data["fields"] = {k: [list(s), list(a), list(r)] for k, (s, a, r) in self.fields.items()}
         if self.batches is not None:
             data["batches"] = self.batches
+        if self.fixed_sizes:
+            data["fixed_sizes"] = list(self.fixed_sizes)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -121,9 +126,12 @@ class DenseInfo:
         batches = data.get("batches")
         if batches is not None:
             _check_batches(batches)
+        fixed = data.get("fixed_sizes")
+        if fixed is not None and (not isinstance(fixed, list) or not all(isinstance(t, str) for t in fixed)):
+            raise ValueError("fixed_sizes is not a list of strings")
         return cls(
             stride, data.get("strategy", "dilate"), inputs, outputs, data.get("source"),
-            bool(data.get("per_phase_global", False)), data.get("tuning"), values, fields, batches,
+            bool(data.get("per_phase_global", False)), data.get("tuning"), values, fields, batches, fixed or None,
         )
 
 

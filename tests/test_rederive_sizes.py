@@ -174,3 +174,18 @@ def test_the_join_is_found_past_a_transpose():
     x = np.random.default_rng(9).standard_normal((1, 40, 40, 3)).astype(np.float32)
     np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(tf_model(40), {"x": x})["y"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_at_another_size_says_the_size_is_baked(tmp_path):
+    """Without the option the dense model fails inside onnxruntime at any other size; the error
+    says why and what to do, not only onnxruntime's words about a Concat."""
+    from onnx_dense.runtime.dense_session import DenseSession
+
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(rewrite(model("dynamo", 32), 1, strategy="fragments").SerializeToString())
+    session = DenseSession(path, provider="cpu")
+    session.run(np.zeros((1, 3, 32, 32), np.float32))  # the export size runs
+    with pytest.raises(onnx_dense.DenseError) as info:
+        session.run(np.zeros((1, 3, 40, 40), np.float32))
+    message = str(info.value)
+    assert "runs only at 32x32" in message and "Resize 'up'" in message and "--rederive-sizes" in message, message

@@ -97,8 +97,10 @@ def describe(model: ir.Model, strategy: str = "dilate", source: str | None = Non
             size=g.size,
             dense_size=g.dense_size,
         )
+    from onnx_dense.passes.rederive_sizes import SIZE_LIMITS
+
     return metadata.DenseInfo(analysis.target, strategy, inputs, outputs, source, values=_dense_values(model),
-                              fields=_dense_fields(model))
+                              fields=_dense_fields(model), fixed_sizes=list(model.meta.get(SIZE_LIMITS, [])) or None)
 
 
 def _dense_values(model: ir.Model) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

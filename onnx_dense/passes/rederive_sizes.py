@@ -30,6 +30,9 @@ import onnx_ir as ir
 from onnx_dense.passes import _ir
 
 SIZE_NOTES = "onnx_dense.size_notes"  # model.meta: lines for rewrite's summary
+# model.meta: the baked sizes left as they are, for the dense model's metadata (a run at another
+# size then says why it fails: DenseInfo.fixed_sizes)
+SIZE_LIMITS = "onnx_dense.size_limits"
 
 _JOINS = ("Concat", "Add", "Mul", "Sub", "Div", "Sum", "Max", "Min")
 
@@ -42,17 +45,19 @@ class RederiveSizes(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         notes: list[str] = model.meta.setdefault(SIZE_NOTES, [])
+        limits: list[str] = model.meta.setdefault(SIZE_LIMITS, [])
         modified = False
         seen: list[ir.Value] = [v for v in graph.inputs if v.name not in graph.initializers]
         for node in list(graph):
             if node.op_type == "Resize" and node.domain in ("", "ai.onnx"):
-                modified |= self._resize(graph, node, seen, notes, [v for v in graph.inputs if v.name not in graph.initializers])
+                modified |= self._resize(graph, node, seen, notes, limits,
+                                         [v for v in graph.inputs if v.name not in graph.initializers])
             seen.extend(node.outputs)
         if modified:
             graph.sort()  # a source computed after the Resize (past its classifier) comes first now
         return ir.passes.PassResult(model, modified)
 
-    def _resize(self, graph, node: ir.Node, seen, notes, inputs) -> bool:
+    def _resize(self, graph, node: ir.Node, seen, notes, limits, inputs) -> bool:
         if len(node.inputs) < 4 or node.inputs[3] is None or "axes" in node.attributes:
             return False
         x = node.inputs[0]
@@ -72,12 +77,15 @@ class RederiveSizes(ir.passes.InPlacePass):
                 f"{label} resizes to {size}, a size baked in at export that no tensor of the graph has to derive it "
                 "from: the original and the dense model run only at the export size"
             )
+            limits.append(f"{label} resizes to {size}, a size baked in at export that no tensor has to derive it from")
             return False
         if not self.rederive:
             notes.append(
                 f"{label} resizes to {size}, a size baked in at export: the original and the dense model run only at "
                 f"the export size; --rederive-sizes takes it from '{src.name}' at run time"
             )
+            limits.append(f"{label} resizes to {size}, a size baked in at export; rewrite with --rederive-sizes to "
+                          f"take it from '{src.name}' at run time")
             return False
         editor = _ir.Editor(graph)
         nodes: list[ir.Node] = []

@@ -675,11 +675,22 @@ class DenseSession:
             shapes = ", ".join(f"{k} {list(_shape(v))}" for k, v in feeds.items())
             raise DenseError(
                 f"onnxruntime failed to run {self.label} on {shapes}: {' '.join(str(exc).split())[:300]}"
+                f"{self._fixed_size_hint(feeds)}"
             ) from None
         values = binding.get_outputs()
         if keep_on_device:
             return dict(zip(self.output_names, values))
         return {name: v.numpy() for name, v in zip(self.output_names, values)}
+
+    def _fixed_size_hint(self, feeds) -> str:
+        """Why a run at a size other than the rewrite's fails, where a Resize size was baked in."""
+        if not self.info.fixed_sizes:
+            return ""
+        for name, entry in self.info.inputs.items():
+            if name in feeds and tuple(int(_shape(feeds[name])[a]) for a in entry.spatial_axes) != tuple(entry.size):
+                return (f" (this model runs only at {'x'.join(map(str, entry.size))}: "
+                        f"{'; '.join(self.info.fixed_sizes)})")
+        return ""
 
     def _feeds(self, inputs) -> dict[str, Any]:
         if isinstance(inputs, Mapping):

@@ -133,3 +133,30 @@ def test_an_elementwise_join_of_two_levels_stays_where_its_later_input_is_made()
     dense = _graphs.rewrite(model, output_stride=1)
     plan = phases.layout(dense, _graphs.info(dense), "x", 1)
     assert [n.op_type for n in plan.stages[1].nodes] == ["Conv", "Add"]
+
+
+def test_a_window_op_on_a_map_with_more_axes_divides_only_its_spatial_ones(tmp_path):
+    """torch's LocalResponseNorm through the dynamo exporter: a 3-D AveragePool over (channels,
+    H, W) of a 5-D view of the map, window 3x1x1. Its window axes are the tensor's 2, 3 and 4;
+    only 3 and 4 are spatial, so only theirs are divided by the level (the phases refused it:
+    "dilation 1 is not a multiple of 2", the channel window paired with the first level)."""
+    model = _graphs.graph(
+        "float[1,3,32,32] x, float[8,3,3,3] w1, float[8,8,3,3] w2",
+        "c1 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)\n r1 = Relu(c1)\n"
+        " one = Constant <value = int64[1] {1}> ()\n sq = Mul(r1, r1)\n v = Unsqueeze(sq, one)\n"
+        " p = AveragePool <kernel_shape = [3, 1, 1], pads = [1, 0, 0, 1, 0, 0]> (v)\n"
+        " b = Squeeze(p, one)\n d = Add(b, r1)\n c2 = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (d, w2)\n"
+        " y = Relu(c2)",
+        outputs="float y",
+    )
+    dense = _graphs.rewrite(model, output_stride=1)
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(dense.SerializeToString())
+    x = np.random.default_rng(3).standard_normal((1, 3, 29, 22), dtype=np.float32)
+    want = _graphs.run(dense, {"x": x})["y"]
+    for depth in (1, 2):
+        phases.plan(dense, _graphs.info(dense), "x", depth)  # no refusal
+    session = DenseSession(str(path), provider="cpu", schedule="phases")
+    got = session.run(x)["y"].numpy()
+    assert session.last_schedule.kind == "phases"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

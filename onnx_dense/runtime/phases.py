@@ -555,24 +555,36 @@ def _divide(node: onnx.NodeProto, level, axes, inits, constant_nodes, extra_init
         auto_pad = helper.get_attribute_value(attrs["auto_pad"]).decode() if "auto_pad" in attrs else "NOTSET"
         if auto_pad not in ("NOTSET", "VALID"):
             raise refuse(f"auto_pad={auto_pad}")
-        strides = list(helper.get_attribute_value(attrs["strides"])) if "strides" in attrs else [1] * n
-        if any(s != 1 for s in strides):
-            raise refuse(f"strides {strides} in the dense region")
         kernel = list(helper.get_attribute_value(attrs["kernel_shape"])) if "kernel_shape" in attrs else None
         if kernel is None and len(node.input) > 1 and node.input[1] in inits:
             kernel = list(inits[node.input[1]].dims[2:])
-        dil = list(helper.get_attribute_value(attrs["dilations"])) if "dilations" in attrs else [1] * n
+        rank = next((len(helper.get_attribute_value(attrs[a])) for a in ("strides", "dilations")
+                     if a in attrs), len(kernel) if kernel is not None else n)
+        # the level of each window axis: the input's axis 2 + j, spatial or not (a torch
+        # LocalResponseNorm windows the channels of a 5-D view: only its last two axes are spatial)
+        x_axes = axes.get(node.input[0])
+        if x_axes is not None:
+            levels = [level[list(x_axes).index(2 + j)] if 2 + j in x_axes else 1 for j in range(rank)]
+        elif rank == n:
+            levels = list(level)
+        else:
+            raise refuse("spatial axes of its input unknown")
+        strides = list(helper.get_attribute_value(attrs["strides"])) if "strides" in attrs else [1] * rank
+        if any(s != 1 for s in strides):
+            raise refuse(f"strides {strides} in the dense region")
+        dil = list(helper.get_attribute_value(attrs["dilations"])) if "dilations" in attrs else [1] * rank
         if kernel is None and any(d != 1 for d in dil):
             raise refuse("kernel size unknown")
         new_dil = []
-        for k, (d, e) in enumerate(zip(dil, level)):
+        for k, (d, e) in enumerate(zip(dil, levels)):
             new_dil.append(1 if kernel is not None and kernel[k] == 1 else divided(d, e, "dilation"))
-        pads = list(helper.get_attribute_value(attrs["pads"])) if "pads" in attrs else [0] * (2 * n)
-        new_pads = [divided(p, level[k % n], "pad") for k, p in enumerate(pads)]
+        pads = list(helper.get_attribute_value(attrs["pads"])) if "pads" in attrs else [0] * (2 * rank)
+        new_pads = [divided(p, levels[k % rank], "pad") for k, p in enumerate(pads)]
         for name, values in (("dilations", new_dil), ("pads", new_pads)):
             if name in attrs:
                 node.attribute.remove(attrs[name])
-            node.attribute.append(helper.make_attribute(name, values))
+            if name in attrs or any(v != (1 if name == "dilations" else 0) for v in values):
+                node.attribute.append(helper.make_attribute(name, values))  # (no dilations before AveragePool-19)
         return
     if node.op_type == "Pad":
         x_axes = axes.get(node.input[0])

@@ -652,3 +652,29 @@ def test_one_spatial_axis_and_unequal_factors(size):
         if size % 4 == 0:
             np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
         verified(m, dense, phases=True)
+
+
+def test_a_run_past_the_size_its_classifier_head_reads_says_what_to_do(tmp_path):
+    """fragments keeps the original's Flatten + Gemm, which reads the final map of one phase at
+    the export size: one prediction per phase, not a head that slides. Where an input is so
+    much larger that a phase's final map grows, onnxruntime fails in the Gemm; the error says
+    why and names --strategy dilate, whose head slides."""
+    from onnx_dense.runtime.dense_session import DenseSession
+
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[5,64] wf",
+        CHAIN.replace("[c3] y = Conv <pads=[1,1,1,1]> (r2, w3)", "")
+        + "  sh = Constant <value = int64[2] {1, 64}> ()\n  [rs] fl = Reshape (r2, sh)\n  [fc] y = Gemm <transB=1> (fl, wf)",
+    )
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(rewrite(m, 1, strategy="fragments").SerializeToString())
+    session = DenseSession(path, provider="cpu")
+    assert session.run(np.zeros((1, 2, 16, 16), np.float32))["y"].numpy().shape == (1, 5, 4, 4)
+    with pytest.raises(onnx_dense.DenseError) as raised:
+        session.run(np.zeros((1, 2, 40, 40), np.float32))
+    message = str(raised.value)
+    assert "classifier head" in message and "16x16" in message and "--strategy dilate" in message, message
+    dilated = tmp_path / "dilated.onnx"
+    dilated.write_bytes(rewrite(m, 1, strategy="dilate").SerializeToString())
+    assert DenseSession(dilated, provider="cpu").run(np.zeros((1, 2, 40, 40), np.float32))["y"].numpy().shape[2:] \
+        == (28, 28)

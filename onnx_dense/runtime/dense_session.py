@@ -683,13 +683,20 @@ class DenseSession:
         return {name: v.numpy() for name, v in zip(self.output_names, values)}
 
     def _fixed_size_hint(self, feeds) -> str:
-        """Why a run at a size other than the rewrite's fails, where a Resize size was baked in."""
-        if not self.info.fixed_sizes:
+        """Why a run at a size other than the rewrite's may fail: a Resize size baked in at
+        export, or a 'fragments' model's classifier head, which reads one phase's final map at
+        the export size."""
+        heads = self.info.strategy == "fragments" and any(o.inserted for o in self.info.outputs.values())
+        if not self.info.fixed_sizes and not heads:
             return ""
         for name, entry in self.info.inputs.items():
             if name in feeds and tuple(int(_shape(feeds[name])[a]) for a in entry.spatial_axes) != tuple(entry.size):
-                return (f" (this model runs only at {'x'.join(map(str, entry.size))}: "
-                        f"{'; '.join(self.info.fixed_sizes)})")
+                size = "x".join(map(str, entry.size))
+                if self.info.fixed_sizes:
+                    return f" (this model runs only at {size}: {'; '.join(self.info.fixed_sizes)})"
+                return (f" (a 'fragments' model keeps the original's classifier head, which reads the final map of one "
+                        f"phase as at the export size {size}: one prediction per phase, and inputs larger than that "
+                        "map allows fail in it; rewrite with --strategy dilate for a head that slides over them)")
         return ""
 
     def _feeds(self, inputs) -> dict[str, Any]:

@@ -765,7 +765,8 @@ BAND_HEADS = {
 def test_the_final_upsampling_in_bands_is_the_whole_run(case, stride):
     """Under a budget the rebuilt tail runs on bands of the score map's rows (runtime/final_tail.py):
     from one eST of rows to most of the map, at sizes that split unevenly, each output is the whole
-    run's bit for bit (ORT with optimisations off). align_corners runs whole and says why."""
+    run's bit for bit (ORT with optimisations off). align_corners, whose rows cannot be split
+    exactly, runs on groups of the score map's channels, bit for bit too."""
     from onnx_dense.runtime import final_tail
 
     nhwc = case.startswith("nhwc_")
@@ -777,10 +778,15 @@ def test_the_final_upsampling_in_bands_is_the_whole_run(case, stride):
     for size in sizes:
         x = rng.standard_normal((1, *size, 2) if nhwc else (1, 2, *size)).astype(np.float32)
         parts, bands, feeds, whole, run = _split_tail(dense, x)
-        if "align_corners" in case:
-            assert bands == "it is align_corners, whose coordinates scale with the whole length"
-            return
         assert isinstance(bands, final_tail.Bands), bands
+        if "align_corners" in case:
+            assert bands.by == "channels" and bands.axis == 1, bands
+            for group in (1, 2):
+                got = final_tail.run_in_channel_groups(run, parts, feeds, bands, group)
+                for name, want in whole.items():
+                    assert got[name].shape == want.shape and got[name].dtype == want.dtype, (name, group)
+                    np.testing.assert_array_equal(got[name], want, err_msg=f"{name}, {group} channels a group")
+            return
         length = feeds[bands.score].shape[bands.axis]
         for rows in sorted({bands.est, 2 * bands.est, 5 * bands.est, final_tail.band_rows(length - 1, bands.est)}):
             got = final_tail.run_in_bands(run, parts, feeds, bands, rows)
@@ -790,10 +796,11 @@ def test_the_final_upsampling_in_bands_is_the_whole_run(case, stride):
                 np.testing.assert_array_equal(got[name], want, err_msg=f"{name}, {size}, {rows} rows a band")
 
 
-def test_a_linear_resize_by_a_factor_not_a_power_of_two_runs_whole():
+def test_a_linear_resize_by_a_factor_not_a_power_of_two_runs_on_groups_of_channels():
     """By 3 (strides 3, 2, 2; R = 3) a linear Resize's shifted coordinates round otherwise: forced
-    into bands its output differs from the whole run's, so it runs whole; a nearest Resize
-    rounds them the same and runs in bands, bit for bit."""
+    into bands of rows its output differs from the whole run's, so it runs on groups of the
+    score map's channels, bit for bit; a nearest Resize rounds them the same and runs in bands
+    of rows, bit for bit."""
     from onnx_dense.runtime import final_tail
 
     head3 = HEAD.replace("c1 = Conv <strides=[2,2]", "c1 = Conv <strides=[3,3]")
@@ -805,12 +812,36 @@ def test_a_linear_resize_by_a_factor_not_a_power_of_two_runs_whole():
         dense = ir.serde.serialize_model(onnx_dense.rewrite_model(model, output_stride=3))
         parts, bands, feeds, whole, run = _split_tail(dense, x)
         if not exact:
-            assert bands == "its linear Resize scales the rows by 3, not a power of two"
+            assert bands.by == "channels", bands
+            got = final_tail.run_in_channel_groups(run, parts, feeds, bands, 1)
+            np.testing.assert_array_equal(got["y"], whole["y"])
+            assert final_tail._rows_refused(metadata.read(dense), parts, {"y": metadata.read(dense).outputs["y"].upsampling}) \
+                == "its linear Resize scales the rows by 3, not a power of two"
             up = metadata.read(dense).outputs["y"].upsampling
             bands = final_tail.Bands(up["score"], up["score_axes"][0], up["score_est"][0],
                                      {"y": (2, up["factor"][0], up["offset"][0])})
         got = final_tail.run_in_bands(run, parts, feeds, bands, 4 * bands.est)
         assert np.array_equal(got["y"], whole["y"]) == exact, mode
+
+
+@pytest.mark.parametrize("rule", ["align_corners", "cubic_align_corners"])
+def test_a_budget_an_align_corners_upsampling_does_not_fit_runs_it_on_groups_of_channels(rule):
+    """align_corners scales its coordinates with the whole length, so its rows cannot be
+    split exactly; each channel can: under a budget the whole tail exceeds, it runs one group
+    of the score map's channels at a time, says so, and every output is the whole run's."""
+    from onnx_dense.runtime import DenseSession
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
+    x = np.random.default_rng(10).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    with DenseSession(dense, provider="cpu") as session:
+        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
+    with DenseSession(dense, provider="cpu", max_memory="1MB") as session:
+        got = session.run({"x": x})
+        chosen = session.last_schedule
+    assert chosen.tail_bands == 3 and chosen.to_dict()["final_upsampling_by"] == "channels"  # 3 classes
+    assert "(the final upsampling's, in 3 groups of channels)" in chosen.describe(), chosen.describe()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)
 
 
 @pytest.mark.parametrize("rule", ["half_pixel", "transpose_crop_sigmoid", "argmax_after"])
@@ -830,3 +861,15 @@ def test_a_budget_the_final_upsampling_does_not_fit_runs_it_in_bands(rule):
     assert "(the final upsampling's, in 3 bands), over the 1.00 MB allowed" in chosen.describe(), chosen.describe()
     for name, value in whole.items():
         np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)
+
+
+@pytest.mark.parametrize("rule, separable", [("align_corners", True), ("half_pixel", True), ("clip_after", True),
+                                             ("softmax_after", False), ("argmax_after", False)])
+def test_a_tail_runs_on_groups_of_channels_only_where_each_channel_is_computed_alone(rule, separable):
+    """final_tail.channel_axis: a Softmax or an ArgMax over the channels mixes them, so such a
+    tail cannot run on groups of them (it runs in bands of rows, or whole)."""
+    from onnx_dense.runtime import final_tail
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
+    parts = final_tail.split(dense, metadata.read(dense))
+    assert (final_tail.channel_axis(parts.tail, "score", (2, 3)) == 1) == separable

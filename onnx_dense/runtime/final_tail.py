@@ -30,8 +30,15 @@ the output's index by it; by 3 or 6 its weights differ by up to 4e-3 between two
 band apart), a nearest Resize by any factor (it rounds k + r / m the same for every k), any
 bilinear ConvTranspose (integer taps), never align_corners (its coordinates scale with the
 whole length). Band starts are multiples of the score map's eST, so the lengths
-the tail computes (whole original positions, ceil(D / e)) shift by whole rows too. Other tails
-run whole, as before, and the schedule says so.
+the tail computes (whole original positions, ceil(D / e)) shift by whole rows too.
+
+**Groups of channels.** Where rows cannot be split exactly (align_corners, a linear or cubic
+factor that is not a power of two), a tail that treats each channel alone (pads, resizes and
+crops of the spatial axes, elementwise ops with scalars: :func:`channel_axis`) runs on groups
+of the score map's channels: the same op on each channel's plane, so every value is the whole
+run's, whatever the coordinates. Its sizes must come from the map's shape, not a constant
+that names the channel count. A tail with a Softmax, an ArgMax or a Transpose over the
+channels runs whole, as before, and the schedule says so.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class Bands:
     # rebuilt output -> (tail input, index) of its length where the input's size gives it: a
     # band's crop then runs to the whole output's length, past what the band computes right
     sized: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    by: str = "rows"  # "channels": groups of the score map's channels along ``axis`` (est 1, no rows)
 
 
 def bands_of(info: metadata.DenseInfo, parts: Split) -> Bands | str:
@@ -85,6 +93,19 @@ def bands_of(info: metadata.DenseInfo, parts: Split) -> Bands | str:
     score = scores.pop()
     if set(parts.tail_inputs) - {score} - set(parts.shapes):
         return "it reads a graph input itself"
+    first = descs[parts.rebuilt[0]]
+    why = _rows_refused(info, parts, descs)
+    if not isinstance(why, str):
+        rows, sized = why
+        return Bands(score, int(first["score_axes"][0]), int(first["score_est"][0]), rows, sized)
+    axis = channel_axis(parts.tail, score, tuple(int(a) for a in first["score_axes"]))
+    if axis is None:
+        return why
+    return Bands(score, axis, 1, {}, {}, by="channels")
+
+
+def _rows_refused(info: metadata.DenseInfo, parts: Split, descs) -> tuple[dict, dict] | str:
+    """(rows, sized) of row bands, or why rows cannot be split exactly."""
     rows, sized = {}, {}
     for name, d in descs.items():
         if d.get("sized_by") is not None:
@@ -102,8 +123,98 @@ def bands_of(info: metadata.DenseInfo, parts: Split) -> Bands | str:
             if d["mode"] != "nearest" and factor & (factor - 1):
                 return f"its {d['mode']} Resize scales the rows by {factor}, not a power of two"
         rows[name] = (info.outputs[name].spatial_axes[0], m, offset)
-    first = descs[parts.rebuilt[0]]
-    return Bands(score, int(first["score_axes"][0]), int(first["score_est"][0]), rows, sized)
+    return rows, sized
+
+
+# Ops that compute each channel from that channel alone, elementwise (with scalars: checked).
+_ELEMENTWISE = {"Identity", "Cast", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Abs", "Neg", "Clip", "HardSigmoid",
+                "LeakyRelu", "Softplus", "Erf", "Sqrt", "Floor", "Ceil", "Round", "Add", "Sub", "Mul", "Div", "Max",
+                "Min", "Pow"}
+
+
+def channel_axis(tail: onnx.ModelProto, score: str, spatial: tuple[int, ...]) -> int | None:
+    """The score map's channel axis, where every node of ``tail`` computes each channel from
+    that channel alone (so the tail can run on groups of channels); None otherwise.
+
+    The map's path (values computed from its values) may hold elementwise ops whose other
+    operands are scalar constants, Pad and Slice with constant pads and axes that leave the
+    channels alone, and Resize by constant scales of 1 on the channels or by sizes computed
+    from shapes (a constant would name the channel count). Shape leaves the path.
+    """
+    graph = tail.graph
+    rank = next((len(v.type.tensor_type.shape.dim) for v in graph.input if v.name == score
+                 and v.type.tensor_type.HasField("shape")), len(spatial) + 2)
+    axis = next((a for a in range(1, rank) if a not in spatial), None)
+    if axis is None:
+        return None
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                consts[node.output[0]] = onnx.numpy_helper.to_array(value.t)
+    path = {score}
+    for node in graph.node:
+        data = [i for i in node.input if i in path]
+        if not data:
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        op, ins = node.op_type, list(node.input) + [""] * 4
+        if op == "Shape":
+            continue  # the shape vector leaves the map's path
+        if op in _ELEMENTWISE:
+            if any(i and i not in path and (i not in consts or consts[i].size != 1) for i in node.input):
+                return None
+        elif op == "Pad":
+            pads = consts.get(ins[1])
+            if data != [ins[0]] or pads is None or ins[3] or pads.reshape(-1)[[0, axis, rank, rank + axis]].any():
+                return None
+        elif op == "Slice":
+            axes = consts.get(ins[3])
+            if data != [ins[0]] or axes is None or any(int(a) % rank in (0, axis) for a in axes.reshape(-1)):
+                return None
+        elif op == "Resize":
+            scales, sizes = consts.get(ins[2]), ins[3]
+            if data != [ins[0]] or (sizes and sizes in consts):
+                return None
+            if not sizes and (scales is None or scales.reshape(-1)[[0, axis]].tolist() != [1.0, 1.0]):
+                return None
+        else:
+            return None
+        path.update(o for o in node.output if o)
+    return axis
+
+
+def run_in_channel_groups(run: Callable[[list[str], dict], Sequence[np.ndarray]], parts: Split,
+                          feeds: Mapping[str, np.ndarray], bands: Bands, group: int,
+                          allocate: Callable | None = None) -> dict[str, np.ndarray] | None:
+    """The rebuilt outputs, computed ``group`` channels of the score map at a time (bands of
+    kind ``channels``); None where a group's output does not have its channels (the caller
+    runs the tail whole). ``allocate``: as for :func:`run_in_bands`."""
+    score = feeds[bands.score]
+    count = score.shape[bands.axis]
+    out: dict[str, np.ndarray] = {}
+    for c0 in range(0, count, group):
+        c1 = min(count, c0 + group)
+        index = [slice(None)] * score.ndim
+        index[bands.axis] = slice(c0, c1)
+        values = dict(zip(parts.rebuilt, run(parts.rebuilt, {**feeds, bands.score: np.ascontiguousarray(score[tuple(index)])})))
+        for name in parts.rebuilt:
+            value = values.pop(name)
+            if value.ndim <= bands.axis or value.shape[bands.axis] != c1 - c0:
+                return None
+            if name not in out:
+                shape = list(value.shape)
+                shape[bands.axis] = count
+                out[name] = allocate(name, shape, value.dtype) if allocate else np.empty(shape, value.dtype)
+            dst = [slice(None)] * value.ndim
+            dst[bands.axis] = slice(c0, c1)
+            if out[name][tuple(dst)].shape != value.shape:
+                return None
+            out[name][tuple(dst)] = value
+            windowed.release(out[name])
+    return out
 
 
 def band_rows(rows: int, est: int) -> int:
@@ -209,6 +320,14 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
         [t for t in graph.initializer if t.name in needed_inits],
     )
     tail_model = onnx.helper.make_model(tail, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    for score in tail_model.graph.input[:len(scores)]:  # groups of channels feed fewer of them
+        first = info.outputs[next(n for n in rebuilt if info.outputs[n].upsampling["score"] == score.name)]
+        axes = tuple(int(a) for a in first.upsampling["score_axes"])
+        axis = channel_axis(tail_model, score.name, axes)
+        dims = score.type.tensor_type.shape.dim
+        if axis is not None and axis < len(dims):
+            dims[axis].Clear()
+            dims[axis].dim_param = f"{score.name}_channels"
 
     body = onnx.ModelProto()
     body.CopyFrom(proto)

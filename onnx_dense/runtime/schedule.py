@@ -136,6 +136,7 @@ class Schedule:
     pattern: bool = True  # onnxruntime's memory pattern on (see PATTERN_MARGIN)
     tail: bool = False  # the estimate is the rebuilt final upsampling's
     tail_bands: int = 0  # the rebuilt final upsampling ran on that many bands of the score map's rows (0: whole)
+    tail_by: str = "rows"  # or "channels": the bands were groups of the score map's channels
     cost: float | None = dataclasses.field(default=None, compare=False)  # expected time / the whole run's
 
     def describe(self) -> str:
@@ -157,7 +158,7 @@ class Schedule:
         if self.estimate is not None:
             line += f"; estimated peak {fmt_bytes(self.estimate)}"
             if self.tail:
-                line += (f" (the final upsampling's, in {self.tail_bands} bands)" if self.tail_bands
+                line += (f" (the final upsampling's, in {self.tail_split})" if self.tail_bands
                          else " (the final upsampling's, on the whole score map)")
             if self.budget is not None and self.estimate > self.budget:
                 line += f", over the {fmt_bytes(self.budget)} allowed: no schedule fits, this is {self.over}"
@@ -167,10 +168,16 @@ class Schedule:
             within = self.budget is not None and self.estimate is not None and self.estimate <= self.budget
             line += "; onnxruntime's memory pattern off" + (" to stay within the budget" if within else "")
         if self.tail_bands and not self.tail:
-            line += f"; the final upsampling in {self.tail_bands} bands"
+            line += f"; the final upsampling in {self.tail_split}"
         if self.instead:
             line += f" ({self.instead})"
         return line
+
+    @property
+    def tail_split(self) -> str:
+        if self.tail_by == "channels":
+            return f"{self.tail_bands} groups of channels"
+        return f"{self.tail_bands} bands"
 
     def to_dict(self) -> dict:
         return {
@@ -179,6 +186,7 @@ class Schedule:
             "memory_pattern": self.pattern, **({"instead": self.instead} if self.instead else {}),
             **({"estimate_of": "final upsampling"} if self.tail else {}),
             **({"final_upsampling_bands": self.tail_bands} if self.tail_bands else {}),
+            **({"final_upsampling_by": self.tail_by} if self.tail_bands else {}),
         }
 
 

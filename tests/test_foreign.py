@@ -382,6 +382,16 @@ def test_paddle_dynamic_dims_and_computed_flatten(stride, per_phase_global, tmp_
     assert cli_main(["inspect", str(path), "-r", str(stride), "--input-shape", "x:1,3,64,64", *flags]) == 0
 
 
+def test_bench_runs_a_model_whose_exporter_wrote_minus_one_for_its_batch(tmp_path):
+    """paddle2onnx writes the dynamic batch as -1: bench's random inputs took it as a size
+    (numpy: "negative dimensions are not allowed", an internal error); verify already did not."""
+    path = tmp_path / "paddle.onnx"
+    onnx.save(foreign.paddle_mobilenet_v3(dynamic=True), path)
+    dense = tmp_path / "dense.onnx"
+    assert cli_main(["rewrite", str(path), str(dense), "-r", "8", "--input-shape", "x:1,3,64,64"]) == 0
+    assert cli_main(["bench", str(path), str(dense), "-n", "1", "--warmup", "0", "--no-stitch"]) == 0
+
+
 def test_paddle_dynamic_input_shape_hint_says_batch_1():
     with pytest.raises(onnx_dense.DenseError, match=r"--input-shape x:1,3,H,W"):
         api.rewrite_model(foreign.paddle_mobilenet_v3(dynamic=True), output_stride=8)

@@ -150,7 +150,8 @@ def _light_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def _dims_text(shape: ir.Shape) -> str:
-    return "x".join(str(d) if isinstance(d, int) else str(d) for d in shape.dims)
+    """'1x3xHxW'; a dynamic dim by its name, '?' where it has none."""
+    return "x".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape.dims)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -330,3 +330,32 @@ def test_cuda_requested_without_cuda(fcn_dense):
     with pytest.raises(DenseError, match="CUDA is not available"):
         train(fcn_dense, task="segmentation", data=(np.zeros((1, 3, 64, 64), np.float32), np.zeros((1, 64, 64), int)),
               steps=1, device="cuda", progress=False)
+
+
+def test_a_channels_last_model_trains_on_images_laid_out_as_it_reads_them(tmp_path):
+    """A Keras model through tf2onnx reads (N, H, W, C) and writes its scores channels-last;
+    the data is (N, C, H, W) and the losses read classes on axis 1. The trainer moves the
+    channels where the model's metadata says they are, both ways: it trains (the loss falls),
+    and predict gives the model's own scores, classes on axis 1."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from samples import foreign
+
+    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(
+        foreign.tf_segmenter(), output_stride=4, input_shapes={"input_1": (1, 48, 48, 3)}))
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 3, 48, 48), dtype=np.float32)
+    labels = (images[:, 0] > 0.5).astype(np.int64)
+    result = train(dense, task="segmentation", data=(images, labels), steps=6, batch_size=2, lr=1e-2, progress=False)
+    assert result.losses[-1] < result.losses[0], result.losses
+    name = dense.graph.output[0].name
+    want = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [name], {"input_1": images[:1].transpose(0, 2, 3, 1)})[0]
+    got = predict(dense, images[:1], task="segmentation")
+    np.testing.assert_allclose(got, np.moveaxis(want, 3, 1), rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # an original (or dpoa) has no metadata: its graph says where the channels are (past the
+    # Rescaling's Mul and Sub, tf2onnx's Transpose to NCHW)
+    original = foreign.tf_segmenter()
+    scores = evaluate(original, task="segmentation", data=(images, labels), geometry=geometry_from(dense, original=True))
+    assert scores["examples"] == 4 and np.isfinite(scores["loss"]), scores

@@ -1297,6 +1297,28 @@ class _Program:
 # --------------------------------------------------------------------------------------------
 
 
+_ELEMENTWISE_FIRST = {"Mul", "Sub", "Add", "Div", "Cast", "Identity", "Clip", "Relu"}
+
+
+def _channels_last(graph: onnx.GraphProto, name: str, rank: int) -> bool:
+    """Whether the first op that moves axes after input ``name`` (past elementwise ops: a Keras
+    Rescaling's Mul and Sub) is the Transpose from channels-last to channels-first."""
+    perm = [0, rank - 1, *range(1, rank - 1)]
+    reached, changed = {name}, True
+    while changed:
+        changed = False
+        for node in graph.node:
+            if not any(i in reached for i in node.input) or all(o in reached for o in node.output):
+                continue
+            if node.op_type == "Transpose":
+                if [list(a.ints) for a in node.attribute if a.name == "perm"] == [perm]:
+                    return True
+            elif node.op_type in _ELEMENTWISE_FIRST:
+                reached.update(node.output)
+                changed = True
+    return False
+
+
 class OnnxGraphModule(nn.Module):
     """Run (and train) an ONNX model in PyTorch, node by node.
 
@@ -1333,6 +1355,9 @@ class OnnxGraphModule(nn.Module):
         #: static dims per input/output (None for a symbolic dim; None for an unknown rank)
         self.input_shapes = {i.name: _dims(i) for i in proto.graph.input if i.name not in initializers}
         self.output_shapes = {o.name: _dims(o) for o in proto.graph.output}
+        #: inputs the graph first moves from channels-last to axis 1 (tf2onnx: Transpose to NCHW)
+        self.channels_last_inputs = {name for name, dims in self.input_shapes.items()
+                                     if dims is not None and len(dims) > 2 and _channels_last(proto.graph, name, len(dims))}
         self._program = _Program(proto.graph, self, self.opset, set(), arrays)
 
     # ---- registration ------------------------------------------------------------------------

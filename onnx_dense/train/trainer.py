@@ -146,6 +146,50 @@ def _check_geometry(geometry: Geometry | None, output_name: str, output: torch.T
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The model's axes against the trainer's. Data is (N, C, *spatial) and the losses read
+    classes on axis 1; a TensorFlow/Keras model (through tf2onnx) reads (N, *spatial, C) and
+    may write its scores channels-last too. ``input_axis``: the input's channel axis;
+    ``class_axis``: the output's (1: as the trainer's, nothing moved)."""
+
+    input_axis: int = 1
+    class_axis: int = 1
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_axis == 1 else x.movedim(1, self.input_axis)
+
+    def scores(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.class_axis == 1 or out.dim() <= self.class_axis else out.movedim(self.class_axis, 1)
+
+    def geometry(self, geometry: Geometry | None) -> Geometry | None:
+        """``geometry`` of the output with its classes moved to axis 1."""
+        if geometry is None or self.class_axis == 1:
+            return geometry
+        moved = tuple(a + 1 if 1 <= a < self.class_axis else a for a in geometry.spatial_axes)
+        return dataclasses.replace(geometry, spatial_axes=moved)
+
+
+def _input_axis(module: OnnxGraphModule, input_name: str) -> int:
+    """The input's channel axis: where the dense model's metadata does not put a spatial axis;
+    for a model without it (an original, a dpoa), the last axis where the graph's first op moves
+    it to axis 1 (tf2onnx's Transpose to NCHW), else 1."""
+    dims = module.input_shapes.get(input_name)
+    rank = len(dims) if dims is not None else None
+    info = dense_info(module)
+    if info is not None and input_name in info.inputs and rank is not None:
+        spatial = info.inputs[input_name].spatial_axes
+        return next((a for a in range(1, rank) if a not in spatial), 1)
+    return rank - 1 if rank is not None and input_name in module.channels_last_inputs else 1
+
+
+def _class_axis(geometry: Geometry | None, out_dim: int) -> int:
+    """The output's class axis: the axis after the batch that the geometry does not make spatial."""
+    if geometry is None:
+        return 1
+    return next((a for a in range(1, out_dim) if a not in geometry.spatial_axes), 1)
+
+
 class _TorchData(torch.utils.data.Dataset):
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
@@ -175,7 +219,8 @@ def _prepare(module, task, data, output, label_mode, ignore_index, mean, std, ge
         raise DenseError(f"unknown label mode '{label_mode}'; use one of {', '.join(LABEL_MODES)}")
     input_name, output_name = _model_io(module, output)
     dims = module.input_shapes[input_name]
-    channels = dims[1] if dims is not None and len(dims) > 1 else None
+    input_axis = _input_axis(module, input_name)
+    channels = dims[input_axis] if dims is not None and len(dims) > input_axis else None
     rank = len(dims) - 2 if dims is not None else None
     ds = open_dataset(data, task, channels=channels, spatial_rank=rank, mean=mean, std=std, ignore_index=ignore_index)
     if geometry is None:
@@ -187,10 +232,13 @@ def _prepare(module, task, data, output, label_mode, ignore_index, mean, std, ge
     image, _ = ds[0]
     module.eval()
     with torch.no_grad():
-        probe = module.run({input_name: torch.from_numpy(image[None]).to(module.device)})[output_name]
+        probe = module.run({input_name: _Layout(input_axis).feed(torch.from_numpy(image[None]).to(module.device))})
+        probe = probe[output_name]
     if probe.dim() < 2:
         raise DenseError(f"output '{output_name}' has shape {list(probe.shape)}; expected (N, C, ...)")
     _check_geometry(geometry, output_name, probe)
+    layout = _Layout(input_axis, _class_axis(geometry, probe.dim()))
+    probe, geometry = layout.scores(probe), layout.geometry(geometry)
     if task == "segmentation" and probe.dim() == 2:
         raise DenseError(
             f"output '{output_name}' has shape {list(probe.shape)}: one prediction per image, no score map to "
@@ -208,7 +256,7 @@ def _prepare(module, task, data, output, label_mode, ignore_index, mean, std, ge
         if targets != width:
             raise DenseError(f"{ds.source}: {targets} regression target(s) per image but output '{output_name}' has {width} channel(s)")
     loss_fn = TaskLoss(task, geometry, label_mode=label_mode, ignore_index=ignore_index)
-    return ds, input_name, output_name, loss_fn
+    return ds, input_name, output_name, loss_fn, layout
 
 
 def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: float):
@@ -285,7 +333,7 @@ def train(
         raise DenseError("learning rate must be positive")
     dev = resolve_device(device)
     module = as_module(model, train_bn=train_bn, trainable=trainable).to(dev)
-    ds, input_name, output_name, loss_fn = _prepare(
+    ds, input_name, output_name, loss_fn, layout = _prepare(
         module, task, data, output, label_mode, ignore_index, mean, std, geometry
     )
     ds.check_batchable(batch_size)
@@ -358,7 +406,7 @@ def train(
                 t0 = time.perf_counter()
                 x = images_batch.to(dev, non_blocking=True)
                 y = labels_batch.to(dev, non_blocking=True)
-                out_t = module.run({input_name: x})[output_name]
+                out_t = layout.scores(module.run({input_name: layout.feed(x)})[output_name])
                 loss = loss_fn(out_t, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -427,7 +475,8 @@ def evaluate(
     """
     dev = resolve_device(device)
     module = as_module(model).to(dev)
-    ds, input_name, output_name, loss_fn = _prepare(module, task, data, output, label_mode, ignore_index, mean, std, geometry)
+    ds, input_name, output_name, loss_fn, layout = _prepare(module, task, data, output, label_mode, ignore_index, mean,
+                                                            std, geometry)
     ds.check_batchable(batch_size)
     loader = torch.utils.data.DataLoader(_TorchData(ds), batch_size=batch_size, shuffle=False)
     metrics = Metrics(loss_fn, ds.num_classes)
@@ -435,7 +484,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     for x, y in tqdm(loader, disable=not progress, desc=f"evaluate {task}", unit="batch"):
-        out_t = module.run({input_name: x.to(dev)})[output_name]
+        out_t = layout.scores(module.run({input_name: layout.feed(x.to(dev))})[output_name])
         metrics.update(out_t, y.to(dev))
     return metrics.result()
 
@@ -465,13 +514,16 @@ def predict(
     from onnx_dense.train.losses import average
 
     parts = []
+    input_axis = _input_axis(module, input_name)
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.asarray(images[start : start + batch_size], dtype=np.float32), device=dev)
-        out_t = module.run({input_name: x})[output_name]
+        out_t = module.run({input_name: _Layout(input_axis).feed(x)})[output_name]
         _check_geometry(geometry, output_name, out_t)
+        layout = _Layout(input_axis, _class_axis(geometry, out_t.dim()))
+        out_t = layout.scores(out_t)
         if task == "classification":
-            out_t = average(out_t, geometry)
+            out_t = average(out_t, layout.geometry(geometry))
         elif task == "regression":
-            out_t = torch.tanh(average(out_t, geometry))
+            out_t = torch.tanh(average(out_t, layout.geometry(geometry)))
         parts.append(out_t.cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0,), np.float32)

@@ -634,3 +634,21 @@ def test_a_tight_budget_runs_without_onnxruntimes_memory_pattern(models, monkeyp
     plain = DenseSession(models["resnet"], provider="cpu")  # no budget: as before, pattern and arena on
     plain.run(x)
     assert plain.session.get_session_options().enable_mem_pattern
+
+
+def test_a_split_refused_on_a_small_image_falls_back_to_a_shallower_one(tmp_path, monkeypatch):
+    """A VGG's head reads a window of the last map: on a small image a phase of the deepest
+    split is shorter than that window and onnxruntime refuses the stage. Where the whole run
+    does not fit the budget either, the next shallower split runs (its phases are larger),
+    says so, and gives the whole run's outputs; before, the stage's error ended the run."""
+    pytest.importorskip("torch")
+    model = dense_zoo(tmp_path, "vgg", 2)
+    x = np.random.default_rng(4).standard_normal((1, 3, 93, 77), dtype=np.float32)
+    want = DenseSession(model, provider="cpu").run(x)
+    monkeypatch.setattr(dense_session, "_rss", lambda: 0)
+    session = DenseSession(model, provider="cpu", schedule="phases", max_memory="1MB")
+    deepest = session.choose({session.image_input: x}).depth
+    got = session.run(x)
+    assert session.last_schedule.kind == "phases" and session.last_schedule.depth < deepest, session.last_schedule
+    assert "refused a stage" in session.last_schedule.describe(), session.last_schedule.describe()
+    _assert_same(got, want)

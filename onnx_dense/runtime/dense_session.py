@@ -524,11 +524,26 @@ class DenseSession:
 
     def _run_whole_instead(self, chosen: Schedule, feeds, exc: phases.StageRefused) -> dict[str, np.ndarray]:
         """A stage refused on a phase or tile (:class:`~onnx_dense.runtime.phases.StageRefused`),
-        mostly of an image so small that it runs whole within the budget; where the whole run
-        does not fit, the stage's error stands."""
-        need = (self._estimator(self._image_size(feeds), unread=_unread(feeds))(0) if self.max_memory is not None
-                else None)
+        mostly of an image so small that it runs whole within the budget. Where the whole run
+        does not fit, the shallower splits are tried, deepest first (their phases are larger:
+        a VGG head's window fits a phase of 1 level where it did not fit one of 2); where none
+        runs, the stage's error stands."""
+        estimate = self._estimator(self._image_size(feeds), unread=_unread(feeds)) if self.max_memory is not None else None
+        need = estimate(0) if estimate is not None else None
         if need is not None and need > self.max_memory:
+            tile = max(chosen.tile) if chosen.tile is not None else None
+            for depth in range(chosen.depth - 1, 0, -1):
+                shallower = dataclasses.replace(
+                    chosen, depth=depth, runs=self._layout(depth).splits,
+                    estimate=estimate(depth, tile, trunk=chosen.kind == "tiled-trunk"),
+                    instead=f"split at {chosen.depth} eST levels, but onnxruntime refused a stage on a phase or tile "
+                            "of this image")
+                try:
+                    values = self._run_phases(shallower, feeds, None)
+                except DenseError:  # refused again (or its trunk does not tile at that depth)
+                    continue
+                self.last_schedule = shallower
+                return values
             raise exc
         self.last_schedule = Schedule("whole", estimate=need, budget=self.max_memory,
                                       instead=f"{chosen.kind} asked for, but onnxruntime refused a stage on a phase "

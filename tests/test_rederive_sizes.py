@@ -189,3 +189,18 @@ def test_a_run_at_another_size_says_the_size_is_baked(tmp_path):
         session.run(np.zeros((1, 3, 40, 40), np.float32))
     message = str(info.value)
     assert "runs only at 32x32" in message and "Resize 'up'" in message and "--rederive-sizes" in message, message
+
+
+def test_an_opset_11_export_has_its_resize_shape_from_the_static_size():
+    """ONNX's data propagation follows Slice only from opset 13: in a TorchScript export at
+    opset 11, Resize's sizes Concat(Shape(p)[0:2], [h, w]) left its output shape unknown and the
+    rewrite refused the model ("not known statically; give the input size", the input's size
+    being static). The shape is now computed at the static size, as at opset 13."""
+    body = BODY.replace("(p, , , sizes)", "(p, e, e, sizes)")
+    sizes = SIZES["torchscript"] + "\n    e = Constant <value = float[0] {{}}> ()"
+    def at(n):
+        return graph(SIG.format(n=n), body.format(sizes=sizes.format(h=n // 2)), seed=4, opset=11)
+
+    for strategy in ("fragments", "auto"):
+        dense = ir.serde.serialize_model(onnx_dense.rewrite_model(at(32), output_stride=1, strategy=strategy))
+        assert onnx_dense.verify(at(32), dense)

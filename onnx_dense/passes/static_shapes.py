@@ -13,10 +13,12 @@ Rules:
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnx_dense.errors import DenseError
+from onnx_dense.passes import _ir
 
 _SMALL = 1024  # initializers up to this many bytes stay visible to data propagation
 
@@ -88,6 +90,17 @@ class InferStaticShapes(ir.passes.InPlacePass):
             for out in node.outputs:
                 declared[out] = out.shape
                 out.shape = None
+        modified = self._infer(model)
+        for _ in range(_ROUNDS):  # what ONNX's data propagation does not follow, then inference again
+            if not _shape_operands_at_static_size(model):
+                break
+            self._infer(model)
+        for value, shape in declared.items():
+            if value.shape is None:
+                value.shape = shape
+        return ir.passes.PassResult(model, modified)
+
+    def _infer(self, model: ir.Model) -> bool:
         proto = _light_proto(model)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=True, data_prop=True)
@@ -112,10 +125,74 @@ class InferStaticShapes(ir.passes.InPlacePass):
                     modified = True
                 if tt.elem_type and out.dtype is None:
                     out.dtype = ir.DataType(tt.elem_type)
-        for value, shape in declared.items():
-            if value.shape is None:
-                value.shape = shape
-        return ir.passes.PassResult(model, modified)
+        return modified
+
+
+_ROUNDS = 8
+# Operands that give an output's shape (Resize's scales and sizes, Reshape's and Expand's shape,
+# Tile's repeats, ConstantOfShape's shape): ONNX's data propagation follows them through Slice
+# only from opset 13 (a TorchScript export at opset 11 computes Resize sizes as
+# Concat(Shape(x)[0:2], [h, w])).
+_SHAPE_OPERANDS = {"Resize": (2, 3), "Upsample": (1,), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
+                   "ConstantOfShape": (0,)}
+
+
+def _shape_operands_at_static_size(model: ir.Model) -> bool:
+    """Give each output whose shape inference left unknown, where its shape operands follow from
+    constants and static dims, the shape ONNX infers with them as constants (the graph is not
+    changed: at another size they are computed again). True if any shape was set."""
+    from onnx_dense.passes.fold_constants import FoldShapeArithmetic
+
+    folder = FoldShapeArithmetic()
+    folder.opset = _ir.opset(model)
+    found = False
+    for node in model.graph:
+        operands = _SHAPE_OPERANDS.get(node.op_type)
+        if operands is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if _ir.static_dims(out) is not None and None not in _ir.static_dims(out):
+            continue
+        data = [v for i, v in enumerate(node.inputs) if i not in operands and v is not None]
+        if any(_ir.static_dims(v) is None or None in _ir.static_dims(v) or v.dtype is None for v in data):
+            continue
+        arrays = {}
+        for i in operands:
+            if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name:
+                array = folder._static_value(node.inputs[i], {}, depth=0)
+                if array is None:
+                    break
+                arrays[i] = array
+        else:
+            dims = _infer_one(node, arrays, folder.opset)
+            if dims is not None:
+                out.shape = ir.Shape(dims)
+                found = True
+    return found
+
+
+def _infer_one(node: ir.Node, arrays: dict[int, np.ndarray], opset: int) -> list[int] | None:
+    """The static output dims ONNX infers for ``node`` alone, its operands ``arrays`` constants."""
+    proto = ir.serde.serialize_node(node)
+    inputs, inits = [], []
+    for i, v in enumerate(node.inputs):
+        if v is None or not v.name:
+            continue
+        if i in arrays:
+            inits.append(onnx.numpy_helper.from_array(np.asarray(arrays[i]), proto.input[i]))
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(proto.input[i], int(v.dtype), list(_ir.static_dims(v))))
+    graph = onnx.helper.make_graph([proto], "one", inputs, [onnx.helper.make_tensor_value_info(proto.output[0], 0, None)],
+                                   inits)
+    one = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(one, check_type=False, strict_mode=True)
+    except Exception:
+        return None
+    tt = inferred.graph.output[0].type.tensor_type
+    if not tt.HasField("shape") or not all(d.HasField("dim_value") for d in tt.shape.dim):
+        return None
+    return [d.dim_value for d in tt.shape.dim]
 
 
 def _light_proto(model: ir.Model) -> onnx.ModelProto:

@@ -81,10 +81,11 @@ def test_windowed_run_writes_the_in_memory_tiled_runs_bytes(models, tmp_path):
     _same_files(tmp_path / "ref", tmp_path / "out", png, npy)
 
 
-@pytest.mark.parametrize("layout", ["hw-uint8", "chw-uint8", "hw1-uint16", "hw-float32"])
+@pytest.mark.parametrize("layout", ["hw-uint8", "chw-uint8", "hw1-uint16", "hw-float32", "1chw-float32", "1hwc-uint8"])
 @pytest.mark.parametrize("model", ["rgb", "gray"])
 def test_every_npy_layout_reads_as_pillow_reads_the_same_image(models, tmp_path, layout, model):
-    """Windows of (H, W), (C, H, W), 16-bit and float arrays are the pixels load_image makes of the PNG/TIFF."""
+    """Windows of (H, W), (C, H, W), 16-bit and float arrays are the pixels load_image makes of the
+    PNG/TIFF; so are a batch of one, (1, C, H, W) or (1, H, W, C), as a model's input is saved."""
     rng = np.random.default_rng(2)
     h, w = 97, 131
     if layout == "hw-uint8":
@@ -98,6 +99,12 @@ def test_every_npy_layout_reads_as_pillow_reads_the_same_image(models, tmp_path,
     elif layout == "hw1-uint16":
         array = rng.integers(0, 65536, (h, w, 1), dtype=np.uint16)
         picture = Image.fromarray(array[..., 0])  # mode I;16
+    elif layout == "1hwc-uint8":
+        hwc = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        array, picture = hwc[None].copy(), Image.fromarray(hwc)
+    elif layout == "1chw-float32":
+        plane = rng.random((h, w), dtype=np.float32)
+        array, picture = np.broadcast_to(plane, (1, 3 if model == "rgb" else 1, h, w)).copy(), Image.fromarray(plane, mode="F")
     else:
         array = rng.random((h, w), dtype=np.float32)
         picture = Image.fromarray(array, mode="F")
@@ -128,6 +135,7 @@ def test_untiled_npy_is_read_whole(models, tmp_path):
     (np.zeros((40, 40, 3), np.uint8), ["--size", "64"], "--size needs the whole image decoded"),
     (np.zeros((40, 40, 3), np.int32), [], "a .npy image of int32 values"),
     (np.zeros((40, 40, 5), np.uint8), [], "a .npy image of shape (40, 40, 5)"),
+    (np.zeros((2, 3, 40, 40), np.float32), [], "a .npy image of shape (2, 3, 40, 40)"),
     (b"not an array", [], "not a .npy array numpy can read"),
 ])
 def test_bad_npy_images_are_one_line(models, tmp_path, array, args, needle):

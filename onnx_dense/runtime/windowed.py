@@ -132,6 +132,7 @@ class NpyImage(WindowedInput):
     spatial_axes: tuple[int, int]
     dtype: np.dtype  # the model's input
     data: np.ndarray | None = None  # the array, when given in memory instead of by path
+    batch: bool = False  # the file's array has a leading axis of 1 (a model input saved as is)
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -190,6 +191,8 @@ class NpyImage(WindowedInput):
         """(h, w, C) of the file's values (a copy), without reading the rest of the file."""
         array = self.data if self.data is not None else _open(self.path)
         try:
+            if self.batch:
+                array = array[0]
             if self.layout == "hw":
                 part = np.array(array[rows, cols])[..., None]
             elif self.layout == "hwc":
@@ -280,6 +283,9 @@ def open_image(path, *, size=None, mean=(0.0,), std=(1.0,), channels: int = 3, s
     del header
     if kind != np.uint8 and kind != np.uint16 and kind.kind != "f":
         raise DenseError(f"{p}: a .npy image of {kind} values; give uint8 (0-255), uint16 (0-65535) or float (0-1)")
+    batch = len(shape) == 4 and shape[0] == 1  # (1, C, H, W) or (1, H, W, C): a model's input saved as is
+    if batch:
+        shape = shape[1:]
     if len(shape) == 2:
         layout, file_channels = "hw", 1
     elif len(shape) == 3 and shape[2] in (1, 3):
@@ -287,14 +293,15 @@ def open_image(path, *, size=None, mean=(0.0,), std=(1.0,), channels: int = 3, s
     elif len(shape) == 3 and shape[0] in (1, 3):
         layout, file_channels = "chw", shape[0]
     else:
-        raise DenseError(f"{p}: a .npy image of shape {shape}; give (H, W), (H, W, C) or (C, H, W) with C 1 or 3")
+        raise DenseError(f"{p}: a .npy image of shape {(1,) * batch + shape}; give (H, W), (H, W, C) or (C, H, W) "
+                         "with C 1 or 3 (or one of those with a leading axis of 1)")
     height, width = (shape[1], shape[2]) if layout == "chw" else (shape[0], shape[1])
     if height < 1 or width < 1:
         raise DenseError(f"{p}: the image is empty")
     if kind != np.uint8 and file_channels == 3 and channels == 1:
         raise DenseError(f"{p}: a 3-channel {kind} .npy image for a model with 1 input channel; give one channel")
     return NpyImage(str(p), int(height), int(width), layout, kind, np.asarray(mean_v, np.float32),
-                    np.asarray(std_v, np.float32), channels, tuple(spatial_axes), np.dtype(dtype), array)
+                    np.asarray(std_v, np.float32), channels, tuple(spatial_axes), np.dtype(dtype), array, batch)
 
 
 def signature(path) -> tuple[int, int]:

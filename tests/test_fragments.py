@@ -266,6 +266,44 @@ def test_reshape_with_a_baked_batch():
     np.testing.assert_allclose(f["y"], d["y"], rtol=0, atol=1e-5 * np.abs(d["y"]).max())
 
 
+def test_a_reshape_that_bakes_the_maps_size_fails_loudly_at_another_size(tmp_path):
+    """dynamo's GroupNorm: Reshape to [1, G, -1], normalise, Reshape back to [1, C, H, W] with
+    H and W of the export. Its baked batch is taken from the running tensor by copying its axis
+    0, not by -1: at another size -1 took the extra positions into the batch and the model
+    returned a wrong output, (3, 5, 64, 64) for a 96x128 FPN; now the size mismatch fails in
+    onnxruntime, as the original does."""
+    m = graph(
+        "float[1,2,16,16] x, float[3,2,3,3] w1, float[4,3,3,3] w2, float[4,4,3,3] w3",
+        """
+  [c1] h1 = Conv <strides=[2,2], pads=[1,1,1,1]> (x, w1)
+  r1 = Relu (h1)
+  [c2] h2 = Conv <strides=[2,2], pads=[1,1,1,1]> (r1, w2)
+  g = Constant <value = int64[3] {0, 2, -1}> ()
+  [flat] f = Reshape (h2, g)
+  one = Constant <value = float[2] {1.0, 1.0}> ()
+  zero = Constant <value = float[2] {0.0, 0.0}> ()
+  n = InstanceNormalization (f, one, zero)
+  back = Constant <value = int64[4] {1, 4, 4, 4}> ()
+  [unflat] u = Reshape (n, back)
+  [c3] y = Conv <pads=[1,1,1,1]> (u, w3)""",
+    )
+    dense = rewrite(m, 1, strategy="fragments")
+    x = np.random.default_rng(3).standard_normal((1, 2, 16, 16)).astype(np.float32)
+    assert run(dense, {"x": x})["y"].shape == (1, 4, 16, 16)
+    verified(m, dense)
+    with pytest.raises(Exception, match="Reshape"):
+        run(dense, {"x": np.zeros((1, 2, 24, 32), np.float32)})
+    # the rewrite's summary names the baked size, and so does a run at another size
+    notes = onnx_dense.rewrite_model(m, output_stride=1, strategy="fragments").meta.get("onnx_dense.size_notes", [])
+    assert any("Reshape 'unflat'" in n and "1x4x4x4" in n for n in notes), notes
+    from onnx_dense.runtime.dense_session import DenseSession
+
+    path = tmp_path / "dense.onnx"
+    path.write_bytes(dense.SerializeToString())
+    with pytest.raises(onnx_dense.DenseError, match=r"runs only at 16x16: Reshape 'unflat'"):
+        DenseSession(path, provider="cpu").run(np.zeros((1, 2, 24, 32), np.float32))
+
+
 # ============================================================================ global context, normalisation
 
 

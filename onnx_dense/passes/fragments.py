@@ -122,6 +122,7 @@ class SplitIntoPhases(ir.passes.InPlacePass):
         for node, dropped in p.collapses:
             _keep_first_block(graph, editor, node, dropped)
         for node in p.reshapes:
+            _note_baked_map_size(model, node)
             _batch_from_input(graph, editor, node)
         for node in p.resizes:
             _resize_sizes(graph, editor, node)
@@ -434,6 +435,25 @@ def _keep_first_block(graph: ir.Graph, editor: _ir.Editor, node: ir.Node, droppe
     kept.shape, kept.type = x.shape, x.type
     graph.insert_before(node, nodes)
     node.replace_input_with(0, kept)
+
+
+def _note_baked_map_size(model: ir.Model, node: ir.Node) -> None:
+    """A Reshape whose constant target gives its output's spatial axes (dynamo's GroupNorm
+    restores [1, C, H, W] of the export) runs only at the export size, as in the original:
+    one line for the summary and the dense model's metadata (DenseInfo.fixed_sizes)."""
+    from onnx_dense.grid import GRID
+    from onnx_dense.passes.rederive_sizes import SIZE_LIMITS, SIZE_NOTES
+
+    target = _ir.const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    g = node.outputs[0].meta.get(GRID)
+    if target is None or g is None or not g.axes:
+        return
+    target = target.reshape(-1)
+    if all(0 <= a < len(target) and int(target[a]) > 0 for a in g.axes):
+        line = (f"Reshape '{node.name or '<unnamed>'}' reshapes to {'x'.join(str(int(t)) for t in target)}, a map size "
+                "baked in at export")
+        model.meta.setdefault(SIZE_LIMITS, []).append(line)
+        model.meta.setdefault(SIZE_NOTES, []).append(f"{line}: the original and the dense model run only at the export size")
 
 
 def _batch_from_input(graph: ir.Graph, editor: _ir.Editor, node: ir.Node) -> None:

@@ -320,10 +320,13 @@ def reshape_batch_target(node: ir.Node) -> np.ndarray | None:
         raise UnsupportedNodeError(node, "reshapes the batch axis, which holds the phases under --strategy fragments")
     new = target.copy()
     allowzero = node.attributes.get_int("allowzero", 0)
-    if -1 not in target[1:]:
-        new[0] = -1
-    elif not allowzero:
+    # 0 copies the running batch, so other baked sizes (a GroupNorm's [1, C, H, W] of the export)
+    # still fail at another size, as in the original; -1 would take the extra positions into
+    # the batch and return a wrong output
+    if not allowzero:
         new[0] = 0
+    elif -1 not in target[1:]:
+        new[0] = -1
     else:
         raise UnsupportedNodeError(node, "Reshape with allowzero=1 and a baked batch size")
     return new

@@ -167,8 +167,7 @@ def input_dims(
         if vi.name in initializers:
             continue
         tt = vi.type.tensor_type
-        # a negative dim (paddle2onnx's -1) is a dynamic one
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         if sizes and vi.name in sizes:
             dims = list(sizes[vi.name])
         entry = info.inputs.get(vi.name) if info is not None else None
@@ -299,7 +298,7 @@ def _flexible(proto: onnx.ModelProto, info: metadata.DenseInfo) -> onnx.ModelPro
         entry = info.inputs.get(vi.name)
         if entry is None:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
         for a, size in zip(entry.spatial_axes, entry.size):
             dims[a] = size
         shapes[vi.name] = tuple(dims)

@@ -241,15 +241,16 @@ def _require_provider(provider: str) -> None:
         )
 
 def _load(model, what: str) -> tuple[onnx.ModelProto, str]:
-    if isinstance(model, onnx.ModelProto):
-        return model, f"<{what} ModelProto>"
+    """The proto (a negative dim, paddle2onnx's -1 batch, read as dynamic, as verify reads it) and its label."""
     from onnx_dense import model_io
 
+    if isinstance(model, onnx.ModelProto):
+        return model_io.proto_negative_dims_unknown(model), f"<{what} ModelProto>"
     path = Path(model)
     from onnx_dense.runnable import check_model_runs
 
     check_model_runs(model_io.load(path))  # one-line errors for bad files and graphs that cannot run
-    return onnx.load(str(path), load_external_data=False), str(path)
+    return model_io.proto_negative_dims_unknown(onnx.load(str(path), load_external_data=False)), str(path)
 
 def _source(model, proto: onnx.ModelProto):
     """What OrtRunner should load: the path when there is one (external data resolves), else the proto."""

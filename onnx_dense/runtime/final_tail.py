@@ -64,6 +64,9 @@ class Split:
     tail_inputs: list[str]  # score maps first, then graph inputs, then the shapes below
     rebuilt: list[str]
     shapes: dict[str, str] = dataclasses.field(default_factory=dict)  # tail input -> the graph input it is the Shape of
+    # score map -> its channel axis, where the tail computes each channel alone (channel_axis):
+    # that dim of the tail's input is left symbolic, so groups of channels can be fed
+    channel_axes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def rebuilt_outputs(info: metadata.DenseInfo) -> list[str]:
@@ -98,7 +101,7 @@ def bands_of(info: metadata.DenseInfo, parts: Split) -> Bands | str:
     if not isinstance(why, str):
         rows, sized = why
         return Bands(score, int(first["score_axes"][0]), int(first["score_est"][0]), rows, sized)
-    axis = channel_axis(parts.tail, score, tuple(int(a) for a in first["score_axes"]))
+    axis = parts.channel_axes.get(score)
     if axis is None:
         return why
     return Bands(score, axis, 1, {}, {}, by="channels")
@@ -320,6 +323,7 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
         [t for t in graph.initializer if t.name in needed_inits],
     )
     tail_model = onnx.helper.make_model(tail, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    channel_axes = {}
     for score in tail_model.graph.input[:len(scores)]:  # groups of channels feed fewer of them
         first = info.outputs[next(n for n in rebuilt if info.outputs[n].upsampling["score"] == score.name)]
         axes = tuple(int(a) for a in first.upsampling["score_axes"])
@@ -328,6 +332,7 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
         if axis is not None and axis < len(dims):
             dims[axis].Clear()
             dims[axis].dim_param = f"{score.name}_channels"
+            channel_axes[score.name] = axis
 
     body = onnx.ModelProto()
     body.CopyFrom(proto)
@@ -347,7 +352,7 @@ def split(proto: onnx.ModelProto, info: metadata.DenseInfo) -> Split:
     for prop in body.metadata_props:
         if prop.key == metadata.KEY:
             prop.value = body_info.to_json()
-    return Split(body, tail_model, scores + needed + list(shapes), rebuilt, shapes)
+    return Split(body, tail_model, scores + needed + list(shapes), rebuilt, shapes, channel_axes)
 
 
 def _live_nodes(graph: onnx.GraphProto, outputs: set[str]) -> set[int]:

@@ -132,6 +132,11 @@ class FoldShapeArithmetic(ir.passes.InPlacePass):
             assumed.append((value, tuple(sorted(dims)), label))
         return True
 
+    def at_static_size(self, value: ir.Value | None) -> np.ndarray | None:
+        """``value`` computed at the static input size, where constants and static dims give it
+        (for shape inference only: static_shapes.py; nothing is folded)."""
+        return self._static_value(value, {}, depth=0)
+
     def _static_value(self, value: ir.Value | None, reads: dict, depth: int) -> np.ndarray | None:
         """The value at the static input size, noting which dims of which tensors it read."""
         if value is None or depth > 32:

@@ -141,7 +141,7 @@ def _shape_operands_at_static_size(model: ir.Model) -> bool:
     """Give each output whose shape inference left unknown, where its shape operands follow from
     constants and static dims, the shape ONNX infers with them as constants (the graph is not
     changed: at another size they are computed again). True if any shape was set."""
-    from onnx_dense.passes.fold_constants import FoldShapeArithmetic
+    from onnx_dense.passes.fold_constants import FoldShapeArithmetic, _static_shape
 
     folder = FoldShapeArithmetic()
     folder.opset = _ir.opset(model)
@@ -151,15 +151,15 @@ def _shape_operands_at_static_size(model: ir.Model) -> bool:
         if operands is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
             continue
         out = node.outputs[0]
-        if _ir.static_dims(out) is not None and None not in _ir.static_dims(out):
+        if _static_shape(out) is not None:
             continue
         data = [v for i, v in enumerate(node.inputs) if i not in operands and v is not None]
-        if any(_ir.static_dims(v) is None or None in _ir.static_dims(v) or v.dtype is None for v in data):
+        if any(_static_shape(v) is None or v.dtype is None for v in data):
             continue
         arrays = {}
         for i in operands:
             if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name:
-                array = folder._static_value(node.inputs[i], {}, depth=0)
+                array = folder.at_static_size(node.inputs[i])
                 if array is None:
                     break
                 arrays[i] = array

@@ -46,17 +46,23 @@ def _dense(kind, **kw):
     return ir.serde.deserialize_model(rewrite(model(kind, 32), 1, strategy="fragments", **kw))
 
 
+def _runs_at_another_size(at, source: str, x: np.ndarray) -> None:
+    """``at(n)``: the network exported at n x n. Rewritten at 32 with the option, its Resize
+    'up' takes its size from ``source``; the dense model verifies, and at ``x``'s size (40)
+    its subgrid is the network exported at that size."""
+    dense_ir = onnx_dense.rewrite_model(at(32), output_stride=1, strategy="fragments", rederive_sizes=True)
+    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
+    assert any("'up'" in n and f"re-derived from the size of '{source}'" in n for n in notes), notes
+    dense = ir.serde.serialize_model(dense_ir)
+    assert onnx_dense.verify(at(32), dense)
+    np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(at(40), {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dynamo", "torchscript"])
 def test_rederived_size_runs_at_any_size(kind):
-    dense_ir = onnx_dense.rewrite_model(model(kind, 32), output_stride=1, strategy="fragments", rederive_sizes=True)
-    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
-    assert any("'up'" in n and "'f'" in n and "re-derived" in n for n in notes), notes
-    dense = ir.serde.serialize_model(dense_ir)
-    assert onnx_dense.verify(model(kind, 32), dense)
     x = np.random.default_rng(5).standard_normal((1, 3, 40, 40)).astype(np.float32)
-    got = run(dense, {"x": x})["y"]
-    want = run(model(kind, 40), {"x": x})["y"]  # the same network exported at 40x40
-    np.testing.assert_allclose(got[:, :, ::2, ::2], want, rtol=1e-5, atol=1e-5)
+    _runs_at_another_size(lambda n: model(kind, n), "f", x)
 
 
 @pytest.mark.parametrize("kind", ["dynamo", "torchscript"])
@@ -117,14 +123,7 @@ def test_the_join_is_found_past_per_position_ops():
     def lraspp(n):
         return graph(LRASPP_SIG.format(n=n), LRASPP_BODY.format(h=n // 2), seed=6)
 
-    dense_ir = onnx_dense.rewrite_model(lraspp(32), output_stride=1, strategy="fragments", rederive_sizes=True)
-    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
-    assert any("'up'" in n and "re-derived from the size of 'lc'" in n for n in notes), notes
-    dense = ir.serde.serialize_model(dense_ir)
-    assert onnx_dense.verify(lraspp(32), dense)
-    x = np.random.default_rng(7).standard_normal((1, 3, 40, 40)).astype(np.float32)
-    np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(lraspp(40), {"x": x})["y"],
-                               rtol=1e-5, atol=1e-5)
+    _runs_at_another_size(lraspp, "lc", np.random.default_rng(7).standard_normal((1, 3, 40, 40)).astype(np.float32))
 
 
 def test_a_partner_computed_from_the_resized_map_is_not_a_source():
@@ -166,14 +165,7 @@ def test_the_join_is_found_past_a_transpose():
     def tf_model(n):
         return graph(TF_SIG.format(n=n), TF_BODY.format(h=n // 2), seed=8)
 
-    dense_ir = onnx_dense.rewrite_model(tf_model(32), output_stride=1, strategy="fragments", rederive_sizes=True)
-    notes = dense_ir.meta.get("onnx_dense.size_notes", [])
-    assert any("'up'" in n and "re-derived from the size of 'fl'" in n for n in notes), notes
-    dense = ir.serde.serialize_model(dense_ir)
-    assert onnx_dense.verify(tf_model(32), dense)
-    x = np.random.default_rng(9).standard_normal((1, 40, 40, 3)).astype(np.float32)
-    np.testing.assert_allclose(run(dense, {"x": x})["y"][:, :, ::2, ::2], run(tf_model(40), {"x": x})["y"],
-                               rtol=1e-5, atol=1e-5)
+    _runs_at_another_size(tf_model, "fl", np.random.default_rng(9).standard_normal((1, 40, 40, 3)).astype(np.float32))
 
 
 def test_a_run_at_another_size_says_the_size_is_baked(tmp_path):

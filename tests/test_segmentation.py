@@ -829,38 +829,35 @@ def test_a_budget_an_align_corners_upsampling_does_not_fit_runs_it_on_groups_of_
     """align_corners scales its coordinates with the whole length, so its rows cannot be
     split exactly; each channel can: under a budget the whole tail exceeds, it runs one group
     of the score map's channels at a time, says so, and every output is the whole run's."""
+    chosen = _whole_and_under_1mb_agree(rule, np.random.default_rng(10).standard_normal((1, 2, 32, 32)))
+    assert chosen.tail_bands == 3 and chosen.to_dict()["final_upsampling_by"] == "channels"  # 3 classes
+    assert "(the final upsampling's, in 3 groups of channels)" in chosen.describe(), chosen.describe()
+
+
+def _whole_and_under_1mb_agree(rule: str, x: np.ndarray):
+    """RULES[rule]'s head at output stride 2 (dilate) run on ``x`` whole and under a budget of
+    1 MB: every output the same, bit for bit; the budgeted run's schedule."""
     from onnx_dense.runtime import DenseSession
 
     dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
-    x = np.random.default_rng(10).standard_normal((1, 2, 32, 32)).astype(np.float32)
+    x = x.astype(np.float32)
     with DenseSession(dense, provider="cpu") as session:
         whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
     with DenseSession(dense, provider="cpu", max_memory="1MB") as session:
         got = session.run({"x": x})
         chosen = session.last_schedule
-    assert chosen.tail_bands == 3 and chosen.to_dict()["final_upsampling_by"] == "channels"  # 3 classes
-    assert "(the final upsampling's, in 3 groups of channels)" in chosen.describe(), chosen.describe()
     for name, value in whole.items():
         np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)
+    return chosen
 
 
 @pytest.mark.parametrize("rule", ["half_pixel", "transpose_crop_sigmoid", "argmax_after"])
 def test_a_budget_the_final_upsampling_does_not_fit_runs_it_in_bands(rule):
     """A session whose budget the whole final upsampling exceeds runs it in bands of the score
     map's rows: its line and its record say how many, and every output is the whole run's."""
-    from onnx_dense.runtime import DenseSession
-
-    dense = ir.serde.serialize_model(onnx_dense.rewrite_model(RULES[rule](), output_stride=2, strategy="dilate"))
-    x = np.random.default_rng(9).standard_normal((1, 2, 96, 112)).astype(np.float32)
-    with DenseSession(dense, provider="cpu") as session:
-        whole = {k: v.numpy() for k, v in session.run({"x": x}).items()}
-    with DenseSession(dense, provider="cpu", max_memory="1MB") as session:
-        got = session.run({"x": x})
-        chosen = session.last_schedule
+    chosen = _whole_and_under_1mb_agree(rule, np.random.default_rng(9).standard_normal((1, 2, 96, 112)))
     assert chosen.tail_bands == 3 and chosen.to_dict()["final_upsampling_bands"] == 3  # 48 rows, 16 a band
     assert "(the final upsampling's, in 3 bands), over the 1.00 MB allowed" in chosen.describe(), chosen.describe()
-    for name, value in whole.items():
-        np.testing.assert_array_equal(got[name].numpy(), value, err_msg=name)
 
 
 @pytest.mark.parametrize("rule, separable", [("align_corners", True), ("half_pixel", True), ("clip_after", True),

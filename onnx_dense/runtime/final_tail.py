@@ -150,12 +150,20 @@ def channel_axis(tail: onnx.ModelProto, score: str, spatial: tuple[int, ...]) ->
     axis = next((a for a in range(1, rank) if a not in spatial), None)
     if axis is None:
         return None
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                consts[node.output[0]] = onnx.numpy_helper.to_array(value.t)
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update({n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute
+                    if a.name == "value"})
+
+    def size(name: str) -> int:
+        return math.prod(tensors[name].dims)
+
+    def const(name: str) -> np.ndarray | None:
+        """A small constant operand (pads, axes, scales); a weight is never read."""
+        t = tensors.get(name)
+        if t is None or t.data_location == onnx.TensorProto.EXTERNAL or math.prod(t.dims) > 64:
+            return None
+        return onnx.numpy_helper.to_array(t)
+
     path = {score}
     for node in graph.node:
         data = [i for i in node.input if i in path]
@@ -167,19 +175,19 @@ def channel_axis(tail: onnx.ModelProto, score: str, spatial: tuple[int, ...]) ->
         if op == "Shape":
             continue  # the shape vector leaves the map's path
         if op in _ELEMENTWISE:
-            if any(i and i not in path and (i not in consts or consts[i].size != 1) for i in node.input):
+            if any(i and i not in path and (i not in tensors or size(i) != 1) for i in node.input):
                 return None
         elif op == "Pad":
-            pads = consts.get(ins[1])
+            pads = const(ins[1])
             if data != [ins[0]] or pads is None or ins[3] or pads.reshape(-1)[[0, axis, rank, rank + axis]].any():
                 return None
         elif op == "Slice":
-            axes = consts.get(ins[3])
+            axes = const(ins[3])
             if data != [ins[0]] or axes is None or any(int(a) % rank in (0, axis) for a in axes.reshape(-1)):
                 return None
         elif op == "Resize":
-            scales, sizes = consts.get(ins[2]), ins[3]
-            if data != [ins[0]] or (sizes and sizes in consts):
+            scales, sizes = const(ins[2]), ins[3]
+            if data != [ins[0]] or (sizes and sizes in tensors):
                 return None
             if not sizes and (scales is None or scales.reshape(-1)[[0, axis]].tolist() != [1.0, 1.0]):
                 return None
